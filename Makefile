@@ -1,0 +1,33 @@
+# Every target builds .venv/ itself on first use (CPU: torch 2.13, triton 3.9).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# The GPU machines have no registry: gpu-check runs on their own python.
+GPU_PY ?= python3
+
+.PHONY: demo test bench gpu-check venv clean
+
+$(STAMP): requirements-dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m selfrag.demo $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests $(ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_cpu_generate.py $(if $(QUICK),--quick,)
+	$(PY) benchmarks/bench_loading.py $(if $(QUICK),--size-gb 0.5,)
+
+gpu-check:
+	PYTHONPATH=. PYTHONUNBUFFERED=1 $(GPU_PY) benchmarks/gpu_check.py $(if $(STAGE),--stage $(STAGE),)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

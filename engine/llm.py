@@ -1,0 +1,300 @@
+"""The public entry point: ``LLM``, shaped like vLLM's.
+
+    from engine import LLM, SamplingParams
+    llm = LLM("path/to/checkpoint")
+    outs = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=32))
+
+Besides ``generate`` it offers a step-level API for embedding the engine in
+an event loop: ``add_request``, ``step``, ``abort`` and ``stream``.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from typing import Iterable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from engine.block_manager import BlockManager
+from engine.errors import InvalidRequestError, PromptTooLongError
+from engine.model_loader import load_model
+from engine.model_runner import ModelRunner
+from engine.request_state import RequestState
+from engine.sampler import Sampler
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+
+CPU_KV_CAP_BYTES = 2 << 30     # CPU default pool: at most 2 GiB
+
+
+class LLM:
+    """An inference engine over one Llama checkpoint.
+
+    Args:
+        model: checkpoint directory (HF layout, safetensors), or with
+            ``load_format="dummy"`` a config directory or built-in name
+            ("selfrag-7b", "selfrag-13b").
+        tokenizer: tokenizer directory; default: ``model`` when it holds a
+            ``tokenizer.model``. Without one, prompts must be token ids.
+        skip_tokenizer_init: never load a tokenizer (prompts are token ids).
+        dtype: "auto" (fp32 on CPU; the config's dtype on GPU, fp16 where bf16
+            is unsupported), "half"/"float16", "bfloat16", "float32".
+        device: "auto" (CUDA if present, else CPU), "cpu" or "cuda".
+        max_model_len: longest sequence (prompt + output); default and upper
+            bound: the config's max_position_embeddings.
+        block_size: tokens per KV block (16).
+        num_kv_blocks: KV pool size in blocks; overrides the default sizing
+            (GPU: ``gpu_memory_utilization`` of device memory; CPU: enough for
+            ``max_num_seqs`` full-length sequences, capped at 2 GiB).
+        gpu_memory_utilization: fraction of GPU memory the engine may use.
+        max_num_seqs: sequences running at once (256).
+        max_num_batched_tokens: prompt tokens prefilled per step (default
+            max(2048, max_model_len)).
+        enable_prefix_caching: share KV blocks of identical prompt prefixes.
+        load_format: "auto" (safetensors) or "dummy" (seeded random weights).
+        seed: seed of the engine's RNG (dummy weights, unseeded sampling).
+        kernel_backend: "auto", "torch" or "triton" (see kernels/ops.py).
+        download_dir: accepted for vLLM compatibility; unused (no downloads).
+        show_progress: progress bar while loading weights.
+    """
+
+    def __init__(self, model: str, tokenizer: str | None = None, skip_tokenizer_init: bool = False,
+                 dtype: str | torch.dtype = "auto", device: str | None = "auto",
+                 max_model_len: int | None = None, block_size: int = 16,
+                 num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
+                 enable_prefix_caching: bool = True, load_format: str = "auto", seed: int = 0,
+                 kernel_backend: str = "auto", download_dir: str | None = None,
+                 show_progress: bool = True, **unused):
+        for key in unused:
+            if key not in _VLLM_IGNORED:
+                raise TypeError(f"LLM() got an unexpected keyword argument {key!r}")
+        if block_size < 1 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 1, got {block_size}")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        self.model, self.config = load_model(model, dtype=dtype, device=device,
+                                             load_format=load_format, seed=seed,
+                                             progress=show_progress, kernel_backend=kernel_backend)
+        cfg = self.config
+        self.tokenizer = None
+        tok_dir = tokenizer if tokenizer is not None else model
+        if not skip_tokenizer_init and os.path.isfile(os.path.join(str(tok_dir), "tokenizer.model")):
+            from engine.tokenizer import Tokenizer
+            self.tokenizer = Tokenizer.from_pretrained(tok_dir)
+        elif tokenizer is not None and not skip_tokenizer_init:
+            raise ValueError(f"tokenizer={tokenizer!r}: no tokenizer.model in that directory")
+
+        limit = cfg.max_position_embeddings
+        self.max_model_len = limit if max_model_len is None else max_model_len
+        if not 1 < self.max_model_len <= limit:
+            raise ValueError(f"max_model_len={max_model_len} must be in [2, {limit}] "
+                             "(the config's max_position_embeddings)")
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        num_blocks = num_kv_blocks or self._default_num_blocks(gpu_memory_utilization)
+        blocks_per_seq = -(-self.max_model_len // block_size)
+        if num_blocks < blocks_per_seq:
+            raise ValueError(f"the KV cache ({num_blocks} blocks of {block_size} tokens) cannot hold "
+                             f"one sequence of max_model_len={self.max_model_len}; raise "
+                             "num_kv_blocks/gpu_memory_utilization or lower max_model_len")
+        self.runner = ModelRunner(self.model, block_size, num_blocks)
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs,
+                                   max_num_batched_tokens or max(2048, self.max_model_len))
+        self.sampler = Sampler(self.model.device, seed)
+        self.eos_token_id = (self.tokenizer.eos_token_id if self.tokenizer is not None
+                             else _first(cfg.eos_token_id))
+        self._requests: dict[str, RequestState] = {}
+        self._ids = itertools.count()
+        self.step_times = {"schedule": 0.0, "prepare": 0.0, "forward": 0.0, "sample": 0.0}
+
+    def _default_num_blocks(self, util: float) -> int:
+        per_block = ModelRunner.kv_bytes_per_block(self.config, self.block_size, self.model.dtype)
+        if self.model.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.model.device)
+            budget = int(total * util) - (total - free) - (1 << 30)   # 1 GiB for activations
+        else:
+            full = self.max_num_seqs * -(-self.max_model_len // self.block_size)
+            budget = min(full * per_block, CPU_KV_CAP_BYTES)
+        return max(budget // per_block, 1)
+
+    # ---- requests ------------------------------------------------------------
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+                text = prompt.get("prompt")
+            elif "prompt" in prompt:
+                return self._prompt_ids(prompt["prompt"])
+            else:
+                raise InvalidRequestError("a dict prompt needs 'prompt_token_ids' or 'prompt'")
+        elif isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("this engine has no tokenizer: pass prompts as "
+                                          "{'prompt_token_ids': [...]}")
+            ids, text = self.tokenizer.encode(prompt), prompt
+        else:
+            raise InvalidRequestError(f"a prompt must be a str or a dict, got {type(prompt).__name__}")
+        vocab = self.config.vocab_size
+        if not isinstance(ids, (list, tuple)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+            raise InvalidRequestError(f"prompt_token_ids must be a list of ints in [0, {vocab})")
+        if not ids:
+            raise InvalidRequestError("the prompt is empty (no tokens)")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(f"the prompt has {len(ids)} tokens; with at least one new "
+                                     f"token it does not fit max_model_len={self.max_model_len}")
+        return text, list(ids)
+
+    def _check_params(self, params) -> SamplingParams:
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"sampling params must be SamplingParams, got "
+                                      f"{type(params).__name__}")
+        vocab = self.config.vocab_size
+        for name in ("stop_token_ids", "logprob_token_ids"):
+            bad = [t for t in getattr(params, name) or [] if t >= vocab]
+            if bad:
+                raise InvalidRequestError(f"SamplingParams.{name} has ids {bad} >= vocab size {vocab}")
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise InvalidRequestError(f"SamplingParams.logprobs={params.logprobs} > vocab size {vocab}")
+        return params
+
+    def _make_request(self, prompt, params, request_id=None) -> RequestState:
+        text, ids = self._prompt_ids(prompt)
+        params = self._check_params(params if params is not None else SamplingParams())
+        rid = str(next(self._ids)) if request_id is None else str(request_id)
+        if rid in self._requests:
+            raise InvalidRequestError(f"request_id {rid!r} is already running")
+        seq = Sequence(ids, rid, params)
+        return RequestState(seq, text, self.tokenizer, self.eos_token_id, self.max_model_len)
+
+    def _enqueue(self, req: RequestState) -> str:
+        self._requests[req.request_id] = req
+        self.scheduler.add(req.seq)
+        return req.request_id
+
+    def add_request(self, prompt, params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queues one request; returns its id. Raises ``InvalidRequestError``
+        (a ValueError) before queueing anything if the request is invalid."""
+        return self._enqueue(self._make_request(prompt, params, request_id))
+
+    def abort(self, request_id: str) -> bool:
+        """Stops a request and frees its blocks. False if it is not running."""
+        req = self._requests.pop(str(request_id), None)
+        if req is None:
+            return False
+        self.scheduler.finish(req.seq, "abort")
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- stepping ------------------------------------------------------------
+    def step(self):
+        """Runs one scheduler step; returns the ``RequestOutput`` of every
+        request that advanced (cumulative; ``finished`` set on the last)."""
+        t0 = time.perf_counter()
+        seqs, is_prefill = self.scheduler.schedule()
+        if not seqs:
+            return []
+        t1 = time.perf_counter()
+        try:
+            input_ids, positions, meta, last = self.runner.prepare(seqs, is_prefill)
+            t2 = time.perf_counter()
+            hidden = self.model.forward(input_ids, positions, meta, self.runner.kv_caches)
+            logits = self.model.compute_logits(hidden[last] if is_prefill else hidden)
+            t3 = time.perf_counter()
+            tokens, lps = self.sampler(logits, seqs, self.model.ops)
+        except BaseException:
+            # Nothing was appended: put the batch back to be recomputed.
+            self.scheduler.requeue(seqs)
+            raise
+        t4 = time.perf_counter()
+        outputs = []
+        for seq, tok, lp in zip(seqs, tokens, lps):
+            req = self._requests[seq.request_id]
+            reason = req.append(tok, lp)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                del self._requests[seq.request_id]
+            outputs.append(req.output())
+        t5 = time.perf_counter()
+        st = self.step_times
+        st["schedule"] += (t1 - t0) + (t5 - t4)
+        st["prepare"] += t2 - t1
+        st["forward"] += t3 - t2
+        st["sample"] += t4 - t3
+        return outputs
+
+    def generate(self, prompts, sampling_params=None, use_tqdm: bool = True):
+        """Generates for one prompt or a list; returns ``RequestOutput``s in input order.
+
+        prompts: a str, a list of str, or ``{"prompt_token_ids": [...]}`` dicts.
+        sampling_params: one SamplingParams for all, or a list (one per prompt).
+        Every request is validated before any is queued.
+        """
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(prompts):
+                raise InvalidRequestError(f"{len(sampling_params)} SamplingParams for "
+                                          f"{len(prompts)} prompts")
+            params = list(sampling_params)
+        else:
+            params = [sampling_params] * len(prompts)
+        reqs = [self._make_request(p, sp) for p, sp in zip(prompts, params)]
+        ids = [self._enqueue(r) for r in reqs]
+        results = {}
+        bar = tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm)
+        try:
+            while len(results) < len(ids):
+                for out in self.step():
+                    if out.finished and out.request_id in set(ids):
+                        results[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            for rid in ids:
+                self.abort(rid)
+            raise
+        finally:
+            bar.close()
+        return [results[i] for i in ids]
+
+    def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Yields text deltas of one request as they are generated.
+
+        Other queued requests advance too; their outputs are only visible
+        through ``step()``, so don't mix ``stream`` with your own step loop.
+        """
+        req = self._make_request(prompt, params)
+        rid = self._enqueue(req)
+        sent = 0
+        try:
+            while True:
+                for out in self.step():
+                    if out.request_id == rid:
+                        text = out.outputs[0].text
+                        if len(text) > sent:
+                            yield text[sent:]
+                            sent = len(text)
+                        if out.finished:
+                            return
+        finally:
+            self.abort(rid)
+
+
+_VLLM_IGNORED = {"trust_remote_code", "tensor_parallel_size", "quantization", "revision",
+                 "tokenizer_mode", "swap_space", "enforce_eager", "disable_log_stats"}
+
+
+def _first(x):
+    return x[0] if isinstance(x, (list, tuple)) else x

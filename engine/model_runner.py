@@ -1,0 +1,83 @@
+"""Turns scheduled sequences into tensors, runs the model, owns the KV pool.
+
+The only place where the scheduler's plain-Python view of the batch becomes
+device tensors. ``prepare`` packs a batch; ``LLM.step`` runs the model on it.
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.config import ModelConfig
+from engine.model import LlamaModel
+from engine.sequence import Sequence
+from kernels.metadata import AttentionMetadata
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, block_size: int, num_blocks: int):
+        cfg: ModelConfig = model.cfg
+        self.model = model
+        self.device = model.device
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        # One pool [L, 2, num_blocks, block_size, Hkv, D]; per-layer (k, v) views.
+        self.kv_pool = torch.zeros(cfg.num_hidden_layers, 2, num_blocks, block_size,
+                                   cfg.num_key_value_heads, cfg.head_dim,
+                                   dtype=model.dtype, device=self.device)
+        self.kv_caches = [(self.kv_pool[i, 0], self.kv_pool[i, 1])
+                          for i in range(cfg.num_hidden_layers)]
+
+    @staticmethod
+    def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+
+    def _tensor(self, data, dtype) -> torch.Tensor:
+        t = torch.tensor(data, dtype=dtype)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        width = max(len(s.block_table) for s in seqs)
+        rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        return self._tensor(rows, torch.int32)
+
+    def prepare(self, seqs: list[Sequence], is_prefill: bool):
+        """Returns (input_ids [T], positions [T], meta, last_index [B]).
+
+        Prefill computes positions [num_cached_tokens, len) of each sequence;
+        decode computes position len-1 (the token sampled last step).
+        """
+        bs = self.block_size
+        input_ids, positions, slots, qsl, ctx, last = [], [], [], [0], [], []
+        for seq in seqs:
+            start = seq.num_cached_tokens if is_prefill else len(seq) - 1
+            n = len(seq)
+            input_ids.extend(seq.token_ids[start:n])
+            positions.extend(range(start, n))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, n))
+            qsl.append(qsl[-1] + n - start)
+            ctx.append(n)
+            last.append(qsl[-1] - 1)
+        meta = AttentionMetadata(
+            is_prefill=is_prefill,
+            slot_mapping=self._tensor(slots, torch.int64),
+            block_tables=self._block_tables(seqs),
+            context_lens=self._tensor(ctx, torch.int32),
+            query_start_loc=self._tensor(qsl, torch.int32),
+            max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])),
+            max_context_len=max(ctx),
+        )
+        return (self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64),
+                meta, self._tensor(last, torch.int64))
+
+    @torch.no_grad()
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copies KV blocks src -> dst in every layer (copy-on-write for forks)."""
+        if not pairs:
+            return
+        src = torch.tensor([p[0] for p in pairs], device=self.device)
+        dst = torch.tensor([p[1] for p in pairs], device=self.device)
+        self.kv_pool[:, :, dst] = self.kv_pool[:, :, src]

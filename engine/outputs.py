@@ -1,0 +1,39 @@
+"""Result objects, shaped like vLLM's ``RequestOutput``/``CompletionOutput``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Logprob:
+    """Log-prob of one token at one step (log-softmax of raw logits).
+
+    rank: 1 for the most likely token (ties share the better rank).
+    """
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float
+    logprobs: list[dict[int, Logprob]] | None
+    finish_reason: str | None = None      # "stop", "length", "abort" or None (running)
+    stop_reason: int | str | None = None  # the stop string or token id that matched
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    finished: bool = False

@@ -1,0 +1,87 @@
+"""Per-request bookkeeping after sampling: stop checks, text, log-probs.
+
+One ``RequestState`` wraps a ``Sequence`` with what the user sees: the
+incremental text, stop-string handling and the ``RequestOutput`` it builds.
+"""
+from __future__ import annotations
+
+from engine.outputs import CompletionOutput, Logprob, RequestOutput
+from engine.sampler import StepLogprobs
+from engine.sequence import Sequence
+
+
+class RequestState:
+    def __init__(self, seq: Sequence, prompt: str | None, tokenizer, eos_token_id: int | None,
+                 max_model_len: int):
+        self.seq = seq
+        self.prompt = prompt
+        self.tokenizer = tokenizer
+        self.eos_token_id = eos_token_id
+        self.max_model_len = max_model_len
+        self.params = seq.params
+        self.text = ""
+        self.stop_reason = None
+        self.logprobs = [] if self.params.wants_logprobs else None
+        self.detok = None
+        if tokenizer is not None:
+            from engine.detokenizer import IncrementalDetokenizer
+            self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=self.params.skip_special_tokens)
+
+    @property
+    def request_id(self) -> str:
+        return self.seq.request_id
+
+    def append(self, token_id: int, lp: StepLogprobs) -> str | None:
+        """Records one sampled token; returns a finish reason or None."""
+        seq, p = self.seq, self.params
+        seq.append_token(token_id)
+        seq.cumulative_logprob += lp.sampled_logprob
+        if self.logprobs is not None:
+            self.logprobs.append({
+                t: Logprob(v, r, self._decode_one(t)) for t, (v, r) in (lp.entries or {}).items()})
+        if not p.ignore_eos and token_id == self.eos_token_id:
+            self.stop_reason = None
+            return "stop"
+        if token_id in (p.stop_token_ids or ()):
+            self.stop_reason = token_id
+            return "stop"
+        if self.detok is not None:
+            self.detok.add(token_id)
+            self.text = self.detok.text
+            if p.stop_list and self._check_stop_strings():
+                return "stop"
+        if p.max_tokens is not None and seq.num_generated_tokens >= p.max_tokens:
+            return "length"
+        if len(seq) >= self.max_model_len:
+            return "length"
+        return None
+
+    def _check_stop_strings(self) -> bool:
+        # Only the tail can hold a new match: the text grew by at most one token.
+        window = max(len(s) for s in self.params.stop_list) + 16
+        start = max(0, len(self.text) - window)
+        hits = [(self.text.find(s, start), s) for s in self.params.stop_list]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if not hits:
+            return False
+        i, s = min(hits)
+        self.text = self.text[:i]
+        self.stop_reason = s
+        return True
+
+    def _decode_one(self, token_id: int) -> str | None:
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def output(self) -> RequestOutput:
+        seq = self.seq
+        comp = CompletionOutput(index=0, text=self.text, token_ids=list(seq.output_token_ids),
+                                cumulative_logprob=seq.cumulative_logprob,
+                                logprobs=list(self.logprobs) if self.logprobs is not None else None,
+                                finish_reason=seq.finish_reason if seq.is_finished else None,
+                                stop_reason=self.stop_reason)
+        return RequestOutput(request_id=seq.request_id, prompt=self.prompt,
+                             prompt_token_ids=seq.prompt_token_ids, outputs=[comp],
+                             finished=comp.finish_reason is not None)
+

@@ -1,0 +1,144 @@
+"""Picks next tokens from raw logits and reports raw log-probs.
+
+Order of work for a step's logits [B, V] (fp32, raw from the model):
+
+1. raw log-probs: ``logsumexp`` per row (always: ``cumulative_logprob`` is
+   always set), plus top-N / requested ids for rows that asked for them;
+2. logits processors (see ``apply_logits_processors``);
+3. greedy rows: exact argmax. Sampled rows: temperature, top-k, top-p, then a
+   seeded draw.
+
+Everything stays on the device; the host reads back token ids and a few
+floats per row at the end.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
+
+
+@dataclass
+class StepLogprobs:
+    """Host-side log-prob info of one row: the sampled token's log-prob, and
+    (if requested) ``{token_id: (logprob, rank)}`` for top-N + requested ids."""
+
+    sampled_logprob: float
+    entries: dict[int, tuple[float, int]] | None
+
+
+def apply_logits_processors(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Runs every sequence's ``logits_processors`` on its row, batched.
+
+    Protocol: a processor is called once per step per *position* in the
+    processor lists: all rows whose list holds the same object at position j
+    are passed together as ``proc(rows [n, V], request_ids, output_token_ids)``
+    and it returns the new rows [n, V] (same device, any float dtype). Rows
+    carrying no processors are not touched. No Python loop over the vocabulary.
+    """
+    lists = [s.params.logits_processors or [] for s in seqs]
+    depth = max((len(l) for l in lists), default=0)
+    for j in range(depth):
+        groups: dict[int, tuple[object, list[int]]] = {}
+        for row, procs in enumerate(lists):
+            if j < len(procs):
+                groups.setdefault(id(procs[j]), (procs[j], []))[1].append(row)
+        for proc, rows in groups.values():
+            idx = torch.tensor(rows, device=logits.device)
+            out = proc(logits[idx], [seqs[r].request_id for r in rows],
+                       [seqs[r].output_token_ids for r in rows])
+            if not isinstance(out, torch.Tensor) or out.shape != (len(rows), logits.shape[1]):
+                raise ValueError(f"logits processor {proc!r} must return a tensor of shape "
+                                 f"{(len(rows), logits.shape[1])}, got "
+                                 f"{getattr(out, 'shape', type(out))}")
+            logits[idx] = out.to(logits.dtype)
+    return logits
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int = 0):
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def _seq_generator(self, seq: Sequence) -> torch.Generator:
+        if seq.params.seed is None:
+            return self.generator
+        if seq.sampler_state is None:
+            seq.sampler_state = torch.Generator(device=self.device).manual_seed(seq.params.seed)
+        return seq.sampler_state
+
+    def _sample_rows(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Temperature / top-k / top-p sampling of rows [n, V] -> ids [n]."""
+        p: list[SamplingParams] = [s.params for s in seqs]
+        temp = torch.tensor([x.temperature for x in p], device=logits.device).unsqueeze(1)
+        probs = torch.softmax(logits / temp, dim=-1)
+        if any(x.top_k > 0 or x.top_p < 1 for x in p):
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            V = logits.shape[1]
+            k = torch.tensor([x.top_k if x.top_k > 0 else V for x in p], device=logits.device)
+            top_p = torch.tensor([x.top_p for x in p], device=logits.device)
+            rank = torch.arange(V, device=logits.device).unsqueeze(0)
+            # keep a token if it is within top-k and the mass before it is < top_p
+            before = sorted_p.cumsum(-1) - sorted_p
+            keep = (rank < k.unsqueeze(1)) & (before < top_p.unsqueeze(1))
+            sorted_p = sorted_p * keep
+            probs = torch.zeros_like(probs).scatter_(1, order, sorted_p)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p.
+        noise = torch.empty_like(probs)
+        for i, seq in enumerate(seqs):
+            noise[i].exponential_(generator=self._seq_generator(seq))
+        return (probs / noise).argmax(dim=-1)
+
+    @torch.no_grad()
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], ops
+                 ) -> tuple[list[int], list[StepLogprobs]]:
+        """logits [B, V] raw fp32 -> (token ids, log-prob info) per sequence."""
+        B = logits.shape[0]
+        raw = logits                                                 # never modified
+        lse = torch.logsumexp(raw, dim=-1)                           # [B]
+        if any(s.params.logits_processors for s in seqs):
+            logits = apply_logits_processors(raw.clone(), seqs)
+        greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
+        if len(greedy) == B:
+            tokens = ops.greedy_argmax(logits)
+        else:
+            tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
+            if greedy:
+                g = torch.tensor(greedy, device=logits.device)
+                tokens[g] = ops.greedy_argmax(logits[g])
+            rest = sorted(set(range(B)) - set(greedy))
+            r = torch.tensor(rest, device=logits.device)
+            tokens[r] = self._sample_rows(logits[r], [seqs[i] for i in rest])
+        sampled_lp = raw.gather(1, tokens.unsqueeze(1)).squeeze(1) - lse
+
+        want = [i for i, s in enumerate(seqs) if s.params.wants_logprobs]
+        entries_dev = self._logprob_entries(raw, lse, tokens, want, seqs) if want else []
+        host_tokens, host_lp = tokens.tolist(), sampled_lp.tolist()
+        entries: list[dict | None] = [None] * B
+        for i, (ids, vals, ranks) in zip(want, entries_dev):
+            entries[i] = {t: (v, r) for t, v, r in zip(ids.tolist(), vals.tolist(), ranks.tolist())}
+        return host_tokens, [StepLogprobs(lp, e) for lp, e in zip(host_lp, entries)]
+
+    @staticmethod
+    def _logprob_entries(raw: torch.Tensor, lse: torch.Tensor, sampled: torch.Tensor,
+                         rows: list[int], seqs: list[Sequence]):
+        """Per requested row: (ids, logprobs, ranks) of sampled + top-N + requested ids.
+
+        rank = 1 + number of tokens with a strictly larger raw logit.
+        """
+        out = []
+        for row in rows:
+            p = seqs[row].params
+            ids = [sampled[row].view(1)]
+            if p.logprobs:
+                ids.append(raw[row].topk(p.logprobs).indices)
+            if p.logprob_token_ids:
+                ids.append(torch.tensor(p.logprob_token_ids, device=raw.device))
+            ids = torch.cat(ids).unique()
+            vals = raw[row, ids]
+            ranks = (raw[row].unsqueeze(0) > vals.unsqueeze(1)).sum(-1) + 1
+            out.append((ids, vals - lse[row], ranks))
+        return out

@@ -1,0 +1,108 @@
+"""Continuous-batching scheduler. Plain Python, no torch.
+
+Each ``schedule()`` call picks one step's work:
+
+* **Prefill first.** Waiting sequences (new, or preempted ones coming back)
+  are admitted in FIFO order while there is room: at most ``max_num_seqs``
+  running, at most ``max_num_batched_tokens`` new tokens in the step (the
+  first prefill of a step is always admitted, so a long prompt cannot starve),
+  and KV blocks for the whole sequence. If any were admitted, the step is a
+  prefill of those sequences only.
+* **Otherwise decode** every running sequence by one token. When the pool has
+  no block for a sequence's next token, the most recently admitted running
+  sequence is preempted: its blocks are freed and it goes back to the front of
+  the queue, to be recomputed (prefix caching usually makes that cheap) and
+  resumed with the tokens it had. Nothing is lost or duplicated.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from engine.block_manager import BlockManager
+from engine.sequence import Sequence, SequenceStatus
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 8192):
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> tuple[list[Sequence], bool]:
+        """Returns (sequences to run, is_prefill). Empty when idle."""
+        bm = self.block_manager
+        admitted: list[Sequence] = []
+        num_tokens = 0
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            # New tokens this seq would compute; cache hits are a bonus, not counted.
+            cost = len(seq)
+            if admitted and num_tokens + cost > self.max_num_batched_tokens:
+                break
+            if not bm.can_allocate(seq):
+                break
+            bm.allocate(seq)
+            num_tokens += len(seq) - seq.num_cached_tokens
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            admitted.append(seq)
+        if admitted:
+            return admitted, True
+
+        scheduled: list[Sequence] = []
+        queue = self.running
+        self.running = []
+        while queue:
+            seq = queue.pop(0)
+            while not bm.can_append(seq):
+                if queue:
+                    self._preempt(queue.pop())      # youngest first
+                else:
+                    self._preempt(seq)
+                    break
+            else:
+                bm.append_slot(seq)
+                scheduled.append(seq)
+        self.running = list(scheduled)   # finish() edits running while callers iterate
+        return scheduled, False
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def requeue(self, seqs: list[Sequence]) -> None:
+        """Puts a batch whose step failed back at the front of the queue, blocks
+        freed, to be recomputed: nothing is lost."""
+        for seq in reversed(seqs):
+            if seq in self.running:
+                self.running.remove(seq)
+            self._preempt(seq)
+        self.num_preemptions -= len(seqs)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Marks ``seq`` finished and frees its blocks (also for aborts)."""
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.block_manager.free(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)

@@ -1,0 +1,48 @@
+"""Explicit metadata handed to the attention and KV-cache ops.
+
+Built by the model runner once per step and shared by every layer. No op
+reads hidden globals: everything a kernel needs about the batch is here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Describes one forward step over a packed batch of ``B`` sequences.
+
+    Tokens of all sequences are packed along one axis (``T`` tokens in all).
+    Sequence ``i`` contributes the query tokens
+    ``query_start_loc[i]:query_start_loc[i+1]``; they are its *last*
+    ``q_len_i`` positions, and it attends to ``context_lens[i]`` positions in
+    total (cached prefix + the new tokens), all read through its block table.
+
+    Fields (shapes next to them):
+      is_prefill       bool  True: queries may be several tokens per sequence
+                             (prefill, resumed or forked prefix). False: exactly
+                             one query token per sequence (decode).
+      slot_mapping     [T]    int64  cache slot (block * block_size + offset) each
+                             new token's K/V is written to; -1 = padding, skip.
+      block_tables     [B, max_blocks] int32  KV block ids per sequence, padded
+                             with 0 beyond the sequence's blocks (never read:
+                             masked by context_lens).
+      context_lens     [B]    int32  positions each sequence attends to.
+      query_start_loc  [B+1]  int32  cumulative query lengths (cu_seqlens_q).
+      max_query_len    int    host-side max of query lengths.
+      max_context_len  int    host-side max of context_lens.
+    """
+
+    is_prefill: bool
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    context_lens: torch.Tensor
+    query_start_loc: torch.Tensor
+    max_query_len: int
+    max_context_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return self.context_lens.shape[0]

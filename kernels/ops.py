@@ -1,0 +1,60 @@
+"""The op layer: the one narrow interface between the model and its kernels.
+
+Every hot op the model calls goes through an :class:`Ops` object picked by
+backend. ``torch`` is the pure-PyTorch reference (``kernels.reference``),
+which runs everywhere; the Triton kernels plug in behind the same names and
+signatures. Matmuls are not ops here: they stay in cuBLAS/BLAS via torch.
+"""
+from __future__ import annotations
+
+import types
+
+from kernels import reference
+
+OP_NAMES = (
+    "rms_norm",            # (x [T,H], w [H], eps) -> [T,H]
+    "fused_add_rms_norm",  # (x, residual, w, eps) -> (normed, new_residual)
+    "silu_and_mul",        # (gate_up [T,2I]) -> [T,I]
+    "rope_and_write_kv",   # (q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping) -> None
+    "prefill_attention",   # (q [T,Hq,D], k_cache, v_cache, meta, scale) -> [T,Hq,D]
+    "decode_attention",    # (q [B,Hq,D], k_cache, v_cache, meta, scale) -> [B,Hq,D]
+    "greedy_argmax",       # (logits [N,V]) -> [N]
+    "gather_logprobs",     # (logits [N,V], ids [N,K]) -> [N,K]
+)
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+class Ops(types.SimpleNamespace):
+    """A namespace of op callables plus ``name``, the backend they come from."""
+
+
+def _from_module(name: str, module) -> Ops:
+    return Ops(name=name, **{op: getattr(module, op) for op in OP_NAMES})
+
+
+def get_ops(backend: str = "auto", device_type: str = "cpu") -> Ops:
+    """Returns the ops for ``backend`` on a device of type ``device_type``.
+
+    ``auto`` picks Triton on CUDA once its kernels are available and the
+    PyTorch reference otherwise.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"kernel_backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if device_type == "cuda" and _triton_module() is not None else "torch"
+    if backend == "torch":
+        return _from_module("torch", reference)
+    module = _triton_module()
+    if module is None:
+        raise ValueError("kernel_backend='triton' is not available: the Triton kernels "
+                         "(kernels.triton_ops) are not built yet; use kernel_backend='torch'")
+    return _from_module("triton", module)
+
+
+def _triton_module():
+    try:
+        from kernels import triton_ops  # noqa: F401  (lands with the Triton kernels)
+    except ImportError:
+        return None
+    return triton_ops

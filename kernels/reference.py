@@ -1,0 +1,154 @@
+"""Pure-PyTorch reference implementations of every hot op.
+
+They run on CPU and GPU, define the exact semantics the Triton kernels must
+match, and are the engine's CPU backend. Numerics follow Hugging Face's
+Llama (fp32 statistics in RMSNorm, HF's half-rotation RoPE) so that greedy
+decoding in fp32 reproduces ``transformers`` token for token.
+
+KV cache layout, per layer: ``k_cache``/``v_cache`` ``[num_blocks, block_size,
+num_kv_heads, head_dim]``; slot ``s`` is ``(s // block_size, s % block_size)``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.metadata import AttentionMetadata
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [T, H], weight [H] -> [T, H]. Statistics in fp32, like HF."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual <- x + residual; returns (rms_norm(residual), residual). [T, H] each."""
+    residual = x + residual
+    return rms_norm(residual, weight, eps), residual
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2I] (gate first, then up) -> silu(gate) * up [T, I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rope_cos_sin(max_positions: int, head_dim: int, theta: float, scaling_factor: float,
+                 device=None) -> torch.Tensor:
+    """Returns the fp32 table [max_positions, head_dim] of cat(cos, sin) halves.
+
+    Row p holds cos(p * f) for the head_dim/2 frequencies, then sin(p * f).
+    Linear rope scaling divides positions by ``scaling_factor`` (HF's "linear").
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device)
+                                .float() / head_dim))
+    pos = torch.arange(max_positions, dtype=torch.int64, device=device).float() / scaling_factor
+    freqs = torch.outer(pos, inv_freq)                      # [P, D/2]
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1)    # [P, D]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [T, heads, D]; cos/sin [T, 1, D] (halves duplicated, HF layout)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def rope_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                      cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> None:
+    """Rotates q [T, Hq, D] and k [T, Hkv, D] in place (positions [T]) and stores
+    k and v [T, Hkv, D] into the cache slots ``slot_mapping`` [T]; slot -1 is skipped."""
+    half = q.shape[-1] // 2
+    cs = cos_sin[positions]                                  # [T, D] fp32
+    cos = torch.cat([cs[:, :half], cs[:, :half]], dim=-1).to(q.dtype).unsqueeze(1)
+    sin = torch.cat([cs[:, half:], cs[:, half:]], dim=-1).to(q.dtype).unsqueeze(1)
+    q.copy_(_rotate(q, cos, sin))
+    k.copy_(_rotate(k, cos, sin))
+    write_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Stores k, v [T, Hkv, D] at cache slots [T]; slot -1 is skipped."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    nb, bs = k_cache.shape[0], k_cache.shape[1]
+    k_cache.view(nb * bs, *k_cache.shape[2:])[slots] = k[keep]
+    v_cache.view(nb * bs, *v_cache.shape[2:])[slots] = v[keep]
+
+
+def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """cache [NB, bs, Hkv, D], block_table [max_blocks] -> [length, Hkv, D]."""
+    bs = cache.shape[1]
+    nblocks = (length + bs - 1) // bs
+    return cache[block_table[:nblocks].long()].flatten(0, 1)[:length]
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Causal attention for packed queries q [T, Hq, D] -> [T, Hq, D].
+
+    Each sequence's queries are its last q_len positions and attend to its
+    cached prefix plus themselves, K/V read only through the block table.
+    """
+    out = torch.empty_like(q)
+    qsl = meta.query_start_loc.tolist()
+    ctx = meta.context_lens.tolist()
+    n_rep = q.shape[1] // k_cache.shape[2]
+    for i, length in enumerate(ctx):
+        s, e = qsl[i], qsl[i + 1]
+        q_len = e - s
+        k = _gather_context(k_cache, meta.block_tables[i], length)   # [L, Hkv, D]
+        v = _gather_context(v_cache, meta.block_tables[i], length)
+        qi = q[s:e].transpose(0, 1)                                  # [Hq, q_len, D]
+        ki = k.transpose(0, 1).repeat_interleave(n_rep, dim=0)       # [Hq, L, D]
+        vi = v.transpose(0, 1).repeat_interleave(n_rep, dim=0)
+        if q_len == length:
+            o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)
+        else:
+            # query j sits at position length - q_len + j and sees positions <= it
+            qpos = torch.arange(length - q_len, length, device=q.device).unsqueeze(1)
+            mask = torch.arange(length, device=q.device).unsqueeze(0) <= qpos
+            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale)
+        out[s:e] = o.transpose(0, 1)
+    return out
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """One query per sequence, q [B, Hq, D] -> [B, Hq, D]; batched over sequences.
+
+    Gathers every sequence's blocks (padded to the longest) and masks
+    positions >= context_lens, so one step costs a handful of torch calls
+    whatever the batch size.
+    """
+    B, Hq, D = q.shape
+    nb, bs, Hkv, _ = k_cache.shape
+    nblocks = (meta.max_context_len + bs - 1) // bs
+    table = meta.block_tables[:, :nblocks].long()                    # [B, nblk]
+    k = k_cache[table].reshape(B, nblocks * bs, Hkv, D)              # [B, L, Hkv, D]
+    v = v_cache[table].reshape(B, nblocks * bs, Hkv, D)
+    n_rep = Hq // Hkv
+    qg = q.view(B, Hkv, n_rep, D)                                    # heads sharing a KV head
+    scores = torch.einsum("bhrd,blhd->bhrl", qg.float(), k.float()) * scale
+    pos = torch.arange(nblocks * bs, device=q.device)
+    valid = pos.unsqueeze(0) < meta.context_lens.unsqueeze(1).to(pos.dtype)   # [B, L]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1)
+    out = torch.einsum("bhrl,blhd->bhrd", probs, v.float())
+    return out.reshape(B, Hq, D).to(q.dtype)
+
+
+def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits [N, V] -> [N] int64, the first maximal index (torch.argmax's rule)."""
+    return logits.argmax(dim=-1)
+
+
+def gather_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits [N, V]) at token_ids [N, K] -> [N, K] fp32."""
+    lse = torch.logsumexp(logits.float(), dim=-1, keepdim=True)
+    return logits.float().gather(1, token_ids) - lse
