@@ -1,0 +1,53 @@
+"""Shared test utilities: tiny checkpoints in the HF layout and an HF reference."""
+from __future__ import annotations
+
+import torch
+
+from engine.checkpoint import random_state_dict, save_checkpoint
+from engine.config import ModelConfig
+
+BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+            rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+
+
+def make_checkpoint(path, num_shards: int = 1, spelling: int = 4, seed: int = 0,
+                    std: float = 0.1, dtype=torch.float32, **overrides) -> ModelConfig:
+    """Writes a random Llama checkpoint to ``path`` and returns its config."""
+    cfg = ModelConfig.from_dict({**BASE, **overrides})
+    save_checkpoint(path, cfg, random_state_dict(cfg, seed=seed, std=std, dtype=dtype),
+                    num_shards=num_shards, spelling=spelling)
+    return cfg
+
+
+def hf_model(path, dtype=torch.float32):
+    from transformers import LlamaForCausalLM
+    return LlamaForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+@torch.no_grad()
+def hf_greedy(model, prompt: list[int], max_new: int, banned: int | None = None):
+    """Plain argmax loop with HF's KV cache. Returns (ids, per-step raw log-softmax rows)."""
+    ids = torch.tensor([prompt])
+    out = model(ids, use_cache=True)
+    past, logits = out.past_key_values, out.logits[0, -1]
+    tokens, logprob_rows = [], []
+    for _ in range(max_new):
+        logprob_rows.append(torch.log_softmax(logits.float(), -1))
+        masked = logits.clone()
+        if banned is not None:
+            masked[banned] = float("-inf")
+        nxt = int(masked.argmax())
+        tokens.append(nxt)
+        out = model(torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
+        past, logits = out.past_key_values, out.logits[0, -1]
+    return tokens, logprob_rows
+
+
+def token_prompts(n: int, vocab: int, seed: int = 0, min_len: int = 3, max_len: int = 40):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+        out.append([1] + torch.randint(3, vocab, (length - 1,), generator=g).tolist())
+    return out
