@@ -25,7 +25,10 @@ class RequestState:
         self.detok = None
         if tokenizer is not None:
             from engine.detokenizer import IncrementalDetokenizer
-            self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=self.params.skip_special_tokens)
+            # Decoded as a continuation of the prompt (as vLLM does), so a leading
+            # space of the first generated word is kept.
+            self.detok = IncrementalDetokenizer(tokenizer, seq.prompt_token_ids,
+                                                skip_special_tokens=self.params.skip_special_tokens)
 
     @property
     def request_id(self) -> str:
