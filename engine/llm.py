@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from engine.block_manager import BlockManager
 from engine.errors import InvalidRequestError, PromptTooLongError
-from engine.model_loader import load_model
+from engine.model_loader import load_model, resolve_model_dir
 from engine.model_runner import ModelRunner
 from engine.request_state import RequestState
 from engine.sampler import Sampler
@@ -57,7 +57,9 @@ class LLM:
         load_format: "auto" (safetensors) or "dummy" (seeded random weights).
         seed: seed of the engine's RNG (dummy weights, unseeded sampling).
         kernel_backend: "auto", "torch" or "triton" (see kernels/ops.py).
-        download_dir: accepted for vLLM compatibility; unused (no downloads).
+        download_dir: where to look for an already-downloaded hub snapshot when
+            ``model`` is a hub id ("selfrag/selfrag_llama2_7b"); also looked up:
+            $HF_HUB_CACHE, $HF_HOME/hub. Nothing is ever downloaded.
         show_progress: progress bar while loading weights.
     """
 
@@ -76,6 +78,8 @@ class LLM:
             raise ValueError(f"block_size must be a power of two >= 1, got {block_size}")
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        model = resolve_model_dir(model, download_dir) or model
+        self.model_dir = model
         self.model, self.config = load_model(model, dtype=dtype, device=device,
                                              load_format=load_format, seed=seed,
                                              progress=show_progress, kernel_backend=kernel_backend)
@@ -110,7 +114,9 @@ class LLM:
                              else _first(cfg.eos_token_id))
         self._requests: dict[str, RequestState] = {}
         self._ids = itertools.count()
+        # Host seconds spent per phase over all steps (read by the benchmarks).
         self.step_times = {"schedule": 0.0, "prepare": 0.0, "forward": 0.0, "sample": 0.0}
+        self.num_steps = 0
 
     def _default_num_blocks(self, util: float) -> int:
         per_block = ModelRunner.kv_bytes_per_block(self.config, self.block_size, self.model.dtype)
@@ -136,6 +142,8 @@ class LLM:
             else:
                 raise InvalidRequestError("a dict prompt needs 'prompt_token_ids' or 'prompt'")
         elif isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("the prompt is empty")
             if self.tokenizer is None:
                 raise InvalidRequestError("this engine has no tokenizer: pass prompts as "
                                           "{'prompt_token_ids': [...]}")
@@ -232,6 +240,7 @@ class LLM:
         st["prepare"] += t2 - t1
         st["forward"] += t3 - t2
         st["sample"] += t4 - t3
+        self.num_steps += 1
         return outputs
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True):

@@ -50,12 +50,44 @@ def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: torch.devi
     return torch.float16
 
 
+def _hub_cache_dirs(download_dir: str | None) -> list[str]:
+    dirs = [download_dir] if download_dir else []
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            dirs.append(os.environ[var])
+    home = os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface"))
+    dirs.append(os.path.join(home, "hub"))
+    return dirs
+
+
+def resolve_model_dir(model: str, download_dir: str | None = None) -> str | None:
+    """A local directory for ``model``: the path itself, or for a hub id such
+    as "selfrag/selfrag_llama2_7b" an already-downloaded snapshot in
+    ``download_dir`` or the Hugging Face cache. Nothing is ever downloaded."""
+    if os.path.isdir(model):
+        return model
+    if model.count("/") != 1 or model.startswith((".", "/")):
+        return None
+    name = "models--" + model.replace("/", "--")
+    for root in _hub_cache_dirs(download_dir):
+        snaps = os.path.join(root, name, "snapshots")
+        if os.path.isdir(snaps):
+            found = sorted((os.path.join(snaps, d) for d in os.listdir(snaps)),
+                           key=os.path.getmtime, reverse=True)
+            for d in found:
+                if os.path.isfile(os.path.join(d, "config.json")):
+                    return d
+    return None
+
+
 def load_model(model: str, dtype: str | torch.dtype = "auto", device=None,
                load_format: str = "auto", seed: int = 0, progress: bool = True,
-               kernel_backend: str = "auto") -> tuple[LlamaModel, ModelConfig]:
+               kernel_backend: str = "auto", download_dir: str | None = None
+               ) -> tuple[LlamaModel, ModelConfig]:
     """Returns ``(model, config)``.
 
-    model: a checkpoint directory, or (with ``load_format="dummy"``) a
+    model: a checkpoint directory (or a hub id already in the local cache,
+        see ``resolve_model_dir``), or (with ``load_format="dummy"``) a
         directory holding config.json or a built-in name ("selfrag-7b",
         "selfrag-13b").
     load_format: "auto"/"safetensors" reads the weights; "dummy" makes seeded
@@ -63,9 +95,13 @@ def load_model(model: str, dtype: str | torch.dtype = "auto", device=None,
     """
     if load_format not in ("auto", "safetensors", "dummy"):
         raise ValueError(f"load_format={load_format!r}: use 'auto', 'safetensors' or 'dummy'")
-    if load_format != "dummy" and not os.path.isdir(model):
-        raise ValueError(f"model={model!r} is not a directory. Real weights come from a "
-                         "local checkpoint directory; built-in names need load_format='dummy'")
+    local = resolve_model_dir(model, download_dir)
+    if load_format != "dummy" and local is None:
+        raise ValueError(f"model={model!r}: no such local checkpoint directory (and no "
+                         "snapshot of it in download_dir or the Hugging Face cache). This "
+                         "engine never downloads: pass the path of a checkpoint directory, or "
+                         "use load_format='dummy' with a built-in name such as 'selfrag-7b'")
+    model = local or model
     cfg = ModelConfig.from_pretrained(model)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, cfg, dev)
