@@ -27,7 +27,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_loading.py $(if $(QUICK),--size-gb 0.5,)
 
 gpu-check:
-	PYTHONPATH=. PYTHONUNBUFFERED=1 $(GPU_PY) benchmarks/gpu_check.py $(if $(STAGE),--stage $(STAGE),)
+	PYTHONPATH=. PYTHONUNBUFFERED=1 $(GPU_PY) benchmarks/gpu_check.py $(if $(STAGE),--stage $(STAGE),) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -34,7 +34,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: torch.device) -> torch.dtype:
     """``auto``: fp32 on CPU (CPU fp16/bf16 matmuls are ~150x slower); on GPU
-    the config's dtype, fp16 where the GPU lacks bf16 or the config says fp32/none."""
+    the config's dtype (fp16 where the GPU lacks bf16, or the config names none)."""
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
             raise ValueError(f"dtype {dtype} is not supported; use float16, bfloat16 or float32")
@@ -45,9 +45,9 @@ def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: torch.devi
         return DTYPES[dtype]
     if device.type != "cuda":
         return torch.float32
-    if cfg.dtype == "bfloat16" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
+    if cfg.dtype == "bfloat16":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return DTYPES.get(cfg.dtype or "float16", torch.float16)
 
 
 def _hub_cache_dirs(download_dir: str | None) -> list[str]:

@@ -1,6 +1,8 @@
 """Shared test utilities: tiny checkpoints in the HF layout and an HF reference."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from engine.checkpoint import random_state_dict, save_checkpoint
@@ -9,6 +11,16 @@ from engine.config import ModelConfig
 BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
             rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+
+
+# The GPU check sets SELFRAG_TEST_DEVICE=cuda to run the engine tests on the GPU.
+DEVICE = os.environ.get("SELFRAG_TEST_DEVICE", "cpu")
+
+
+def make_llm(model, **kw):
+    """An LLM on the test device; everything else as the caller says."""
+    from engine import LLM
+    return LLM(model, **{"device": DEVICE, **kw})
 
 
 def make_checkpoint(path, num_shards: int = 1, spelling: int = 4, seed: int = 0,

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from tests.helpers import hf_greedy, hf_model, make_checkpoint, token_prompts
+from engine import SamplingParams
+from tests.helpers import make_llm, hf_greedy, hf_model, make_checkpoint, token_prompts
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def _requests(cfg):
 def _solo(path, prompts, params, **kw):
     out = []
     for p, sp in zip(prompts, params):
-        llm = LLM(path, show_progress=False, block_size=8, **kw)
+        llm = make_llm(path, show_progress=False, block_size=8, **kw)
         [o] = llm.generate({"prompt_token_ids": p}, sp, use_tqdm=False)
         out.append(o.outputs[0].token_ids)
     return out
@@ -36,7 +36,7 @@ def _solo(path, prompts, params, **kw):
 def test_batch_equals_solo(ckpt, prefix_caching):
     path, cfg = ckpt
     prompts, params = _requests(cfg)
-    llm = LLM(path, show_progress=False, block_size=8, enable_prefix_caching=prefix_caching)
+    llm = make_llm(path, show_progress=False, block_size=8, enable_prefix_caching=prefix_caching)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     solo = _solo(path, prompts, params, enable_prefix_caching=False)
     assert [o.outputs[0].token_ids for o in outs] == solo
@@ -62,7 +62,7 @@ def test_continuous_batching_joins_running_batch(ckpt):
     """Requests added while others decode join them; results equal solo runs."""
     path, cfg = ckpt
     prompts, params = _requests(cfg)
-    llm = LLM(path, show_progress=False, block_size=8)
+    llm = make_llm(path, show_progress=False, block_size=8)
     done, pending = {}, list(zip(prompts, params))
     rid_to_i = {}
     steps = 0
@@ -82,7 +82,7 @@ def test_preemption_recomputes_without_loss(ckpt):
     """A pool far too small for the batch forces preemption; nothing is lost or duplicated."""
     path, cfg = ckpt
     prompts, params = _requests(cfg)
-    llm = LLM(path, show_progress=False, block_size=8, num_kv_blocks=16, max_model_len=128)
+    llm = make_llm(path, show_progress=False, block_size=8, num_kv_blocks=16, max_model_len=128)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert llm.scheduler.num_preemptions > 0
     assert [o.request_id for o in outs] == sorted((o.request_id for o in outs), key=int)
@@ -93,7 +93,7 @@ def test_preemption_recomputes_without_loss(ckpt):
 def test_max_num_seqs_and_token_budget(ckpt):
     path, cfg = ckpt
     prompts, params = _requests(cfg)
-    llm = LLM(path, show_progress=False, block_size=8, max_num_seqs=2, max_num_batched_tokens=50)
+    llm = make_llm(path, show_progress=False, block_size=8, max_num_seqs=2, max_num_batched_tokens=50)
     sched, seen = llm.scheduler, []
     real = sched.schedule
 
@@ -114,7 +114,7 @@ def test_max_num_seqs_and_token_budget(ckpt):
 
 def test_abort_frees_blocks_and_engine_goes_on(ckpt):
     path, cfg = ckpt
-    llm = LLM(path, show_progress=False, block_size=8)
+    llm = make_llm(path, show_progress=False, block_size=8)
     rid = llm.add_request({"prompt_token_ids": list(range(1, 60))},
                           SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
     llm.step()
@@ -132,7 +132,7 @@ def test_abort_frees_blocks_and_engine_goes_on(ckpt):
 def test_seeded_sampling_is_reproducible_and_batch_independent(ckpt):
     path, cfg = ckpt
     sp = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, max_tokens=20, seed=1234, ignore_eos=True)
-    llm = LLM(path, show_progress=False)
+    llm = make_llm(path, show_progress=False)
     a = llm.generate({"prompt_token_ids": [1, 9, 8, 7]}, sp, use_tqdm=False)[0].outputs[0].token_ids
     b = llm.generate([{"prompt_token_ids": [1, 3, 3]}, {"prompt_token_ids": [1, 9, 8, 7]}],
                      [SamplingParams(temperature=1.0, max_tokens=5), sp], use_tqdm=False)
@@ -145,7 +145,7 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(ckpt):
 
 def test_top_k_1_sampling_equals_greedy(ckpt):
     path, cfg = ckpt
-    llm = LLM(path, show_progress=False)
+    llm = make_llm(path, show_progress=False)
     p = {"prompt_token_ids": [1, 50, 60, 70]}
     g = llm.generate(p, SamplingParams(temperature=0, max_tokens=15, ignore_eos=True), use_tqdm=False)
     s = llm.generate(p, SamplingParams(temperature=1.3, top_k=1, max_tokens=15, ignore_eos=True),
@@ -170,7 +170,7 @@ def test_logits_processor_is_batched_and_respected(ckpt):
             return logits
 
     ban = Ban()
-    llm = LLM(path, show_progress=False)
+    llm = make_llm(path, show_progress=False)
     sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logits_processors=[ban],
                         logprob_token_ids=[banned])
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
@@ -184,7 +184,7 @@ def test_logits_processor_is_batched_and_respected(ckpt):
 
 def test_failing_processor_keeps_engine_usable(ckpt):
     path, cfg = ckpt
-    llm = LLM(path, show_progress=False)
+    llm = make_llm(path, show_progress=False)
 
     def boom(logits, ids, toks):
         raise RuntimeError("processor failed")

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from tests.helpers import hf_greedy, hf_model, make_checkpoint, token_prompts
+from engine import SamplingParams
+from tests.helpers import make_llm, hf_greedy, hf_model, make_checkpoint, token_prompts
 
 NEW = 40   # > 32 new tokens, as the runtime issue asks
 
@@ -25,7 +25,7 @@ def test_greedy_matches_hf(tmp_path, name):
     kw = dict(VARIANTS[name])
     cfg = make_checkpoint(tmp_path, **kw)
     prompts = token_prompts(3, cfg.vocab_size, seed=len(name))
-    llm = LLM(str(tmp_path), show_progress=False, block_size=8)
+    llm = make_llm(str(tmp_path), show_progress=False, block_size=8)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True), use_tqdm=False)
     hf = hf_model(tmp_path)
@@ -49,7 +49,7 @@ def test_logprob_token_ids_and_top_logprobs_match_hf(tmp_path):
     cfg = make_checkpoint(tmp_path, num_key_value_heads=2)
     prompt = token_prompts(1, cfg.vocab_size, seed=3)[0]
     watch = [0, 2, 5, 100, 300, 319]
-    llm = LLM(str(tmp_path), show_progress=False)
+    llm = make_llm(str(tmp_path), show_progress=False)
     [out] = llm.generate({"prompt_token_ids": prompt},
                          SamplingParams(temperature=0, max_tokens=12, logprobs=3,
                                         logprob_token_ids=watch, ignore_eos=True), use_tqdm=False)
@@ -67,7 +67,7 @@ def test_logprob_token_ids_and_top_logprobs_match_hf(tmp_path):
 
 def test_logprobs_none_unless_asked(tmp_path):
     make_checkpoint(tmp_path)
-    llm = LLM(str(tmp_path), show_progress=False)
+    llm = make_llm(str(tmp_path), show_progress=False)
     [out] = llm.generate({"prompt_token_ids": [1, 5, 6]}, SamplingParams(temperature=0, max_tokens=3),
                          use_tqdm=False)
     assert out.outputs[0].logprobs is None
@@ -79,7 +79,7 @@ def test_half_precision_logits_close_to_hf(tmp_path, dtype, tol):
     """fp16/bf16 (CPU, correctness only): first-step log-probs of every id vs HF in the same dtype."""
     cfg = make_checkpoint(tmp_path, num_key_value_heads=2)
     prompts = token_prompts(2, cfg.vocab_size, seed=7)
-    llm = LLM(str(tmp_path), dtype=dtype, show_progress=False)
+    llm = make_llm(str(tmp_path), dtype=dtype, show_progress=False)
     every = list(range(cfg.vocab_size))
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0, max_tokens=1, logprob_token_ids=every),

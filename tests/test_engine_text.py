@@ -5,11 +5,11 @@ import shutil
 import pytest
 import torch
 
-from engine import (LLM, CheckpointError, InvalidRequestError, PromptTooLongError, SamplingParams,
+from engine import (CheckpointError, InvalidRequestError, PromptTooLongError, SamplingParams,
                     SamplingParamsError)
 from engine.tokenizer import Tokenizer
 from selfrag.default_tokenizer import build_tokenizer
-from tests.helpers import make_checkpoint
+from tests.helpers import make_llm, make_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(model_dir):
-    return LLM(model_dir, show_progress=False)
+    return make_llm(model_dir, show_progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def test_invalid_sampling_params_name_the_field(kw, field):
 
 
 def test_no_tokenizer_means_token_id_prompts(model_dir):
-    llm = LLM(model_dir, skip_tokenizer_init=True, show_progress=False)
+    llm = make_llm(model_dir, skip_tokenizer_init=True, show_progress=False)
     assert llm.get_tokenizer() is None
     with pytest.raises(InvalidRequestError, match="no tokenizer"):
         llm.generate("hello", use_tqdm=False)
@@ -182,9 +182,9 @@ def test_bad_checkpoint_errors_name_file_and_tensor(model_dir, tmp_path):
     make_checkpoint(bad, num_shards=3, vocab_size=LLM_VOCAB(model_dir))
     os.remove(bad / "model-00002-of-00003.safetensors")
     with pytest.raises(CheckpointError, match="model-00002-of-00003.safetensors"):
-        LLM(str(bad), show_progress=False)
+        make_llm(str(bad), show_progress=False)
     with pytest.raises(ValueError, match="no such local checkpoint"):
-        LLM(str(tmp_path / "nowhere"), show_progress=False)
+        make_llm(str(tmp_path / "nowhere"), show_progress=False)
     # a mismatching shape names the tensor
     make_checkpoint(bad, vocab_size=LLM_VOCAB(model_dir))
     import json
@@ -192,7 +192,7 @@ def test_bad_checkpoint_errors_name_file_and_tensor(model_dir, tmp_path):
     cfg["intermediate_size"] += 16
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"model\.safetensors.*mlp\.(gate_proj|down_proj)\.weight"):
-        LLM(str(bad), show_progress=False)
+        make_llm(str(bad), show_progress=False)
 
 
 def LLM_VOCAB(model_dir):
@@ -202,7 +202,7 @@ def LLM_VOCAB(model_dir):
 def test_hub_id_resolves_to_local_snapshot(model_dir, tmp_path):
     snap = tmp_path / "models--selfrag--selfrag_llama2_7b" / "snapshots" / "abc123"
     shutil.copytree(model_dir, snap)
-    llm = LLM("selfrag/selfrag_llama2_7b", download_dir=str(tmp_path), dtype="float32",
+    llm = make_llm("selfrag/selfrag_llama2_7b", download_dir=str(tmp_path), dtype="float32",
               show_progress=False)
     assert llm.model_dir == str(snap) and llm.get_tokenizer() is not None
 
@@ -216,8 +216,8 @@ def test_dummy_weights_from_config_dir_or_builtin(tmp_path):
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size, cfg.vocab_size,
             cfg.max_position_embeddings, cfg.tie_word_embeddings) == (4096, 32, 11008, 32016, 4096, False)
     (tmp_path / "config.json").write_text(json.dumps({**BASE, "model_type": "llama"}))
-    a = LLM(str(tmp_path), load_format="dummy", seed=3, show_progress=False)
-    b = LLM(str(tmp_path), load_format="dummy", seed=3, show_progress=False)
+    a = make_llm(str(tmp_path), load_format="dummy", seed=3, show_progress=False)
+    b = make_llm(str(tmp_path), load_format="dummy", seed=3, show_progress=False)
     assert a.get_tokenizer() is None
     sp = SamplingParams(max_tokens=6, **GREEDY)
     ids = [o.outputs[0].token_ids for o in (a.generate({"prompt_token_ids": [1, 2, 3]}, sp, use_tqdm=False)[0],

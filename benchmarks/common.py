@@ -1,0 +1,42 @@
+"""Helpers shared by the benchmarks: result records and where they go."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def device_name(device: str = "cpu") -> str:
+    if device.startswith("cuda"):
+        import torch
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return "unknown"
+
+
+def record(**fields) -> dict:
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": commit(), **fields}
+
+
+def write_json(name: str, payload) -> list[str]:
+    """Writes ``payload`` to benchmarks/results/NAME and, when set, $OUT/NAME."""
+    paths = []
+    for folder in [RESULTS] + ([os.environ["OUT"]] if os.environ.get("OUT") else []):
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, name)
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=2)
+        paths.append(path)
+    return paths
