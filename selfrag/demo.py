@@ -1,0 +1,179 @@
+"""Runs the three prompts of the ``selfrag/selfrag_llama2_7b`` model card.
+
+    python -m selfrag.demo                  # embedded default model (RANDOM weights)
+    python -m selfrag.demo --model PATH     # a real selfrag_llama2_7b checkpoint directory
+
+The model card (https://huggingface.co/selfrag/selfrag_llama2_7b) asks two
+questions without a passage -- one the model should answer directly
+(``[No Retrieval]``), one for which it should ask for evidence
+(``[Retrieval]``) -- and then the second one again with a retrieved paragraph
+in the prompt, where it should answer with ``[Relevant]``, a support token and
+a utility token.  Decoding is greedy, 100 tokens, special tokens shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import unicodedata
+from dataclasses import dataclass
+from typing import TextIO
+
+from engine.sampling_params import SamplingParams
+from selfrag.tokens import PARAGRAPH_END, PARAGRAPH_START, RETRIEVAL
+
+MODEL_CARD_URL = "https://huggingface.co/selfrag/selfrag_llama2_7b"
+
+ODD_ONE_OUT = "Leave odd one out: twitter, instagram, whatsapp."
+LLAMAS_VS_ALPACAS = "Can you tell me the difference between llamas and alpacas?"
+ALPACA_PARAGRAPH = (
+    "The alpaca (Lama pacos) is a species of South American camelid mammal. It is similar to, "
+    "and often confused with, the llama. Alpacas are considerably smaller than llamas, and unlike "
+    "llamas, they were not bred to be working animals, but were bred specifically for their fiber."
+)
+
+
+def format_prompt(instruction: str, paragraph: str | None = None) -> str:
+    """The Alpaca-style instruction template Self-RAG was trained on.
+
+    With a paragraph, the retrieval token and the passage wrapped in paragraph
+    tokens follow the response header, as if the model had asked for it.
+    """
+    text = f"### Instruction:\n{instruction}\n\n### Response:\n"
+    if paragraph is not None:
+        text = f"{text}{RETRIEVAL}{PARAGRAPH_START}{paragraph}{PARAGRAPH_END}"
+    return text
+
+
+@dataclass(frozen=True)
+class DemoPrompt:
+    title: str
+    instruction: str
+    paragraph: str | None = None
+
+    @property
+    def prompt(self) -> str:
+        return format_prompt(self.instruction, self.paragraph)
+
+
+DEMO_PROMPTS = (
+    DemoPrompt("1. no retrieval needed (expect [No Retrieval] ... [Utility:5])", ODD_ONE_OUT),
+    DemoPrompt("2. needs facts (expect [Retrieval]<paragraph>)", LLAMAS_VS_ALPACAS),
+    DemoPrompt("3. with a retrieved paragraph (expect [Relevant] ... [Fully supported][Utility:5])",
+               LLAMAS_VS_ALPACAS, ALPACA_PARAGRAPH),
+)
+
+
+def demo_sampling_params(max_tokens: int = 100) -> SamplingParams:
+    """What the model card uses: greedy, top_p 1, reflection tokens kept in the text."""
+    return SamplingParams(temperature=0.0, top_p=1.0, max_tokens=max_tokens, skip_special_tokens=False)
+
+
+def random_weights_notice(where: str = "below") -> list[str]:
+    return [
+        f"NOTE: this is the embedded default model with RANDOM weights, so the text {where} is gibberish.",
+        "      It only shows the engine and the Self-RAG prompt format at work. For real answers, point",
+        "      at a local directory holding the selfrag_llama2_7b safetensors checkpoint:",
+        "          python -m selfrag.demo --model PATH      (or: selfrag demo --model PATH)",
+    ]
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters other than newline/tab shown as escapes.
+
+    Random weights readily emit byte tokens such as NUL or ESC, which would
+    garble a terminal (or make ``grep`` call the output binary).
+    """
+    return "".join(c if c in "\n\t" or unicodedata.category(c) != "Cc" else ascii(c)[1:-1]
+                   for c in text)
+
+
+def _indent(text: str, prefix: str = "    ") -> str:
+    return "\n".join(prefix + line for line in text.split("\n"))
+
+
+def run_demo(model: str | None = None, max_tokens: int = 100, dtype: str = "auto",
+             out: TextIO | None = None) -> list[str]:
+    """Loads the model through ``LLM`` and prints the three model-card generations.
+
+    Returns the generated texts. ``model=None`` uses the embedded default model.
+    """
+    from selfrag.default_model import default_model_dir, few_threads
+
+    out = out if out is not None else sys.stdout
+    params = demo_sampling_params(max_tokens)      # invalid values fail before any loading
+    if model is None:
+        path = default_model_dir()
+        with few_threads(1):                       # a 3M-parameter model: one thread is fastest
+            return _run(path, True, params, dtype, out)
+    return _run(model, False, params, dtype, out)
+
+
+def _run(path: str, embedded: bool, params: SamplingParams, dtype: str, out: TextIO) -> list[str]:
+    from engine.llm import LLM
+
+    def say(line: str = "") -> None:
+        print(line, file=out, flush=True)
+
+    if embedded:
+        for line in random_weights_notice():
+            say(line)
+        say()
+    say(f"Self-RAG model card demo ({MODEL_CARD_URL})")
+    say(f"model: {path}{'  [embedded default, RANDOM weights]' if embedded else ''}")
+    t0 = time.perf_counter()
+    llm = LLM(path, dtype=dtype, max_num_seqs=4, show_progress=not embedded)
+    cfg = llm.config
+    say(f"loaded in {time.perf_counter() - t0:.2f}s: {cfg.num_hidden_layers} layers, hidden "
+        f"{cfg.hidden_size}, vocab {cfg.vocab_size}, {llm.model.dtype} on {llm.model.device}")
+    say(f"sampling: temperature={params.temperature}, top_p={params.top_p}, "
+        f"max_tokens={params.max_tokens}, skip_special_tokens={params.skip_special_tokens}")
+
+    # The three prompts run in one batch (the card batches the first two, then runs the third).
+    t = time.perf_counter()
+    results = llm.generate([item.prompt for item in DEMO_PROMPTS], params, use_tqdm=False)
+    total_time = time.perf_counter() - t
+    texts, total_tokens = [], 0
+    for item, result in zip(DEMO_PROMPTS, results):
+        completion = result.outputs[0]
+        n = len(completion.token_ids)
+        total_tokens += n
+        texts.append(completion.text)
+        say()
+        say(f"=== {item.title}")
+        say("prompt:")
+        say(_indent(item.prompt.rstrip("\n")))
+        say(f"output ({n} tokens, finish_reason={completion.finish_reason}):")
+        say(_indent(printable(completion.text)))
+    say()
+    rate = total_tokens / total_time if total_time > 0 else float("inf")
+    say(f"generated {total_tokens} tokens for {len(DEMO_PROMPTS)} prompts (one batch) in "
+        f"{total_time:.2f}s: {rate:.1f} tokens/s")
+    if embedded:
+        say()
+        for line in random_weights_notice("above"):
+            say(line)
+    return texts
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", metavar="PATH", default=None,
+                        help="a local selfrag_llama2_7b checkpoint directory (safetensors); "
+                             "default: the embedded random-weight model")
+    parser.add_argument("--max-tokens", type=int, default=100, metavar="N",
+                        help="tokens to generate per prompt (default: 100, as on the model card)")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (fp32 on CPU, the checkpoint's dtype on GPU), float16, bfloat16, float32")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m selfrag.demo", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    from selfrag.cli import run_guarded
+    return run_guarded(lambda: run_demo(args.model, args.max_tokens, args.dtype), "selfrag.demo")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
