@@ -96,6 +96,9 @@ class Scheduler:
                 self.running.remove(seq)
             self._preempt(seq)
         self.num_preemptions -= len(seqs)
+        # Blocks registered in the prefix cache this step were never written:
+        # drop every unreferenced cached block so no later prompt can hit them.
+        self.block_manager.reset_prefix_cache()
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Marks ``seq`` finished and frees its blocks (also for aborts)."""

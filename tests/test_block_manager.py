@@ -257,10 +257,10 @@ def test_hits_are_revived_before_eviction():
     a, other = S([1, 1]), S([2, 2])
     bm.allocate(a)
     bm.allocate(other)
-    hit = a.block_table[0]
+    hit, other_b = a.block_table[0], other.block_table[0]
     bm.free(a)
     bm.free(other)
-    assert list(bm._evictable) == [hit, other_b := 1 - hit]
+    assert list(bm._evictable) == [hit, other_b]
     b = S([1, 1, 3])
     assert bm.can_allocate(b)
     bm.allocate(b)
@@ -448,8 +448,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
     sequences allocated after b was registered by X's allocate/append_slot,
     and every other holder Y has b at the same table index and
     Y.token_ids[:p+1] == X.token_ids[:p+1] (it expects exactly the KV X is
-    writing).  Blocks
-    shared via fork or via hits from earlier steps must never be written.
+    writing).  Blocks shared via fork or via hits from earlier steps must
+    never be written.
     """
 
     caching = True
