@@ -1,11 +1,18 @@
 """Engine greedy decoding vs transformers ``generate`` on CPU, same model and prompts.
 
-Builds a small random Llama checkpoint (fp32), then for batch 1 and 16 runs
-both engines on the same prompts with the same number of new tokens
-(ignore EOS), measured in this one run. Prints tokens/s, the ratio, and the
+Three small models, from overhead-bound to bandwidth-bound:
+  tiny      hidden 64, 2 layers, vocab 512: almost no math, so the ratio is
+            the two engines' per-step host overhead;
+  default   the embedded default (hidden 256, 4 layers, vocab 1016, 13.6 MB
+            of fp32 weights): decode at batch 1 already streams its weights
+            at about memory bandwidth (~1.3 ms/step here);
+  vocab32k  the same body with Llama's 32016-token vocabulary: the 32 MB
+            fp32 lm_head read dominates both engines. For batch 1 and 16 it runs both engines on
+the same prompts with the same number of new tokens (ignore EOS), in fp32,
+measured in this one run. Prints tokens/s, the ratio, and the
 engine's per-step host time split into schedule / prepare / forward / sample.
 
-    python benchmarks/bench_cpu_generate.py [--quick]
+    python benchmarks/bench_cpu_generate.py [--quick] [--models default,vocab32k]
 """
 from __future__ import annotations
 
@@ -29,11 +36,21 @@ SMALL = dict(vocab_size=32016, hidden_size=256, intermediate_size=688, num_hidde
              rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
 
 
-def build(path: str) -> ModelConfig:
-    cfg = ModelConfig.from_dict(SMALL)
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+            rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+
+
+def build(name: str, root: str) -> str:
+    if name == "default":
+        from selfrag.default_model import default_model_dir
+        return default_model_dir()
+    shape = {"tiny": TINY, "vocab32k": SMALL}[name]
+    path = os.path.join(root, f"selfrag-bench-{name}")
     if not os.path.exists(os.path.join(path, "config.json")):
+        cfg = ModelConfig.from_dict(shape)
         save_checkpoint(path, cfg, random_state_dict(cfg, seed=0, std=0.05), num_shards=1)
-    return cfg
+    return path
 
 
 def run_hf(path, prompts, new_tokens):
@@ -68,35 +85,38 @@ def run_engine(llm, prompts, new_tokens):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer tokens")
-    ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "selfrag-bench-small"))
+    ap.add_argument("--dir", default=tempfile.gettempdir(), help="where the vocab32k model is built")
+    ap.add_argument("--models", default="tiny,default,vocab32k")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batch-sizes", default="1,16")
     args = ap.parse_args()
     new = 16 if args.quick else args.new_tokens
-    torch.manual_seed(0)
-    cfg = build(args.dir)
-    llm = LLM(args.dir, show_progress=False, max_model_len=1024)
-    print(f"model: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}, "
-          f"{cfg.num_params() / 1e6:.1f}M params, fp32, torch threads {torch.get_num_threads()}")
     rows = []
-    for bsz in [int(b) for b in args.batch_sizes.split(",")]:
-        g = torch.Generator().manual_seed(bsz)
-        prompts = [[1] + torch.randint(3, cfg.vocab_size, (args.prompt_len - 1,), generator=g).tolist()
-                   for _ in range(bsz)]
-        ours, t_ours, split = run_engine(llm, prompts, new)
-        theirs, t_hf = run_hf(args.dir, prompts, new)
-        same = sum(a == b for a, b in zip(ours, theirs))
-        tps_ours, tps_hf = bsz * new / t_ours, bsz * new / t_hf
-        print(f"batch {bsz:3d}: engine {tps_ours:8.1f} tok/s | HF generate {tps_hf:8.1f} tok/s | "
-              f"ratio {tps_ours / tps_hf:5.2f}x | identical outputs {same}/{bsz}")
-        print("           engine per-step host ms: " +
-              "  ".join(f"{k} {v:.2f}" for k, v in split.items()))
-        rows.append(record(device=device_name("cpu"), dtype="float32", batch_size=bsz,
-                           prompt_len=args.prompt_len, output_len=new,
-                           engine_tokens_per_s=tps_ours, hf_tokens_per_s=tps_hf,
-                           speedup_vs_hf=tps_ours / tps_hf, identical_outputs=same,
-                           step_ms=split, model=SMALL))
+    for name in args.models.split(","):
+        path = build(name, args.dir)
+        llm = LLM(path, show_progress=False, max_model_len=1024)
+        cfg = llm.config
+        print(f"model {name}: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, vocab "
+              f"{cfg.vocab_size}, {cfg.num_params() / 1e6:.1f}M params, fp32, "
+              f"torch threads {torch.get_num_threads()}")
+        for bsz in [int(b) for b in args.batch_sizes.split(",")]:
+            g = torch.Generator().manual_seed(bsz)
+            prompts = [[1] + torch.randint(3, cfg.vocab_size - 16, (args.prompt_len - 1,),
+                                           generator=g).tolist() for _ in range(bsz)]
+            ours, t_ours, split = run_engine(llm, prompts, new)
+            theirs, t_hf = run_hf(path, prompts, new)
+            same = sum(a == b for a, b in zip(ours, theirs))
+            tps_ours, tps_hf = bsz * new / t_ours, bsz * new / t_hf
+            print(f"  batch {bsz:3d}: engine {tps_ours:8.1f} tok/s | HF generate {tps_hf:8.1f} tok/s"
+                  f" | ratio {tps_ours / tps_hf:5.2f}x | identical outputs {same}/{bsz}")
+            print("             engine per-step host ms: " +
+                  "  ".join(f"{k} {v:.2f}" for k, v in split.items()))
+            rows.append(record(device=device_name("cpu"), model=name, dtype="float32",
+                               batch_size=bsz, prompt_len=args.prompt_len, output_len=new,
+                               engine_tokens_per_s=tps_ours, hf_tokens_per_s=tps_hf,
+                               speedup_vs_hf=tps_ours / tps_hf, identical_outputs=same,
+                               step_ms=split, torch_threads=torch.get_num_threads()))
     for p in write_json("cpu_generate.json", rows):
         print("wrote", p)
 

@@ -18,6 +18,11 @@ from kernels.metadata import AttentionMetadata
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [T, H], weight [H] -> [T, H]. Statistics in fp32, like HF."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        # One fused op instead of seven; bit-identical to the HF formula in fp32
+        # (checked in tests/test_reference_ops.py). Halves the decode step of
+        # the 4-layer default model on CPU.
+        return F.rms_norm(x, weight.shape, weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
@@ -74,11 +79,12 @@ def rope_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positio
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Stores k, v [T, Hkv, D] at cache slots [T]; slot -1 is skipped."""
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
     nb, bs = k_cache.shape[0], k_cache.shape[1]
-    k_cache.view(nb * bs, *k_cache.shape[2:])[slots] = k[keep]
-    v_cache.view(nb * bs, *v_cache.shape[2:])[slots] = v[keep]
+    if bool((slot_mapping < 0).any()):
+        keep = slot_mapping >= 0
+        slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
+    k_cache.view(nb * bs, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(nb * bs, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
 
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -123,24 +129,20 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """One query per sequence, q [B, Hq, D] -> [B, Hq, D]; batched over sequences.
 
     Gathers every sequence's blocks (padded to the longest) and masks
-    positions >= context_lens, so one step costs a handful of torch calls
-    whatever the batch size.
+    positions >= context_lens, so a step costs a handful of torch calls
+    whatever the batch size; GQA heads share their K/V without a copy.
     """
     B, Hq, D = q.shape
     nb, bs, Hkv, _ = k_cache.shape
     nblocks = (meta.max_context_len + bs - 1) // bs
-    table = meta.block_tables[:, :nblocks].long()                    # [B, nblk]
-    k = k_cache[table].reshape(B, nblocks * bs, Hkv, D)              # [B, L, Hkv, D]
-    v = v_cache[table].reshape(B, nblocks * bs, Hkv, D)
-    n_rep = Hq // Hkv
-    qg = q.view(B, Hkv, n_rep, D)                                    # heads sharing a KV head
-    scores = torch.einsum("bhrd,blhd->bhrl", qg.float(), k.float()) * scale
-    pos = torch.arange(nblocks * bs, device=q.device)
-    valid = pos.unsqueeze(0) < meta.context_lens.unsqueeze(1).to(pos.dtype)   # [B, L]
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = scores.softmax(dim=-1)
-    out = torch.einsum("bhrl,blhd->bhrd", probs, v.float())
-    return out.reshape(B, Hq, D).to(q.dtype)
+    L = nblocks * bs
+    table = meta.block_tables[:, :nblocks].reshape(-1)
+    k = k_cache.index_select(0, table).view(B, L, Hkv, D).transpose(1, 2)   # [B, Hkv, L, D]
+    v = v_cache.index_select(0, table).view(B, L, Hkv, D).transpose(1, 2)
+    valid = torch.arange(L, device=q.device) < meta.context_lens.unsqueeze(1)   # [B, L]
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=valid[:, None, None, :],
+                                         scale=scale, enable_gqa=Hq != Hkv)     # [B, Hq, 1, D]
+    return out.squeeze(2)
 
 
 def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
