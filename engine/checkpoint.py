@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import ModelConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, read_json
 
 __all__ = [
     "INDEX_NAME",
@@ -87,13 +87,7 @@ def _resolve(model_dir: str | os.PathLike) -> _Layout:
 
     index_path = os.path.join(model_dir, INDEX_NAME)
     if os.path.isfile(index_path):
-        try:
-            with open(index_path, encoding="utf-8") as f:
-                index = json.load(f)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"index is not valid JSON: {e}", file=index_path) from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"cannot read index: {e}", file=index_path) from None
+        index = read_json(index_path, "index")
         wm = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(wm, dict) or not wm:
             raise CheckpointError("index has no (or an empty) 'weight_map' object", file=index_path)

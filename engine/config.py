@@ -19,13 +19,12 @@ head size             usually absent (hidden / heads)             ``head_dim``
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, read_json
 
 __all__ = ["ModelConfig", "BUILTIN_CONFIGS"]
 
@@ -268,14 +267,7 @@ class ModelConfig:
                 f"(built-ins: {', '.join(sorted(BUILTIN_CONFIGS))})",
                 file=path,
             )
-        try:
-            with open(cfg_file, encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config is not valid JSON: {e}", file=cfg_file) from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot read config: {e}", file=cfg_file) from None
-        return cls.from_dict(data, source=cfg_file)
+        return cls.from_dict(read_json(cfg_file, "config", ConfigError), source=cfg_file)
 
     # ---------------------------------------------------------------- writing
     def to_hf_dict(self, spelling: int = 4) -> dict[str, Any]:

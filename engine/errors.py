@@ -33,3 +33,19 @@ class InvalidRequestError(ValueError):
 
 class PromptTooLongError(InvalidRequestError):
     """The prompt (plus at least one generated token) does not fit max_model_len."""
+
+
+def read_json(path, what: str, error: type[CheckpointError] = CheckpointError):
+    """Parses the JSON file ``path``; any failure raises ``error`` naming the file.
+
+    ``what`` names the file's role in messages ("config", "index", ...).
+    """
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise error(f"{what} is not valid JSON: {e}", file=str(path)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"cannot read {what}: {e}", file=str(path)) from None

@@ -36,14 +36,13 @@ generic ``TokenizersBackend`` with other rules (e.g. no BOS), not mirrored here.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from engine.errors import CheckpointError
+from engine.errors import CheckpointError, read_json
 
 SPIECE_UNDERLINE = "\u2581"
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
@@ -62,13 +61,8 @@ class AddedToken:
 
 
 def _read_json(path: Path):
-    if not path.is_file():
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"malformed tokenizer JSON: {e}", file=str(path)) from e
+    """The parsed file, or None when it does not exist."""
+    return read_json(path, "tokenizer JSON") if path.is_file() else None
 
 
 def _token_str(value) -> str | None:
