@@ -53,9 +53,14 @@ def build(name: str, root: str) -> str:
     return path
 
 
+_HF = {}
+
+
 def run_hf(path, prompts, new_tokens):
     from transformers import LlamaForCausalLM
-    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if path not in _HF:
+        _HF[path] = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = _HF[path]
     ids = torch.tensor(prompts)
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
               pad_token_id=0, attention_mask=torch.ones_like(ids))
@@ -90,8 +95,11 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batch-sizes", default="1,16")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per engine; the best counts")
     args = ap.parse_args()
     new = 16 if args.quick else args.new_tokens
+    if args.quick:
+        args.repeat = 1
     rows = []
     for name in args.models.split(","):
         path = build(name, args.dir)
@@ -104,8 +112,14 @@ def main():
             g = torch.Generator().manual_seed(bsz)
             prompts = [[1] + torch.randint(3, cfg.vocab_size - 16, (args.prompt_len - 1,),
                                            generator=g).tolist() for _ in range(bsz)]
-            ours, t_ours, split = run_engine(llm, prompts, new)
-            theirs, t_hf = run_hf(path, prompts, new)
+            # Interleaved repeats, best of each: this 2-core VM is noisy.
+            t_ours = t_hf = float("inf")
+            for _ in range(args.repeat):
+                ours, t, sp = run_engine(llm, prompts, new)
+                if t < t_ours:
+                    t_ours, split = t, sp
+                theirs, t = run_hf(path, prompts, new)
+                t_hf = min(t_hf, t)
             same = sum(a == b for a, b in zip(ours, theirs))
             tps_ours, tps_hf = bsz * new / t_ours, bsz * new / t_hf
             print(f"  batch {bsz:3d}: engine {tps_ours:8.1f} tok/s | HF generate {tps_hf:8.1f} tok/s"

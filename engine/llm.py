@@ -209,6 +209,9 @@ class LLM:
     def step(self):
         """Runs one scheduler step; returns the ``RequestOutput`` of every
         request that advanced (cumulative; ``finished`` set on the last)."""
+        return self._step(finished_only=False)
+
+    def _step(self, finished_only: bool):
         t0 = time.perf_counter()
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
@@ -233,7 +236,8 @@ class LLM:
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 del self._requests[seq.request_id]
-            outputs.append(req.output())
+            if reason is not None or not finished_only:
+                outputs.append(req.output())
         t5 = time.perf_counter()
         st = self.step_times
         st["schedule"] += (t1 - t0) + (t5 - t4)
@@ -262,12 +266,15 @@ class LLM:
             params = [sampling_params] * len(prompts)
         reqs = [self._make_request(p, sp) for p, sp in zip(prompts, params)]
         ids = [self._enqueue(r) for r in reqs]
-        results = {}
+        results, wanted = {}, set(ids)
         bar = tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm)
         try:
             while len(results) < len(ids):
-                for out in self.step():
-                    if out.finished and out.request_id in set(ids):
+                if not self.scheduler.has_unfinished():
+                    lost = [i for i in ids if i not in results]
+                    raise RuntimeError(f"requests {lost} were aborted during generate()")
+                for out in self._step(finished_only=True):
+                    if out.request_id in wanted:
                         results[out.request_id] = out
                         bar.update(1)
         except BaseException:

@@ -50,9 +50,9 @@ class LlamaModel:
         self.q_size = cfg.num_attention_heads * D
         self.kv_size = cfg.num_key_value_heads * D
         self.scale = D ** -0.5
-        # fp32 cos/sin table [max_positions, D]; computed once.
-        self.cos_sin = rope_cos_sin(cfg.max_position_embeddings, D, cfg.rope_theta,
-                                    cfg.rope_scaling_factor, device=device)
+        # RoPE tables [max_positions, D] in the model dtype; computed once.
+        self.cos, self.sin = rope_cos_sin(cfg.max_position_embeddings, D, cfg.rope_theta,
+                                          cfg.rope_scaling_factor, dtype=dtype, device=device)
 
     # ---- weights -------------------------------------------------------------
     def _target(self, name: str) -> torch.Tensor:
@@ -120,6 +120,7 @@ class LlamaModel:
         eps, D = cfg.rms_norm_eps, cfg.head_dim
         attention = ops.prefill_attention if meta.is_prefill else ops.decode_attention
         h = self.embed[input_ids]                                   # [T, H]
+        cos, sin = self.cos[positions], self.sin[positions]         # [T, D], shared by all layers
         residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             if residual is None:
@@ -132,8 +133,7 @@ class LlamaModel:
             q = q.reshape(-1, cfg.num_attention_heads, D)           # [T, Hq, D]
             k = k.reshape(-1, cfg.num_key_value_heads, D)           # [T, Hkv, D]
             v = v.reshape(-1, cfg.num_key_value_heads, D)
-            ops.rope_and_write_kv(q, k, v, positions, self.cos_sin, k_cache, v_cache,
-                                  meta.slot_mapping)
+            ops.rope_and_write_kv(q, k, v, cos, sin, k_cache, v_cache, meta.slot_mapping)
             attn = attention(q, k_cache, v_cache, meta, self.scale)  # [T, Hq, D]
             h = attn.reshape(-1, self.q_size) @ layer.o.t()          # [T, H]
             x, residual = ops.fused_add_rms_norm(h, residual, layer.post_norm, eps)

@@ -5,7 +5,7 @@ reads hidden globals: everything a kernel needs about the batch is here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,6 +33,8 @@ class AttentionMetadata:
       query_start_loc  [B+1]  int32  cumulative query lengths (cu_seqlens_q).
       max_query_len    int    host-side max of query lengths.
       max_context_len  int    host-side max of context_lens.
+      scratch          dict   per-step space where a backend may keep what all
+                             layers share (e.g. the reference's decode mask).
     """
 
     is_prefill: bool
@@ -42,6 +44,7 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor
     max_query_len: int
     max_context_len: int
+    scratch: dict = field(default_factory=dict)
 
     @property
     def num_seqs(self) -> int:

@@ -15,7 +15,7 @@ OP_NAMES = (
     "rms_norm",            # (x [T,H], w [H], eps) -> [T,H]
     "fused_add_rms_norm",  # (x, residual, w, eps) -> (normed, new_residual)
     "silu_and_mul",        # (gate_up [T,2I]) -> [T,I]
-    "rope_and_write_kv",   # (q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping) -> None
+    "rope_and_write_kv",   # (q, k, v, cos [T,D], sin [T,D], k_cache, v_cache, slot_mapping) -> None
     "prefill_attention",   # (q [T,Hq,D], k_cache, v_cache, meta, scale) -> [T,Hq,D]
     "decode_attention",    # (q [B,Hq,D], k_cache, v_cache, meta, scale) -> [B,Hq,D]
     "greedy_argmax",       # (logits [N,V]) -> [N]

@@ -19,10 +19,11 @@ from kernels.metadata import AttentionMetadata
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [T, H], weight [H] -> [T, H]. Statistics in fp32, like HF."""
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        # One fused op instead of seven; bit-identical to the HF formula in fp32
-        # (checked in tests/test_reference_ops.py). Halves the decode step of
-        # the 4-layer default model on CPU.
-        return F.rms_norm(x, weight.shape, weight, eps)
+        # HF's formula without its no-op casts and with one temporary fewer:
+        # bit-identical in fp32 (tests/test_reference_ops.py), 7x faster than
+        # HF's at 1024x256 on CPU (60 vs 406 us; F.rms_norm took 928 us).
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
+        return x.mul(r).mul_(weight)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
@@ -42,37 +43,33 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def rope_cos_sin(max_positions: int, head_dim: int, theta: float, scaling_factor: float,
-                 device=None) -> torch.Tensor:
-    """Returns the fp32 table [max_positions, head_dim] of cat(cos, sin) halves.
+                 dtype: torch.dtype = torch.float32, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables (cos, sin), each [max_positions, head_dim] in ``dtype``.
 
-    Row p holds cos(p * f) for the head_dim/2 frequencies, then sin(p * f).
-    Linear rope scaling divides positions by ``scaling_factor`` (HF's "linear").
+    HF layout: the head_dim/2 frequencies are duplicated (``cat(f, f)``), so
+    row p rotates both halves of a head. Computed in fp32, then cast, as HF
+    does. Linear rope scaling divides positions by ``scaling_factor``.
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device)
                                 .float() / head_dim))
     pos = torch.arange(max_positions, dtype=torch.int64, device=device).float() / scaling_factor
     freqs = torch.outer(pos, inv_freq)                      # [P, D/2]
-    return torch.cat([freqs.cos(), freqs.sin()], dim=-1)    # [P, D]
+    emb = torch.cat([freqs, freqs], dim=-1)                 # [P, D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x [T, heads, D]; cos/sin [T, 1, D] (halves duplicated, HF layout)
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
-def rope_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                      cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def rope_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       slot_mapping: torch.Tensor) -> None:
-    """Rotates q [T, Hq, D] and k [T, Hkv, D] in place (positions [T]) and stores
-    k and v [T, Hkv, D] into the cache slots ``slot_mapping`` [T]; slot -1 is skipped."""
+    """Rotates q [T, Hq, D] and k [T, Hkv, D] in place with each token's cos/sin
+    rows [T, D] (``rope_cos_sin`` tables gathered at the tokens' positions) and
+    stores k and v [T, Hkv, D] into the cache slots ``slot_mapping`` [T]; slot
+    -1 is skipped. Same arithmetic as HF: x * cos + rotate_half(x) * sin."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)            # [T, 1, D]
     half = q.shape[-1] // 2
-    cs = cos_sin[positions]                                  # [T, D] fp32
-    cos = torch.cat([cs[:, :half], cs[:, :half]], dim=-1).to(q.dtype).unsqueeze(1)
-    sin = torch.cat([cs[:, half:], cs[:, half:]], dim=-1).to(q.dtype).unsqueeze(1)
-    q.copy_(_rotate(q, cos, sin))
-    k.copy_(_rotate(k, cos, sin))
+    for x in (q, k):
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        x.mul_(cos).add_(rotated * sin)
     write_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
@@ -139,8 +136,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     table = meta.block_tables[:, :nblocks].reshape(-1)
     k = k_cache.index_select(0, table).view(B, L, Hkv, D).transpose(1, 2)   # [B, Hkv, L, D]
     v = v_cache.index_select(0, table).view(B, L, Hkv, D).transpose(1, 2)
-    valid = torch.arange(L, device=q.device) < meta.context_lens.unsqueeze(1)   # [B, L]
-    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=valid[:, None, None, :],
+    mask = meta.scratch.get("decode_mask")                  # shared by all layers of a step
+    if mask is None:
+        valid = torch.arange(L, device=q.device) < meta.context_lens.unsqueeze(1)   # [B, L]
+        mask = meta.scratch["decode_mask"] = valid[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask,
                                          scale=scale, enable_gqa=Hq != Hkv)     # [B, Hq, 1, D]
     return out.squeeze(2)
 

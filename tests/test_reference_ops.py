@@ -27,7 +27,7 @@ def test_rope_and_write_kv_match_hf_and_skip_padding(factor):
     T, Hq, Hkv, D, bs, nb = 5, 4, 2, 32, 4, 6
     q, k, v = torch.randn(T, Hq, D), torch.randn(T, Hkv, D), torch.randn(T, Hkv, D)
     pos = torch.tensor([0, 3, 7, 100, 4095])
-    table = R.rope_cos_sin(4096, D, 10000.0, factor)
+    cos_t, sin_t = R.rope_cos_sin(4096, D, 10000.0, factor)
     # HF's own cos/sin: inv_freq outer positions / factor, duplicated halves
     inv = 1.0 / (10000.0 ** (torch.arange(0, D, 2).float() / D))
     freqs = torch.outer(pos.float() / factor, inv)
@@ -37,7 +37,7 @@ def test_rope_and_write_kv_match_hf_and_skip_padding(factor):
     kc, vc = torch.zeros(nb, bs, Hkv, D), torch.zeros(nb, bs, Hkv, D)
     slots = torch.tensor([0, 5, -1, 23, 9])
     q2, k2 = q.clone(), k.clone()
-    R.rope_and_write_kv(q2, k2, v, pos, table, kc, vc, slots)
+    R.rope_and_write_kv(q2, k2, v, cos_t[pos], sin_t[pos], kc, vc, slots)
     torch.testing.assert_close(q2, q_ref[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(k2, k_ref[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
     flat_k, flat_v = kc.view(-1, Hkv, D), vc.view(-1, Hkv, D)
