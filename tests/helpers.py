@@ -33,25 +33,27 @@ def make_checkpoint(path, num_shards: int = 1, spelling: int = 4, seed: int = 0,
 
 
 def hf_model(path, dtype=torch.float32):
+    """The transformers reference, on the same device as the engine under test."""
     from transformers import LlamaForCausalLM
-    return LlamaForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    return LlamaForCausalLM.from_pretrained(path, dtype=dtype).to(DEVICE).eval()
 
 
 @torch.no_grad()
 def hf_greedy(model, prompt: list[int], max_new: int, banned: int | None = None):
     """Plain argmax loop with HF's KV cache. Returns (ids, per-step raw log-softmax rows)."""
-    ids = torch.tensor([prompt])
+    dev = next(model.parameters()).device
+    ids = torch.tensor([prompt], device=dev)
     out = model(ids, use_cache=True)
     past, logits = out.past_key_values, out.logits[0, -1]
     tokens, logprob_rows = [], []
     for _ in range(max_new):
-        logprob_rows.append(torch.log_softmax(logits.float(), -1))
+        logprob_rows.append(torch.log_softmax(logits.float(), -1).cpu())
         masked = logits.clone()
         if banned is not None:
             masked[banned] = float("-inf")
         nxt = int(masked.argmax())
         tokens.append(nxt)
-        out = model(torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
+        out = model(torch.tensor([[nxt]], device=dev), past_key_values=past, use_cache=True)
         past, logits = out.past_key_values, out.logits[0, -1]
     return tokens, logprob_rows
 

@@ -141,9 +141,9 @@ def test_env_var_and_interrupted_build(tmp_path, monkeypatch):
 def test_greedy_matches_transformers(model_dir):
     from engine.llm import LLM
     from selfrag.demo import DEMO_PROMPTS, demo_sampling_params
-    from tests.helpers import hf_greedy, hf_model
+    from tests.helpers import hf_greedy, hf_model, make_llm
 
-    llm = LLM(model_dir, dtype="float32", max_num_seqs=2, show_progress=False)
+    llm = make_llm(model_dir, dtype="float32", max_num_seqs=2, show_progress=False)
     prompt_ids = llm.tokenizer.encode(DEMO_PROMPTS[1].prompt)   # top-2 logit gaps >= 0.03
     params = demo_sampling_params(20)
     params.ignore_eos = True

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine import SamplingParams
-from tests.helpers import make_llm, hf_greedy, hf_model, make_checkpoint, token_prompts
+from tests.helpers import DEVICE, make_llm, hf_greedy, hf_model, make_checkpoint, token_prompts
 
 NEW = 40   # > 32 new tokens, as the runtime issue asks
 
@@ -87,6 +87,6 @@ def test_half_precision_logits_close_to_hf(tmp_path, dtype, tol):
     hf = hf_model(tmp_path, dtype=dtype)
     for p, o in zip(prompts, outs):
         with torch.no_grad():
-            ref = torch.log_softmax(hf(torch.tensor([p])).logits[0, -1].float(), -1)
+            ref = torch.log_softmax(hf(torch.tensor([p], device=DEVICE)).logits[0, -1].float(), -1).cpu()
         got = torch.tensor([o.outputs[0].logprobs[0][t].logprob for t in every])
         assert (got - ref).abs().max() < tol
