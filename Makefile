@@ -24,7 +24,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_cpu_generate.py $(if $(QUICK),--quick,)
-	$(PY) benchmarks/bench_loading.py $(if $(QUICK),--size-gb 0.5,)
+	$(PY) benchmarks/bench_loading.py $(if $(QUICK),--size-gb 0.5 --out benchmarks/results/loading_cpu_quick.json,)
 
 gpu-check:
 	PYTHONPATH=. PYTHONUNBUFFERED=1 $(GPU_PY) benchmarks/gpu_check.py $(if $(STAGE),--stage $(STAGE),) $(ARGS)

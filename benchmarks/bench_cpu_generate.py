@@ -131,7 +131,7 @@ def main():
                                engine_tokens_per_s=tps_ours, hf_tokens_per_s=tps_hf,
                                speedup_vs_hf=tps_ours / tps_hf, identical_outputs=same,
                                step_ms=split, torch_threads=torch.get_num_threads()))
-    for p in write_json("cpu_generate.json", rows):
+    for p in write_json("cpu_generate_quick.json" if args.quick else "cpu_generate.json", rows):
         print("wrote", p)
 
 
