@@ -17,6 +17,12 @@ def device_name(device: str = "cpu") -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def slug(text: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia_h100_80gb_hbm3' (for file names)."""
+    import re
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
 def commit() -> str:
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
@@ -30,10 +36,12 @@ def record(**fields) -> dict:
             "commit": commit(), **fields}
 
 
-def write_json(name: str, payload) -> list[str]:
-    """Writes ``payload`` to benchmarks/results/NAME and, when set, $OUT/NAME."""
+def write_json(name: str, payload, to_out: bool = True) -> list[str]:
+    """Writes ``payload`` to benchmarks/results/NAME and, when set and
+    ``to_out``, $OUT/NAME (the GPU check collects stage results itself)."""
     paths = []
-    for folder in [RESULTS] + ([os.environ["OUT"]] if os.environ.get("OUT") else []):
+    out = [os.environ["OUT"]] if os.environ.get("OUT") and to_out else []
+    for folder in [RESULTS] + out:
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, name)
         with open(path, "w") as f:

@@ -5,8 +5,9 @@ Runs on a lent GPU machine's own python (no venv, no registry) with
 ``$OUT`` (and ``benchmarks/results/``):
 
   tests    the engine test-suite with the engine on CUDA (SELFRAG_TEST_DEVICE=cuda);
-  kernels  Triton kernel tests/benchmarks (they land with the kernels issue;
-           until then this stage reports that there is nothing to run);
+  kernels  the Triton kernel tests compiled on the GPU (bf16 too), then
+           benchmarks/bench_kernels.py (prefill vs SDPA flash, decode vs the
+           naive paged reference and the copy bandwidth; JSON + PNG);
   e2e      loading benchmark at the full selfrag-7B shape (bf16, 3 shards,
            built on the device's disk) and greedy decode tokens/s of dummy 7B
            weights in fp16 at batch 1 and 16 (the HF peer comparison comes with
@@ -17,6 +18,7 @@ Runs on a lent GPU machine's own python (no venv, no registry) with
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import subprocess
@@ -48,20 +50,41 @@ def stage_tests(dry: bool):
 
 
 def stage_kernels(dry: bool):
-    try:
-        import kernels.triton_ops  # noqa: F401
-    except ImportError:
-        return {"note": "no Triton kernels in this tree yet (kernels issue); nothing to run"}
-    return {"note": "kernels present but their GPU check is not wired yet"}
+    """Kernel tests compiled on the GPU (incl. bf16 dot kernels the interpreter
+    can't run), the offline report, then the kernel benchmarks."""
+    env = {"PYTHONPATH": REPO}
+    out = {}
+    if not dry:
+        out["pytest"] = run([sys.executable, "-m", "pytest", "-q", "tests/test_reference_ops.py"]
+                            + sorted(glob.glob(os.path.join(REPO, "tests", "test_triton_*.py"))), env)
+    else:
+        env["TRITON_INTERPRET"] = "1"
+    out["bench"] = run([sys.executable, "benchmarks/bench_kernels.py"] + (["--dry-run"] if dry else []),
+                       env)
+    out["results"] = _newest_json("kernels_*.json")
+    return out
+
+
+def _newest_json(pattern: str):
+    """The newest benchmarks/results/PATTERN file's contents (None if none)."""
+    paths = sorted(glob.glob(os.path.join(REPO, "benchmarks", "results", pattern)), key=os.path.getmtime)
+    if not paths:
+        return None
+    with open(paths[-1]) as f:
+        return {"file": os.path.basename(paths[-1]), "data": json.load(f)}
 
 
 def stage_e2e(dry: bool):
     out = {}
     load = [sys.executable, "benchmarks/bench_loading.py", "--repeat", "1", "--cleanup"]
-    load += (["--size-gb", "0.05", "--device", "cpu", "--out",
-              os.path.join(REPO, "benchmarks", "results", "loading_dryrun.json")] if dry
-             else ["--preset", "selfrag-7b", "--device", "cuda"])
+    load_json = os.path.join(REPO, "benchmarks", "results",
+                             "loading_dryrun.json" if dry else "loading_cuda_7b.json")
+    load += (["--size-gb", "0.05", "--device", "cpu"] if dry
+             else ["--preset", "selfrag-7b", "--device", "cuda"]) + ["--out", load_json]
     out["loading"] = run(load)
+    if os.path.exists(load_json):
+        with open(load_json) as f:
+            out["loading_result"] = json.load(f)
     out["decode"] = decode_7b(dry)
     return out
 

@@ -56,7 +56,9 @@ class LLM:
         enable_prefix_caching: share KV blocks of identical prompt prefixes.
         load_format: "auto" (safetensors) or "dummy" (seeded random weights).
         seed: seed of the engine's RNG (dummy weights, unseeded sampling).
-        kernel_backend: "auto", "torch" or "triton" (see kernels/ops.py).
+        kernel_backend: "auto" (Triton kernels on CUDA, the PyTorch reference
+            on CPU), "torch", or "triton" (on CPU: Triton's interpreter, which
+            needs TRITON_INTERPRET=1 set before Python starts; slow, for tests).
         download_dir: where to look for an already-downloaded hub snapshot when
             ``model`` is a hub id ("selfrag/selfrag_llama2_7b"); also looked up:
             $HF_HUB_CACHE, $HF_HOME/hub. Nothing is ever downloaded.

@@ -36,25 +36,34 @@ def _from_module(name: str, module) -> Ops:
 def get_ops(backend: str = "auto", device_type: str = "cpu") -> Ops:
     """Returns the ops for ``backend`` on a device of type ``device_type``.
 
-    ``auto`` picks Triton on CUDA once its kernels are available and the
-    PyTorch reference otherwise.
+    ``auto``: the Triton kernels on CUDA, the PyTorch reference elsewhere.
+    ``triton`` on CPU runs the kernels in Triton's interpreter, which needs
+    ``TRITON_INTERPRET=1`` in the environment before Triton is imported.
     """
     if backend not in BACKENDS:
         raise ValueError(f"kernel_backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = "triton" if device_type == "cuda" and _triton_module() is not None else "torch"
+        backend = "triton" if device_type == "cuda" else "torch"
     if backend == "torch":
         return _from_module("torch", reference)
-    module = _triton_module()
-    if module is None:
-        raise ValueError("kernel_backend='triton' is not available: the Triton kernels "
-                         "(kernels.triton_ops) are not built yet; use kernel_backend='torch'")
-    return _from_module("triton", module)
+    if device_type != "cuda" and not _interpreter_on():
+        raise ValueError(
+            "kernel_backend='triton' on a machine without CUDA runs the kernels in Triton's "
+            "interpreter: set TRITON_INTERPRET=1 in the environment before starting Python "
+            "(it must be set before triton is imported), or use kernel_backend='torch'")
+    from kernels import triton_ops
+    return _from_module("triton", triton_ops)
 
 
-def _triton_module():
-    try:
-        from kernels import triton_ops  # noqa: F401  (lands with the Triton kernels)
-    except ImportError:
-        return None
-    return triton_ops
+def _interpreter_on() -> bool:
+    """True when Triton runs (or will run) its interpreter."""
+    import os
+    import sys
+    flag = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+    if "triton" in sys.modules and flag:
+        try:   # the flag must have been set before triton was imported
+            from triton import knobs
+            return bool(knobs.runtime.interpret)
+        except (ImportError, AttributeError):
+            return True
+    return flag
