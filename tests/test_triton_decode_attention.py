@@ -1,0 +1,319 @@
+"""Triton split-KV paged decode attention vs the PyTorch reference (interpreter on CPU),
+its CUDA-graph property (launch config independent of per-sequence lengths), the
+launcher's validation, and an offline sm_80 / sm_90 compile of compile_specs (no spills)."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from kernels import reference as R  # noqa: E402
+from kernels.metadata import AttentionMetadata  # noqa: E402
+from kernels.triton import decode_attention as M  # noqa: E402
+from kernels.triton.common import SHAPES  # noqa: E402
+
+TOL = {torch.float16: dict(atol=3e-3, rtol=1e-2), torch.float32: dict(atol=2e-5, rtol=1e-5)}
+GARBAGE = 50.0   # fills cache slots no sequence owns: any unmasked read shows up
+
+
+def _setup(ctx, Hq, Hkv, D, bs, dtype, seed=0, extra_blocks=2):
+    """Paged caches with shuffled block tables. Block 0 (the table padding) and every
+    slot past a sequence's context hold GARBAGE, so a read the kernel should have
+    masked changes the result."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(ctx)
+    nblk = [max(1, -(-c // bs)) for c in ctx]
+    max_blocks = max(nblk) + extra_blocks
+    NB = 1 + sum(nblk) + 3
+    kc = torch.full((NB, bs, Hkv, D), GARBAGE)
+    vc = torch.full((NB, bs, Hkv, D), -GARBAGE)
+    ids = (torch.randperm(NB - 1, generator=g) + 1).tolist()
+    bt = torch.zeros(B, max_blocks, dtype=torch.int32)
+    for i, c in enumerate(ctx):
+        blocks = [ids.pop() for _ in range(nblk[i])]
+        bt[i, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        for p in range(c):
+            kc[blocks[p // bs], p % bs] = torch.randn(Hkv, D, generator=g)
+            vc[blocks[p // bs], p % bs] = torch.randn(Hkv, D, generator=g)
+    q = torch.randn(B, Hq, D, generator=g)
+    meta = AttentionMetadata(False, torch.zeros(B, dtype=torch.int64), bt,
+                             torch.tensor(ctx, dtype=torch.int32),
+                             torch.arange(B + 1, dtype=torch.int32), 1, max(ctx))
+    return q.to(dtype), kc.to(dtype), vc.to(dtype), meta
+
+
+def _reference(q, kc, vc, meta, scale):
+    ref_meta = dataclasses.replace(meta, scratch={})
+    return R.decode_attention(q, kc, vc, ref_meta, scale)
+
+
+def _check(ctx, Hq, Hkv, D, bs, dtype, num_splits=None, seed=0):
+    q, kc, vc, meta = _setup(ctx, Hq, Hkv, D, bs, dtype, seed)
+    scale = D ** -0.5
+    out = M.decode_attention(q, kc, vc, meta, scale, num_splits=num_splits)
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, _reference(q, kc, vc, meta, scale), **TOL[dtype])
+    return out
+
+
+# (contexts, Hq, Hkv, D, block_size, num_splits)
+CASES = [
+    ([1], 4, 2, 16, 4, None),                    # context 1
+    ([37], 4, 2, 32, 16, 1),                     # not a page multiple; direct (no-split) path
+    ([37, 5, 70], 4, 1, 32, 8, 3),               # GQA 4/1, short + long, ragged splits
+    ([70, 5], 4, 4, 64, 16, None),               # MHA 4/4, auto splits
+    ([5, 1], 4, 2, 16, 4, 8),                    # far more splits than the sequences need
+    ([130, 3, 64], 4, 2, 16, 16, 4),             # split boundary at a page, not a tile multiple
+    ([200], 32, 8, 16, 16, 5),                   # GQA 32/8 with a small head_dim
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("ctx,Hq,Hkv,D,bs,ns", CASES)
+def test_matches_reference(ctx, Hq, Hkv, D, bs, ns, dtype):
+    _check(ctx, Hq, Hkv, D, bs, dtype, num_splits=ns)
+
+
+@pytest.mark.parametrize("Hkv,ns", [(8, None), (32, 3)])
+def test_real_shape_head_dim_128(Hkv, ns):
+    """32 query heads, head_dim 128, block size 16: GQA 32/8 and MHA 32/32, contexts ~50."""
+    _check([50, 47], 32, Hkv, 128, 16, torch.float16, num_splits=ns)
+
+
+def test_real_shape_fp32_single_sequence():
+    _check([49], 32, 8, 128, 16, torch.float32, num_splits=2)
+
+
+def test_split_counts_agree():
+    """1 split, a few, and many more than needed give the same answer (fp32)."""
+    outs = [_check([45, 9, 1], 4, 2, 32, 4, torch.float32, num_splits=n) for n in (1, 2, 7, 32)]
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], atol=1e-5, rtol=1e-5)
+
+
+def test_strided_q_from_fused_qkv():
+    """q as a view of the fused qkv matmul output [B, (Hq + 2 Hkv) * D]."""
+    Hq, Hkv, D, bs = 4, 2, 32, 8
+    q, kc, vc, meta = _setup([23, 9], Hq, Hkv, D, bs, torch.float16, seed=3)
+    qkv = torch.randn(2, (Hq + 2 * Hkv) * D).half()
+    qv = qkv[:, :Hq * D].view(2, Hq, D)
+    qv.copy_(q)
+    assert not qv.is_contiguous()
+    out = M.decode_attention(qv, kc, vc, meta, 0.2, num_splits=2)
+    torch.testing.assert_close(out, _reference(q, kc, vc, meta, 0.2), **TOL[torch.float16])
+
+
+class _RecordingKernel:
+    """Wraps a @triton.jit kernel; records each launch's grid and non-tensor args."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            scalars = [a for a in args if not isinstance(a, torch.Tensor)]
+            tensors = [(a.data_ptr(), a.shape, a.stride()) for a in args
+                       if isinstance(a, torch.Tensor)]
+            self.launches.append((tuple(grid), scalars, tensors, dict(kwargs)))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def test_launch_independent_of_context_lens(monkeypatch):
+    """CUDA-graph property: with num_splits given, the grid, scalar args, constexprs and
+    buffers of both launches are identical whatever the per-sequence lengths (only the
+    device tensors' contents change, as in a graph replay), and results stay correct."""
+    split_k = _RecordingKernel(M._decode_split_kernel)
+    reduce_k = _RecordingKernel(M._decode_reduce_kernel)
+    monkeypatch.setattr(M, "_decode_split_kernel", split_k)
+    monkeypatch.setattr(M, "_decode_reduce_kernel", reduce_k)
+    Hq, Hkv, D, bs, dtype = 4, 2, 16, 4, torch.float32
+    q, kc, vc, meta = _setup([61, 62, 63], Hq, Hkv, D, bs, dtype, seed=5)   # the "capture"
+    capture_max = meta.max_context_len
+    outs = []
+    for lens in ([61, 62, 63], [1, 40, 0], [17, 63, 5]):
+        meta.context_lens.copy_(torch.tensor(lens, dtype=torch.int32))    # in place, as a replay
+        meta.scratch.clear()
+        out = M.decode_attention(q, kc, vc, meta, 0.25, num_splits=6)
+        outs.append(out)
+        keep = [i for i, c in enumerate(lens) if c > 0]
+        live = dataclasses.replace(meta, block_tables=meta.block_tables[keep],
+                                   context_lens=meta.context_lens[keep].clone(),
+                                   max_context_len=max(lens), scratch={})
+        torch.testing.assert_close(out[keep], R.decode_attention(q[keep], kc, vc, live, 0.25),
+                                   **TOL[dtype])
+        for i, c in enumerate(lens):
+            if c == 0:          # empty sequence (a padding slot of a graph batch): zeros, no NaN
+                assert torch.equal(out[i], torch.zeros_like(out[i]))
+    assert meta.max_context_len == capture_max
+    for rec in (split_k, reduce_k):
+        assert len(rec.launches) == 3
+        grid, scalars, _, kwargs = rec.launches[0]
+        for g, s, _, kw in rec.launches[1:]:
+            assert (g, s, kw) == (grid, scalars, kwargs)
+    assert split_k.launches[0][0] == (3, Hkv, 6) and reduce_k.launches[0][0] == (3, Hq)
+
+
+@pytest.mark.parametrize("ns", [1, 3])
+def test_empty_sequence_gives_zeros(ns):
+    """context_len 0 (a padding slot of a graph batch): zeros, no NaN, others unaffected."""
+    q, kc, vc, meta = _setup([0, 11], 4, 2, 16, 4, torch.float16, seed=11)
+    out = M.decode_attention(q, kc, vc, meta, 0.25, num_splits=ns)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    live = dataclasses.replace(meta, block_tables=meta.block_tables[1:],
+                               context_lens=meta.context_lens[1:], scratch={})
+    torch.testing.assert_close(out[1:], R.decode_attention(q[1:], kc, vc, live, 0.25),
+                               **TOL[torch.float16])
+
+
+def test_scratch_shared_across_layers():
+    """Layers of a step reuse one scratch pair from meta.scratch."""
+    q, kc, vc, meta = _setup([30, 12], 4, 2, 16, 4, torch.float32, seed=7)
+    a = M.decode_attention(q, kc, vc, meta, 0.3, num_splits=3)
+    keys = [k for k in meta.scratch if k[0] == "triton_decode_attention_scratch"]
+    assert len(keys) == 1
+    bufs = meta.scratch[keys[0]]
+    assert bufs[0].shape == (2, 4, 3, 16) and bufs[1].shape == (2, 4, 3)
+    b = M.decode_attention(q, kc, vc, meta, 0.3, num_splits=3)
+    assert meta.scratch[keys[0]] is bufs and torch.equal(a, b)
+
+
+def test_pick_num_splits():
+    pick = M.pick_num_splits
+    assert pick(1, 8, 1, 16, 132) == 1                       # tiny context: no split
+    assert pick(1, 8, 4096, 16, 132) == 16                   # 1 x 8 programs: 256 keys a split
+    assert pick(1, 8, 32768, 16, 132) == M.MAX_SPLITS        # ... capped
+    assert pick(1, 32, 4096, 16, 132) == 9                   # ceil(2 * 132 / 32)
+    assert pick(64, 32, 4096, 16, 132) == 1                  # big batch fills the GPU already
+    assert pick(1, 32, 300, 16, 132) == 2                    # >= 256 keys per split
+    for B in (1, 3, 17, 256):
+        for L in (1, 15, 16, 17, 999, 32768):
+            assert 1 <= pick(B, 8, L, 16, 132) <= M.MAX_SPLITS
+    assert M.sm_count(torch.device("cpu")) == 132
+
+
+def test_kv_align_hint_only_when_true():
+    kc = torch.zeros(4, 16, 2, 32, dtype=torch.float16)
+    assert M._kv_align(kc, kc) == 8
+    odd = torch.zeros(4 * 16 * 2 * 33 + 1, dtype=torch.float16)[1:].view(4, 16, 2, 33)[..., :32]
+    assert M._kv_align(odd, odd) == 1
+    # misaligned caches still compute correctly (the hint is simply not given)
+    q, kc2, vc2, meta = _setup([21], 4, 2, 32, 16, torch.float16, seed=9)
+    kodd = torch.zeros(kc2.numel() + 1, dtype=torch.float16)[1:].view(kc2.shape)
+    kodd.copy_(kc2)
+    out = M.decode_attention(q, kodd, vc2, meta, 0.2, num_splits=2)
+    torch.testing.assert_close(out, _reference(q, kc2, vc2, meta, 0.2), **TOL[torch.float16])
+
+
+def test_validation():
+    q, kc, vc, meta = _setup([9, 4], 4, 2, 16, 4, torch.float16)
+    call = M.decode_attention
+    with pytest.raises(ValueError, match="q must be"):
+        call(q[0], kc, vc, meta, 1.0)
+    with pytest.raises(ValueError, match="v_cache dtype"):
+        call(q, kc, vc.float(), meta, 1.0)
+    with pytest.raises(ValueError, match="multiple of k_cache kv heads"):
+        call(q[:, :3], kc, vc, meta, 1.0)
+    with pytest.raises(ValueError, match="q must have stride"):
+        call(q.transpose(1, 2).contiguous().transpose(1, 2), kc, vc, meta, 1.0)
+    with pytest.raises(ValueError, match="k_cache head_dim"):
+        call(q, kc[..., :8], vc[..., :8], meta, 1.0)
+    with pytest.raises(ValueError, match="block_tables must be int32"):
+        call(q, kc, vc, dataclasses.replace(meta, block_tables=meta.block_tables.long()), 1.0)
+    with pytest.raises(ValueError, match="context_lens must be int32"):
+        call(q, kc, vc, dataclasses.replace(meta, context_lens=meta.context_lens[:1]), 1.0)
+    with pytest.raises(ValueError, match="max_context_len"):
+        call(q, kc, vc, dataclasses.replace(meta, max_context_len=10_000), 1.0)
+    for bad in (0, M.MAX_SPLITS + 1, 2.0):
+        with pytest.raises(ValueError, match="num_splits"):
+            call(q, kc, vc, meta, 1.0, num_splits=bad)
+    empty = M.decode_attention(q[:0], kc, vc, dataclasses.replace(
+        meta, block_tables=meta.block_tables[:0], context_lens=meta.context_lens[:0]), 1.0)
+    assert empty.shape == (0, 4, 16)
+
+
+# ---------------------------------------------------------------- offline compile ------
+
+_COMPILE_SCRIPT = textwrap.dedent("""
+    import dataclasses, json, os, re, subprocess, sys, tempfile
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from kernels.triton.common import SHAPES
+    from kernels.triton import decode_attention as M
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                             "cuobjdump")
+    seen, rows = set(), []
+    work = [(s, dt) for s in SHAPES for dt in ("fp16", "bf16")] + [(SHAPES[0], "fp32")]
+    for shape, dt in work:
+        for spec in M.compile_specs(dataclasses.replace(shape, dtype=dt)):
+            for cc in (80, 90):
+                key = (cc, spec.kernel.__name__, repr(sorted(spec.signature.items())),
+                       repr(sorted(spec.constexprs.items())), spec.num_warps, spec.num_stages)
+                if key in seen:
+                    continue
+                seen.add(key)
+                names = list(spec.kernel.arg_names)
+                attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(names)
+                         if str(spec.signature.get(a, "")).startswith("*")}
+                src = ASTSource(fn=spec.kernel, signature=spec.signature,
+                                constexprs=spec.constexprs, attrs=attrs)
+                k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                                   options={"num_warps": spec.num_warps,
+                                            "num_stages": spec.num_stages})
+                with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                    f.write(k.asm["cubin"])
+                    f.flush()
+                    usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name],
+                                           capture_output=True, text=True).stdout
+                m = re.search(r"REG:(\\d+) STACK:(\\d+) .*LOCAL:(\\d+)", usage)
+                rows.append([cc, shape.name, dt, spec.name, spec.config_str(),
+                             int(m.group(1)), int(m.group(2)) + int(m.group(3))])
+    print(json.dumps(rows))
+""")
+
+
+def test_compile_specs_sm80_sm90_offline_no_spills():
+    try:
+        import triton.backends.nvidia  # noqa: F401
+    except ImportError:
+        pytest.skip("Triton's nvidia backend is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH", "")])
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=300)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
+        pytest.skip("ptxas is not available")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {r[3] for r in rows} == {"decode_attention[split]", "decode_attention[direct]",
+                                    "decode_attention[reduce]"}
+    assert {r[0] for r in rows} == {80, 90}
+    spills = [r for r in rows if r[6] != 0]
+    assert not spills, spills
+
+
+def test_compile_specs_match_launcher_choices():
+    shape = next(s for s in SHAPES if s.name == "gqa-32-8")
+    split, direct, red = M.compile_specs(shape)
+    cfg = M._config(4, 128, 16, torch.float16, 8)
+    assert split.num_warps == cfg["num_warps"] and split.num_stages == cfg["num_stages"]
+    assert {k: v for k, v in split.constexprs.items() if k != "DIRECT_OUT"} == {
+        k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+    assert not split.constexprs["DIRECT_OUT"] and direct.constexprs["DIRECT_OUT"]
+    assert split.signature["q_ptr"] == "*fp16" and split.signature["part_ptr"] == "*fp32"
+    assert direct.signature["part_ptr"] == "*fp16"        # the launcher passes out there
+    assert red.constexprs == {"HEAD_DIM": 128, "BLOCK_D": 128, "SPLITS_PAD": M.MAX_SPLITS}
+    # every kernel argument is typed
+    for spec in (split, direct, red):
+        assert list(spec.signature) == list(spec.kernel.arg_names)
