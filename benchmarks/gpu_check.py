@@ -52,13 +52,13 @@ def stage_tests(dry: bool):
 def stage_kernels(dry: bool):
     """Kernel tests compiled on the GPU (incl. bf16 dot kernels the interpreter
     can't run), the offline report, then the kernel benchmarks."""
-    env = {"PYTHONPATH": REPO}
+    env = {"PYTHONPATH": REPO, "SELFRAG_TEST_DEVICE": "cuda"}
     out = {}
     if not dry:
         out["pytest"] = run([sys.executable, "-m", "pytest", "-q", "tests/test_reference_ops.py"]
                             + sorted(glob.glob(os.path.join(REPO, "tests", "test_triton_*.py"))), env)
     else:
-        env["TRITON_INTERPRET"] = "1"
+        env.update(TRITON_INTERPRET="1", SELFRAG_TEST_DEVICE="cpu")
     out["bench"] = run([sys.executable, "benchmarks/bench_kernels.py"] + (["--dry-run"] if dry else []),
                        env)
     out["results"] = _newest_json("kernels_*.json")

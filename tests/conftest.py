@@ -11,3 +11,19 @@ if "TRITON_INTERPRET" not in os.environ:
 
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
+
+
+def pytest_runtest_setup(item):
+    """In the GPU check (SELFRAG_TEST_DEVICE=cuda) the kernel tests build their
+    tensors on the GPU, so the Triton kernels run compiled there."""
+    if os.environ.get("SELFRAG_TEST_DEVICE") == "cuda" and item.module.__name__.split(".")[-1] in (
+            "test_reference_ops", "test_triton_decode_attention", "test_triton_elementwise",
+            "test_triton_prefill_attention"):
+        import torch
+        torch.set_default_device("cuda")
+
+
+def pytest_runtest_teardown(item):
+    if os.environ.get("SELFRAG_TEST_DEVICE") == "cuda":
+        import torch
+        torch.set_default_device("cpu")

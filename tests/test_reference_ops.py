@@ -1,6 +1,8 @@
 """The PyTorch reference ops against independent formulations (HF's modules, naive attention)."""
 import pytest
 import torch
+
+from tests.helpers import DEVICE
 import torch.nn.functional as F
 
 from kernels import reference as R
@@ -79,7 +81,7 @@ def _paged(contexts, Hkv, D, bs, nb, gen):
 
 @pytest.mark.parametrize("Hq,Hkv", [(4, 4), (8, 2), (4, 1)])
 def test_prefill_and_decode_attention_match_naive(Hq, Hkv):
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
     D, bs, nb = 16, 4, 64
     contexts = [1, 7, 16, 29]               # ragged, some multiples of the block size
     q_lens = [1, 3, 16, 29]                 # cached prefix for some sequences (forks / resumes)

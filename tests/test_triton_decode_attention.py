@@ -13,13 +13,14 @@ import textwrap  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from tests.helpers import DEVICE  # noqa: E402
 
 from kernels import reference as R  # noqa: E402
 from kernels.metadata import AttentionMetadata  # noqa: E402
 from kernels.triton import decode_attention as M  # noqa: E402
 from kernels.triton.common import SHAPES  # noqa: E402
 
-TOL = {torch.float16: dict(atol=3e-3, rtol=1e-2), torch.float32: dict(atol=2e-5, rtol=1e-5)}
+TOL = {torch.float16: dict(atol=3e-3, rtol=1e-2), torch.float32: dict(atol=2e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 GARBAGE = 50.0   # fills cache slots no sequence owns: any unmasked read shows up
 
 
@@ -27,7 +28,7 @@ def _setup(ctx, Hq, Hkv, D, bs, dtype, seed=0, extra_blocks=2):
     """Paged caches with shuffled block tables. Block 0 (the table padding) and every
     slot past a sequence's context hold GARBAGE, so a read the kernel should have
     masked changes the result."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
     B = len(ctx)
     nblk = [max(1, -(-c // bs)) for c in ctx]
     max_blocks = max(nblk) + extra_blocks
@@ -317,3 +318,12 @@ def test_compile_specs_match_launcher_choices():
     # every kernel argument is typed
     for spec in (split, direct, red):
         assert list(spec.signature) == list(spec.kernel.arg_names)
+
+
+# bf16 dot kernels can't run in the interpreter (it multiplies bf16 bit patterns);
+# they run compiled in the GPU check, here at the real 7B shape too.
+@pytest.mark.skipif(DEVICE != "cuda", reason="bf16 tl.dot: GPU check only")
+@pytest.mark.parametrize("ctx,Hq,Hkv,D,bs,ns", CASES + [([2048, 513, 77], 32, 32, 128, 16, None),
+                                                       ([4000, 1], 32, 8, 128, 16, 16)])
+def test_bf16_on_gpu(ctx, Hq, Hkv, D, bs, ns):
+    _check(ctx, Hq, Hkv, D, bs, torch.bfloat16, num_splits=ns)

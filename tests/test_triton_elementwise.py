@@ -22,6 +22,7 @@ import textwrap  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from tests.helpers import DEVICE  # noqa: E402
 
 from kernels import reference as R  # noqa: E402
 from kernels.triton import activation, norm, rope_kv, sampling  # noqa: E402
@@ -33,7 +34,7 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5),
 
 
 def _gen(seed):
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator(device=DEVICE).manual_seed(seed)
 
 
 def _randn(*shape, dtype=torch.float32, seed=0, scale=1.0):

@@ -12,18 +12,19 @@ import textwrap  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from tests.helpers import DEVICE  # noqa: E402
 
 from kernels import reference as R  # noqa: E402
 from kernels.metadata import AttentionMetadata  # noqa: E402
 from kernels.triton.prefill_attention import _prefill_attention, prefill_attention  # noqa: E402
 
-TOL = {torch.float16: dict(atol=2e-3, rtol=2e-3), torch.float32: dict(atol=1e-4, rtol=1e-4)}
+TOL = {torch.float16: dict(atol=2e-3, rtol=2e-3), torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 
 def _case(contexts, q_lens, Hq, Hkv, D, bs, dtype, seed=0, fused_qkv=True, spare_blocks=5):
     """Random K/V scattered into shuffled pages of a cache; q packed over the sequences
     (as a strided view of a fused [T, Hq + 2 Hkv, D] buffer when fused_qkv)."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
     pages = [-(-c // bs) for c in contexts]
     nb = sum(pages) + spare_blocks
     kc = torch.randn(nb, bs, Hkv, D, generator=g).to(dtype)   # garbage outside the contexts
@@ -198,3 +199,14 @@ def test_compile_specs_sm90_offline():
     for name, config, usage in rows:
         if usage:       # no spills: neither local memory nor a stack frame
             assert "LOCAL:0 " in usage and "STACK:0 " in usage, (name, config, usage)
+
+
+# bf16 dot kernels can't run in the interpreter (it multiplies bf16 bit patterns);
+# they run compiled in the GPU check.
+GPU_ONLY = pytest.mark.skipif(DEVICE != "cuda", reason="bf16 tl.dot: GPU check only")
+
+
+@GPU_ONLY
+def test_bf16_ragged_batch_and_real_shape_on_gpu():
+    _check([1, 7, 16, 29, 83], [1, 3, 16, 29, 70], Hq=4, Hkv=2, D=16, bs=16, dtype=torch.bfloat16)
+    _check([40, 37, 700], [40, 5, 700], Hq=32, Hkv=8, D=128, bs=16, dtype=torch.bfloat16)
