@@ -98,7 +98,6 @@ class Sampler:
         """logits [B, V] raw fp32 -> (token ids, log-prob info) per sequence."""
         B = logits.shape[0]
         raw = logits                                                 # never modified
-        lse = torch.logsumexp(raw, dim=-1)                           # [B]
         if any(s.params.logits_processors for s in seqs):
             logits = apply_logits_processors(raw.clone(), seqs)
         greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
@@ -112,33 +111,40 @@ class Sampler:
             rest = sorted(set(range(B)) - set(greedy))
             r = torch.tensor(rest, device=logits.device)
             tokens[r] = self._sample_rows(logits[r], [seqs[i] for i in rest])
-        sampled_lp = raw.gather(1, tokens.unsqueeze(1)).squeeze(1) - lse
+        sampled_lp = ops.gather_logprobs(raw, tokens.unsqueeze(1)).squeeze(1)      # [B]
 
+        host_tokens, host_lp = tokens.tolist(), sampled_lp.tolist()   # the step's one sync
         want = [i for i, s in enumerate(seqs) if s.params.wants_logprobs]
-        entries_dev = self._logprob_entries(raw, lse, tokens, want, seqs) if want else []
-        host_tokens, host_lp = tokens.tolist(), sampled_lp.tolist()
         entries: list[dict | None] = [None] * B
-        for i, (ids, vals, ranks) in zip(want, entries_dev):
-            entries[i] = {t: (v, r) for t, v, r in zip(ids.tolist(), vals.tolist(), ranks.tolist())}
+        if want:
+            ids, lps, ranks = self._logprob_entries(raw, host_tokens, want, seqs, ops)
+            for i, row_ids, row_lps, row_ranks in zip(want, ids.tolist(), lps.tolist(),
+                                                      ranks.tolist()):
+                entries[i] = {t: (v, r) for t, v, r in zip(row_ids, row_lps, row_ranks)}
         return host_tokens, [StepLogprobs(lp, e) for lp, e in zip(host_lp, entries)]
 
     @staticmethod
-    def _logprob_entries(raw: torch.Tensor, lse: torch.Tensor, sampled: torch.Tensor,
-                         rows: list[int], seqs: list[Sequence]):
-        """Per requested row: (ids, logprobs, ranks) of sampled + top-N + requested ids.
+    def _logprob_entries(raw: torch.Tensor, sampled: list[int], rows: list[int],
+                         seqs: list[Sequence], ops):
+        """For the requesting rows: ids [n, K] (sampled, then top-N, then the
+        requested ids; rows padded by repeating their sampled id), their raw
+        log-probs [n, K] and ranks [n, K], all from a few batched device calls.
 
         rank = 1 + number of tokens with a strictly larger raw logit.
         """
-        out = []
-        for row in rows:
-            p = seqs[row].params
-            ids = [sampled[row].view(1)]
-            if p.logprobs:
-                ids.append(raw[row].topk(p.logprobs).indices)
-            if p.logprob_token_ids:
-                ids.append(torch.tensor(p.logprob_token_ids, device=raw.device))
-            ids = torch.cat(ids).unique()
-            vals = raw[row, ids]
-            ranks = (raw[row].unsqueeze(0) > vals.unsqueeze(1)).sum(-1) + 1
-            out.append((ids, vals - lse[row], ranks))
-        return out
+        dev = raw.device
+        sub = raw[torch.tensor(rows, device=dev)]                     # [n, V]
+        params = [seqs[r].params for r in rows]
+        top_n = max(p.logprobs or 0 for p in params)
+        width = 1 + top_n + max(len(p.logprob_token_ids or ()) for p in params)
+        top = sub.topk(top_n, dim=-1).indices.tolist() if top_n else [[] for _ in rows]
+        table = []
+        for r, p, t in zip(rows, params, top):
+            s = sampled[r]
+            row = [s] + t[:p.logprobs or 0] + list(p.logprob_token_ids or ())
+            table.append(row + [s] * (width - len(row)))
+        ids = torch.tensor(table, device=dev)                          # [n, K]
+        lps = ops.gather_logprobs(sub, ids)                            # [n, K]
+        vals = sub.gather(1, ids)
+        ranks = (sub.unsqueeze(1) > vals.unsqueeze(2)).sum(-1) + 1     # [n, K]
+        return ids, lps, ranks
