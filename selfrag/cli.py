@@ -2,13 +2,19 @@
 
     selfrag generate [--model DIR] [--max-tokens N] [--temperature T] "prompt"
     selfrag demo [--model DIR] [--max-tokens N]
+    selfrag ask [--model DIR] "question" [--passages FILE | --corpus FILE] [--k N]
+                [--mode adaptive|always|never] [--long] [--json] [--max-tokens N] [--task T]
+    selfrag eval --task popqa|triviaqa|pubhealth|arc_c --input FILE.jsonl [--ndocs N]
+                 [--model DIR] [--mode M] [--output PRED.jsonl] [--limit N]
 
 Each subcommand is a ``Command``: a name, a help line, a function adding its
 arguments and a function running it (returning an exit status).  New
 subcommands register themselves in ``COMMANDS``.
 
 Without ``--model`` the embedded default model is used; it has RANDOM weights
-(see ``selfrag.default_model``).  User errors (a bad model directory, an
+(see ``selfrag.default_model``).  ``ask`` without ``--passages``/``--corpus``
+retrieves with BM25 over the embedded corpus (``default_retriever()``), with or
+without ``--model``.  User errors (a bad model directory, an
 invalid option value, ...) print one line to stderr and exit with status 2.
 """
 
@@ -180,9 +186,202 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- ask / eval (Self-RAG)
+def _model_context(model: str | None):
+    """One torch thread for the tiny embedded model (fastest); untouched otherwise."""
+    import contextlib
+
+    if model is None:
+        from selfrag.default_model import few_threads
+
+        return few_threads(1)
+    return contextlib.nullcontext()
+
+
+def _load_rag(args: argparse.Namespace, path: str, retriever):
+    from engine.llm import LLM
+    from selfrag.pipeline import SelfRAG
+
+    llm = LLM(path, dtype=args.dtype, device=args.device,
+              show_progress=args.model is not None and sys.stderr.isatty())
+    if llm.tokenizer is None:
+        raise CLIError(f"--model {path}: no tokenizer.model in that directory (Self-RAG needs its "
+                       "reflection tokens)")
+    return SelfRAG(llm, retriever)
+
+
+def _fmt(x) -> str:
+    return "nan" if x is None or x != x else f"{x:.3f}"
+
+
+def format_result(result, long: bool = False, top: int | None = None) -> list[str]:
+    """Human-readable lines for a ``Result``: answer, retrieval decision, candidates.
+
+    Short form: candidates best first (by final score), at most ``top``; long
+    form: the chosen path's segments in order.
+    """
+    from selfrag.demo import printable
+
+    lines = [f"answer: {printable(result.answer)}"]
+    decided = "yes" if result.retrieved else "no"
+    if result.retrieval_prob is not None:
+        lines.append(f"retrieved: {decided} (retrieval probability {_fmt(result.retrieval_prob)})")
+    else:
+        lines.append(f"retrieved: {decided} (not decided adaptively)")
+    cands = list(result.candidates)
+    if not long:
+        cands.sort(key=lambda c: c.scores.final if c.scores.final == c.scores.final else float("-inf"),
+                   reverse=True)
+    shown = cands if top is None else cands[:top]
+    what = "segments of the best path, in order" if long else "candidates, best first"
+    lines.append(f"{what} ({len(shown)} of {len(cands)}):" if len(shown) < len(cands)
+                 else f"{what} ({len(cands)}):")
+    for i, c in enumerate(shown, 1):
+        s = c.scores
+        title = "(no passage)" if c.passage is None else f"[{c.passage.title}]"
+        lines.append(f"  {i}. final={_fmt(s.final)} rel={_fmt(s.rel)} sup={_fmt(s.sup)} "
+                     f"use={_fmt(s.use)} seq={_fmt(s.seq)}  {printable(title)}")
+        text = printable(" ".join(c.text.split()))
+        lines.append(f"     {text[:160]}{'...' if len(text) > 160 else ''}")
+    if long and result.tree:
+        lines.append(f"search tree: {len(result.tree)} nodes")
+    return lines
+
+
+def read_passages_file(path: str) -> list:
+    """``--passages FILE``: a JSON array or JSONL of ``{title, text}`` objects."""
+    from selfrag.evaluate import read_json_records
+    from selfrag.types import Passage
+
+    out = []
+    for where, obj in read_json_records(path, what="passages file"):
+        try:
+            out.append(Passage.from_dict(obj))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    if not out:
+        raise CLIError(f"passages file {path} holds no passages")
+    return out
+
+
+def _ask_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("question", help="the question (or instruction)")
+    _add_model_arguments(p)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--passages", metavar="FILE",
+                     help="use these passages: a JSON array or JSONL of {title, text} objects")
+    src.add_argument("--corpus", metavar="FILE",
+                     help="retrieve with BM25 over this JSONL corpus of {title, text} "
+                          "(default: the embedded corpus)")
+    p.add_argument("--k", type=_positive_int, default=None, metavar="N",
+                   help="passages to use (default: 10, or 5 with --long)")
+    p.add_argument("--mode", choices=["adaptive", "always", "never"], default=None,
+                   help="retrieval: decide from [Retrieval] (default), always, never (short form only)")
+    p.add_argument("--rule", choices=["paper", "reference"], default="paper",
+                   help="adaptive rule: the paper's probability ratio (default) or the released "
+                        "code's log-prob ratio")
+    p.add_argument("--threshold", type=float, default=0.2, help="adaptive threshold (default: 0.2)")
+    p.add_argument("--task", default=None,
+                   help="instruction task (fever, pubhealth, asqa, eli5, ...; default: bare question)")
+    p.add_argument("--long", action="store_true", help="long-form beam search over segments")
+    p.add_argument("--beam-width", type=_positive_int, default=2, metavar="N", help="--long (default: 2)")
+    p.add_argument("--max-depth", type=_positive_int, default=7, metavar="N",
+                   help="--long: segments at most (default: 7)")
+    p.add_argument("--max-tokens", type=_positive_int, default=100, metavar="N",
+                   help="tokens per answer (per segment with --long; default: 100)")
+    p.add_argument("--top", type=_positive_int, default=5, metavar="N",
+                   help="candidates to print (default: 5)")
+    p.add_argument("--json", action="store_true", help="print Result.to_dict() as JSON only")
+
+
+def _run_ask(args: argparse.Namespace) -> int:
+    import json
+
+    from selfrag.prompts import canonical_task
+
+    if args.long and args.mode is not None:
+        raise CLIError("--mode applies to the short form; --long always retrieves")
+    canonical_task(args.task)                           # unknown task: fail before loading
+    passages = read_passages_file(args.passages) if args.passages else None
+    path = _resolve_model(args.model)
+    if passages is not None:
+        retriever = None
+    else:
+        from selfrag.retrievers import BM25Retriever, default_retriever
+
+        retriever = BM25Retriever(args.corpus) if args.corpus else default_retriever()
+    with _model_context(args.model):
+        rag = _load_rag(args, path, retriever)
+        if args.long:
+            result = rag.generate_long(args.question, passages=passages, k=args.k or 5,
+                                       beam_width=args.beam_width, max_depth=args.max_depth,
+                                       segment_tokens=args.max_tokens, task=args.task)
+        else:
+            result = rag.answer(args.question, passages=passages, k=args.k or 10, task=args.task,
+                                mode=args.mode or "adaptive", rule=args.rule,
+                                threshold=args.threshold, max_tokens=args.max_tokens)
+    if args.json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False))
+    else:
+        print("\n".join(format_result(result, long=args.long, top=args.top)))
+    return 0
+
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    from selfrag.evaluate import TASKS
+
+    p.add_argument("--task", required=True, choices=list(TASKS), help="the eval file's task")
+    p.add_argument("--input", required=True, metavar="FILE",
+                   help="eval file (released eval_data JSONL layout)")
+    _add_model_arguments(p)
+    p.add_argument("--ndocs", type=_positive_int, default=None, metavar="N",
+                   help="passages per question from its ctxs (default: 10 open, 5 closed tasks)")
+    p.add_argument("--mode", choices=["adaptive", "always", "never"], default="adaptive")
+    p.add_argument("--rule", choices=["paper", "reference"], default="paper",
+                   help="adaptive rule (reference: the released code's, which nearly always retrieves)")
+    p.add_argument("--threshold", type=float, default=0.2, help="adaptive threshold (default: 0.2)")
+    p.add_argument("--w-use", type=float, default=0.5, help="utility weight (released script: 1.0)")
+    p.add_argument("--max-tokens", type=_positive_int, default=None, metavar="N",
+                   help="default: 100 open, 50 closed tasks")
+    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
+                   help="questions per engine batch (default: 8)")
+    p.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+                   help="only the first N records")
+    p.add_argument("--output", metavar="PRED.jsonl", default=None, help="write predictions here")
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from selfrag.evaluate import evaluate, load_eval_file, write_predictions
+
+    records = load_eval_file(args.input, args.task)     # bad input fails before loading the model
+    if args.limit is not None:
+        records = records[:args.limit]
+    path = _resolve_model(args.model)
+    with _model_context(args.model):
+        rag = _load_rag(args, path, None)
+        report = evaluate(rag, records, args.task, ndocs=args.ndocs, mode=args.mode,
+                          batch_size=args.batch_size, max_tokens=args.max_tokens,
+                          progress=sys.stderr.isatty(), rule=args.rule, threshold=args.threshold,
+                          w_use=args.w_use)
+    n = report["n"]
+    print(f"task {args.task}: {n} records from {args.input} (ndocs {report['ndocs']}, mode "
+          f"{args.mode}, max_tokens {report['max_tokens']})")
+    print(f"match: {report['match']:.4f} ({report['matched']}/{n})")
+    print(f"retrieval frequency: {report['retrieval_frequency']:.4f} ({report['retrieved']}/{n})")
+    print(f"queries/s: {report['queries_per_s']:.2f} ({report['seconds']:.2f}s)")
+    if args.output:
+        write_predictions(args.output, report["predictions"])
+        print(f"predictions: {args.output}")
+    return 0
+
+
 COMMANDS: list[Command] = [
     Command("generate", "generate text for one prompt", _generate_arguments, _run_generate),
     Command("demo", "run the selfrag_llama2_7b model card's three prompts", _demo_arguments, _run_demo),
+    Command("ask", "answer one question with Self-RAG (retrieval, critique, candidates)",
+            _ask_arguments, _run_ask),
+    Command("eval", "short-form evaluation on a released eval file (match, retrieval frequency)",
+            _eval_arguments, _run_eval),
 ]
 
 

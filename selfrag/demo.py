@@ -9,6 +9,11 @@ questions without a passage -- one the model should answer directly
 (``[Retrieval]``) -- and then the second one again with a retrieved paragraph
 in the prompt, where it should answer with ``[Relevant]``, a support token and
 a utility token.  Decoding is greedy, 100 tokens, special tokens shown.
+
+Then the two questions go through the full Self-RAG pipeline (``selfrag ask``:
+adaptive retrieval over the embedded BM25 corpus, one branch per passage,
+critique scores), printing the answer, the retrieval decision and the top
+candidates.
 """
 
 from __future__ import annotations
@@ -150,11 +155,39 @@ def _run(path: str, embedded: bool, params: SamplingParams, dtype: str, out: Tex
     rate = total_tokens / total_time if total_time > 0 else float("inf")
     say(f"generated {total_tokens} tokens for {len(DEMO_PROMPTS)} prompts (one batch) in "
         f"{total_time:.2f}s: {rate:.1f} tokens/s")
+    _ask_section(llm, min(params.max_tokens, ASK_MAX_TOKENS), say)
     if embedded:
         say()
         for line in random_weights_notice("above"):
             say(line)
     return texts
+
+
+# The pipeline part: the model card's two questions through ``selfrag ask``.
+ASK_QUESTIONS = (("the odd-one-out question (prompt 1)", ODD_ONE_OUT),
+                 ("the llamas-vs-alpacas question (prompts 2 and 3)", LLAMAS_VS_ALPACAS))
+ASK_MAX_TOKENS = 24
+ASK_K = 3
+ASK_TOP = 3
+
+
+def _ask_section(llm, max_tokens: int, say) -> None:
+    """Runs ``SelfRAG.answer`` (adaptive, embedded BM25 corpus) on the two card questions."""
+    from selfrag.cli import format_result
+    from selfrag.pipeline import SelfRAG
+    from selfrag.retrievers import default_retriever
+
+    rag = SelfRAG(llm, default_retriever())
+    say()
+    say(f"Self-RAG pipeline (selfrag ask): adaptive retrieval over the embedded corpus, top {ASK_K} "
+        f"passages, max_tokens={max_tokens}")
+    for title, question in ASK_QUESTIONS:
+        t = time.perf_counter()
+        result = rag.answer(question, k=ASK_K, mode="adaptive", max_tokens=max_tokens)
+        say()
+        say(f"=== ask: {title}, {time.perf_counter() - t:.2f}s")
+        for line in format_result(result, top=ASK_TOP):
+            say(_indent(line, "  "))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

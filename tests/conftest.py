@@ -13,6 +13,21 @@ if "TRITON_INTERPRET" not in os.environ:
         os.environ["TRITON_INTERPRET"] = "1"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs_bm25: uses the bm25s package (absent on GPU machines)")
+
+
+def pytest_collection_modifyitems(config, items):
+    import importlib.util
+
+    import pytest
+    if importlib.util.find_spec("bm25s") is None:
+        skip = pytest.mark.skip(reason="bm25s is not installed (the GPU machines have no registry)")
+        for item in items:
+            if "needs_bm25" in item.keywords:
+                item.add_marker(skip)
+
+
 def pytest_runtest_setup(item):
     """In the GPU check (SELFRAG_TEST_DEVICE=cuda) the kernel tests build their
     tensors on the GPU, so the Triton kernels run compiled there."""

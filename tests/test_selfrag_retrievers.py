@@ -97,6 +97,7 @@ def test_from_eval_records_errors():
     assert passages_from_record({"ctxs": [{"title": "t", "text": "x"}]}) == [Passage("t", "x")]
 
 
+@pytest.mark.needs_bm25
 def test_both_retrievers_satisfy_the_protocol(tmp_path):
     assert isinstance(GivenPassages(), Retriever)
     assert isinstance(BM25Retriever(write_corpus(tmp_path / "c.jsonl", TINY), cache_dir=tmp_path), Retriever)
@@ -110,6 +111,7 @@ def test_plural_stem():
         ["llama", "app", "berry", "glass", "virus", "analysis", "gas", "alpaca"]
 
 
+@pytest.mark.needs_bm25
 def test_bm25_ranks_the_only_matching_doc_first_with_the_hand_computed_score(tmp_path):
     r = BM25Retriever(write_corpus(tmp_path / "c.jsonl", TINY), cache_dir=tmp_path / "cache")
     got = r.retrieve("Tell me about the zebras", 1)
@@ -127,6 +129,7 @@ def test_bm25_ranks_the_only_matching_doc_first_with_the_hand_computed_score(tmp
     assert [p.title for p in r.retrieve("strings concert", 1)] == ["Violin"]
 
 
+@pytest.mark.needs_bm25
 def test_bm25_k_larger_than_corpus_returns_everything_ties_in_corpus_order(tmp_path):
     r = BM25Retriever(write_corpus(tmp_path / "c.jsonl", TINY), cache_dir=tmp_path / "cache")
     got = r.retrieve("boiling kettle", 10)
@@ -139,6 +142,7 @@ def test_bm25_k_larger_than_corpus_returns_everything_ties_in_corpus_order(tmp_p
     assert len(r) == 3
 
 
+@pytest.mark.needs_bm25
 def test_bm25_index_is_cached_and_reloaded_without_rebuilding(tmp_path, monkeypatch):
     corpus = write_corpus(tmp_path / "c.jsonl", TINY)
     cache = tmp_path / "cache"
@@ -160,12 +164,14 @@ def test_bm25_index_is_cached_and_reloaded_without_rebuilding(tmp_path, monkeypa
         BM25Retriever(corpus, cache_dir=cache)
 
 
+@pytest.mark.needs_bm25
 def test_bm25_cache_defaults_to_selfrag_cache_env(tmp_path, monkeypatch):
     monkeypatch.setenv("SELFRAG_CACHE", str(tmp_path / "envcache"))
     r = BM25Retriever(write_corpus(tmp_path / "c.jsonl", TINY))
     assert r.index_dir.parent == tmp_path / "envcache" / "bm25"
 
 
+@pytest.mark.needs_bm25
 def test_bm25_rebuilds_over_an_interrupted_build(tmp_path):
     corpus = write_corpus(tmp_path / "c.jsonl", TINY)
     first = BM25Retriever(corpus, cache_dir=tmp_path)
@@ -174,6 +180,7 @@ def test_bm25_rebuilds_over_an_interrupted_build(tmp_path):
     assert again.built and again.retrieve("zebra", 1)[0].title == "Zebra"
 
 
+@pytest.mark.needs_bm25
 def test_bm25_corpus_errors_name_the_file(tmp_path):
     missing = tmp_path / "nope.jsonl"
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
@@ -199,6 +206,7 @@ def test_bm25_corpus_errors_name_the_file(tmp_path):
 # ---------------------------------------------------------------------------
 # The embedded default corpus
 
+@pytest.mark.needs_bm25
 def test_default_corpus_is_well_formed():
     docs = load_corpus(DEFAULT_CORPUS)
     assert 60 <= len(docs) <= 120
@@ -213,6 +221,7 @@ def default_bm25(tmp_path_factory):
     return default_retriever(cache_dir=tmp_path_factory.mktemp("cache"))
 
 
+@pytest.mark.needs_bm25
 def test_default_retriever_llamas_vs_alpacas(default_bm25):
     top = default_bm25.retrieve("Can you tell me the difference between llamas and alpacas?", 5)
     assert len(top) == 5
@@ -221,6 +230,7 @@ def test_default_retriever_llamas_vs_alpacas(default_bm25):
     assert [p.score for p in top] == sorted((p.score for p in top), reverse=True)
 
 
+@pytest.mark.needs_bm25
 def test_default_retriever_odd_one_out(default_bm25):
     top = default_bm25.retrieve("Leave odd one out: twitter, instagram, whatsapp.", 3)
     assert any("messaging" in p.text.lower() for p in top)
