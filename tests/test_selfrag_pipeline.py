@@ -1,0 +1,173 @@
+"""SelfRAG short- and long-form on the embedded default model (random weights, CPU fp32).
+
+The reference test re-implements the released run_short_form.py logic on plain
+transformers (its own tokenizer, greedy loop and formulas, written out here) and
+requires identical tokens, decision and scores.
+"""
+import math
+
+import pytest
+import torch
+
+from engine import LLM
+from selfrag import Passage, SelfRAG
+from selfrag.default_model import default_model_dir
+
+QUESTION = "Can you tell me the difference between llamas and alpacas?"
+PASSAGES = [
+    Passage("Alpaca", "The alpaca is a species of South American camelid mammal."),
+    Passage("Llama", "Llamas are used as pack animals by Andean cultures."),
+    Passage("Fiber", "Alpacas were bred specifically for their fiber."),
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    return default_model_dir()
+
+
+def make(model_dir, **kw):
+    return SelfRAG(LLM(model_dir, dtype="float32", device="cpu", show_progress=False, **kw))
+
+
+# ----------------------------------------------------------------- released logic on HF
+def _released_short_form(model_dir, question, passages, max_tokens, threshold=0.2, w_use=1.0):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tid = tok.convert_tokens_to_ids
+    prompt = "### Instruction:\n{0}\n\n### Response:\n".format(question)
+
+    @torch.no_grad()
+    def greedy(text):
+        ids = torch.tensor([tok(text)["input_ids"]])
+        out, rows = [], []
+        for _ in range(max_tokens):
+            lp = torch.log_softmax(hf(ids).logits[0, -1].float(), -1)
+            nxt = int(lp.argmax())
+            rows.append(lp)
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+            if nxt == tok.eos_token_id:
+                break
+        return out, rows
+
+    with torch.no_grad():
+        first = torch.log_softmax(hf(torch.tensor([tok(prompt)["input_ids"]])).logits[0, -1], -1)
+    ret, no_ret = float(first[tid("[Retrieval]")]), float(first[tid("[No Retrieval]")])
+    retrieve = ret / (ret + no_ret) > threshold          # the released ratio of LOG-probs
+    if not retrieve:
+        return retrieve, []
+    results = []
+    for p in passages:
+        ids, rows = greedy(prompt + "[Retrieval]<paragraph>{0}\n{1}</paragraph>".format(p.title, p.text))
+        seq = sum(float(r[t]) for r, t in zip(rows, ids)) / max(len(ids), 1)
+        prob = lambda i, name: math.exp(float(rows[i][tid(name)]))   # noqa: E731
+        rel = prob(0, "[Relevant]") / (prob(0, "[Relevant]") + prob(0, "[Irrelevant]"))
+        grd = ["[Fully supported]", "[Partially supported]", "[No support / Contradictory]"]
+        sup = 0.0
+        at = [i for i, t in enumerate(ids) if t in [tid(g) for g in grd]]
+        if at:
+            s = sum(prob(at[0], g) for g in grd)
+            sup = prob(at[0], grd[0]) / s + 0.5 * prob(at[0], grd[1]) / s
+        ut = [f"[Utility:{i}]" for i in range(1, 6)]
+        use = 0.0
+        at = [i for i, t in enumerate(ids) if t in [tid(u) for u in ut]]
+        if at:
+            s = sum(prob(at[0], u) for u in ut)
+            use = sum(w * prob(at[0], u) / s for w, u in zip([-1, -0.5, 0, 0.5, 1], ut))
+        results.append((ids, dict(rel=rel, sup=sup, use=use, seq=math.exp(seq),
+                                  final=math.exp(seq) + rel + sup + w_use * use)))
+    return retrieve, results
+
+
+def test_reference_mode_equals_released_logic_on_hf(model_dir):
+    rag = make(model_dir)
+    got = rag.answer(QUESTION, passages=PASSAGES, mode="adaptive", rule="reference",
+                     constrained=False, w_use=1.0, max_tokens=16)
+    retrieve, ref = _released_short_form(model_dir, QUESTION, PASSAGES, 16)
+    assert got.retrieved == retrieve is True
+    assert len(got.candidates) == len(ref)
+    for cand, (ids, scores) in zip(got.candidates, ref):
+        assert cand.token_ids == ids
+        for k, v in scores.items():
+            assert getattr(cand.scores, k) == pytest.approx(v, rel=1e-4, abs=1e-5), k
+    best = max(range(len(ref)), key=lambda i: ref[i][1]["final"])
+    assert got.candidates[best].scores.final == max(c.scores.final for c in got.candidates)
+
+
+def test_branches_share_prompt_blocks_and_equal_solo_runs(model_dir):
+    shared = make(model_dir, block_size=8)
+    peak = {"used": 0}
+    real_step = shared.llm.step
+
+    def step():
+        out = real_step()
+        peak["used"] = max(peak["used"], shared.llm.block_manager.get_stats()["used"])
+        return out
+
+    shared.llm.step = step
+    res = shared.answer(QUESTION, passages=PASSAGES, mode="always", max_tokens=12)
+    unshared = make(model_dir, block_size=8, enable_prefix_caching=False)
+    peak_u = {"used": 0}
+    real_u = unshared.llm.step
+
+    def step_u():
+        out = real_u()
+        peak_u["used"] = max(peak_u["used"], unshared.llm.block_manager.get_stats()["used"])
+        return out
+
+    unshared.llm.step = step_u
+    res_u = unshared.answer(QUESTION, passages=PASSAGES, mode="always", max_tokens=12)
+    assert peak["used"] < peak_u["used"]
+    assert shared.llm.block_manager.get_stats()["prefix_cache_hits"] >= 2 * (len(PASSAGES) - 1)
+    assert [c.token_ids for c in res.candidates] == [c.token_ids for c in res_u.candidates]
+    for p, cand in zip(PASSAGES, res.candidates):
+        solo = make(model_dir).answer(QUESTION, passages=[p], mode="always", max_tokens=12)
+        assert solo.candidates[0].token_ids == cand.token_ids
+
+
+def test_constrained_branches_follow_the_grammar(model_dir):
+    rag = make(model_dir)
+    v = rag.vocab
+    res = rag.answer(QUESTION, passages=PASSAGES, mode="always", max_tokens=30)
+    for c in res.candidates:
+        assert c.token_ids[0] in (v.relevant, v.irrelevant)
+        for a, b in zip(c.token_ids, c.token_ids[1:]):
+            if a in v.utility:
+                assert b == v.eos
+        assert v.paragraph_open not in c.token_ids and v.paragraph_close not in c.token_ids
+    never = rag.answer(QUESTION, mode="never", max_tokens=20)
+    assert not never.retrieved and never.candidates[0].passage is None
+    assert v.retrieval not in never.candidates[0].token_ids
+
+
+def test_adaptive_paper_rule_uses_probabilities(model_dir):
+    rag = make(model_dir)
+    res = rag.answer(QUESTION, passages=PASSAGES, mode="adaptive", threshold=0.0, max_tokens=4)
+    assert res.retrieved and 0.0 < res.retrieval_prob < 1.0
+    res = rag.answer(QUESTION, passages=PASSAGES, mode="adaptive", threshold=1.0, max_tokens=4)
+    assert not res.retrieved and len(res.candidates) == 1
+
+
+def test_long_form_tree_obeys_the_algorithm_and_children_share_blocks(model_dir):
+    rag = make(model_dir, block_size=8)
+    res = rag.generate_long(QUESTION, passages=PASSAGES, beam_width=2, max_depth=3, segment_tokens=10)
+    tree = res.tree
+    by_parent = {}
+    for n in tree[1:]:
+        by_parent.setdefault(n["parent"], []).append(n)
+    for parent, kids in by_parent.items():
+        assert len(kids) == len(PASSAGES)                     # one child per passage
+    for depth in {n["depth"] for n in tree[1:]}:
+        kept = [n for n in tree if n["depth"] == depth and n["kept"]]
+        assert len(kept) <= 2                                 # survivors = beam width
+    assert max(n["depth"] for n in tree) <= 3
+    # every expanded parent was a kept node of the previous depth
+    for parent in by_parent:
+        assert parent == 0 or tree[parent]["kept"]
+    # product of segment finals along the path
+    for n in tree[1:]:
+        assert n["score"] == pytest.approx(tree[n["parent"]]["score"] * n["scores"]["final"])
+    assert rag.llm.block_manager.get_stats()["prefix_cache_hits"] > 0
+    assert isinstance(res.to_dict(), dict)
