@@ -309,7 +309,11 @@ def _run_ask(args: argparse.Namespace) -> int:
     else:
         from selfrag.retrievers import BM25Retriever, default_retriever
 
-        retriever = BM25Retriever(args.corpus) if args.corpus else default_retriever()
+        try:
+            retriever = BM25Retriever(args.corpus) if args.corpus else default_retriever()
+        except ImportError as e:
+            raise CLIError(f"BM25 retrieval needs the bm25s package ({e}); install it or pass "
+                           "--passages FILE") from None
     with _model_context(args.model):
         rag = _load_rag(args, path, retriever)
         if args.long:

@@ -177,8 +177,13 @@ def _ask_section(llm, max_tokens: int, say) -> None:
     from selfrag.pipeline import SelfRAG
     from selfrag.retrievers import default_retriever
 
-    rag = SelfRAG(llm, default_retriever())
     say()
+    try:
+        retriever = default_retriever()
+    except ImportError as e:               # bm25s is optional (absent on the GPU machines)
+        say(f"Self-RAG pipeline (selfrag ask): skipped, BM25 retrieval needs the bm25s package ({e})")
+        return
+    rag = SelfRAG(llm, retriever)
     say(f"Self-RAG pipeline (selfrag ask): adaptive retrieval over the embedded corpus, top {ASK_K} "
         f"passages, max_tokens={max_tokens}")
     for title, question in ASK_QUESTIONS:
