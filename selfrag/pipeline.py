@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 
 from engine import SamplingParams
 from selfrag.constraints import ReflectionConstraint
-from selfrag.prompts import format_passage, format_prompt, postprocess_answer, task_instruction
+from selfrag.prompts import (canonical_task, format_passage, format_prompt, postprocess_answer,
+                             task_instruction)
 from selfrag.scoring import (aggregate_closed, best_open, retrieval_probability, score_candidate,
                              should_retrieve)
 from selfrag.types import Candidate, Passage, Result
@@ -160,6 +161,7 @@ class SelfRAG:
             raise ValueError(f"mode={mode!r}: use one of {MODES}")
         if rule not in RULES:
             raise ValueError(f"rule={rule!r}: use one of {RULES}")
+        task = canonical_task(task)
         if passages is not None and len(passages) != len(questions):
             raise ValueError(f"{len(passages)} passage lists for {len(questions)} questions")
         prompts = [format_prompt(task_instruction(task, q, None if choices is None else choices[i]))
