@@ -181,7 +181,10 @@ class SelfRAG:
                     branches.append(_Branch(self._encode(prompts[i] + format_passage(p)), p, i))
             else:
                 branches.append(_Branch(prompt_ids[i] + [self.vocab.no_retrieval], None, i))
-        params, constraint = self._params(max_tokens, constrained, mode)
+        # Constrained branches end at a [Retrieval] the model writes after its
+        # critique: short form has no next passage to insert (long form does).
+        params, constraint = self._params(max_tokens, constrained, mode,
+                                          stop_ids=[self.vocab.retrieval] if constrained else ())
         self._run(branches, params, constraint)
 
         results = []
