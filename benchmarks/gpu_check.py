@@ -11,7 +11,8 @@ Runs on a lent GPU machine's own python (no venv, no registry) with
   e2e      loading benchmark at the full selfrag-7B shape (bf16, 3 shards,
            built on the device's disk) and greedy decode tokens/s of dummy 7B
            weights in fp16 at batch 1 and 16 (the HF peer comparison comes with
-           the latency issue's `make bench`).
+           the latency issue's `make bench`), and the Self-RAG short-form
+           benchmark (10 passages) on the embedded model.
 
 ``--dry-run`` runs the same code paths on CPU at tiny sizes.
 """
@@ -86,6 +87,9 @@ def stage_e2e(dry: bool):
         with open(load_json) as f:
             out["loading_result"] = json.load(f)
     out["decode"] = decode_7b(dry)
+    out["selfrag"] = run([sys.executable, "benchmarks/bench_selfrag.py", "--device",
+                          "cpu" if dry else "cuda"] + (["--quick"] if dry else []))
+    out["selfrag_result"] = _newest_json("selfrag_shortform*.json")
     return out
 
 
