@@ -119,7 +119,7 @@ def bench_decode(dev, batches, contexts, Hq, Hkv, D, dtype, triton_ops, copy_bw,
                   f"({100 * (row['bandwidth_fraction'] or 0):.0f}% of copy)"
                   + (f", {row['speedup_vs_naive']:.1f}x naive" if "speedup_vs_naive" in row else ""),
                   flush=True)
-            del kc, vc
+            kc = vc = None   # free before the next size is allocated
     return rows
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm

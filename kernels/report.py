@@ -51,6 +51,7 @@ in-process refuses instead).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fnmatch
 import importlib
 import inspect
@@ -580,6 +581,8 @@ def main(argv=None) -> int:
             print(f"kernels.report: no shape named {sorted(wanted)}; have {[s.name for s in SHAPES]}",
                   file=sys.stderr)
             return 2
+    # Every shape in both activation dtypes the GPUs run: fp16 and bf16.
+    shapes = [dataclasses.replace(s, dtype=dt) for s in shapes for dt in ("fp16", "bf16")]
     modules = args.module or discover_modules()
     jobs, failures = collect(modules, shapes, args.all, args.kernel)
     items = [(job, arch) for job in jobs for arch in args.targets]

@@ -139,7 +139,6 @@ def test_env_var_and_interrupted_build(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- generation parity
 def test_greedy_matches_transformers(model_dir):
-    from engine.llm import LLM
     from selfrag.demo import DEMO_PROMPTS, demo_sampling_params
     from tests.helpers import hf_greedy, hf_model, make_llm
 

@@ -1,6 +1,5 @@
 """Continuous batching, prefix caching and preemption must not change greedy tokens."""
 import pytest
-import torch
 
 from engine import SamplingParams
 from tests.helpers import make_llm, hf_greedy, hf_model, make_checkpoint, token_prompts

@@ -3,7 +3,6 @@ import os
 import shutil
 
 import pytest
-import torch
 
 from engine import (CheckpointError, InvalidRequestError, PromptTooLongError, SamplingParams,
                     SamplingParamsError)

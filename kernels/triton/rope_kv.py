@@ -170,7 +170,7 @@ def rope_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
             raise ValueError(f"{name} must be fp16, bf16 or fp32, got {t.dtype}")
     if cos.dtype != sin.dtype:
         raise ValueError(f"cos ({cos.dtype}) and sin ({sin.dtype}) must share a dtype")
-    nb, bs = k_cache.shape[0], k_cache.shape[1]
+    bs = k_cache.shape[1]
     if tuple(k_cache.shape[2:]) != (Hkv, D) or v_cache.shape != k_cache.shape:
         raise ValueError(f"k_cache and v_cache must be [num_blocks, block_size, Hkv={Hkv}, D={D}] "
                          f"alike, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
