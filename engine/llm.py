@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from engine.block_manager import BlockManager
+from engine.cuda_graphs import maybe_capture
 from engine.errors import InvalidRequestError, PromptTooLongError
 from engine.model_loader import load_model, resolve_model_dir
 from engine.model_runner import ModelRunner
@@ -63,6 +64,10 @@ class LLM:
             ``model`` is a hub id ("selfrag/selfrag_llama2_7b"); also looked up:
             $HF_HUB_CACHE, $HF_HOME/hub. Nothing is ever downloaded.
         show_progress: progress bar while loading weights.
+        enforce_eager: never use CUDA graphs. By default, on CUDA with the
+            Triton kernels, decode steps replay CUDA graphs captured at start-up
+            for batch buckets 1, 2, 4, ... up to max_num_seqs (capture time is
+            printed); prefill and CPU always run eagerly.
     """
 
     def __init__(self, model: str, tokenizer: str | None = None, skip_tokenizer_init: bool = False,
@@ -72,7 +77,7 @@ class LLM:
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  enable_prefix_caching: bool = True, load_format: str = "auto", seed: int = 0,
                  kernel_backend: str = "auto", download_dir: str | None = None,
-                 show_progress: bool = True, **unused):
+                 show_progress: bool = True, enforce_eager: bool = False, **unused):
         for key in unused:
             if key not in _VLLM_IGNORED:
                 raise TypeError(f"LLM() got an unexpected keyword argument {key!r}")
@@ -108,6 +113,8 @@ class LLM:
                              f"one sequence of max_model_len={self.max_model_len}; raise "
                              "num_kv_blocks/gpu_memory_utilization or lower max_model_len")
         self.runner = ModelRunner(self.model, block_size, num_blocks)
+        self.graph_runner = maybe_capture(self.model, self.runner.kv_caches, block_size,
+                                          max_num_seqs, self.max_model_len, enforce_eager)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs,
                                    max_num_batched_tokens or max(2048, self.max_model_len))
@@ -220,10 +227,16 @@ class LLM:
             return []
         t1 = time.perf_counter()
         try:
-            input_ids, positions, meta, last = self.runner.prepare(seqs, is_prefill)
-            t2 = time.perf_counter()
-            hidden = self.model.forward(input_ids, positions, meta, self.runner.kv_caches)
-            logits = self.model.compute_logits(hidden[last] if is_prefill else hidden)
+            graph = self.graph_runner
+            if not is_prefill and graph is not None and graph.fits(len(seqs)):
+                host = self.runner.host_batch(seqs, False)
+                t2 = time.perf_counter()
+                logits = graph.run(host)
+            else:
+                input_ids, positions, meta, last = self.runner.prepare(seqs, is_prefill)
+                t2 = time.perf_counter()
+                hidden = self.model.forward(input_ids, positions, meta, self.runner.kv_caches)
+                logits = self.model.compute_logits(hidden[last] if is_prefill else hidden)
             t3 = time.perf_counter()
             tokens, lps = self.sampler(logits, seqs, self.model.ops)
         except BaseException:
@@ -311,7 +324,7 @@ class LLM:
 
 
 _VLLM_IGNORED = {"trust_remote_code", "tensor_parallel_size", "quantization", "revision",
-                 "tokenizer_mode", "swap_space", "enforce_eager", "disable_log_stats"}
+                 "tokenizer_mode", "swap_space", "disable_log_stats"}
 
 
 def _first(x):

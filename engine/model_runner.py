@@ -43,8 +43,8 @@ class ModelRunner:
         rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
         return self._tensor(rows, torch.int32)
 
-    def prepare(self, seqs: list[Sequence], is_prefill: bool):
-        """Returns (input_ids [T], positions [T], meta, last_index [B]).
+    def host_batch(self, seqs: list[Sequence], is_prefill: bool) -> dict:
+        """The step's inputs as host lists (plain Python, no device work).
 
         Prefill computes positions [num_cached_tokens, len) of each sequence;
         decode computes position len-1 (the token sampled last step).
@@ -61,17 +61,26 @@ class ModelRunner:
             qsl.append(qsl[-1] + n - start)
             ctx.append(n)
             last.append(qsl[-1] - 1)
+        return dict(input_ids=input_ids, positions=positions, slots=slots, qsl=qsl, ctx=ctx,
+                    last=last, tables=[s.block_table for s in seqs])
+
+    def prepare(self, seqs: list[Sequence], is_prefill: bool):
+        """Returns (input_ids [T], positions [T], meta, last_index [B]) on the device."""
+        h = self.host_batch(seqs, is_prefill)
+        qsl, ctx = h["qsl"], h["ctx"]
         meta = AttentionMetadata(
             is_prefill=is_prefill,
-            slot_mapping=self._tensor(slots, torch.int64),
+            slot_mapping=self._tensor(h["slots"], torch.int64),
             block_tables=self._block_tables(seqs),
             context_lens=self._tensor(ctx, torch.int32),
             query_start_loc=self._tensor(qsl, torch.int32),
             max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])),
             max_context_len=max(ctx),
+            host_query_start_loc=qsl,
+            host_context_lens=ctx,
         )
-        return (self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64),
-                meta, self._tensor(last, torch.int64))
+        return (self._tensor(h["input_ids"], torch.int64), self._tensor(h["positions"], torch.int64),
+                meta, self._tensor(h["last"], torch.int64))
 
     @torch.no_grad()
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:

@@ -35,6 +35,12 @@ class AttentionMetadata:
       max_context_len  int    host-side max of context_lens.
       scratch          dict   per-step space where a backend may keep what all
                              layers share (e.g. the reference's decode mask).
+      num_splits       int|None  split-KV count for decode, fixed when a CUDA graph is
+                             captured (one grid must serve every replay); None: the
+                             kernel picks from max_context_len.
+      host_query_start_loc, host_context_lens  list[int]|None: host copies of
+                             those tensors, so a launcher that needs them on the host
+                             never syncs with the device.
     """
 
     is_prefill: bool
@@ -45,6 +51,9 @@ class AttentionMetadata:
     max_query_len: int
     max_context_len: int
     scratch: dict = field(default_factory=dict)
+    num_splits: int | None = None
+    host_query_start_loc: list | None = None
+    host_context_lens: list | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -117,8 +117,9 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     """
     T, Hq, D = q.shape
     bs, Hkv = k_cache.shape[1], k_cache.shape[2]
-    qsl = meta.query_start_loc.tolist()
-    ctx = meta.context_lens.tolist()
+    # host copies from the runner when present: no device sync
+    qsl = meta.host_query_start_loc or meta.query_start_loc.tolist()
+    ctx = meta.host_context_lens or meta.context_lens.tolist()
     B, Qm = len(ctx), meta.max_query_len
     q_lens = [b - a for a, b in zip(qsl, qsl[1:])]
     if B > 1 and B * Qm > 2 * T:

@@ -333,6 +333,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(f"decode_attention: meta.max_context_len {meta.max_context_len} exceeds "
                          f"block_tables capacity {bt.shape[1]} x block_size {block_size}")
     if num_splits is None:
+        num_splits = meta.num_splits       # fixed by a CUDA-graph capture, else None
+    if num_splits is None:
         num_splits = pick_num_splits(B, Hkv, meta.max_context_len, block_size, sm_count(dev))
     elif not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"decode_attention: num_splits must be an int in 1..{MAX_SPLITS}, "

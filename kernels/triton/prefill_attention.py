@@ -276,8 +276,9 @@ def _tile_map(meta: AttentionMetadata, BLOCK_M: int, device) -> torch.Tensor:
     cached = meta.scratch.get(key)
     if cached is not None:
         return cached
-    qsl = meta.query_start_loc.tolist()
-    ctx = meta.context_lens.tolist()
+    # host copies from the runner when present: no device sync
+    qsl = meta.host_query_start_loc or meta.query_start_loc.tolist()
+    ctx = meta.host_context_lens or meta.context_lens.tolist()
     tiles = []
     for i, c in enumerate(ctx):
         n = qsl[i + 1] - qsl[i]
