@@ -106,7 +106,8 @@ class LLM:
                              "(the config's max_position_embeddings)")
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
-        num_blocks = num_kv_blocks or self._default_num_blocks(gpu_memory_utilization)
+        num_blocks = num_kv_blocks or self._default_num_blocks(
+            gpu_memory_utilization, max_num_batched_tokens, show_progress)
         blocks_per_seq = -(-self.max_model_len // block_size)
         if num_blocks < blocks_per_seq:
             raise ValueError(f"the KV cache ({num_blocks} blocks of {block_size} tokens) cannot hold "
@@ -127,15 +128,31 @@ class LLM:
         self.step_times = {"schedule": 0.0, "prepare": 0.0, "forward": 0.0, "sample": 0.0}
         self.num_steps = 0
 
-    def _default_num_blocks(self, util: float) -> int:
+    def _default_num_blocks(self, util: float, max_num_batched_tokens: int | None = None,
+                            verbose: bool = False) -> int:
+        """KV blocks when ``num_kv_blocks`` is not given (see engine/kv_sizing.py).
+
+        CUDA: profile one forward at the largest batch the scheduler can issue,
+        then give the cache ``util`` of the device minus what is in use, the
+        peak activation and a reserve. CPU: ``max_num_seqs`` full sequences,
+        at most 2 GiB. Must run before the KV pool or CUDA graphs exist.
+        """
+        from engine import kv_sizing
         per_block = ModelRunner.kv_bytes_per_block(self.config, self.block_size, self.model.dtype)
-        if self.model.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.model.device)
-            budget = int(total * util) - (total - free) - (1 << 30)   # 1 GiB for activations
-        else:
-            full = self.max_num_seqs * -(-self.max_model_len // self.block_size)
-            budget = min(full * per_block, CPU_KV_CAP_BYTES)
-        return max(budget // per_block, 1)
+        if self.model.device.type != "cuda":
+            return kv_sizing.cpu_default_blocks(self.max_num_seqs, self.max_model_len,
+                                                self.block_size, per_block)
+        # The scheduler's default token budget (see the Scheduler(...) call in __init__).
+        tokens = max_num_batched_tokens or max(2048, self.max_model_len)
+        report = kv_sizing.measure_gpu_memory(self.model, tokens, self.max_num_seqs,
+                                              self.max_model_len, self.block_size)
+        blocks = kv_sizing.kv_blocks_for_memory(report, util, per_block)
+        if verbose:
+            import sys
+            print(kv_sizing.describe(blocks, self.block_size, per_block, report), file=sys.stderr)
+        kv_sizing.check_fits_one_sequence(blocks, self.block_size, self.max_model_len, report,
+                                          util, per_block)
+        return blocks
 
     # ---- requests ------------------------------------------------------------
     def get_tokenizer(self):

@@ -113,37 +113,54 @@ class Sampler:
             tokens[r] = self._sample_rows(logits[r], [seqs[i] for i in rest])
         sampled_lp = ops.gather_logprobs(raw, tokens.unsqueeze(1)).squeeze(1)      # [B]
 
-        host_tokens, host_lp = tokens.tolist(), sampled_lp.tolist()   # the step's one sync
         want = [i for i, s in enumerate(seqs) if s.params.wants_logprobs]
+        parts = [tokens.double(), sampled_lp.double()]
+        if want:
+            ids, lps, ranks = self._logprob_entries(raw, tokens, want, seqs, ops)
+            parts += [ids.double().flatten(), lps.double().flatten(), ranks.double().flatten()]
+        # The step's one device->host transfer: ids (exact in float64), log-probs, ranks.
+        flat = torch.cat(parts).tolist()
+        host_tokens = [int(t) for t in flat[:B]]
+        host_lp = flat[B:2 * B]
         entries: list[dict | None] = [None] * B
         if want:
-            ids, lps, ranks = self._logprob_entries(raw, host_tokens, want, seqs, ops)
-            for i, row_ids, row_lps, row_ranks in zip(want, ids.tolist(), lps.tolist(),
-                                                      ranks.tolist()):
-                entries[i] = {t: (v, r) for t, v, r in zip(row_ids, row_lps, row_ranks)}
+            n, K = len(want), ids.shape[1]
+            base = 2 * B
+            for j, i in enumerate(want):
+                row = slice(base + j * K, base + (j + 1) * K)
+                off = n * K
+                entries[i] = {int(t): (v, int(r)) for t, v, r in
+                              zip(flat[row], flat[row.start + off:row.stop + off],
+                                  flat[row.start + 2 * off:row.stop + 2 * off])}
         return host_tokens, [StepLogprobs(lp, e) for lp, e in zip(host_lp, entries)]
 
     @staticmethod
-    def _logprob_entries(raw: torch.Tensor, sampled: list[int], rows: list[int],
+    def _logprob_entries(raw: torch.Tensor, tokens: torch.Tensor, rows: list[int],
                          seqs: list[Sequence], ops):
-        """For the requesting rows: ids [n, K] (sampled, then top-N, then the
-        requested ids; rows padded by repeating their sampled id), their raw
-        log-probs [n, K] and ranks [n, K], all from a few batched device calls.
+        """For the requesting rows, on the device: ids [n, K] (sampled, then
+        top-N, then the requested ids; short rows padded by repeating their
+        sampled id), their raw log-probs [n, K] and ranks [n, K].
 
         rank = 1 + number of tokens with a strictly larger raw logit.
         """
         dev = raw.device
-        sub = raw[torch.tensor(rows, device=dev)]                     # [n, V]
-        params = [seqs[r].params for r in rows]
+        r = torch.tensor(rows, device=dev)
+        sub = raw[r]                                                   # [n, V]
+        sampled = tokens[r].unsqueeze(1)                               # [n, 1]
+        params = [seqs[i].params for i in rows]
         top_n = max(p.logprobs or 0 for p in params)
-        width = 1 + top_n + max(len(p.logprob_token_ids or ()) for p in params)
-        top = sub.topk(top_n, dim=-1).indices.tolist() if top_n else [[] for _ in rows]
-        table = []
-        for r, p, t in zip(rows, params, top):
-            s = sampled[r]
-            row = [s] + t[:p.logprobs or 0] + list(p.logprob_token_ids or ())
-            table.append(row + [s] * (width - len(row)))
-        ids = torch.tensor(table, device=dev)                          # [n, K]
+        n_req = max(len(p.logprob_token_ids or ()) for p in params)
+        cols = [sampled]
+        if top_n:
+            top = sub.topk(top_n, dim=-1).indices                      # [n, top_n]
+            keep = torch.arange(top_n, device=dev) < torch.tensor(
+                [p.logprobs or 0 for p in params], device=dev).unsqueeze(1)
+            cols.append(torch.where(keep, top, sampled))
+        if n_req:
+            req = torch.tensor([list(p.logprob_token_ids or ()) + [-1] * (n_req - len(p.logprob_token_ids or ()))
+                                for p in params], device=dev)
+            cols.append(torch.where(req >= 0, req, sampled))
+        ids = torch.cat(cols, dim=1)                                   # [n, K]
         lps = ops.gather_logprobs(sub, ids)                            # [n, K]
         vals = sub.gather(1, ids)
         ranks = (sub.unsqueeze(1) > vals.unsqueeze(2)).sum(-1) + 1     # [n, K]
