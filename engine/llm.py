@@ -28,7 +28,6 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 
-CPU_KV_CAP_BYTES = 2 << 30     # CPU default pool: at most 2 GiB
 
 
 class LLM:
