@@ -25,6 +25,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_cpu_generate.py $(if $(QUICK),--quick,)
 	$(PY) benchmarks/bench_loading.py $(if $(QUICK),--size-gb 0.5 --out benchmarks/results/loading_cpu_quick.json,)
+	# Latency / batch sweep / throughput vs the bandwidth ceiling and HF generate
+	# (CUDA if present: 7B shape in fp16; else the CPU configuration).
+	$(PY) benchmarks/bench_latency.py $(if $(QUICK),--quick,)
 
 gpu-check:
 	PYTHONPATH=. PYTHONUNBUFFERED=1 $(GPU_PY) benchmarks/gpu_check.py $(if $(STAGE),--stage $(STAGE),) $(ARGS)

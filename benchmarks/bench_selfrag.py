@@ -67,8 +67,10 @@ def main():
         args.model = default_model_dir()
     max_tokens = 20 if args.quick else 100
     repeat = 1 if args.quick else args.repeat
-    shared_llm = LLM(args.model, device=args.device, show_progress=False)
-    plain_llm = LLM(args.model, device=args.device, show_progress=False, enable_prefix_caching=False)
+    # Two engines live at once: each takes under half of the GPU's memory.
+    shared_llm = LLM(args.model, device=args.device, show_progress=False, gpu_memory_utilization=0.4)
+    plain_llm = LLM(args.model, device=args.device, show_progress=False, enable_prefix_caching=False,
+                    gpu_memory_utilization=0.8)
     dev = shared_llm.model.device
     import torch
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)

@@ -10,9 +10,11 @@ Runs on a lent GPU machine's own python (no venv, no registry) with
            naive paged reference and the copy bandwidth; JSON + PNG);
   e2e      loading benchmark at the full selfrag-7B shape (bf16, 3 shards,
            built on the device's disk) and greedy decode tokens/s of dummy 7B
-           weights in fp16 at batch 1 and 16 (the HF peer comparison comes with
-           the latency issue's `make bench`), and the Self-RAG short-form
-           benchmark (10 passages) on the embedded model.
+           weights in fp16 at batch 1 and 16, and the Self-RAG short-form
+           benchmark (10 passages) on the embedded model, then
+           benchmarks/bench_latency.py (TTFT / TPOT / bandwidth fraction at
+           batch 1, batch sweep, throughput, HF generate peer) in the time
+           left of the stage's budget.
 
 ``--dry-run`` runs the same code paths on CPU at tiny sizes.
 """
@@ -29,7 +31,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from benchmarks.common import device_name, record, write_json  # noqa: E402
+from benchmarks.common import device_name, record, slug, write_json  # noqa: E402
+
+STAGE_BUDGET_S = 540      # each stage stays under 9 minutes
 
 
 def run(cmd, env=None, timeout=520):
@@ -76,6 +80,7 @@ def _newest_json(pattern: str):
 
 
 def stage_e2e(dry: bool):
+    t0 = time.time()
     out = {}
     load = [sys.executable, "benchmarks/bench_loading.py", "--repeat", "1", "--cleanup"]
     load_json = os.path.join(REPO, "benchmarks", "results",
@@ -87,10 +92,51 @@ def stage_e2e(dry: bool):
         with open(load_json) as f:
             out["loading_result"] = json.load(f)
     out["decode"] = decode_7b(dry)
+    _release_cuda(dry)      # decode_7b's engine is gone; the subprocesses below need its memory
     out["selfrag"] = run([sys.executable, "benchmarks/bench_selfrag.py", "--device",
                           "cpu" if dry else "cuda"] + (["--quick"] if dry else []))
     out["selfrag_result"] = _newest_json("selfrag_shortform*.json")
+    out.update(latency_bench(dry, t0))
     return out
+
+
+def _release_cuda(dry: bool):
+    """Hands this process's cached CUDA blocks back to the driver: an engine
+    in a subprocess sizes its KV pool from the free memory."""
+    if not dry:
+        import gc
+
+        import torch
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def latency_bench(dry: bool, t0: float) -> dict:
+    """bench_latency.py in what is left of the stage's budget; its JSON embedded."""
+    left = STAGE_BUDGET_S - (time.time() - t0) - 20      # 20 s for writing the stage result
+    _release_cuda(dry)
+    if left < 60:
+        return {"latency_skipped": f"only {left:.0f} s of the stage's {STAGE_BUDGET_S} s left"}
+    # GPU: batch 1 at 128 + 256 tokens, sweep 1..256 at 64 new tokens, 128 of the
+    # throughput workload's requests, HF on one padded batch of 32 (+ static cache
+    # if time is left); the script skips what does not fit --max-seconds.
+    cmd = [sys.executable, "benchmarks/bench_latency.py", "--max-seconds", str(int(left))]
+    cmd += (["--dry-run"] if dry else
+            ["--sweep-output-len", "64", "--num-requests", "128", "--hf-requests", "32"])
+    name = "latency_dryrun.json" if dry else f"latency_{slug(device_name('cuda'))}.json"
+    path = os.path.join(REPO, "benchmarks", "results", name)
+    started = time.time()
+    try:
+        res = {"latency": run(cmd, timeout=int(left) + 15)}
+    except subprocess.TimeoutExpired as e:
+        res = {"latency": {"cmd": " ".join(cmd), "rc": 124, "seconds": round(time.time() - started, 1),
+                           "tail": (e.stdout or b"")[-3000:].decode(errors="replace")
+                           if isinstance(e.stdout, bytes) else (e.stdout or "")[-3000:]}}
+    # Only this run's file (the script rewrites it after every stage).
+    if os.path.exists(path) and os.path.getmtime(path) >= started:
+        with open(path) as f:
+            res["latency_result"] = {"file": name, "data": json.load(f)}
+    return res
 
 
 def decode_7b(dry: bool):
