@@ -122,6 +122,11 @@ class LLM:
         self.eos_token_id = (self.tokenizer.eos_token_id if self.tokenizer is not None
                              else _first(cfg.eos_token_id))
         self._requests: dict[str, RequestState] = {}
+        # Async output processing (CUDA): a step's detokenization and stop-string
+        # checks run while the device computes the next step; outputs then lag
+        # one step. On CPU nothing would overlap, so it is off.
+        self.async_output = self.model.device.type == "cuda"
+        self._deferred: list[RequestState] = []
         self._ids = itertools.count()
         # Host seconds spent per phase over all steps (read by the benchmarks).
         self.step_times = {"schedule": 0.0, "prepare": 0.0, "forward": 0.0, "sample": 0.0}
@@ -240,7 +245,7 @@ class LLM:
         t0 = time.perf_counter()
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
-            return []
+            return self._drain(finished_only)       # idle: finish any deferred text
         t1 = time.perf_counter()
         try:
             graph = self.graph_runner
@@ -254,28 +259,51 @@ class LLM:
                 hidden = self.model.forward(input_ids, positions, meta, self.runner.kv_caches)
                 logits = self.model.compute_logits(hidden[last] if is_prefill else hidden)
             t3 = time.perf_counter()
-            tokens, lps = self.sampler(logits, seqs, self.model.ops)
+            pending = self.sampler.launch(logits, seqs, self.model.ops)
         except BaseException:
             # Nothing was appended: put the batch back to be recomputed.
             self.scheduler.requeue(seqs)
             raise
         t4 = time.perf_counter()
-        outputs = []
-        for seq, tok, lp in zip(seqs, tokens, lps):
-            req = self._requests[seq.request_id]
-            reason = req.append(tok, lp)
-            if reason is not None:
-                self.scheduler.finish(seq, reason)
-                del self._requests[seq.request_id]
-            if reason is not None or not finished_only:
-                outputs.append(req.output())
+        # While the device runs this step, finish the previous step's text.
+        outputs = self._drain(finished_only) if self.async_output else []
         t5 = time.perf_counter()
+        tokens, lps = pending.wait()                # the step's one device->host read
+        t6 = time.perf_counter()
+        for seq, tok, lp in zip(seqs, tokens, lps):
+            if seq.is_finished:                     # a stop string ended it meanwhile
+                continue
+            req = self._requests[seq.request_id]
+            reason = req.append_token(tok, lp)
+            if reason is None and self.async_output:
+                self._deferred.append(req)
+                continue
+            self._emit(req, req.detokenize() or reason, finished_only, outputs)
+        t7 = time.perf_counter()
         st = self.step_times
-        st["schedule"] += (t1 - t0) + (t5 - t4)
+        st["schedule"] += (t1 - t0) + (t5 - t4) + (t7 - t6)
         st["prepare"] += t2 - t1
         st["forward"] += t3 - t2
-        st["sample"] += t4 - t3
+        st["sample"] += (t4 - t3) + (t6 - t5)
         self.num_steps += 1
+        return outputs
+
+    def _emit(self, req: RequestState, reason, finished_only: bool, outputs: list) -> None:
+        if reason is not None:
+            self.scheduler.finish(req.seq, reason)
+            del self._requests[req.request_id]
+        if reason is not None or not finished_only:
+            outputs.append(req.output())
+
+    def _drain(self, finished_only: bool) -> list:
+        """Detokenizes (and checks stop strings of) the requests whose text was
+        deferred last step; returns their outputs."""
+        outputs = []
+        deferred, self._deferred = self._deferred, []
+        for req in deferred:
+            if req.seq.is_finished or req.request_id not in self._requests:
+                continue
+            self._emit(req, req.detokenize(), finished_only, outputs)
         return outputs
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True):

@@ -21,6 +21,8 @@ class RequestState:
         self.params = seq.params
         self.text = ""
         self.stop_reason = None
+        self._decoded = 0                  # generated tokens fed to the detokenizer
+        self._final_token_is_stop = False  # last token is EOS / a stop id (not text)
         self.logprobs = [] if self.params.wants_logprobs else None
         self.detok = None
         if tokenizer is not None:
@@ -35,7 +37,16 @@ class RequestState:
         return self.seq.request_id
 
     def append(self, token_id: int, lp: StepLogprobs) -> str | None:
-        """Records one sampled token; returns a finish reason or None."""
+        """Records one sampled token and detokenizes; returns a finish reason or None."""
+        reason = self.append_token(token_id, lp)
+        return self.detokenize() or reason
+
+    def append_token(self, token_id: int, lp: StepLogprobs) -> str | None:
+        """The cheap part: token, log-probs, EOS / stop ids / length checks.
+
+        Text (and stop strings) follow in ``detokenize``, which the engine may
+        run later, overlapped with the next step on the GPU.
+        """
         seq, p = self.seq, self.params
         seq.append_token(token_id)
         seq.cumulative_logprob += lp.sampled_logprob
@@ -44,19 +55,33 @@ class RequestState:
                 t: Logprob(v, r, self._decode_one(t)) for t, (v, r) in (lp.entries or {}).items()})
         if not p.ignore_eos and token_id == self.eos_token_id:
             self.stop_reason = None
+            self._final_token_is_stop = True
             return "stop"
         if token_id in (p.stop_token_ids or ()):
             self.stop_reason = token_id
+            self._final_token_is_stop = True
             return "stop"
-        if self.detok is not None:
-            self.detok.add(token_id)
-            self.text = self.detok.text
-            if p.stop_list and self._check_stop_strings():
-                return "stop"
         if p.max_tokens is not None and seq.num_generated_tokens >= p.max_tokens:
             return "length"
         if len(seq) >= self.max_model_len:
             return "length"
+        return None
+
+    def detokenize(self) -> str | None:
+        """Feeds every generated token not yet decoded to the detokenizer (a
+        final EOS / stop id is not part of the text); returns "stop" when a
+        stop string matched, after cutting the text off. The engine appends no
+        token to a request between its deferral and this call."""
+        if self.detok is None:
+            return None
+        out = self.seq.output_token_ids
+        end = len(out) - (1 if self._final_token_is_stop else 0)
+        while self._decoded < end:
+            self.detok.add(out[self._decoded])
+            self._decoded += 1
+            self.text = self.detok.text
+            if self.params.stop_list and self._check_stop_strings():
+                return "stop"
         return None
 
     def _check_stop_strings(self) -> bool:

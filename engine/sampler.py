@@ -92,10 +92,14 @@ class Sampler:
             noise[i].exponential_(generator=self._seq_generator(seq))
         return (probs / noise).argmax(dim=-1)
 
-    @torch.no_grad()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], ops
                  ) -> tuple[list[int], list[StepLogprobs]]:
         """logits [B, V] raw fp32 -> (token ids, log-prob info) per sequence."""
+        return self.launch(logits, seqs, ops).wait()
+
+    @torch.no_grad()
+    def launch(self, logits: torch.Tensor, seqs: list[Sequence], ops) -> "PendingSample":
+        """Queues the step's sampling on the device; ``.wait()`` reads it back."""
         B = logits.shape[0]
         raw = logits                                                 # never modified
         if any(s.params.logits_processors for s in seqs):
@@ -112,27 +116,14 @@ class Sampler:
             r = torch.tensor(rest, device=logits.device)
             tokens[r] = self._sample_rows(logits[r], [seqs[i] for i in rest])
         sampled_lp = ops.gather_logprobs(raw, tokens.unsqueeze(1)).squeeze(1)      # [B]
-
         want = [i for i, s in enumerate(seqs) if s.params.wants_logprobs]
         parts = [tokens.double(), sampled_lp.double()]
+        K = 0
         if want:
             ids, lps, ranks = self._logprob_entries(raw, tokens, want, seqs, ops)
+            K = ids.shape[1]
             parts += [ids.double().flatten(), lps.double().flatten(), ranks.double().flatten()]
-        # The step's one device->host transfer: ids (exact in float64), log-probs, ranks.
-        flat = torch.cat(parts).tolist()
-        host_tokens = [int(t) for t in flat[:B]]
-        host_lp = flat[B:2 * B]
-        entries: list[dict | None] = [None] * B
-        if want:
-            n, K = len(want), ids.shape[1]
-            base = 2 * B
-            for j, i in enumerate(want):
-                row = slice(base + j * K, base + (j + 1) * K)
-                off = n * K
-                entries[i] = {int(t): (v, int(r)) for t, v, r in
-                              zip(flat[row], flat[row.start + off:row.stop + off],
-                                  flat[row.start + 2 * off:row.stop + 2 * off])}
-        return host_tokens, [StepLogprobs(lp, e) for lp, e in zip(host_lp, entries)]
+        return PendingSample(torch.cat(parts), B, want, K)
 
     @staticmethod
     def _logprob_entries(raw: torch.Tensor, tokens: torch.Tensor, rows: list[int],
@@ -165,3 +156,24 @@ class Sampler:
         vals = sub.gather(1, ids)
         ranks = (sub.unsqueeze(1) > vals.unsqueeze(2)).sum(-1) + 1     # [n, K]
         return ids, lps, ranks
+
+
+class PendingSample:
+    """A step's sampling results still on the device (ids exact in float64)."""
+
+    def __init__(self, flat: torch.Tensor, B: int, want: list[int], K: int):
+        self.flat, self.B, self.want, self.K = flat, B, want, K
+
+    def wait(self) -> tuple[list[int], list[StepLogprobs]]:
+        """The step's one device->host transfer: ids, log-probs, ranks."""
+        flat, B = self.flat.tolist(), self.B
+        host_tokens = [int(t) for t in flat[:B]]
+        host_lp = flat[B:2 * B]
+        entries: list[dict | None] = [None] * B
+        n, K = len(self.want), self.K
+        off = n * K
+        for j, i in enumerate(self.want):
+            a = 2 * B + j * K
+            entries[i] = {int(t): (v, int(r)) for t, v, r in
+                          zip(flat[a:a + K], flat[a + off:a + off + K], flat[a + 2 * off:a + 2 * off + K])}
+        return host_tokens, [StepLogprobs(lp, e) for lp, e in zip(host_lp, entries)]
