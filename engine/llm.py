@@ -105,8 +105,8 @@ class LLM:
                              "(the config's max_position_embeddings)")
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
-        num_blocks = num_kv_blocks or self._default_num_blocks(
-            gpu_memory_utilization, max_num_batched_tokens, show_progress)
+        self.max_num_batched_tokens = max_num_batched_tokens or max(2048, self.max_model_len)
+        num_blocks = num_kv_blocks or self._default_num_blocks(gpu_memory_utilization, show_progress)
         blocks_per_seq = -(-self.max_model_len // block_size)
         if num_blocks < blocks_per_seq:
             raise ValueError(f"the KV cache ({num_blocks} blocks of {block_size} tokens) cannot hold "
@@ -116,8 +116,7 @@ class LLM:
         self.graph_runner = maybe_capture(self.model, self.runner.kv_caches, block_size,
                                           max_num_seqs, self.max_model_len, enforce_eager)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs,
-                                   max_num_batched_tokens or max(2048, self.max_model_len))
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, self.max_num_batched_tokens)
         self.sampler = Sampler(self.model.device, seed)
         self.eos_token_id = (self.tokenizer.eos_token_id if self.tokenizer is not None
                              else _first(cfg.eos_token_id))
@@ -132,8 +131,7 @@ class LLM:
         self.step_times = {"schedule": 0.0, "prepare": 0.0, "forward": 0.0, "sample": 0.0}
         self.num_steps = 0
 
-    def _default_num_blocks(self, util: float, max_num_batched_tokens: int | None = None,
-                            verbose: bool = False) -> int:
+    def _default_num_blocks(self, util: float, verbose: bool = False) -> int:
         """KV blocks when ``num_kv_blocks`` is not given (see engine/kv_sizing.py).
 
         CUDA: profile one forward at the largest batch the scheduler can issue,
@@ -146,9 +144,7 @@ class LLM:
         if self.model.device.type != "cuda":
             return kv_sizing.cpu_default_blocks(self.max_num_seqs, self.max_model_len,
                                                 self.block_size, per_block)
-        # The scheduler's default token budget (see the Scheduler(...) call in __init__).
-        tokens = max_num_batched_tokens or max(2048, self.max_model_len)
-        report = kv_sizing.measure_gpu_memory(self.model, tokens, self.max_num_seqs,
+        report = kv_sizing.measure_gpu_memory(self.model, self.max_num_batched_tokens, self.max_num_seqs,
                                               self.max_model_len, self.block_size)
         blocks = kv_sizing.kv_blocks_for_memory(report, util, per_block)
         if verbose:

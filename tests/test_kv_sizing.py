@@ -132,7 +132,7 @@ def test_llm_level_error(config_dir, monkeypatch):
                         lambda *a: report(8 * GiB, 1 * GiB, GiB // 2, weights=GiB // 2))
     per_block = ModelRunner.kv_bytes_per_block(llm.config, 16, llm.model.dtype)
     want = (int(0.9 * 8 * GiB) - GiB - GiB // 2 - GiB) // per_block
-    assert llm._default_num_blocks(0.9, 512) == want
+    assert llm._default_num_blocks(0.9) == want
 
 
 def test_default_num_blocks_prints_one_line(config_dir, monkeypatch, capsys):
@@ -141,7 +141,7 @@ def test_default_num_blocks_prints_one_line(config_dir, monkeypatch, capsys):
     monkeypatch.setattr(ks, "measure_gpu_memory",
                         lambda *a: report(8 * GiB, GiB, 3 * GiB // 4, weights=GiB // 2))
     monkeypatch.setattr(llm.model, "device", torch.device("cuda"))
-    n = llm._default_num_blocks(0.5, None, verbose=True)
+    n = llm._default_num_blocks(0.5, verbose=True)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert f"{n} blocks x 16 tokens = {16 * n} tokens" in err[0]
