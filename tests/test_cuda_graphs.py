@@ -40,16 +40,22 @@ def ckpt(tmp_path_factory):
     return str(path), cfg
 
 
-def test_static_buffer_path_gives_the_eager_tokens(ckpt):
-    """The padded static-buffer decode (what a graph replays), run eagerly on CPU."""
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_static_buffer_path_gives_the_eager_tokens(ckpt, backend):
+    """The padded static-buffer decode (what a graph replays), run eagerly on CPU:
+    with the reference ops, and with the Triton kernels (interpreter) at the
+    graph's fixed split count and its padding rows (slot -1, context 0)."""
     path, cfg = ckpt
     prompts = token_prompts(3, cfg.vocab_size, seed=4)
-    sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    sp = SamplingParams(temperature=0, max_tokens=12 if backend == "triton" else 20, ignore_eos=True)
     eager = make_llm(path, show_progress=False, block_size=8, max_model_len=128)
     want = [o.outputs[0].token_ids for o in eager.generate([{"prompt_token_ids": p} for p in prompts],
                                                            sp, use_tqdm=False)]
-    llm = make_llm(path, show_progress=False, block_size=8, max_model_len=128, max_num_seqs=6)
-    llm.graph_runner = DecodeGraphRunner(llm.model, llm.runner.kv_caches, 8, 6, 128, use_graphs=False)
+    llm = make_llm(path, show_progress=False, block_size=8, max_model_len=128, max_num_seqs=6,
+                   kernel_backend=backend)
+    llm.graph_runner = DecodeGraphRunner(llm.model, llm.runner.kv_caches, 8, 6, 128,
+                                         num_splits=lambda b: 3 if backend == "triton" else None,
+                                         use_graphs=False)
     calls = []
     real = llm.graph_runner.run
     llm.graph_runner.run = lambda host: calls.append(len(host["ctx"])) or real(host)
