@@ -6,6 +6,7 @@
                 [--mode adaptive|always|never] [--long] [--json] [--max-tokens N] [--task T]
     selfrag eval --task popqa|triviaqa|pubhealth|arc_c --input FILE.jsonl [--ndocs N]
                  [--model DIR] [--mode M] [--output PRED.jsonl] [--limit N]
+    selfrag serve [--model DIR] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
 
 Each subcommand is a ``Command``: a name, a help line, a function adding its
 arguments and a function running it (returning an exit status).  New
@@ -387,6 +388,23 @@ COMMANDS: list[Command] = [
     Command("eval", "short-form evaluation on a released eval file (match, retrieval frequency)",
             _eval_arguments, _run_eval),
 ]
+
+
+# ---------------------------------------------------------------- serve (OpenAI-compatible HTTP)
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    from selfrag.serve import add_arguments
+
+    add_arguments(p)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from selfrag.serve import run_serve
+
+    return run_serve(args)
+
+
+COMMANDS.append(Command("serve", "serve the model over an OpenAI-compatible HTTP API (+ /v1/selfrag/answer)",
+                        _serve_arguments, _run_serve))
 
 
 def build_parser() -> argparse.ArgumentParser:

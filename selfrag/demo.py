@@ -156,6 +156,9 @@ def _run(path: str, embedded: bool, params: SamplingParams, dtype: str, out: Tex
     say(f"generated {total_tokens} tokens for {len(DEMO_PROMPTS)} prompts (one batch) in "
         f"{total_time:.2f}s: {rate:.1f} tokens/s")
     _ask_section(llm, min(params.max_tokens, ASK_MAX_TOKENS), say)
+    say()
+    say("serve it over an OpenAI-compatible HTTP API: selfrag serve" + ("" if embedded else f" --model {path}")
+        + "  (http://127.0.0.1:8000/v1; needs: pip install 'selfrag-engine[serve]')")
     if embedded:
         say()
         for line in random_weights_notice("above"):
