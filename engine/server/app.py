@@ -1,0 +1,396 @@
+"""The FastAPI app: OpenAI-compatible completions/chat over one ``AsyncEngine``.
+
+    app = create_app(llm, served_model_name="selfrag")
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``,
+``POST /v1/chat/completions`` (``stream: true`` -> SSE ``data: {json}`` chunks
+ending with ``data: [DONE]``). Errors use OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}``: invalid requests 400,
+bad key 401, unknown model 404, body too large 413, queue full 429 (with
+``Retry-After``), draining 503, only server faults 500.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import asynccontextmanager
+from typing import Callable
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError("the HTTP server needs FastAPI and uvicorn: pip install 'selfrag-engine[serve]' "
+                      "(or pip install fastapi uvicorn)") from e
+
+from engine.errors import InvalidRequestError
+from engine.sampling_params import SamplingParams
+from engine.server.async_engine import (AsyncEngine, EngineDrainingError,
+                                        QueueFullError)
+from engine.server.protocol import (ChatCompletionRequest, CompletionRequest, error_body, new_id,
+                                    now_s, usage)
+
+log = logging.getLogger("engine.server")
+
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_MAX_TOKENS_CAP = 4096
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code=None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type_, param
+        self.code, self.headers = code, headers
+
+
+def _error_response(status: int, message: str, type_: str = "invalid_request_error",
+                    param=None, code=None, headers=None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
+
+
+class _LimitsMiddleware:
+    """Pure-ASGI gate before routing: API key, body size, draining."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, engine: AsyncEngine):
+        self.app, self.max_body = app, max_body_bytes
+        self.auth = f"Bearer {api_key}".encode() if api_key else None
+        self.engine = engine
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        headers = dict(scope.get("headers") or [])
+        if self.engine.draining and path != "/health":
+            return await _error_response(503, "the server is shutting down", "service_unavailable",
+                                         code="draining")(scope, receive, send)
+        if self.auth is not None and path != "/health" and headers.get(b"authorization") != self.auth:
+            return await _error_response(401, "missing or invalid API key (Authorization: Bearer KEY)",
+                                         "authentication_error", code="invalid_api_key",
+                                         headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > self.max_body
+            except ValueError:
+                return await _error_response(400, "bad Content-Length")(scope, receive, send)
+            if too_big:
+                return await _error_response(413, f"request body over {self.max_body} bytes",
+                                             code="body_too_large")(scope, receive, send)
+            return await self.app(scope, receive, send)
+        # Chunked body: count as it arrives.
+        seen = 0
+        started = False
+
+        async def counting_receive():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_body:
+                    raise _BodyTooLarge()
+            return msg
+
+        async def tracking_send(msg):
+            nonlocal started
+            if msg["type"] == "http.response.start":
+                started = True
+            await send(msg)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await _error_response(413, f"request body over {self.max_body} bytes",
+                                      code="body_too_large")(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None = None,
+               rag: Callable | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP, max_waiting: int | None = 1024,
+               engine: AsyncEngine | None = None,
+               chat_prompt: Callable[[str], str] | None = None) -> FastAPI:
+    """The app serving ``llm`` (one shared ``AsyncEngine``, started on app startup).
+
+    rag: optional ``install(app, engine)`` adding more routes (``selfrag.serve``
+        passes one adding ``/v1/selfrag/answer``).
+    max_tokens_cap: largest ``max_tokens`` accepted (400 above).
+    max_waiting: requests waiting for their first token before 429.
+    engine: an existing ``AsyncEngine`` over ``llm`` (default: a new one).
+    chat_prompt: turns the last user message of a chat request into the
+        prompt (``selfrag serve`` passes Self-RAG's instruction format);
+        default: the message itself.
+    """
+    owns_engine = engine is None
+    engine = engine or AsyncEngine(llm, max_waiting=max_waiting)
+    tokenizer = llm.get_tokenizer()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        try:
+            yield
+        finally:
+            if owns_engine:
+                engine.begin_drain()
+                engine.stop()
+
+    app = FastAPI(title="selfrag-engine OpenAI-compatible server", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    app.state.engine = engine
+    app.state.llm = llm
+    app.state.served_model_name = served_model_name
+    app.state.max_tokens_cap = max_tokens_cap
+    app.state.api_error = APIError
+
+    # ---- errors ------------------------------------------------------------------------
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errs = exc.errors()
+        first = errs[0] if errs else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        if first.get("type") == "json_invalid":
+            msg, loc = "the body is not valid JSON", []
+        else:
+            msg = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: "
+                            f"{e.get('msg')}" for e in errs[:5])
+        return _error_response(400, msg, param=".".join(loc) or None, code=first.get("type"))
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return _error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error_response(exc.status_code, str(exc.detail), type_, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, exc: Exception):
+        log.exception("server error")
+        return _error_response(500, f"internal server error: {type(exc).__name__}", "server_error")
+
+    # ---- helpers ----------------------------------------------------------------------
+    def check_model(model):
+        if model is not None and model != served_model_name:
+            raise APIError(404, f"the model {model!r} does not exist (served: {served_model_name!r})",
+                           "not_found_error", "model", "model_not_found")
+
+    def sampling(req, max_tokens, logprobs) -> SamplingParams:
+        if max_tokens > max_tokens_cap:
+            raise APIError(400, f"max_tokens={max_tokens} is over this server's cap of "
+                                f"{max_tokens_cap}", param="max_tokens")
+        try:
+            return SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                                  max_tokens=max_tokens, stop=req.stop, seed=req.seed,
+                                  logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
+                                  ignore_eos=req.ignore_eos)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+
+    async def submit(prompts, params, rid):
+        try:
+            return await engine.add(prompts, params, rid)
+        except QueueFullError as e:
+            raise APIError(429, str(e), "rate_limit_error", code="queue_full",
+                           headers={"Retry-After": "1"}) from None
+        except EngineDrainingError as e:
+            raise APIError(503, str(e), "service_unavailable", code="draining") from None
+        except ValueError as e:                 # InvalidRequestError, PromptTooLongError, ...
+            param = "prompt" if isinstance(e, InvalidRequestError) else None
+            raise APIError(400, str(e), param=param) from None
+
+    async def outputs(rids, q):
+        """Yields (index, RequestOutput) until all finish; aborts the rest on exit."""
+        index = {r: i for i, r in enumerate(rids)}
+        left = set(rids)
+        try:
+            while left:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                for out in item:
+                    if out.finished:
+                        left.discard(out.request_id)
+                    yield index[out.request_id], out
+        finally:
+            for r in left:
+                engine.abort(r)
+
+    def legacy_logprobs(comp, start: int, text_offset: int):
+        if comp.logprobs is None:
+            return None
+        toks, lps, tops, offs = [], [], [], []
+        off = text_offset
+        for tid, d in zip(comp.token_ids[start:], comp.logprobs[start:]):
+            lp = d.get(tid)
+            tok = (lp.decoded_token if lp is not None and lp.decoded_token is not None
+                   else (tokenizer.decode([tid]) if tokenizer is not None else str(tid)))
+            toks.append(tok)
+            lps.append(None if lp is None else lp.logprob)
+            tops.append({(v.decoded_token if v.decoded_token is not None else str(k)): v.logprob
+                         for k, v in d.items() if k != tid or v.rank is not None})
+            offs.append(off)
+            off += len(tok)
+        return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
+
+    def chat_logprobs(comp, start: int, top: bool):
+        if comp.logprobs is None:
+            return None
+        content = []
+        for tid, d in zip(comp.token_ids[start:], comp.logprobs[start:]):
+            lp = d.get(tid)
+            tok = lp.decoded_token if lp is not None and lp.decoded_token is not None else str(tid)
+            entry = {"token": tok, "logprob": None if lp is None else lp.logprob, "bytes": list(tok.encode())}
+            entry["top_logprobs"] = [{"token": v.decoded_token if v.decoded_token is not None else str(k),
+                                      "logprob": v.logprob} for k, v in d.items()] if top else []
+            content.append(entry)
+        return {"content": content}
+
+    def sse(obj) -> str:
+        return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+    # ---- routes -------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        if engine.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": served_model_name, "object": "model",
+                                            "created": now_s(), "owned_by": "selfrag-engine",
+                                            "max_model_len": llm.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        check_model(req.model)
+        p = req.prompt
+        if isinstance(p, str):
+            prompts = [p]
+        elif p and all(isinstance(x, int) for x in p):
+            prompts = [{"prompt_token_ids": list(p)}]
+        elif p and all(isinstance(x, list) for x in p):
+            prompts = [{"prompt_token_ids": list(x)} for x in p]
+        elif p and all(isinstance(x, str) for x in p):
+            prompts = list(p)
+        else:
+            raise APIError(400, "prompt must be a non-empty string, list of strings, token-id list "
+                                "or list of token-id lists", param="prompt")
+        params = sampling(req, 16 if req.max_tokens is None else req.max_tokens, req.logprobs)
+        cid = new_id("cmpl")
+        rids, q = await submit(prompts, params, cid)
+        created, model = now_s(), served_model_name
+
+        if not req.stream:
+            finals = {}
+            async for i, out in outputs(rids, q):
+                if out.finished:
+                    finals[i] = out
+            choices, pt, ct = [], 0, 0
+            for i in range(len(rids)):
+                out = finals[i]
+                c = out.outputs[0]
+                pt += len(out.prompt_token_ids)
+                ct += len(c.token_ids)
+                choices.append({"index": i, "text": c.text, "logprobs": legacy_logprobs(c, 0, 0),
+                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+            return {"id": cid, "object": "text_completion", "created": created, "model": model,
+                    "choices": choices, "usage": usage(pt, ct)}
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def stream():
+            sent_text = [0] * len(rids)
+            sent_tok = [0] * len(rids)
+            pt = ct = 0
+            async for i, out in outputs(rids, q):
+                c = out.outputs[0]
+                delta = c.text[sent_text[i]:]
+                if not delta and not out.finished:
+                    continue
+                choice = {"index": i, "text": delta,
+                          "logprobs": legacy_logprobs(c, sent_tok[i], sent_text[i]),
+                          "finish_reason": c.finish_reason if out.finished else None}
+                if out.finished:
+                    choice["stop_reason"] = c.stop_reason
+                    pt += len(out.prompt_token_ids)
+                    ct += len(c.token_ids)
+                sent_text[i], sent_tok[i] = len(c.text), len(c.token_ids)
+                yield sse({"id": cid, "object": "text_completion", "created": created, "model": model,
+                           "choices": [choice]})
+            if include_usage:
+                yield sse({"id": cid, "object": "text_completion", "created": created, "model": model,
+                           "choices": [], "usage": usage(pt, ct)})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest):
+        check_model(req.model)
+        users = [m.content for m in req.messages if m.role == "user" and m.content]
+        if not users:
+            raise APIError(400, "messages need at least one non-empty 'user' message", param="messages")
+        prompt = chat_prompt(users[-1]) if chat_prompt is not None else users[-1]
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        if max_tokens is None:
+            max_tokens = min(max_tokens_cap, llm.max_model_len)
+        top = req.top_logprobs or 0
+        params = sampling(req, max_tokens, top if req.logprobs else None)
+        cid = new_id("chatcmpl")
+        (rid,), q = await submit([prompt], params, cid)
+        created, model = now_s(), served_model_name
+
+        if not req.stream:
+            final = None
+            async for _, out in outputs([rid], q):
+                final = out
+            c = final.outputs[0]
+            return {"id": cid, "object": "chat.completion", "created": created, "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
+                                 "logprobs": chat_logprobs(c, 0, bool(top)) if req.logprobs else None,
+                                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}],
+                    "usage": usage(len(final.prompt_token_ids), len(c.token_ids))}
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def stream():
+            head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
+            yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}]})
+            sent_text = sent_tok = 0
+            final = None
+            async for _, out in outputs([rid], q):
+                c = out.outputs[0]
+                delta = c.text[sent_text:]
+                if not delta and not out.finished:
+                    continue
+                choice = {"index": 0, "delta": {"content": delta} if delta else {},
+                          "logprobs": chat_logprobs(c, sent_tok, bool(top)) if req.logprobs else None,
+                          "finish_reason": c.finish_reason if out.finished else None}
+                sent_text, sent_tok = len(c.text), len(c.token_ids)
+                final = out
+                yield sse({**head, "choices": [choice]})
+            if include_usage and final is not None:
+                yield sse({**head, "choices": [],
+                           "usage": usage(len(final.prompt_token_ids), len(final.outputs[0].token_ids))})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    if rag is not None:
+        rag(app, engine)
+    # Outermost: the key / size / draining gate.
+    app.add_middleware(_LimitsMiddleware, api_key=api_key, max_body_bytes=max_body_bytes, engine=engine)
+    return app

@@ -1,0 +1,308 @@
+"""An asyncio front over ONE ``engine.LLM``.
+
+A single background thread owns the stepping: it calls ``llm.step()`` while
+requests are unfinished and hands each step's outputs to the requests'
+sinks (per-request ``asyncio.Queue``s for coroutines, ``queue.Queue``s for
+blocking callers such as Self-RAG). Every call into the LLM happens under
+``self.lock``, so requests from all connections share one continuously
+batched engine and nothing races with ``step()``.
+
+    engine = AsyncEngine(llm); engine.start()
+    async for out in engine.generate(prompt, params):   # cumulative RequestOutputs
+        ...
+    engine.sync_llm()   # an LLM-shaped proxy for blocking code (SelfRAG) in a worker thread
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+from typing import AsyncIterator, Callable
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests wait for their first token (HTTP 429)."""
+
+
+class EngineDrainingError(RuntimeError):
+    """The engine is shutting down and takes no new requests (HTTP 503)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The stepping thread failed; the request cannot finish (HTTP 500)."""
+
+
+_ids = itertools.count()
+
+
+class AsyncEngine:
+    """One stepping thread over ``llm``; see the module docstring.
+
+    max_waiting: most requests admitted but without a first output yet
+        (None: unbounded); more raise ``QueueFullError``.
+    """
+
+    def __init__(self, llm, max_waiting: int | None = None, idle_wait_s: float = 0.5):
+        self.llm = llm
+        self.lock = threading.RLock()
+        self.max_waiting = max_waiting
+        self._idle_wait = idle_wait_s
+        self._sinks: dict[str, Callable] = {}       # request id -> callable(list[out] | Exception)
+        self._waiting: set[str] = set()             # admitted, no output yet
+        self._aborts: list[str] = []
+        self._work = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.draining = False
+        self.error: BaseException | None = None
+        self.num_steps = 0
+
+    # ---- lifecycle ---------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stop = False
+            self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float | None = 5.0) -> None:
+        self._stop = True
+        self._work.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._thread = None
+
+    def begin_drain(self) -> None:
+        """New requests are refused (``EngineDrainingError``); running ones go on."""
+        self.draining = True
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_active(self) -> int:
+        return len(self._sinks)
+
+    # ---- the stepping thread -----------------------------------------------------
+    def _run(self) -> None:
+        llm = self.llm
+        while not self._stop:
+            outs = None
+            with self.lock:
+                if self._aborts:
+                    aborts, self._aborts = self._aborts, []
+                    for rid in aborts:
+                        llm.abort(rid)
+                busy = llm.has_unfinished_requests()
+                if busy:
+                    try:
+                        outs = llm.step()
+                        self.num_steps += 1
+                    except BaseException as e:       # a broken step fails its requests, not the server
+                        self._fail_all(e)
+                        continue
+            if busy:
+                if outs:
+                    self._dispatch(outs)
+                continue
+            self._work.wait(self._idle_wait)
+            self._work.clear()
+
+    def _dispatch(self, outs) -> None:
+        by_sink: dict[Callable, list] = {}
+        for out in outs:
+            rid = out.request_id
+            sink = self._sinks.get(rid)
+            if sink is None:
+                continue
+            self._waiting.discard(rid)
+            if out.finished:
+                self._sinks.pop(rid, None)
+            by_sink.setdefault(sink, []).append(out)
+        for sink, group in by_sink.items():
+            sink(group)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """Called with the lock held after a failed step: aborts and fails every request."""
+        sinks, self._sinks = self._sinks, {}
+        self._waiting.clear()
+        for rid in list(sinks):
+            try:
+                self.llm.abort(rid)
+            except Exception:
+                pass
+        err = EngineDeadError(f"engine step failed: {type(exc).__name__}: {exc}")
+        for sink in set(sinks.values()):
+            sink(err)
+
+    # ---- adding / aborting -------------------------------------------------------
+    def _admit(self, n: int) -> None:
+        if self.draining:
+            raise EngineDrainingError("the server is shutting down")
+        if self.max_waiting is not None and len(self._waiting) + n > self.max_waiting:
+            raise QueueFullError(f"{len(self._waiting)} requests are waiting (max_waiting="
+                                 f"{self.max_waiting}); retry later")
+
+    def _add_locked(self, items, sink) -> list[str]:
+        """Adds (prompt, params, request_id) items all or nothing; returns their ids."""
+        added = []
+        with self.lock:
+            try:
+                for prompt, params, rid in items:
+                    added.append(self.llm.add_request(prompt, params, request_id=rid))
+                    self._sinks[added[-1]] = sink
+            except BaseException:
+                for rid in added:
+                    self._sinks.pop(rid, None)
+                    self._waiting.discard(rid)
+                    self.llm.abort(rid)
+                raise
+        self._work.set()
+        return added
+
+    def abort(self, request_id: str) -> None:
+        """Aborts a request (non-blocking: the stepping thread frees its blocks
+        before its next step)."""
+        rid = str(request_id)
+        if self._sinks.pop(rid, None) is not None:
+            self._waiting.discard(rid)
+            self._aborts.append(rid)
+            self._work.set()
+
+    # ---- asyncio API ---------------------------------------------------------------
+    async def add(self, prompts: list, params, request_id: str | None = None
+                  ) -> tuple[list[str], asyncio.Queue]:
+        """Queues prompts (one request each, all or nothing); returns their ids
+        and one asyncio.Queue receiving lists of cumulative outputs (or an exception).
+        Raises the LLM's ValueErrors, ``QueueFullError`` or ``EngineDrainingError``."""
+        self._admit(len(prompts))
+        base = request_id or f"req-{next(_ids)}"
+        rids = [base if len(prompts) == 1 else f"{base}-{i}" for i in range(len(prompts))]
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+
+        def sink(item, _put=q.put_nowait, _call=loop.call_soon_threadsafe):
+            _call(_put, item)
+
+        self._waiting.update(rids)
+        items = [(p, params, r) for p, r in zip(prompts, rids)]
+        try:
+            # Fast path: the stepping thread is idle or between steps, so adding here
+            # cannot stall the event loop; otherwise wait for the lock in a worker thread.
+            if self.lock.acquire(blocking=False):
+                try:
+                    self._add_locked(items, sink)
+                finally:
+                    self.lock.release()
+            else:
+                await asyncio.to_thread(self._add_locked, items, sink)
+        except BaseException:
+            self._waiting.difference_update(rids)
+            raise
+        return rids, q
+
+    async def generate(self, prompt, params, request_id: str | None = None
+                       ) -> AsyncIterator:
+        """Yields the request's cumulative ``RequestOutput``s (the last is
+        finished); aborts the request if the consumer stops early."""
+        (rid,), q = await self.add([prompt], params, request_id)
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                for out in item:
+                    finished = out.finished
+                    yield out
+                    if finished:
+                        return
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    # ---- blocking API (worker threads) -------------------------------------------
+    def sync_llm(self) -> "SyncLLMProxy":
+        return SyncLLMProxy(self)
+
+
+class SyncLLMProxy:
+    """An LLM-shaped object for blocking code in a worker thread (``SelfRAG``):
+    its ``add_request``/``step``/``abort``/``has_unfinished_requests`` go
+    through the shared engine, so its requests batch with everyone else's and
+    ``step()`` returns only this proxy's outputs. Not thread-safe itself: one
+    per worker."""
+
+    def __init__(self, engine: AsyncEngine):
+        self._engine = engine
+        self._llm = engine.llm
+        self._q: queue.Queue = queue.Queue()
+        self._mine: set[str] = set()
+        self.config = engine.llm.config
+        self.tokenizer = engine.llm.tokenizer
+        self.max_model_len = engine.llm.max_model_len
+
+    def get_tokenizer(self):
+        return self._llm.get_tokenizer()
+
+    def add_request(self, prompt, params=None, request_id: str | None = None) -> str:
+        eng = self._engine
+        if eng.draining:
+            raise EngineDrainingError("the server is shutting down")
+        rid = str(request_id) if request_id is not None else f"sync-{next(_ids)}"
+        (rid,) = eng._add_locked([(prompt, params, rid)], self._q.put)
+        self._mine.add(rid)
+        return rid
+
+    def step(self, timeout: float = 600.0):
+        if not self._mine:
+            return []
+        try:
+            item = self._q.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no engine output in {timeout}s") from None
+        if isinstance(item, BaseException):
+            self._mine.clear()
+            raise item
+        for out in item:
+            if out.finished:
+                self._mine.discard(out.request_id)
+        return item
+
+    def abort(self, request_id: str) -> bool:
+        rid = str(request_id)
+        if rid in self._mine:
+            self._mine.discard(rid)
+            self._engine.abort(rid)
+            return True
+        return False
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._mine)
+
+    def generate(self, prompts, sampling_params=None, use_tqdm: bool = False):
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = (list(sampling_params) if isinstance(sampling_params, (list, tuple))
+                  else [sampling_params] * len(prompts))
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        results = {}
+        try:
+            while len(results) < len(ids):
+                if not self._mine:
+                    raise RuntimeError("requests were aborted during generate()")
+                for out in self.step():
+                    if out.finished:
+                        results[out.request_id] = out
+        except BaseException:
+            for rid in ids:
+                self.abort(rid)
+            raise
+        return [results[i] for i in ids]
+
+
+def now() -> float:
+    return time.perf_counter()

@@ -1,0 +1,98 @@
+"""Pydantic models of the OpenAI-compatible API (requests validated, responses plain dicts).
+
+Unknown OpenAI fields (``user``, ``frequency_penalty``, ...) are accepted and
+ignored; ``stream_options.include_usage`` is honoured.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import List, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Lenient):
+    include_usage: StrictBool = False
+
+
+class _SamplingFields(_Lenient):
+    model: Optional[StrictStr] = None
+    max_tokens: Optional[StrictInt] = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: StrictInt = -1
+    stop: Optional[Union[StrictStr, List[StrictStr]]] = None
+    seed: Optional[StrictInt] = None
+    n: StrictInt = Field(default=1, ge=1, le=1)
+    stream: StrictBool = False
+    stream_options: Optional[StreamOptions] = None
+    skip_special_tokens: StrictBool = True
+    ignore_eos: StrictBool = False
+
+
+TokenIds = List[StrictInt]
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Union[StrictStr, List[StrictStr], TokenIds, List[TokenIds]]
+    echo: Literal[False] = False
+    logprobs: Optional[StrictInt] = Field(default=None, ge=0, le=20)
+
+
+class ChatMessage(_Lenient):
+    role: StrictStr
+    content: Optional[StrictStr] = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: List[ChatMessage] = Field(min_length=1)
+    logprobs: StrictBool = False
+    top_logprobs: Optional[StrictInt] = Field(default=None, ge=0, le=20)
+    max_completion_tokens: Optional[StrictInt] = Field(default=None, ge=1)
+
+
+class PassageIn(_Lenient):
+    title: StrictStr = ""
+    text: StrictStr
+
+
+class SelfRAGRequest(_Lenient):
+    question: StrictStr = Field(min_length=1)
+    passages: Optional[List[PassageIn]] = None
+    k: StrictInt = Field(default=10, ge=1, le=100)
+    task: Optional[StrictStr] = None
+    mode: Literal["adaptive", "always", "never"] = "adaptive"
+    threshold: float = 0.2
+    rule: Literal["paper", "reference"] = "paper"
+    w_rel: float = 1.0
+    w_sup: float = 1.0
+    w_use: float = 0.5
+    use_seqscore: StrictBool = True
+    constrained: StrictBool = True
+    max_tokens: StrictInt = Field(default=100, ge=1)
+    long: StrictBool = False
+    beam_width: StrictInt = Field(default=2, ge=1, le=8)
+    max_depth: StrictInt = Field(default=7, ge=1, le=16)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | int | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
