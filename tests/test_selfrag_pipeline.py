@@ -96,28 +96,25 @@ def test_reference_mode_equals_released_logic_on_hf(model_dir):
     assert got.candidates[best].scores.final == max(c.scores.final for c in got.candidates)
 
 
-def test_branches_share_prompt_blocks_and_equal_solo_runs(model_dir):
-    shared = make(model_dir, block_size=8)
-    peak = {"used": 0}
-    real_step = shared.llm.step
+def _track_peak_blocks(rag) -> dict:
+    """Wraps ``rag.llm.step`` to record the most KV blocks in use after any step."""
+    peak, real_step = {"used": 0}, rag.llm.step
 
     def step():
         out = real_step()
-        peak["used"] = max(peak["used"], shared.llm.block_manager.get_stats()["used"])
+        peak["used"] = max(peak["used"], rag.llm.block_manager.get_stats()["used"])
         return out
 
-    shared.llm.step = step
+    rag.llm.step = step
+    return peak
+
+
+def test_branches_share_prompt_blocks_and_equal_solo_runs(model_dir):
+    shared = make(model_dir, block_size=8)
+    peak = _track_peak_blocks(shared)
     res = shared.answer(QUESTION, passages=PASSAGES, mode="always", max_tokens=12)
     unshared = make(model_dir, block_size=8, enable_prefix_caching=False)
-    peak_u = {"used": 0}
-    real_u = unshared.llm.step
-
-    def step_u():
-        out = real_u()
-        peak_u["used"] = max(peak_u["used"], unshared.llm.block_manager.get_stats()["used"])
-        return out
-
-    unshared.llm.step = step_u
+    peak_u = _track_peak_blocks(unshared)
     res_u = unshared.answer(QUESTION, passages=PASSAGES, mode="always", max_tokens=12)
     assert peak["used"] < peak_u["used"]
     assert shared.llm.block_manager.get_stats()["prefix_cache_hits"] >= 2 * (len(PASSAGES) - 1)
