@@ -184,11 +184,6 @@ def model_dir(name: str, tmp: str) -> str:
     return name
 
 
-def reset_times(llm):
-    for k in llm.step_times:
-        llm.step_times[k] = 0.0
-
-
 def split_ms(llm, before: dict, steps_before: int) -> tuple[dict, int]:
     steps = llm.num_steps - steps_before
     return ({k: (llm.step_times[k] - before[k]) / max(steps, 1) * 1e3 for k in llm.step_times},

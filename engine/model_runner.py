@@ -81,12 +81,3 @@ class ModelRunner:
         )
         return (self._tensor(h["input_ids"], torch.int64), self._tensor(h["positions"], torch.int64),
                 meta, self._tensor(h["last"], torch.int64))
-
-    @torch.no_grad()
-    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Copies KV blocks src -> dst in every layer (copy-on-write for forks)."""
-        if not pairs:
-            return
-        src = torch.tensor([p[0] for p in pairs], device=self.device)
-        dst = torch.tensor([p[1] for p in pairs], device=self.device)
-        self.kv_pool[:, :, dst] = self.kv_pool[:, :, src]

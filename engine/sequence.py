@@ -40,12 +40,10 @@ class Sequence:
         self.num_cached_tokens = 0
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
-        # Log-probs (of raw logits) of generated tokens, filled by the engine.
+        # Sum of the raw-logit log-probs of the generated tokens.
         self.cumulative_logprob = 0.0
-        self.logprobs: list[dict] | None = None
         # Opaque per-sequence state for the sampler (e.g. a torch.Generator).
         self.sampler_state: Any = None
-        self.arrival = 0
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -62,9 +60,6 @@ class Sequence:
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
 
-    @property
-    def last_token_id(self) -> int:
-        return self.token_ids[-1]
 
     @property
     def is_finished(self) -> bool:
