@@ -200,7 +200,12 @@ class LLM:
             raise InvalidRequestError(f"SamplingParams.logprobs={params.logprobs} > vocab size {vocab}")
         return params
 
-    def _make_request(self, prompt, params, request_id=None) -> RequestState:
+    def prepare_request(self, prompt, params: SamplingParams | None = None,
+                        request_id: str | None = None) -> RequestState:
+        """Validates and tokenizes one request without queueing it (``add_request``
+        is ``enqueue_request(prepare_request(...))``). Touches no engine state, so a
+        server can answer a bad request with an error before committing to it.
+        Raises ``InvalidRequestError`` (a ValueError)."""
         text, ids = self._prompt_ids(prompt)
         params = self._check_params(params if params is not None else SamplingParams())
         rid = str(next(self._ids)) if request_id is None else str(request_id)
@@ -209,7 +214,10 @@ class LLM:
         seq = Sequence(ids, rid, params)
         return RequestState(seq, text, self.tokenizer, self.eos_token_id, self.max_model_len)
 
-    def _enqueue(self, req: RequestState) -> str:
+    def enqueue_request(self, req: RequestState) -> str:
+        """Queues a request from ``prepare_request``; returns its id."""
+        if req.request_id in self._requests:
+            raise InvalidRequestError(f"request_id {req.request_id!r} is already running")
         self._requests[req.request_id] = req
         self.scheduler.add(req.seq)
         return req.request_id
@@ -218,7 +226,7 @@ class LLM:
                     request_id: str | None = None) -> str:
         """Queues one request; returns its id. Raises ``InvalidRequestError``
         (a ValueError) before queueing anything if the request is invalid."""
-        return self._enqueue(self._make_request(prompt, params, request_id))
+        return self.enqueue_request(self.prepare_request(prompt, params, request_id))
 
     def abort(self, request_id: str) -> bool:
         """Stops a request and frees its blocks. False if it is not running."""
@@ -325,8 +333,8 @@ class LLM:
             params = list(sampling_params)
         else:
             params = [sampling_params] * len(prompts)
-        reqs = [self._make_request(p, sp) for p, sp in zip(prompts, params)]
-        ids = [self._enqueue(r) for r in reqs]
+        reqs = [self.prepare_request(p, sp) for p, sp in zip(prompts, params)]
+        ids = [self.enqueue_request(r) for r in reqs]
         results, wanted = {}, set(ids)
         bar = tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm)
         try:
@@ -352,8 +360,8 @@ class LLM:
         Other queued requests advance too; their outputs are only visible
         through ``step()``, so don't mix ``stream`` with your own step loop.
         """
-        req = self._make_request(prompt, params)
-        rid = self._enqueue(req)
+        req = self.prepare_request(prompt, params)
+        rid = self.enqueue_request(req)
         sent = 0
         try:
             while True:

@@ -145,20 +145,26 @@ class AsyncEngine:
             raise QueueFullError(f"{len(self._waiting)} requests are waiting (max_waiting="
                                  f"{self.max_waiting}); retry later")
 
-    def _add_locked(self, items, sink) -> list[str]:
-        """Adds (prompt, params, request_id) items all or nothing; returns their ids."""
+    def _enqueue_locked(self, reqs, sink) -> list[str]:
+        """Queues prepared requests all or nothing (caller holds ``self.lock``)."""
         added = []
+        try:
+            for req in reqs:
+                added.append(self.llm.enqueue_request(req))
+                self._sinks[added[-1]] = sink
+        except BaseException:
+            for rid in added:
+                self._sinks.pop(rid, None)
+                self._waiting.discard(rid)
+                self.llm.abort(rid)
+            raise
+        return added
+
+    def _add_locked(self, items, sink) -> list[str]:
+        """Prepares and queues (prompt, params, request_id) items all or nothing;
+        returns their ids (blocking callers: ``SyncLLMProxy``)."""
         with self.lock:
-            try:
-                for prompt, params, rid in items:
-                    added.append(self.llm.add_request(prompt, params, request_id=rid))
-                    self._sinks[added[-1]] = sink
-            except BaseException:
-                for rid in added:
-                    self._sinks.pop(rid, None)
-                    self._waiting.discard(rid)
-                    self.llm.abort(rid)
-                raise
+            added = self._enqueue_locked([self.llm.prepare_request(p, sp, r) for p, sp, r in items], sink)
         self._work.set()
         return added
 
@@ -172,14 +178,17 @@ class AsyncEngine:
             self._work.set()
 
     # ---- asyncio API ---------------------------------------------------------------
-    async def add(self, prompts: list, params, request_id: str | None = None
-                  ) -> tuple[list[str], asyncio.Queue]:
-        """Queues prompts (one request each, all or nothing); returns their ids
-        and one asyncio.Queue receiving lists of cumulative outputs (or an exception).
-        Raises the LLM's ValueErrors, ``QueueFullError`` or ``EngineDrainingError``."""
+    def prepare(self, prompts: list, params, request_id: str | None = None) -> "Submission":
+        """Validates, tokenizes and admits prompts (one request each) without queueing
+        them; ``commit`` queues them. A server answers errors raised here with an HTTP
+        status, then sends its response headers, and only then commits: work the event
+        loop does after waking the stepping thread holds the GIL the thread needs to
+        start the prefill. Raises the LLM's ValueErrors, ``QueueFullError`` or
+        ``EngineDrainingError``. Call ``discard`` if the submission is not committed."""
         self._admit(len(prompts))
         base = request_id or f"req-{next(_ids)}"
         rids = [base if len(prompts) == 1 else f"{base}-{i}" for i in range(len(prompts))]
+        reqs = [self.llm.prepare_request(p, params, r) for p, r in zip(prompts, rids)]
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
 
@@ -187,21 +196,46 @@ class AsyncEngine:
             _call(_put, item)
 
         self._waiting.update(rids)
-        items = [(p, params, r) for p, r in zip(prompts, rids)]
+        return Submission(rids, reqs, q, sink)
+
+    async def commit(self, sub: "Submission") -> None:
+        """Queues a prepared submission and wakes the stepping thread; outputs then
+        arrive on ``sub.queue`` as lists of cumulative ``RequestOutput``s (or an exception)."""
+        if sub.state != "prepared":
+            raise RuntimeError(f"submission {sub.rids[0]!r} is already {sub.state}")
+        sub.state = "queued"
         try:
-            # Fast path: the stepping thread is idle or between steps, so adding here
+            # Fast path: the stepping thread is idle or between steps, so queueing here
             # cannot stall the event loop; otherwise wait for the lock in a worker thread.
             if self.lock.acquire(blocking=False):
                 try:
-                    self._add_locked(items, sink)
+                    self._enqueue_locked(sub.reqs, sub.sink)
                 finally:
                     self.lock.release()
             else:
-                await asyncio.to_thread(self._add_locked, items, sink)
+                await asyncio.to_thread(self._enqueue_with_lock, sub.reqs, sub.sink)
         except BaseException:
-            self._waiting.difference_update(rids)
+            self._waiting.difference_update(sub.rids)
             raise
-        return rids, q
+        self._work.set()
+
+    def _enqueue_with_lock(self, reqs, sink):
+        with self.lock:
+            return self._enqueue_locked(reqs, sink)
+
+    def discard(self, sub: "Submission") -> None:
+        """Forgets a prepared submission that will not be committed (no-op otherwise)."""
+        if sub.state == "prepared":
+            sub.state = "discarded"
+            self._waiting.difference_update(sub.rids)
+
+    async def add(self, prompts: list, params, request_id: str | None = None
+                  ) -> tuple[list[str], asyncio.Queue]:
+        """``prepare`` + ``commit``: queues prompts (one request each, all or nothing);
+        returns their ids and the asyncio.Queue receiving their outputs."""
+        sub = self.prepare(prompts, params, request_id)
+        await self.commit(sub)
+        return sub.rids, sub.queue
 
     async def generate(self, prompt, params, request_id: str | None = None
                        ) -> AsyncIterator:
@@ -226,6 +260,17 @@ class AsyncEngine:
     # ---- blocking API (worker threads) -------------------------------------------
     def sync_llm(self) -> "SyncLLMProxy":
         return SyncLLMProxy(self)
+
+
+class Submission:
+    """Requests ``AsyncEngine.prepare`` validated and admitted; ``state`` is
+    "prepared", then "queued" (``commit``) or "discarded" (``discard``)."""
+
+    __slots__ = ("rids", "reqs", "queue", "sink", "state")
+
+    def __init__(self, rids, reqs, queue, sink):
+        self.rids, self.reqs, self.queue, self.sink = rids, reqs, queue, sink
+        self.state = "prepared"
 
 
 class SyncLLMProxy:
