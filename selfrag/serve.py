@@ -123,7 +123,9 @@ def make_server(app, host: str, port: int, graceful_timeout: float = 30.0, log_l
             app.state.engine.begin_drain()
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+    # proxy_headers=False: nothing here reads the client address, and uvicorn's
+    # X-Forwarded-For middleware is one more layer on every request's path.
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, proxy_headers=False,
                             timeout_graceful_shutdown=graceful_timeout, access_log=False)
     return DrainingServer(config)
 

@@ -234,7 +234,21 @@ def _err(r, status):
     return err
 
 
-def test_bad_requests(client, llm):
+def test_openapi_lists_every_route(client):
+    spec = client.get("/openapi.json").json()
+    for path, model in (("/v1/completions", "CompletionRequest"),
+                        ("/v1/chat/completions", "ChatCompletionRequest"),
+                        ("/v1/selfrag/answer", None)):
+        assert "post" in spec["paths"][path], path
+        if model is not None:
+            ref = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+            assert ref == f"#/components/schemas/{model}"
+            assert "prompt" in spec["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert "ChatMessage" in spec["components"]["schemas"]          # nested models resolve
+    assert client.get("/openapi.json").json() == spec               # stable across calls
+
+
+def test_bad_requests(client, llm, engine):
     h = {"content-type": "application/json"}
     assert _err(client.post("/v1/completions", content="{not json", headers=h), 400)["code"] == "json_invalid"
     _err(client.post("/v1/completions", json={"prompt": 5}), 400)
@@ -253,6 +267,8 @@ def test_bad_requests(client, llm):
     assert _err(client.post("/v1/completions", json={"prompt": "x", "model": "gpt-4"}), 404)[
         "code"] == "model_not_found"
     _err(client.get("/v1/nothing"), 404)
+    _err(client.get("/v1/completions"), 405)
+    assert engine.num_waiting == 0 and engine.num_active == 0      # refused requests left nothing
 
 
 def test_huge_bodies(client):
@@ -361,6 +377,64 @@ def test_disconnects_free_blocks(server, llm, engine):
 
     asyncio.run(main())
     assert wait_idle(engine, llm, free), (engine.num_active, llm.block_manager.num_free_blocks, free)
+
+
+def test_non_streaming_disconnect_aborts(server, llm, engine):
+    """A non-streaming client that hangs up is aborted at once, not run to max_tokens."""
+    assert wait_idle(engine, llm, llm.block_manager.num_free_blocks)
+    with engine.lock:
+        free = llm.block_manager.num_free_blocks
+    steps0 = engine.num_steps
+    body = json.dumps({"prompt": "A very long story:", "max_tokens": 500, "temperature": 0,
+                       "ignore_eos": True}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        t0 = time.monotonic()
+        while engine.num_steps - steps0 < 3 and time.monotonic() - t0 < 10:
+            time.sleep(0.002)
+        assert engine.num_active == 1
+    assert wait_idle(engine, llm, free), (engine.num_active, llm.block_manager.num_free_blocks, free)
+    assert engine.num_steps - steps0 < 250          # 500 steps had it run to the end
+
+
+def test_engine_failure_mid_stream_and_before_response(threads):
+    """A failing step: a stream already under way ends with an OpenAI-style error
+    event and [DONE]; a non-streaming request gets a 500 in the error shape; the
+    server then serves again."""
+    from engine.server.app import create_app
+    llm = _llm()
+    app = create_app(llm, served_model_name=MODEL)
+    real_step, calls = llm.step, {"n": 0, "fail_at": 4}
+
+    def step():
+        calls["n"] += 1
+        if calls["n"] == calls["fail_at"]:
+            raise RuntimeError("injected failure")
+        return real_step()
+
+    llm.step = step
+    s = Server(app)
+    try:
+        with httpx.Client(base_url=s.url, timeout=30) as c:
+            with c.stream("POST", "/v1/completions", json={"prompt": "Go on", "max_tokens": 40,
+                                                           "temperature": 0, "stream": True}) as r:
+                assert r.status_code == 200
+                events = sse_events(r.iter_lines())
+            assert events[-1] == "[DONE]"
+            assert events[-2]["error"]["type"] == "server_error"
+            assert "injected failure" in events[-2]["error"]["message"]
+            assert len(events) >= 3                                   # tokens came first
+            calls["n"], calls["fail_at"] = 0, 2
+            r = c.post("/v1/completions", json={"prompt": "Go on", "max_tokens": 40})
+            err = _err(r, 500)
+            assert err["type"] == "server_error" and "injected failure" in err["message"]
+            calls["fail_at"] = -1
+            r = c.post("/v1/completions", json={"prompt": "Go on", "max_tokens": 3})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        assert app.state.engine.num_waiting == 0 and app.state.engine.num_active == 0
+    finally:
+        s.close()
 
 
 def test_graceful_shutdown(threads):

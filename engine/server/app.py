@@ -12,7 +12,6 @@ bad key 401, unknown model 404, body too large 413, queue full 429 (with
 """
 from __future__ import annotations
 
-import json
 import logging
 from contextlib import asynccontextmanager
 from typing import Callable
@@ -20,7 +19,8 @@ from typing import Callable
 try:
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response
+    from pydantic import ValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("the HTTP server needs FastAPI and uvicorn: pip install 'selfrag-engine[serve]' "
@@ -28,10 +28,11 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
-from engine.server.async_engine import (AsyncEngine, EngineDrainingError,
+from engine.server.async_engine import (AsyncEngine, EngineDeadError, EngineDrainingError,
                                         QueueFullError)
 from engine.server.protocol import (ChatCompletionRequest, CompletionRequest, error_body, new_id,
                                     now_s, usage)
+from engine.server.streaming import ClientGone, EventStream, sse, watch_disconnect
 
 log = logging.getLogger("engine.server")
 
@@ -114,6 +115,30 @@ class _BodyTooLarge(Exception):
     pass
 
 
+def _document_raw_routes(app: FastAPI, routes: dict) -> None:
+    """Adds POST operations for plain Starlette routes (which FastAPI's schema skips)
+    to ``app.openapi()``: ``routes`` maps path -> (summary, pydantic request model)."""
+    build = app.openapi
+
+    def openapi():
+        schema = build()
+        if any(path not in schema.get("paths", {}) for path in routes):
+            comps = schema.setdefault("components", {}).setdefault("schemas", {})
+            for path, (summary, model) in routes.items():
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                comps.update(body.pop("$defs", {}))
+                comps[model.__name__] = body
+                schema.setdefault("paths", {})[path] = {"post": {
+                    "summary": summary, "operationId": path.strip("/").replace("/", "_"),
+                    "requestBody": {"required": True, "content": {"application/json": {
+                        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}},
+                    "responses": {"200": {"description": "JSON, or text/event-stream with stream: true"},
+                                  "400": {"description": "invalid request (OpenAI error shape)"}}}}
+        return schema
+
+    app.openapi = openapi
+
+
 def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None = None,
                rag: Callable | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP, max_waiting: int | None = 1024,
@@ -180,6 +205,14 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
         return _error_response(500, f"internal server error: {type(exc).__name__}", "server_error")
 
     # ---- helpers ----------------------------------------------------------------------
+    async def parse_body(request: Request, model):
+        """The body validated by pydantic's own JSON parser (the hot routes are plain
+        Starlette routes; see ``_document_raw_routes``)."""
+        try:
+            return model.model_validate_json(await request.body())
+        except ValidationError as e:
+            raise RequestValidationError(e.errors(include_url=False)) from None
+
     def check_model(model):
         if model is not None and model != served_model_name:
             raise APIError(404, f"the model {model!r} does not exist (served: {served_model_name!r})",
@@ -197,9 +230,11 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
-    async def submit(prompts, params, rid):
+    def prepare(prompts, params, rid):
+        """Validates and admits the prompts (errors become HTTP statuses); ``outputs``
+        queues them, after a streaming response has sent its headers."""
         try:
-            return await engine.add(prompts, params, rid)
+            return engine.prepare(prompts, params, rid)
         except QueueFullError as e:
             raise APIError(429, str(e), "rate_limit_error", code="queue_full",
                            headers={"Retry-After": "1"}) from None
@@ -209,13 +244,18 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
             param = "prompt" if isinstance(e, InvalidRequestError) else None
             raise APIError(400, str(e), param=param) from None
 
-    async def outputs(rids, q):
-        """Yields (index, RequestOutput) until all finish; aborts the rest on exit."""
-        index = {r: i for i, r in enumerate(rids)}
-        left = set(rids)
+    async def outputs(sub):
+        """Queues ``sub`` and yields (index, RequestOutput) until all finish; aborts
+        the rest on exit."""
+        index = {r: i for i, r in enumerate(sub.rids)}
+        left = set(sub.rids)
+        q = sub.queue
         try:
+            await engine.commit(sub)
             while left:
                 item = await q.get()
+                if isinstance(item, EngineDeadError):     # a failed step: 500, the server lives on
+                    raise APIError(500, str(item), "server_error", code="engine_error")
                 if isinstance(item, BaseException):
                     raise item
                 for out in item:
@@ -223,6 +263,7 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
                         left.discard(out.request_id)
                     yield index[out.request_id], out
         finally:
+            engine.discard(sub)                 # no-op once committed
             for r in left:
                 engine.abort(r)
 
@@ -256,9 +297,6 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
             content.append(entry)
         return {"content": content}
 
-    def sse(obj) -> str:
-        return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
-
     # ---- routes -------------------------------------------------------------------------
     @app.get("/health")
     async def health():
@@ -272,8 +310,8 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
                                             "created": now_s(), "owned_by": "selfrag-engine",
                                             "max_model_len": llm.max_model_len}]}
 
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(request: Request):
+        req = await parse_body(request, CompletionRequest)
         check_model(req.model)
         p = req.prompt
         if isinstance(p, str):
@@ -289,14 +327,21 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
                                 "or list of token-id lists", param="prompt")
         params = sampling(req, 16 if req.max_tokens is None else req.max_tokens, req.logprobs)
         cid = new_id("cmpl")
-        rids, q = await submit(prompts, params, cid)
+        sub = prepare(prompts, params, cid)
+        rids = sub.rids
+        watcher = watch_disconnect(request.receive, sub.queue)
         created, model = now_s(), served_model_name
 
         if not req.stream:
             finals = {}
-            async for i, out in outputs(rids, q):
-                if out.finished:
-                    finals[i] = out
+            try:
+                async for i, out in outputs(sub):
+                    if out.finished:
+                        finals[i] = out
+            except ClientGone:
+                return Response(status_code=499)   # nginx's 'client closed'; uvicorn drops it
+            finally:
+                watcher.cancel()
             choices, pt, ct = [], 0, 0
             for i in range(len(rids)):
                 out = finals[i]
@@ -305,8 +350,8 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
                 ct += len(c.token_ids)
                 choices.append({"index": i, "text": c.text, "logprobs": legacy_logprobs(c, 0, 0),
                                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
-            return {"id": cid, "object": "text_completion", "created": created, "model": model,
-                    "choices": choices, "usage": usage(pt, ct)}
+            return JSONResponse({"id": cid, "object": "text_completion", "created": created, "model": model,
+                    "choices": choices, "usage": usage(pt, ct)})
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -314,7 +359,7 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
             sent_text = [0] * len(rids)
             sent_tok = [0] * len(rids)
             pt = ct = 0
-            async for i, out in outputs(rids, q):
+            async for i, out in outputs(sub):
                 c = out.outputs[0]
                 delta = c.text[sent_text[i]:]
                 if not delta and not out.finished:
@@ -334,10 +379,10 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
                            "choices": [], "usage": usage(pt, ct)})
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+        return EventStream(stream(), watcher, on_close=lambda: engine.discard(sub), headers=SSE_HEADERS)
 
-    @app.post("/v1/chat/completions")
-    async def chat(req: ChatCompletionRequest):
+    async def chat(request: Request):
+        req = await parse_body(request, ChatCompletionRequest)
         check_model(req.model)
         users = [m.content for m in req.messages if m.role == "user" and m.content]
         if not users:
@@ -349,19 +394,25 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
         top = req.top_logprobs or 0
         params = sampling(req, max_tokens, top if req.logprobs else None)
         cid = new_id("chatcmpl")
-        (rid,), q = await submit([prompt], params, cid)
+        sub = prepare([prompt], params, cid)
+        watcher = watch_disconnect(request.receive, sub.queue)
         created, model = now_s(), served_model_name
 
         if not req.stream:
             final = None
-            async for _, out in outputs([rid], q):
-                final = out
+            try:
+                async for _, out in outputs(sub):
+                    final = out
+            except ClientGone:
+                return Response(status_code=499)   # nginx's 'client closed'; uvicorn drops it
+            finally:
+                watcher.cancel()
             c = final.outputs[0]
-            return {"id": cid, "object": "chat.completion", "created": created, "model": model,
+            return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
                                  "logprobs": chat_logprobs(c, 0, bool(top)) if req.logprobs else None,
                                  "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}],
-                    "usage": usage(len(final.prompt_token_ids), len(c.token_ids))}
+                    "usage": usage(len(final.prompt_token_ids), len(c.token_ids))})
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -371,7 +422,7 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
                                             "logprobs": None, "finish_reason": None}]})
             sent_text = sent_tok = 0
             final = None
-            async for _, out in outputs([rid], q):
+            async for _, out in outputs(sub):
                 c = out.outputs[0]
                 delta = c.text[sent_text:]
                 if not delta and not out.finished:
@@ -387,8 +438,16 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
                            "usage": usage(len(final.prompt_token_ids), len(final.outputs[0].token_ids))})
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+        return EventStream(stream(), watcher, on_close=lambda: engine.discard(sub), headers=SSE_HEADERS)
 
+    # The two hot routes are plain Starlette routes: FastAPI's per-route machinery
+    # (dependency solving, body field validation) took 0.19 ms of the 0.65 ms from
+    # request to engine on the CPU VM; as Starlette routes, 0.11 ms. Same exception
+    # handlers; ``_document_raw_routes`` keeps them in /openapi.json.
+    app.add_route("/v1/completions", completions, methods=["POST"])
+    app.add_route("/v1/chat/completions", chat, methods=["POST"])
+    _document_raw_routes(app, {"/v1/completions": ("Create a completion", CompletionRequest),
+                               "/v1/chat/completions": ("Create a chat completion", ChatCompletionRequest)})
     if rag is not None:
         rag(app, engine)
     # Outermost: the key / size / draining gate.

@@ -1,0 +1,151 @@
+"""Pieces under the HTTP server, without a socket: ``EventStream``,
+``watch_disconnect`` and ``AsyncEngine``'s prepare / commit / discard."""
+import asyncio
+
+import pytest
+
+pytest.importorskip("starlette")
+
+from engine import LLM, SamplingParams  # noqa: E402
+from engine.server.async_engine import AsyncEngine, QueueFullError  # noqa: E402
+from engine.server.streaming import ClientGone, EventStream, watch_disconnect  # noqa: E402
+from selfrag.default_model import default_model_dir, few_threads  # noqa: E402
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+class Recorder:
+    def __init__(self, fail_on=None):
+        self.sent, self.fail_on = [], fail_on
+
+    async def __call__(self, msg):
+        if msg["type"] == self.fail_on:
+            raise OSError("socket gone")
+        self.sent.append(msg)
+
+
+async def _never_receive():
+    await asyncio.Event().wait()
+
+
+def test_event_stream_sends_events_then_closes():
+    closed = []
+
+    async def events():
+        yield "data: 1\n\n"
+        yield "data: [DONE]\n\n"
+
+    async def main():
+        send = Recorder()
+        await EventStream(events(), on_close=lambda: closed.append(1))({}, _never_receive, send)
+        return send.sent
+
+    sent = run(main())
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+    assert (b"content-type", b"text/event-stream; charset=utf-8") in sent[0]["headers"]
+    assert [m["body"] for m in sent[1:]] == [b"data: 1\n\n", b"data: [DONE]\n\n", b""]
+    assert sent[-1]["more_body"] is False and closed == [1]
+
+
+def test_event_stream_cleans_up_when_it_never_starts():
+    """The send of the status line fails: the events are never iterated, yet the
+    watcher is cancelled and on_close runs (so prepared requests are forgotten)."""
+    closed, started = [], []
+
+    async def events():
+        started.append(1)
+        yield "data: x\n\n"
+
+    async def main():
+        watcher = asyncio.ensure_future(_never_receive())
+        with pytest.raises(OSError):
+            await EventStream(events(), watcher, on_close=lambda: closed.append(1))(
+                {}, _never_receive, Recorder(fail_on="http.response.start"))
+        await asyncio.sleep(0)
+        return watcher.cancelled()
+
+    assert run(main()) and closed == [1] and started == []
+
+
+def test_event_stream_client_gone_and_errors():
+    async def gone():
+        yield "data: 1\n\n"
+        raise ClientGone()
+
+    async def broken():
+        yield "data: 1\n\n"
+        raise RuntimeError("boom")
+
+    async def main(events):
+        send = Recorder()
+        await EventStream(events)({}, _never_receive, send)
+        return [m.get("body") for m in send.sent[1:]]
+
+    assert run(main(gone())) == [b"data: 1\n\n"]            # no final frame: nobody listens
+    bodies = run(main(broken()))
+    assert bodies[0] == b"data: 1\n\n" and bodies[-1] == b""
+    assert b'"type":"server_error"' in bodies[1] and b"boom" in bodies[1] and bodies[1].endswith(
+        b"data: [DONE]\n\n")
+
+
+def test_watch_disconnect_wakes_the_queue():
+    async def main():
+        msgs = asyncio.Queue()
+        q = asyncio.Queue()
+        watcher = watch_disconnect(msgs.get, q)
+        await msgs.put({"type": "http.request", "body": b"", "more_body": False})
+        await asyncio.sleep(0.01)
+        assert q.empty()                                     # only a disconnect counts
+        await msgs.put({"type": "http.disconnect"})
+        item = await asyncio.wait_for(q.get(), 5)
+        assert isinstance(item, ClientGone) and watcher.done()
+        cancelled_q = asyncio.Queue()
+        w2 = watch_disconnect(_never_receive, cancelled_q)
+        w2.cancel()
+        await asyncio.sleep(0)
+        assert cancelled_q.empty()                           # a cancelled watcher says nothing
+
+    run(main())
+
+
+@pytest.fixture(scope="module")
+def llm():
+    with few_threads(1):
+        yield LLM(default_model_dir(), dtype="float32", device="cpu", show_progress=False)
+
+
+def test_prepare_commit_discard(llm):
+    params = SamplingParams(temperature=0.0, max_tokens=3)
+
+    async def main():
+        eng = AsyncEngine(llm, max_waiting=2)
+        eng.start()
+        try:
+            sub = eng.prepare(["one", "two"], params, "r")
+            assert sub.rids == ["r-0", "r-1"] and eng.num_waiting == 2
+            assert not llm.has_unfinished_requests()          # nothing queued yet
+            with pytest.raises(QueueFullError):
+                eng.prepare(["three"], params)
+            eng.discard(sub)
+            assert eng.num_waiting == 0 and sub.state == "discarded"
+            with pytest.raises(RuntimeError, match="discarded"):
+                await eng.commit(sub)
+            with pytest.raises(ValueError):                   # too long: refused before admission
+                eng.prepare([{"prompt_token_ids": [5] * (llm.max_model_len + 1)}], params)
+            assert eng.num_waiting == 0
+
+            sub = eng.prepare(["one"], params, "s")
+            await eng.commit(sub)
+            eng.discard(sub)                                  # no-op once queued
+            outs = []
+            while not (outs and outs[-1].finished):
+                outs.extend(await asyncio.wait_for(sub.queue.get(), 30))
+            ref = llm.generate("one", params, use_tqdm=False)[0]
+            assert outs[-1].outputs[0].token_ids == ref.outputs[0].token_ids
+            assert eng.num_waiting == 0 and eng.num_active == 0
+        finally:
+            eng.stop()
+
+    run(main())
