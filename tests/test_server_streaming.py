@@ -131,13 +131,13 @@ def test_prepare_commit_discard(llm):
             eng.discard(sub)
             assert eng.num_waiting == 0 and sub.state == "discarded"
             with pytest.raises(RuntimeError, match="discarded"):
-                await eng.commit(sub)
+                eng.commit(sub)
             with pytest.raises(ValueError):                   # too long: refused before admission
                 eng.prepare([{"prompt_token_ids": [5] * (llm.max_model_len + 1)}], params)
             assert eng.num_waiting == 0
 
             sub = eng.prepare(["one"], params, "s")
-            await eng.commit(sub)
+            eng.commit(sub)
             eng.discard(sub)                                  # no-op once queued
             outs = []
             while not (outs and outs[-1].finished):
@@ -145,6 +145,21 @@ def test_prepare_commit_discard(llm):
             ref = llm.generate("one", params, use_tqdm=False)[0]
             assert outs[-1].outputs[0].token_ids == ref.outputs[0].token_ids
             assert eng.num_waiting == 0 and eng.num_active == 0
+
+            steps = eng.num_steps
+            with eng.lock:                                    # as if a step were running
+                sub = eng.prepare(["two"], params, "t")
+                eng.commit(sub)                               # returns at once
+                assert not llm.has_unfinished_requests()      # waits in the inbox
+                eng.abort("t")
+            for _ in range(100):
+                if not eng._inbox:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+            assert not eng._inbox and not llm.has_unfinished_requests()
+            assert eng.num_steps == steps and eng.num_active == 0 and eng.num_waiting == 0
+            assert sub.queue.empty()                          # it never reached the LLM
         finally:
             eng.stop()
 

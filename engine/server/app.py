@@ -251,7 +251,7 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
         left = set(sub.rids)
         q = sub.queue
         try:
-            await engine.commit(sub)
+            engine.commit(sub)
             while left:
                 item = await q.get()
                 if isinstance(item, EngineDeadError):     # a failed step: 500, the server lives on

@@ -3,9 +3,12 @@
 A single background thread owns the stepping: it calls ``llm.step()`` while
 requests are unfinished and hands each step's outputs to the requests'
 sinks (per-request ``asyncio.Queue``s for coroutines, ``queue.Queue``s for
-blocking callers such as Self-RAG). Every call into the LLM happens under
-``self.lock``, so requests from all connections share one continuously
-batched engine and nothing races with ``step()``.
+blocking callers such as Self-RAG). New requests are validated by the caller
+(``LLM.prepare_request``) and put into an inbox that the thread moves into the
+LLM at the next step boundary; aborts go the same way. Every call into the
+LLM happens in that thread under ``self.lock``, so requests from all
+connections share one continuously batched engine, nothing races with
+``step()``, and adding never waits for a step to end.
 
     engine = AsyncEngine(llm); engine.start()
     async for out in engine.generate(prompt, params):   # cumulative RequestOutputs
@@ -15,6 +18,7 @@ batched engine and nothing races with ``step()``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import queue
 import threading
@@ -52,6 +56,7 @@ class AsyncEngine:
         self._sinks: dict[str, Callable] = {}       # request id -> callable(list[out] | Exception)
         self._waiting: set[str] = set()             # admitted, no output yet
         self._aborts: list[str] = []
+        self._inbox: collections.deque = collections.deque()   # (prepared requests, sink)
         self._work = threading.Event()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -91,6 +96,7 @@ class AsyncEngine:
         while not self._stop:
             outs = None
             with self.lock:
+                self._drain_inbox()                   # before aborts: an abort may name one of these
                 if self._aborts:
                     aborts, self._aborts = self._aborts, []
                     for rid in aborts:
@@ -109,6 +115,24 @@ class AsyncEngine:
                 continue
             self._work.wait(self._idle_wait)
             self._work.clear()
+
+    def _drain_inbox(self) -> None:
+        """Moves submitted requests into the LLM (stepping thread, lock held). One
+        whose sink is gone was aborted, or failed by ``_fail_all``, before it got here."""
+        while self._inbox:
+            reqs, sink = self._inbox.popleft()
+            added = []
+            try:
+                for req in reqs:
+                    if self._sinks.get(req.request_id) is sink:
+                        added.append(self.llm.enqueue_request(req))
+            except BaseException as e:              # e.g. a request id already running
+                for rid in added:
+                    self.llm.abort(rid)
+                for req in reqs:
+                    self._sinks.pop(req.request_id, None)
+                    self._waiting.discard(req.request_id)
+                sink(e)
 
     def _dispatch(self, outs) -> None:
         by_sink: dict[Callable, list] = {}
@@ -145,32 +169,17 @@ class AsyncEngine:
             raise QueueFullError(f"{len(self._waiting)} requests are waiting (max_waiting="
                                  f"{self.max_waiting}); retry later")
 
-    def _enqueue_locked(self, reqs, sink) -> list[str]:
-        """Queues prepared requests all or nothing (caller holds ``self.lock``)."""
-        added = []
-        try:
-            for req in reqs:
-                added.append(self.llm.enqueue_request(req))
-                self._sinks[added[-1]] = sink
-        except BaseException:
-            for rid in added:
-                self._sinks.pop(rid, None)
-                self._waiting.discard(rid)
-                self.llm.abort(rid)
-            raise
-        return added
-
-    def _add_locked(self, items, sink) -> list[str]:
-        """Prepares and queues (prompt, params, request_id) items all or nothing;
-        returns their ids (blocking callers: ``SyncLLMProxy``)."""
-        with self.lock:
-            added = self._enqueue_locked([self.llm.prepare_request(p, sp, r) for p, sp, r in items], sink)
+    def _submit(self, reqs, sink) -> None:
+        """Registers the sinks, then hands the prepared requests to the stepping thread
+        (never blocks: a step in progress is not waited for)."""
+        for req in reqs:
+            self._sinks[req.request_id] = sink
+        self._inbox.append((reqs, sink))
         self._work.set()
-        return added
 
     def abort(self, request_id: str) -> None:
         """Aborts a request (non-blocking: the stepping thread frees its blocks
-        before its next step)."""
+        before its next step, after queueing any still in the inbox)."""
         rid = str(request_id)
         if self._sinks.pop(rid, None) is not None:
             self._waiting.discard(rid)
@@ -198,30 +207,14 @@ class AsyncEngine:
         self._waiting.update(rids)
         return Submission(rids, reqs, q, sink)
 
-    async def commit(self, sub: "Submission") -> None:
-        """Queues a prepared submission and wakes the stepping thread; outputs then
-        arrive on ``sub.queue`` as lists of cumulative ``RequestOutput``s (or an exception)."""
+    def commit(self, sub: "Submission") -> None:
+        """Queues a prepared submission and wakes the stepping thread (non-blocking);
+        outputs then arrive on ``sub.queue`` as lists of cumulative ``RequestOutput``s
+        (or an exception)."""
         if sub.state != "prepared":
             raise RuntimeError(f"submission {sub.rids[0]!r} is already {sub.state}")
         sub.state = "queued"
-        try:
-            # Fast path: the stepping thread is idle or between steps, so queueing here
-            # cannot stall the event loop; otherwise wait for the lock in a worker thread.
-            if self.lock.acquire(blocking=False):
-                try:
-                    self._enqueue_locked(sub.reqs, sub.sink)
-                finally:
-                    self.lock.release()
-            else:
-                await asyncio.to_thread(self._enqueue_with_lock, sub.reqs, sub.sink)
-        except BaseException:
-            self._waiting.difference_update(sub.rids)
-            raise
-        self._work.set()
-
-    def _enqueue_with_lock(self, reqs, sink):
-        with self.lock:
-            return self._enqueue_locked(reqs, sink)
+        self._submit(sub.reqs, sub.sink)
 
     def discard(self, sub: "Submission") -> None:
         """Forgets a prepared submission that will not be committed (no-op otherwise)."""
@@ -234,7 +227,7 @@ class AsyncEngine:
         """``prepare`` + ``commit``: queues prompts (one request each, all or nothing);
         returns their ids and the asyncio.Queue receiving their outputs."""
         sub = self.prepare(prompts, params, request_id)
-        await self.commit(sub)
+        self.commit(sub)
         return sub.rids, sub.queue
 
     async def generate(self, prompt, params, request_id: str | None = None
@@ -297,7 +290,7 @@ class SyncLLMProxy:
         if eng.draining:
             raise EngineDrainingError("the server is shutting down")
         rid = str(request_id) if request_id is not None else f"sync-{next(_ids)}"
-        (rid,) = eng._add_locked([(prompt, params, rid)], self._q.put)
+        eng._submit([self._llm.prepare_request(prompt, params, rid)], self._q.put)
         self._mine.add(rid)
         return rid
 
