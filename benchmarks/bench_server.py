@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import socket
@@ -288,6 +289,8 @@ def main(argv=None) -> int:
         print(f"workload: {sum(per_level.values())} requests per mode over levels {levels}, greedy, "
               f"{args.max_tokens} new tokens each, model {path}, client {client_cls.name}, "
               f"alternating rounds {rounds_of}", flush=True)
+        gc.collect()
+        gc.freeze()         # as ``selfrag serve`` does: no full-heap GC pauses in the timings
         inproc, http, floor = asyncio.run(bench_both(llm, f"http://127.0.0.1:{port}", client_cls, levels,
                                                      per_level, args.max_tokens, args.max_seconds,
                                                      rounds_of))
