@@ -142,7 +142,8 @@ def test_prepare_commit_discard(llm):
             outs = []
             while not (outs and outs[-1].finished):
                 outs.extend(await asyncio.wait_for(sub.queue.get(), 30))
-            ref = llm.generate("one", params, use_tqdm=False)[0]
+            with eng.lock:                                    # the stepping thread must not race
+                ref = llm.generate("one", params, use_tqdm=False)[0]
             assert outs[-1].outputs[0].token_ids == ref.outputs[0].token_ids
             assert eng.num_waiting == 0 and eng.num_active == 0
 
@@ -164,3 +165,46 @@ def test_prepare_commit_discard(llm):
             eng.stop()
 
     run(main())
+
+
+def test_one_wakeup_per_step_for_many_requests(llm):
+    """Four streams on one event loop: each step wakes that loop once, not four times,
+    and every stream still gets exactly its own tokens (equal to a solo run)."""
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    prompts = ["one", "two two", "three three three", "four"]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        calls = {"n": 0}
+        real = loop.call_soon_threadsafe
+
+        def counting(*a, **k):
+            calls["n"] += 1
+            return real(*a, **k)
+
+        loop.call_soon_threadsafe = counting
+        eng = AsyncEngine(llm)
+        eng.start()
+        try:
+            steps0 = eng.num_steps
+            subs = [eng.prepare([p], params) for p in prompts]
+            for sub in subs:
+                eng.commit(sub)
+
+            async def collect(sub):
+                outs = []
+                while not (outs and outs[-1].finished):
+                    outs.extend(await asyncio.wait_for(sub.queue.get(), 30))
+                return outs[-1]
+
+            finals = await asyncio.gather(*[collect(s) for s in subs])
+            steps = eng.num_steps - steps0
+        finally:
+            eng.stop()
+            loop.call_soon_threadsafe = real
+        return finals, steps, calls["n"]
+
+    finals, steps, wakeups = run(main())
+    for p, out in zip(prompts, finals):
+        assert out.outputs[0].token_ids == llm.generate(p, params, use_tqdm=False)[0].outputs[0].token_ids
+    assert wakeups <= steps < 4 * 6

@@ -145,8 +145,19 @@ class AsyncEngine:
             if out.finished:
                 self._sinks.pop(rid, None)
             by_sink.setdefault(sink, []).append(out)
+        # One thread-safe wake-up per event loop per step, not one per request: each
+        # call_soon_threadsafe is a self-pipe write (a syscall) and a GIL hand-off.
+        by_loop: dict = {}
         for sink, group in by_sink.items():
-            sink(group)
+            if isinstance(sink, _LoopSink):
+                by_loop.setdefault(sink.loop, []).append((sink.put, group))
+            else:
+                sink(group)
+        for loop, deliveries in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, deliveries)
+            except RuntimeError:            # that loop is closed: nobody is listening
+                pass
 
     def _fail_all(self, exc: BaseException) -> None:
         """Called with the lock held after a failed step: aborts and fails every request."""
@@ -198,14 +209,9 @@ class AsyncEngine:
         base = request_id or f"req-{next(_ids)}"
         rids = [base if len(prompts) == 1 else f"{base}-{i}" for i in range(len(prompts))]
         reqs = [self.llm.prepare_request(p, params, r) for p, r in zip(prompts, rids)]
-        loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-
-        def sink(item, _put=q.put_nowait, _call=loop.call_soon_threadsafe):
-            _call(_put, item)
-
         self._waiting.update(rids)
-        return Submission(rids, reqs, q, sink)
+        return Submission(rids, reqs, q, _LoopSink(asyncio.get_running_loop(), q.put_nowait))
 
     def commit(self, sub: "Submission") -> None:
         """Queues a prepared submission and wakes the stepping thread (non-blocking);
@@ -253,6 +259,27 @@ class AsyncEngine:
     # ---- blocking API (worker threads) -------------------------------------------
     def sync_llm(self) -> "SyncLLMProxy":
         return SyncLLMProxy(self)
+
+
+class _LoopSink:
+    """Delivers to an asyncio queue from the stepping thread; ``_dispatch`` batches
+    the deliveries of one step per event loop."""
+
+    __slots__ = ("loop", "put")
+
+    def __init__(self, loop, put):
+        self.loop, self.put = loop, put
+
+    def __call__(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.put, item)
+        except RuntimeError:                # the loop is closed
+            pass
+
+
+def _deliver(deliveries) -> None:
+    for put, group in deliveries:
+        put(group)
 
 
 class Submission:
