@@ -208,3 +208,17 @@ def test_one_wakeup_per_step_for_many_requests(llm):
     for p, out in zip(prompts, finals):
         assert out.outputs[0].token_ids == llm.generate(p, params, use_tqdm=False)[0].outputs[0].token_ids
     assert wakeups <= steps < 4 * 6
+
+
+@pytest.mark.parametrize("head,choice", [
+    ({"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m"},
+     {"index": 0, "text": "hi", "logprobs": None, "finish_reason": None}),
+    ({"id": 'q"\\', "object": "chat.completion.chunk", "created": 0, "model": "mod\u00e8le \u2603"},
+     {"index": 3, "delta": {"content": "\n\u00e9\U0001f600"}, "finish_reason": "stop"}),
+])
+def test_sse_prefix_matches_whole_event(head, choice):
+    from engine.server.streaming import compact_json, sse, sse_prefix
+    event = sse_prefix(head) + compact_json(choice) + "]}\n\n"
+    assert event == sse({**head, "choices": [choice]})
+    import json
+    assert json.loads(event[len("data: "):]) == {**head, "choices": [choice]}

@@ -32,7 +32,8 @@ from engine.server.async_engine import (AsyncEngine, EngineDeadError, EngineDrai
                                         QueueFullError)
 from engine.server.protocol import (ChatCompletionRequest, CompletionRequest, error_body, new_id,
                                     now_s, usage)
-from engine.server.streaming import ClientGone, EventStream, sse, watch_disconnect
+from engine.server.streaming import (ClientGone, EventStream, compact_json, sse, sse_prefix,
+                                     watch_disconnect)
 
 log = logging.getLogger("engine.server")
 
@@ -253,15 +254,21 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
         try:
             engine.commit(sub)
             while left:
-                item = await q.get()
-                if isinstance(item, EngineDeadError):     # a failed step: 500, the server lives on
-                    raise APIError(500, str(item), "server_error", code="engine_error")
-                if isinstance(item, BaseException):
-                    raise item
-                for out in item:
+                items = [await q.get()]
+                while not q.empty():        # this loop fell behind the engine: outputs are
+                    items.append(q.get_nowait())   # cumulative, so only the latest counts
+                latest = {}
+                for item in items:
+                    if isinstance(item, EngineDeadError):  # a failed step: 500, the server lives on
+                        raise APIError(500, str(item), "server_error", code="engine_error")
+                    if isinstance(item, BaseException):
+                        raise item
+                    for out in item:
+                        latest[out.request_id] = out
+                for rid, out in latest.items():
                     if out.finished:
-                        left.discard(out.request_id)
-                    yield index[out.request_id], out
+                        left.discard(rid)
+                    yield index[rid], out
         finally:
             engine.discard(sub)                 # no-op once committed
             for r in left:
@@ -359,6 +366,7 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
             sent_text = [0] * len(rids)
             sent_tok = [0] * len(rids)
             pt = ct = 0
+            prefix = sse_prefix({"id": cid, "object": "text_completion", "created": created, "model": model})
             async for i, out in outputs(sub):
                 c = out.outputs[0]
                 delta = c.text[sent_text[i]:]
@@ -372,8 +380,7 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
                     pt += len(out.prompt_token_ids)
                     ct += len(c.token_ids)
                 sent_text[i], sent_tok[i] = len(c.text), len(c.token_ids)
-                yield sse({"id": cid, "object": "text_completion", "created": created, "model": model,
-                           "choices": [choice]})
+                yield prefix + compact_json(choice) + "]}\n\n"
             if include_usage:
                 yield sse({"id": cid, "object": "text_completion", "created": created, "model": model,
                            "choices": [], "usage": usage(pt, ct)})
@@ -418,6 +425,7 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
 
         async def stream():
             head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
+            prefix = sse_prefix(head)
             yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}]})
             sent_text = sent_tok = 0
@@ -432,7 +440,7 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
                           "finish_reason": c.finish_reason if out.finished else None}
                 sent_text, sent_tok = len(c.text), len(c.token_ids)
                 final = out
-                yield sse({**head, "choices": [choice]})
+                yield prefix + compact_json(choice) + "]}\n\n"
             if include_usage and final is not None:
                 yield sse({**head, "choices": [],
                            "usage": usage(len(final.prompt_token_ids), len(final.outputs[0].token_ids))})
