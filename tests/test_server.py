@@ -437,6 +437,46 @@ def test_engine_failure_mid_stream_and_before_response(threads):
         s.close()
 
 
+def test_server_fault_is_a_500(threads):
+    """A bug in a handler gives a 500 in OpenAI's shape, and the server serves on."""
+    from engine.server.app import create_app
+    app = create_app(_llm(), served_model_name=MODEL, chat_prompt=lambda q: 1 / 0)
+    s = Server(app)
+    try:
+        with httpx.Client(base_url=s.url, timeout=30) as c:
+            r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+            err = _err(r, 500)
+            assert err["type"] == "server_error" and "ZeroDivisionError" in err["message"]
+            assert c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+    finally:
+        s.close()
+
+
+def test_added_middleware_sees_hot_routes(llm, engine):
+    """The hot routes skip FastAPI's middleware stack only while nobody added any."""
+    from engine.server.app import create_app
+    app = create_app(llm, served_model_name=MODEL, engine=engine, api_key=KEY)
+    seen = []
+
+    @app.middleware("http")
+    async def tag(request, call_next):
+        seen.append(request.url.path)
+        response = await call_next(request)
+        response.headers["x-seen"] = "1"
+        return response
+
+    s = Server(app)
+    try:
+        with httpx.Client(base_url=s.url, timeout=30) as c:
+            assert _err(c.post("/v1/completions", json={"prompt": "hi"}), 401)   # the gate still runs
+            r = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2},
+                       headers={"Authorization": f"Bearer {KEY}"})
+            assert r.status_code == 200 and r.headers["x-seen"] == "1"
+        assert seen == ["/v1/completions"] * 2      # it wraps the gate, as FastAPI orders them
+    finally:
+        s.close()
+
+
 def test_graceful_shutdown(threads):
     from engine.server.app import create_app
     llm = _llm()
