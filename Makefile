@@ -28,6 +28,8 @@ bench: $(STAMP)
 	# Latency / batch sweep / throughput vs the bandwidth ceiling and HF generate
 	# (CUDA if present: 7B shape in fp16; else the CPU configuration).
 	$(PY) benchmarks/bench_latency.py $(if $(QUICK),--quick,)
+	# The HTTP server vs in-process at 1, 8 and 64 clients (loopback only).
+	$(PY) benchmarks/bench_server.py $(if $(QUICK),--quick,)
 
 gpu-check:
 	PYTHONPATH=. PYTHONUNBUFFERED=1 $(GPU_PY) benchmarks/gpu_check.py $(if $(STAGE),--stage $(STAGE),) $(ARGS)
