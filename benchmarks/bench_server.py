@@ -109,11 +109,16 @@ def in_process_client(engine, max_tokens):
     return one
 
 
-def first_choice(line: bytes):
-    """The first choice of an SSE ``data: {json}`` line, else None."""
-    if line.startswith(b"data: {"):
-        return json.loads(line[6:])["choices"][0]
-    return None
+async def token_times(lines, t0: float) -> list[float]:
+    """Arrival times (since ``t0``) of the SSE lines carrying text, or of the final
+    one if none did, from an async iterator of ``bytes`` lines."""
+    times = []
+    async for line in lines:
+        if line.startswith(b"data: {"):
+            ch = json.loads(line[6:])["choices"][0]
+            if ch["text"] or (ch["finish_reason"] and not times):
+                times.append(time.perf_counter() - t0)
+    return times
 
 
 class AiohttpClient:
@@ -131,14 +136,9 @@ class AiohttpClient:
 
     async def stream(self, body):
         t0 = time.perf_counter()
-        times = []
         async with self.session.post(self.url + "/v1/completions", json=body) as r:
             r.raise_for_status()
-            async for line in r.content:            # one SSE line at a time
-                ch = first_choice(line)
-                if ch is not None and (ch["text"] or (ch["finish_reason"] and not times)):
-                    times.append(time.perf_counter() - t0)
-        return times
+            return await token_times(r.content, t0)     # one SSE line at a time
 
     async def close(self):
         await self.session.close()
@@ -157,14 +157,9 @@ class HttpxClient:
 
     async def stream(self, body):
         t0 = time.perf_counter()
-        times = []
         async with self.client.stream("POST", "/v1/completions", json=body) as r:
             r.raise_for_status()
-            async for line in r.aiter_lines():
-                ch = first_choice(line.encode())
-                if ch is not None and (ch["text"] or (ch["finish_reason"] and not times)):
-                    times.append(time.perf_counter() - t0)
-        return times
+            return await token_times((line.encode() async for line in r.aiter_lines()), t0)
 
     async def close(self):
         await self.client.aclose()

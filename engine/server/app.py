@@ -82,8 +82,7 @@ class _LimitsMiddleware:
             except ValueError:
                 return await _error_response(400, "bad Content-Length")(scope, receive, send)
             if too_big:
-                return await _error_response(413, f"request body over {self.max_body} bytes",
-                                             code="body_too_large")(scope, receive, send)
+                return await self._too_large(scope, receive, send)
             return await self.app(scope, receive, send)
         # Chunked body: count as it arrives.
         seen = 0
@@ -108,8 +107,12 @@ class _LimitsMiddleware:
             await self.app(scope, counting_receive, tracking_send)
         except _BodyTooLarge:
             if not started:
-                await _error_response(413, f"request body over {self.max_body} bytes",
-                                      code="body_too_large")(scope, receive, send)
+                await self._too_large(scope, receive, send)
+
+
+    def _too_large(self, scope, receive, send):
+        return _error_response(413, f"request body over {self.max_body} bytes",
+                               code="body_too_large")(scope, receive, send)
 
 
 class _BodyTooLarge(Exception):
@@ -149,9 +152,8 @@ class _ServerApp(FastAPI):
                 response = await endpoint(request)
             except _BodyTooLarge:
                 raise                           # the gate answers 413
-            except Exception as exc:
-                handler = next((handlers[cls] for cls in type(exc).__mro__ if cls in handlers
-                                and cls is not Exception), None) or handlers[Exception]
+            except Exception as exc:        # the most specific handler; Exception has one
+                handler = next(handlers[cls] for cls in type(exc).__mro__ if cls in handlers)
                 response = await handler(request, exc)
             await response(scope, receive, send)
         return app
@@ -319,7 +321,6 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
                         left.discard(rid)
                     yield index[rid], out
         finally:
-            engine.discard(sub)                 # no-op once committed
             for r in left:
                 engine.abort(r)
 
@@ -509,9 +510,8 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
     if rag is not None:
         rag(app, engine)
 
-    def gate(inner):
-        return _LimitsMiddleware(inner, api_key=api_key, max_body_bytes=max_body_bytes, engine=engine)
-    # Outermost for every other request: the key / size / draining gate.
-    app.add_middleware(_LimitsMiddleware, api_key=api_key, max_body_bytes=max_body_bytes, engine=engine)
-    app.set_direct_routes(hot, gate)
+    # The key / size / draining gate: outermost for every request, direct or not.
+    limits = {"api_key": api_key, "max_body_bytes": max_body_bytes, "engine": engine}
+    app.add_middleware(_LimitsMiddleware, **limits)
+    app.set_direct_routes(hot, lambda inner: _LimitsMiddleware(inner, **limits))
     return app

@@ -22,7 +22,6 @@ import collections
 import itertools
 import queue
 import threading
-import time
 from typing import AsyncIterator, Callable
 
 
@@ -367,7 +366,3 @@ class SyncLLMProxy:
                 self.abort(rid)
             raise
         return [results[i] for i in ids]
-
-
-def now() -> float:
-    return time.perf_counter()
