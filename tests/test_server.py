@@ -398,17 +398,23 @@ def test_non_streaming_disconnect_aborts(server, llm, engine):
     assert engine.num_steps - steps0 < 250          # 500 steps had it run to the end
 
 
-def test_engine_failure_mid_stream_and_before_response(threads):
-    """A failing step: a stream already under way ends with an OpenAI-style error
-    event and [DONE]; a non-streaming request gets a 500 in the error shape; the
-    server then serves again."""
+@pytest.mark.parametrize("hold_loop", [False, True])
+def test_engine_failure_mid_stream_and_before_response(threads, hold_loop):
+    """A failing step: a stream already under way ends with its tokens, then an
+    OpenAI-style error event and [DONE]; a non-streaming request gets a 500 in the
+    error shape; the server then serves again. ``hold_loop`` keeps the server's event
+    loop busy while steps 2..4 run, so the tokens and the failure reach the request's
+    queue together (CI hit that race: the error used to go out without the tokens)."""
     from engine.server.app import create_app
     llm = _llm()
     app = create_app(llm, served_model_name=MODEL)
-    real_step, calls = llm.step, {"n": 0, "fail_at": 4}
+    engine, real_step, calls = app.state.engine, llm.step, {"n": 0, "fail_at": 4}
 
     def step():
         calls["n"] += 1
+        if hold_loop and calls["n"] == 1 and calls["fail_at"] == 4:
+            loop = next(iter(engine._sinks.values())).loop
+            loop.call_soon_threadsafe(time.sleep, 0.5)
         if calls["n"] == calls["fail_at"]:
             raise RuntimeError("injected failure")
         return real_step()
@@ -424,7 +430,10 @@ def test_engine_failure_mid_stream_and_before_response(threads):
             assert events[-1] == "[DONE]"
             assert events[-2]["error"]["type"] == "server_error"
             assert "injected failure" in events[-2]["error"]["message"]
-            assert len(events) >= 3                                   # tokens came first
+            text = "".join(e["choices"][0]["text"] for e in events[:-2])
+            ref = _llm().generate(["Go on"], SamplingParams(temperature=0, max_tokens=3),
+                                  use_tqdm=False)[0].outputs[0].text
+            assert text == ref                                # the three good steps' tokens
             calls["n"], calls["fail_at"] = 0, 2
             r = c.post("/v1/completions", json={"prompt": "Go on", "max_tokens": 40})
             err = _err(r, 500)

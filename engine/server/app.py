@@ -308,18 +308,21 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
                 items = [await q.get()]
                 while not q.empty():        # this loop fell behind the engine: outputs are
                     items.append(q.get_nowait())   # cumulative, so only the latest counts
-                latest = {}
+                latest, failure = {}, None
                 for item in items:
-                    if isinstance(item, EngineDeadError):  # a failed step: 500, the server lives on
-                        raise APIError(500, str(item), "server_error", code="engine_error")
-                    if isinstance(item, BaseException):
-                        raise item
+                    if isinstance(item, BaseException):   # the tokens before it still go out
+                        failure = item
+                        break
                     for out in item:
                         latest[out.request_id] = out
                 for rid, out in latest.items():
                     if out.finished:
                         left.discard(rid)
                     yield index[rid], out
+                if isinstance(failure, EngineDeadError):  # a failed step: 500, the server lives on
+                    raise APIError(500, str(failure), "server_error", code="engine_error")
+                if failure is not None:
+                    raise failure
         finally:
             for r in left:
                 engine.abort(r)
