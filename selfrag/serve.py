@@ -8,7 +8,9 @@ max_tokens, long, beam_width, max_depth}`` and returns ``Result.to_dict()``.
 The pipeline runs in a worker thread over an LLM-shaped proxy of the shared
 engine (``AsyncEngine.sync_llm()``): every engine call goes through the
 engine's lock and stepping thread, so Self-RAG branches batch with the HTTP
-completions and never race with ``step()``.
+completions and never race with ``step()``. A client that hangs up cancels the
+proxy (``SyncLLMProxy.cancel``): the worker's branches are aborted at its next
+engine step and the thread unwinds.
 """
 
 import argparse
@@ -25,7 +27,11 @@ def selfrag_routes(retriever=None, retriever_factory=None):
     """An ``install(app, engine)`` hook for ``create_app(rag=...)`` adding
     ``POST /v1/selfrag/answer``. ``retriever`` (or, lazily, ``retriever_factory()``;
     default ``default_retriever``) serves requests without ``passages``."""
+    from starlette.requests import Request
+    from starlette.responses import Response
+
     from engine.server.protocol import SelfRAGRequest
+    from engine.server.streaming import ClientGone, until_disconnect
     from selfrag.pipeline import SelfRAG
     from selfrag.types import Passage
 
@@ -44,7 +50,7 @@ def selfrag_routes(retriever=None, retriever_factory=None):
         APIError = app.state.api_error
         cap = app.state.max_tokens_cap
 
-        def run(req: SelfRAGRequest) -> dict:
+        def run(req: SelfRAGRequest, llm) -> dict:
             passages = (None if req.passages is None
                         else [Passage(title=p.title, text=p.text) for p in req.passages])
             retr = None
@@ -54,7 +60,7 @@ def selfrag_routes(retriever=None, retriever_factory=None):
                 except ImportError as e:
                     raise APIError(400, f"no passages given and no retriever available ({e}); "
                                         "pass 'passages'", param="passages") from None
-            rag = SelfRAG(engine.sync_llm(), retr)
+            rag = SelfRAG(llm, retr)
             common = dict(task=req.task, w_rel=req.w_rel, w_sup=req.w_sup, w_use=req.w_use,
                           use_seqscore=req.use_seqscore, constrained=req.constrained)
             if req.long:
@@ -68,14 +74,28 @@ def selfrag_routes(retriever=None, retriever_factory=None):
             return result.to_dict()
 
         @app.post("/v1/selfrag/answer")
-        async def selfrag_answer(req: SelfRAGRequest):
+        async def selfrag_answer(req: SelfRAGRequest, request: Request):
             if req.max_tokens > cap:
                 raise APIError(400, f"max_tokens={req.max_tokens} is over this server's cap of {cap}",
                                param="max_tokens")
             if engine.draining:
                 raise APIError(503, "the server is shutting down", "service_unavailable", code="draining")
+            # The pipeline blocks, so it runs in a worker thread; a client that hangs up
+            # cancels its proxy, which aborts its branches within one engine step.
+            llm = engine.sync_llm()
+            work = asyncio.ensure_future(asyncio.to_thread(run, req, llm))
+            gone = asyncio.ensure_future(until_disconnect(request.receive))
             try:
-                return await asyncio.to_thread(run, req)
+                await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                gone.cancel()
+                if not work.done():          # the client left (or the server is stopping)
+                    llm.cancel(ClientGone())
+                    await asyncio.wait({work})   # the thread unwinds at its next engine call
+            if isinstance(work.exception(), ClientGone):
+                return Response(status_code=499)    # nginx's 'client closed'; uvicorn drops it
+            try:
+                return work.result()
             except APIError:
                 raise
             except ValueError as e:

@@ -379,23 +379,44 @@ def test_disconnects_free_blocks(server, llm, engine):
     assert wait_idle(engine, llm, free), (engine.num_active, llm.block_manager.num_free_blocks, free)
 
 
-def test_non_streaming_disconnect_aborts(server, llm, engine):
-    """A non-streaming client that hangs up is aborted at once, not run to max_tokens."""
+def _post_then_hang_up(server, llm, engine, path, body):
+    """POSTs ``body`` on a raw socket, closes it once the engine has run 3 steps for
+    it, and checks its blocks come back; returns the steps it ran in all."""
     assert wait_idle(engine, llm, llm.block_manager.num_free_blocks)
     with engine.lock:
         free = llm.block_manager.num_free_blocks
     steps0 = engine.num_steps
-    body = json.dumps({"prompt": "A very long story:", "max_tokens": 500, "temperature": 0,
-                       "ignore_eos": True}).encode()
+    body = json.dumps(body).encode()
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body))
         t0 = time.monotonic()
         while engine.num_steps - steps0 < 3 and time.monotonic() - t0 < 10:
             time.sleep(0.002)
-        assert engine.num_active == 1
+        assert engine.num_active >= 1
     assert wait_idle(engine, llm, free), (engine.num_active, llm.block_manager.num_free_blocks, free)
-    assert engine.num_steps - steps0 < 250          # 500 steps had it run to the end
+    return engine.num_steps - steps0
+
+
+def test_non_streaming_disconnect_aborts(server, llm, engine):
+    """A non-streaming client that hangs up is aborted at once, not run to max_tokens."""
+    steps = _post_then_hang_up(server, llm, engine, "/v1/completions", {
+        "prompt": "A very long story:", "max_tokens": 500, "temperature": 0, "ignore_eos": True})
+    assert steps < 250                              # 500 steps had it run to the end
+
+
+def test_selfrag_answer_disconnect_aborts(server, llm, engine, client):
+    """A /v1/selfrag/answer client that hangs up cancels the pipeline's worker: its
+    branches are aborted within a step or two instead of running to max_tokens (this
+    unconstrained answer runs 500 steps uninterrupted), and the server serves on."""
+    steps = _post_then_hang_up(server, llm, engine, "/v1/selfrag/answer", {
+        "question": "Tell me a long story about alpacas.", "mode": "always", "k": 2,
+        "max_tokens": 500, "constrained": False,
+        "passages": [{"title": "Alpaca", "text": "The alpaca is a camelid."},
+                     {"title": "Llama", "text": "The llama is larger."}]})
+    assert steps < 250
+    r = client.post("/v1/selfrag/answer", json={"question": "Why?", "mode": "never", "max_tokens": 4})
+    assert r.status_code == 200, r.text
 
 
 @pytest.mark.parametrize("hold_loop", [False, True])

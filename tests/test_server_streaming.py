@@ -222,3 +222,53 @@ def test_sse_prefix_matches_whole_event(head, choice):
     assert event == sse({**head, "choices": [choice]})
     import json
     assert json.loads(event[len("data: "):]) == {**head, "choices": [choice]}
+
+
+def test_sync_proxy_cancel_unwinds_a_blocked_worker(llm):
+    """``SyncLLMProxy.cancel`` from another thread: the worker's generate() raises
+    the given reason within a step, its requests are aborted (blocks back), and the
+    proxy refuses new requests; another proxy on the same engine is unaffected."""
+    import threading
+    import time
+
+    from engine.server.async_engine import RequestCancelled
+
+    long = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+    eng = AsyncEngine(llm)
+    eng.start()
+    try:
+        free = llm.block_manager.num_free_blocks
+        proxy, caught = eng.sync_llm(), []
+
+        def worker():
+            try:
+                proxy.generate(["a long one", "another long one"], long)
+            except BaseException as e:          # noqa: BLE001 - recorded for the assert
+                caught.append(e)
+
+        t = threading.Thread(target=worker)
+        t.start()
+        t0 = time.monotonic()
+        while eng.num_steps < 3 and time.monotonic() - t0 < 10:
+            time.sleep(0.002)
+        steps = eng.num_steps
+        proxy.cancel()
+        t.join(10)
+        assert not t.is_alive() and len(caught) == 1 and isinstance(caught[0], RequestCancelled)
+        assert eng.num_steps - steps < 50                    # 400 steps had it run on
+        for _ in range(200):
+            with eng.lock:
+                if not llm.has_unfinished_requests() and llm.block_manager.num_free_blocks == free:
+                    break
+            time.sleep(0.01)
+        with eng.lock:
+            assert not llm.has_unfinished_requests() and llm.block_manager.num_free_blocks == free
+        assert eng.num_active == 0 and not proxy.has_unfinished_requests()
+        with pytest.raises(RequestCancelled):
+            proxy.add_request("more", long)
+        other = eng.sync_llm().generate("fine", SamplingParams(temperature=0.0, max_tokens=3))
+        with eng.lock:                                        # the stepping thread must not race
+            ref = llm.generate("fine", SamplingParams(temperature=0.0, max_tokens=3), use_tqdm=False)
+        assert other[0].outputs[0].token_ids == ref[0].outputs[0].token_ids
+    finally:
+        eng.stop()

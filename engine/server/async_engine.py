@@ -33,6 +33,10 @@ class EngineDrainingError(RuntimeError):
     """The engine is shutting down and takes no new requests (HTTP 503)."""
 
 
+class RequestCancelled(RuntimeError):
+    """``SyncLLMProxy.cancel`` was called (e.g. the HTTP client went away)."""
+
+
 class EngineDeadError(RuntimeError):
     """The stepping thread failed; the request cannot finish (HTTP 500)."""
 
@@ -304,6 +308,7 @@ class SyncLLMProxy:
         self._llm = engine.llm
         self._q: queue.Queue = queue.Queue()
         self._mine: set[str] = set()
+        self._cancelled: BaseException | None = None
         self.config = engine.llm.config
         self.tokenizer = engine.llm.tokenizer
         self.max_model_len = engine.llm.max_model_len
@@ -313,6 +318,8 @@ class SyncLLMProxy:
 
     def add_request(self, prompt, params=None, request_id: str | None = None) -> str:
         eng = self._engine
+        if self._cancelled is not None:
+            raise self._cancelled
         if eng.draining:
             raise EngineDrainingError("the server is shutting down")
         rid = str(request_id) if request_id is not None else f"sync-{next(_ids)}"
@@ -321,6 +328,9 @@ class SyncLLMProxy:
         return rid
 
     def step(self, timeout: float = 600.0):
+        if self._cancelled is not None and self._mine:
+            self._abort_mine()
+            raise self._cancelled
         if not self._mine:
             return []
         try:
@@ -328,12 +338,26 @@ class SyncLLMProxy:
         except queue.Empty:
             raise TimeoutError(f"no engine output in {timeout}s") from None
         if isinstance(item, BaseException):
-            self._mine.clear()
+            self._abort_mine()          # no-op after a failed step (all were aborted)
             raise item
         for out in item:
             if out.finished:
                 self._mine.discard(out.request_id)
         return item
+
+    def cancel(self, reason: BaseException | None = None) -> None:
+        """Thread-safe (e.g. from the event loop when the HTTP client goes away): the
+        worker's current or next ``step``, and any later ``add_request``, raise
+        ``reason`` (default ``RequestCancelled``) after aborting this proxy's
+        requests, so blocking code over this proxy unwinds within one step."""
+        if self._cancelled is None:
+            self._cancelled = reason if reason is not None else RequestCancelled("cancelled")
+            self._q.put(self._cancelled)            # wakes a step() blocked on the queue
+
+    def _abort_mine(self) -> None:
+        mine, self._mine = self._mine, set()
+        for rid in mine:
+            self._engine.abort(rid)
 
     def abort(self, request_id: str) -> bool:
         rid = str(request_id)

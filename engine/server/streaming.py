@@ -27,7 +27,8 @@ class ClientGone(Exception):
     """The HTTP client closed the connection before its response was complete."""
 
 
-async def _until_disconnect(receive) -> None:
+async def until_disconnect(receive) -> None:
+    """Returns once the client has disconnected."""
     # Call only after the request body was read: from then on uvicorn's receive()
     # blocks until the client disconnects or the response is complete.
     while (await receive())["type"] != "http.disconnect":
@@ -37,7 +38,7 @@ async def _until_disconnect(receive) -> None:
 def watch_disconnect(receive, q: asyncio.Queue) -> asyncio.Task:
     """A task that puts ``ClientGone()`` into ``q`` once the client disconnects.
     Cancel it when the response is done (``EventStream`` does)."""
-    task = asyncio.ensure_future(_until_disconnect(receive))
+    task = asyncio.ensure_future(until_disconnect(receive))
 
     def done(t: asyncio.Task) -> None:
         if not t.cancelled():
