@@ -165,7 +165,9 @@ def make_ast_source(fn, signature: dict, constexprs: dict, *, align_pointers: bo
     * Triton >= 3.2 (3.6 and 3.9 alike): ``ASTSource(fn, signature, constexprs=, attrs=)``;
       ``signature`` lists EVERY argument in order, constexprs typed ``"constexpr"``,
       their values in ``constexprs`` keyed by name; attrs keyed by argument-index
-      path, e.g. ``{(0,): [["tt.divisibility", 16]]}``.
+      path, e.g. ``{(0,): [["tt.divisibility", 16]]}``. A pointer gets it unless the
+      kernel opts out (do_not_specialize or do_not_specialize_on_alignment), as a launch
+      would; ints never do (the worst case for an int the JIT may specialize).
     * Triton 3.0/3.1: ``ASTSource(fn, signature, constants=, attrs=AttrsDescriptor)``;
       ``signature`` lists only the non-constexpr arguments, values in ``constants``
       (3.1: keyed by name; 3.0: by argument index). No alignment attrs there.
@@ -195,8 +197,10 @@ def make_ast_source(fn, signature: dict, constexprs: dict, *, align_pointers: bo
         full = {a: ("constexpr" if a in cx else sig[a]) for a in arg_names}
         attrs = {}
         if align_pointers:
+            from kernels.triton.common import no_align_names, no_specialize_names
+            unhinted = no_specialize_names(fn) | no_align_names(fn)
             attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(arg_names)
-                     if a not in cx and str(full[a]).startswith("*")}
+                     if a not in cx and a not in unhinted and str(full[a]).startswith("*")}
         return ast_source_cls(fn=fn, signature=full, constexprs=cx, attrs=attrs)
     if "constants" in params:
         plain = {a: sig[a] for a in arg_names if a not in cx}

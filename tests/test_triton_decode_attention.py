@@ -1,20 +1,16 @@
 """Triton split-KV paged decode attention vs the PyTorch reference (interpreter on CPU),
 its CUDA-graph property (launch config independent of per-sequence lengths), the
 launcher's validation, and an offline sm_80 / sm_90 compile of compile_specs (no spills)."""
-import os
+import dataclasses
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+from tests.helpers import DEVICE
 
-import dataclasses  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from tests.helpers import DEVICE  # noqa: E402
-
-from kernels import reference as R  # noqa: E402
-from kernels.metadata import AttentionMetadata  # noqa: E402
-from kernels.triton import decode_attention as M  # noqa: E402
-from kernels.triton.common import SHAPES  # noqa: E402
+from kernels import reference as R
+from kernels.metadata import AttentionMetadata
+from kernels.triton import decode_attention as M
+from kernels.triton.common import SHAPES
 
 TOL = {torch.float16: dict(atol=3e-3, rtol=1e-2), torch.float32: dict(atol=2e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 GARBAGE = 50.0   # fills cache slots no sequence owns: any unmasked read shows up
@@ -75,8 +71,60 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("ctx,Hq,Hkv,D,bs,ns", CASES)
-def test_matches_reference(ctx, Hq, Hkv, D, bs, ns, dtype):
+@pytest.mark.parametrize("min_keys", [None, 1])
+def test_matches_reference(ctx, Hq, Hkv, D, bs, ns, dtype, min_keys, monkeypatch):
+    """min_keys 1: a live split needs only one SPLIT_ALIGN unit of keys, so these short
+    contexts really are split and combined (at the default 256 they use one split)."""
+    if min_keys is not None:
+        monkeypatch.setattr(M, "MIN_KEYS_PER_SPLIT", min_keys)
     _check(ctx, Hq, Hkv, D, bs, dtype, num_splits=ns)
+
+
+def _live(ctx, num_splits, bs, dtype, D=16, group=2):
+    """The kernel's live split count per sequence, from the launcher's own MIN_SPLIT."""
+    min_split = M._config(group, D, bs, dtype, 1)["MIN_SPLIT"]
+    return [min(num_splits, -(-c // min_split)) for c in ctx]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_many_splits_mixed_contexts(dtype):
+    """A CUDA-graph-like num_splits of 32 over long, short and empty contexts in one batch:
+    each sequence uses only the splits its own length needs (3, 1, 0, 2, 1 and 1 here)."""
+    ctx = [600, 3, 0, 257, 64, 1]
+    assert _live(ctx, 32, 8, dtype) == [3, 1, 0, 2, 1, 1]
+    q, kc, vc, meta = _setup(ctx, 4, 2, 16, 8, dtype, seed=13)
+    out = M.decode_attention(q, kc, vc, meta, 0.25, num_splits=32)
+    keep = [i for i, c in enumerate(ctx) if c > 0]
+    live = dataclasses.replace(meta, block_tables=meta.block_tables[keep],
+                               context_lens=meta.context_lens[keep], scratch={})
+    torch.testing.assert_close(out[keep], R.decode_attention(q[keep], kc, vc, live, 0.25),
+                               **TOL[dtype])
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+
+
+def test_short_sequences_skip_dead_splits():
+    """Observable proof that work follows the live context: the scratch is poisoned with
+    NaN before the call; afterwards exactly the live rows of each sequence were written
+    (the dead splits returned without storing), and the output is still right (the reduce
+    never read a dead row, or NaN would have leaked into it)."""
+    ctx, ns, dtype = [600, 3, 0, 257, 40], 8, torch.float32
+    q, kc, vc, meta = _setup(ctx, 4, 2, 16, 8, dtype, seed=17)
+    M.decode_attention(q, kc, vc, meta, 0.25, num_splits=ns)       # allocates the scratch
+    (key,) = [k for k in meta.scratch if k[0] == "triton_decode_attention_scratch"]
+    part, lse = meta.scratch[key]
+    part.fill_(float("nan"))
+    lse.fill_(float("nan"))
+    out = M.decode_attention(q, kc, vc, meta, 0.25, num_splits=ns)
+    keep = [i for i, c in enumerate(ctx) if c > 0]
+    live_meta = dataclasses.replace(meta, block_tables=meta.block_tables[keep],
+                                    context_lens=meta.context_lens[keep], scratch={})
+    torch.testing.assert_close(out[keep], R.decode_attention(q[keep], kc, vc, live_meta, 0.25),
+                               **TOL[dtype])
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+    written = ~lse.isnan()                                          # [B, Hq, ns]
+    for i, n in enumerate(_live(ctx, ns, 8, dtype)):
+        assert written[i, :, :n].all() and not written[i, :, n:].any(), (i, ctx[i], n)
+        assert not part[i, :, :n].isnan().any() and part[i, :, n:].isnan().all()
 
 
 @pytest.mark.parametrize("Hkv,ns", [(8, None), (32, 3)])
@@ -253,7 +301,9 @@ def test_compile_specs_match_launcher_choices():
     assert not split.constexprs["DIRECT_OUT"] and direct.constexprs["DIRECT_OUT"]
     assert split.signature["q_ptr"] == "*fp16" and split.signature["part_ptr"] == "*fp32"
     assert direct.signature["part_ptr"] == "*fp16"        # the launcher passes out there
-    assert red.constexprs == {"HEAD_DIM": 128, "BLOCK_D": 128, "SPLITS_PAD": M.MAX_SPLITS}
+    assert red.constexprs == {"HEAD_DIM": 128, "BLOCK_D": 128, "SPLITS_PAD": M.MAX_SPLITS,
+                              "MIN_SPLIT": split.constexprs["MIN_SPLIT"]}
+    assert split.constexprs["MIN_SPLIT"] == 256           # 256 keys, whole 64-key tiles
     # every kernel argument is typed
     for spec in (split, direct, red):
         assert list(spec.signature) == list(spec.kernel.arg_names)

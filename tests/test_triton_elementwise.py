@@ -10,18 +10,14 @@ the reference rounds after each torch op. bf16 gets a wider bound because Triton
 interpreter rounds fp32 -> bf16 by truncation (the GPU rounds to nearest even), which
 adds up to one more bf16 ulp; fp16 conversions in the interpreter are exact RNE.
 """
-import os
+import dataclasses
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+from tests.helpers import DEVICE
 
-import dataclasses  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from tests.helpers import DEVICE  # noqa: E402
-
-from kernels import reference as R  # noqa: E402
-from kernels.triton import activation, norm, rope_kv, sampling  # noqa: E402
+from kernels import reference as R
+from kernels.triton import activation, norm, rope_kv, sampling
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5),

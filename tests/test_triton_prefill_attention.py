@@ -1,18 +1,14 @@
 """Triton prefill attention vs the PyTorch reference, in the Triton interpreter (CPU), plus an
 offline sm_90 compile of every configuration compile_specs reports."""
-import os
+import dataclasses
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+from tests.helpers import DEVICE
 
-import dataclasses  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from tests.helpers import DEVICE  # noqa: E402
-
-from kernels import reference as R  # noqa: E402
-from kernels.metadata import AttentionMetadata  # noqa: E402
-from kernels.triton.prefill_attention import _prefill_attention, prefill_attention  # noqa: E402
+from kernels import reference as R
+from kernels.metadata import AttentionMetadata
+from kernels.triton.prefill_attention import _prefill_attention, prefill_attention
 
 TOL = {torch.float16: dict(atol=2e-3, rtol=2e-3), torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 

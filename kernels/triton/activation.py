@@ -21,6 +21,8 @@ import triton.language as tl
 from kernels.triton.common import CompileSpec, ModelShape
 
 
+# Specialization (see kernels/triton/common.py): I and both row strides are model
+# constants, so every hint is kept.
 @triton.jit
 def _silu_and_mul_kernel(gu_ptr, out_ptr, I, stride_gu, stride_out, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)

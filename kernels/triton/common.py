@@ -1,9 +1,19 @@
-"""What every Triton kernel module shares: compile specs for the offline report.
+"""What every Triton kernel module shares: compile specs for the offline report,
+and a look at the JIT's state (which kernels are compiled, how many variants).
 
 Each kernel module exposes ``compile_specs(shape: ModelShape) -> list[CompileSpec]``:
 the exact (signature, constexprs, num_warps, num_stages) configurations its
 launcher picks for that model shape. ``python -m kernels.report`` compiles each
 for sm_80 and sm_90 without a GPU and reads registers / shared memory / spills.
+
+JIT specialization: Triton compiles one variant per distinct key of a launch's
+non-constexpr arguments: an int equal to 1 becomes a constant, a multiple of 16
+gets a divisibility hint, a pointer gets one when 16-byte aligned. Every kernel
+therefore lists in ``do_not_specialize`` the ints that change from one engine
+step to the next (batch size, tile counts, table widths, ...), so the hot path
+never compiles (~1 s each on a GPU); model constants (hidden sizes, weight and
+cache strides) keep their hints. ``launch_kernels`` / ``compiled_variant_count``
+let a GPU run prove it: the count must not grow after warm-up.
 """
 from __future__ import annotations
 
@@ -63,3 +73,74 @@ def triton_dtype(torch_dtype) -> str:
     import torch
     return {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
             torch.int32: "*i32", torch.int64: "*i64"}[torch_dtype]
+
+
+# ----------------------------------------------------------------------------- JIT state
+
+def launch_kernels() -> list:
+    """Every @triton.jit kernel a launcher in kernels/triton/ launches (not device
+    helpers such as prefill's ``_attend_tile``): the kernels of the modules'
+    ``compile_specs``, which by contract list every configuration a launcher picks."""
+    import importlib
+    import pkgutil
+
+    import kernels.triton as pkg
+    found = {}
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        if info.name in ("common", "__init__"):
+            continue
+        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        specs = getattr(mod, "compile_specs", None)
+        for shape in (SHAPES if callable(specs) else ()):
+            for spec in specs(shape):
+                found.setdefault(id(spec.kernel), spec.kernel)
+    return list(found.values())
+
+
+def kernel_name(kernel) -> str:
+    """The Python name of a @triton.jit kernel (JITFunction or InterpretedFunction)."""
+    return getattr(getattr(kernel, "fn", None), "__name__", None) or repr(kernel)
+
+
+def _is_compiled(kernel) -> bool:
+    from triton.runtime.jit import JITFunction
+    return isinstance(kernel, JITFunction)
+
+
+def not_compiled(kernels=None) -> list[str]:
+    """Names of the kernels (default: ``launch_kernels()``) that are not compiled
+    JITFunctions, e.g. InterpretedFunctions under TRITON_INTERPRET=1."""
+    return [kernel_name(k) for k in (launch_kernels() if kernels is None else kernels)
+            if not _is_compiled(k)]
+
+
+def compiled_variant_count(kernels=None) -> int:
+    """Compiled variants cached so far over ``kernels`` (default: ``launch_kernels()``),
+    all devices: the sum of len(kernel_cache) of ``fn.device_caches[device][0]`` (the
+    layout of Triton 3.6 and 3.9). 0 for interpreted functions. A GPU run records it
+    around each timed step: it must not grow once the engine is warm."""
+    total = 0
+    for k in (launch_kernels() if kernels is None else kernels):
+        if _is_compiled(k):
+            total += sum(len(caches[0]) for caches in list(k.device_caches.values()))
+    return total
+
+
+def _option_names(kernel, option: str) -> set[str]:
+    """The argument names a jit option (a list of names or indices) refers to."""
+    if hasattr(kernel, option):                       # JITFunction
+        entries = getattr(kernel, option)
+    else:                                             # InterpretedFunction keeps its kwargs
+        entries = getattr(kernel, "kwargs", {}).get(option)
+    names = kernel.arg_names
+    return {names[e] if isinstance(e, int) else e for e in (entries or ())}
+
+
+def no_specialize_names(kernel) -> set[str]:
+    """The argument names in ``kernel``'s do_not_specialize."""
+    return _option_names(kernel, "do_not_specialize")
+
+
+def no_align_names(kernel) -> set[str]:
+    """The argument names in ``kernel``'s do_not_specialize_on_alignment."""
+    return _option_names(kernel, "do_not_specialize_on_alignment")

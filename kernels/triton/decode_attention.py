@@ -27,18 +27,25 @@ Two kernels:
    With num_splits == 1 (constexpr DIRECT_OUT) it writes ``out`` directly and no
    scratch / second kernel is used.
 
-2. ``_decode_reduce_kernel``, grid (B, Hq): combines the splits of one
+2. ``_decode_reduce_kernel``, grid (B, Hq): combines the live splits of one
    (sequence, query head): out = sum_s 2^(lse_s - M) * partial_s / sum_s 2^(lse_s - M).
 
-Split ranges are computed ON THE DEVICE from each sequence's own context_len:
-keys_per_split = round_up(ceil(ctx_i / num_splits), SPLIT_ALIGN), SPLIT_ALIGN =
-lcm(block_size, BLOCK_N), so a split always covers whole KV pages and whole
-BLOCK_N tiles (no half-empty tiles in the middle of a context); split s covers
-[s * keys_per_split, min((s+1) * keys_per_split, ctx_i)). Splits that start at or
-beyond ctx_i (short sequence, many splits) run zero loop iterations and store
-lse = -inf and a zero partial: they contribute nothing and produce no NaN. A
-sequence with context_len 0 (e.g. a padding slot of a CUDA-graph batch) gets an
-all-zero output row (the reference would give NaN there).
+The work follows each sequence's LIVE context, computed ON THE DEVICE from its own
+context_len (the grid's num_splits is only an upper bound, which a CUDA graph fixes
+from max_model_len): sequence i uses
+    live_i = min(num_splits, ceil(ctx_i / MIN_SPLIT))        (0 for ctx_i = 0)
+splits, MIN_SPLIT = MIN_KEYS_PER_SPLIT rounded up to whole SPLIT_ALIGN = lcm(block_size,
+BLOCK_N) units, and keys_per_split_i = round_up(ceil(ctx_i / live_i), SPLIT_ALIGN), so a
+split covers whole KV pages and whole BLOCK_N tiles; split s covers [s * keys_per_split_i,
+min((s+1) * keys_per_split_i, ctx_i)). Split programs with s >= live_i read no K/V and
+store nothing (masked stores); the reduce computes the same live_i and reads only those
+rows. So a 300-token context in a graph captured with 32 splits gets 2 working split
+programs (192 + 108 keys) per KV head, not 5 of <= 64 keys plus 27 that wrote empty
+partials, and the reduce reads 2 partials, not 32. With num_splits == 1 (DIRECT_OUT)
+nothing changes. (A live split that rounding leaves without keys stores lse = -inf and a
+zero partial: it contributes nothing and produces no NaN.) A sequence with context_len 0
+(e.g. a padding slot of a CUDA-graph batch) has no live split and gets an all-zero output
+row (the reference would give NaN there).
 
 CUDA graphs: the grid depends only on (B, Hkv, num_splits), never on the
 per-sequence lengths, and the launcher does no host<->device sync (it never
@@ -64,7 +71,8 @@ from kernels.triton.common import CompileSpec, ModelShape
 MAX_SPLITS = 32
 # A split should stream at least this many keys: below it, the fixed cost of a
 # program (load q, write partial + lse, reduce pass) outweighs the parallelism.
-# 256 keys x D=128 fp16 = 64 KiB of K plus 64 KiB of V per program.
+# 256 keys x D=128 fp16 = 64 KiB of K plus 64 KiB of V per program. Used twice: by
+# pick_num_splits on the host (the grid), and in-kernel per sequence (its live splits).
 MIN_KEYS_PER_SPLIT = 256
 # Target concurrency: programs per SM. Decode attention is bandwidth bound; two
 # resident programs per SM let one issue loads while the other does its softmax.
@@ -76,6 +84,17 @@ _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 @triton.jit
+def _live_splits(ctx, num_splits, MIN_SPLIT: tl.constexpr):
+    """Splits a sequence of ``ctx`` keys really uses: at most num_splits, each of at least
+    MIN_SPLIT keys (0 for ctx 0). The split and reduce kernels must agree on it."""
+    return tl.minimum(num_splits, tl.cdiv(ctx, MIN_SPLIT))
+
+
+# Not specialized (see kernels/triton/common.py): num_splits (picked per step from the
+# step's longest context, or per CUDA-graph bucket) and stride_btb (the block-table width:
+# the widest sequence's block count when built per step). Neither feeds a vectorized
+# address: num_splits sizes scalar split bounds, stride_btb offsets scalar page-id loads.
+@triton.jit(do_not_specialize=["num_splits", "stride_btb"])
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr, part_ptr, lse_ptr,
     scale_log2,                                   # softmax scale * log2(e), fp32
@@ -91,6 +110,7 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,                        # keys per tile
     PAGE_SIZE: tl.constexpr,                      # KV block size (positions per page)
     SPLIT_ALIGN: tl.constexpr,                    # lcm(PAGE_SIZE, BLOCK_N)
+    MIN_SPLIT: tl.constexpr,                      # fewest keys of a live split (whole SPLIT_ALIGNs)
     DIRECT_OUT: tl.constexpr,                     # num_splits == 1: write out, no scratch
     KV_ALIGN: tl.constexpr,                       # elements per 16 B if the caches' base and
                                                   # strides are 16 B aligned, else 1 (no hint)
@@ -107,11 +127,21 @@ def _decode_split_kernel(
     mask_d = offs_d < HEAD_DIM
     heads = kvh * GROUP + offs_g                                       # [GROUP_PAD]
 
-    # this sequence's slice of the context, in whole pages / whole tiles
+    # this sequence's slice of the context, in whole pages / whole tiles, over the `live`
+    # splits its own length needs. A split past them starts at or after ctx (split *
+    # keys_per_split >= live * ceil(ctx / live)): no loop iteration, and its stores are
+    # masked off below, so it reads no K/V and writes nothing (the reduce computes the same
+    # `live` and reads only those). Masking, not an early `return`: a return made Triton
+    # 3.9 put the whole body under a branch and took 64 -> 77 registers at D=128 (sm_80).
     ctx = tl.load(ctx_ptr + seq)
-    keys_per_split = tl.cdiv(tl.cdiv(ctx, num_splits), SPLIT_ALIGN) * SPLIT_ALIGN
+    live = _live_splits(ctx, num_splits, MIN_SPLIT)
+    keys_per_split = tl.cdiv(tl.cdiv(ctx, tl.maximum(live, 1)), SPLIT_ALIGN) * SPLIT_ALIGN
     start = split * keys_per_split
     end = tl.minimum(start + keys_per_split, ctx)
+    # heads this program stores: its group, or none past the live splits (a head limit, not
+    # a scalar & tensor mask, which the interpreter mistypes); DIRECT_OUT stores always
+    # (num_splits 1: the one split, also the zero row of ctx 0)
+    n_store = GROUP if DIRECT_OUT else tl.where(split < live, GROUP, 0)
 
     q_offs = (seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :])
     q = tl.load(q_ptr + q_offs, mask=mask_g[:, None] & mask_d[None, :], other=0.0)
@@ -152,7 +182,8 @@ def _decode_split_kernel(
 
     nonempty = l_i > 0.0
     o = acc / tl.where(nonempty, l_i, 1.0)[:, None]                     # empty split -> 0
-    out_mask = mask_g[:, None] & mask_d[None, :]
+    store_g = offs_g < n_store
+    out_mask = store_g[:, None] & mask_d[None, :]
     if DIRECT_OUT:
         o_offs = (seq.to(tl.int64) * num_q_heads + heads[:, None]) * HEAD_DIM + offs_d[None, :]
         tl.store(out_ptr + o_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -160,29 +191,32 @@ def _decode_split_kernel(
         row = (seq.to(tl.int64) * num_q_heads + heads) * num_splits + split    # [GROUP_PAD]
         tl.store(part_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=out_mask)
         lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
-        tl.store(lse_ptr + row, lse, mask=mask_g)
+        tl.store(lse_ptr + row, lse, mask=store_g)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])     # as in the split kernel
 def _decode_reduce_kernel(
     part_ptr, lse_ptr, out_ptr,                   # partial [B,Hq,S,D] fp32, lse [B,Hq,S] fp32, out [B,Hq,D]
+    ctx_ptr,                                      # context_lens [B] int32: how many splits are live
     num_splits,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,                     # MAX_SPLITS: fixed, masked to num_splits
+    SPLITS_PAD: tl.constexpr,                     # MAX_SPLITS: fixed, masked to the live splits
+    MIN_SPLIT: tl.constexpr,                      # the split kernel's
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     row = seq.to(tl.int64) * tl.num_programs(1) + head                  # (seq, head) index
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_s = offs_s < num_splits
+    # only the splits the split kernel wrote: the rest of the scratch is stale
+    mask_s = offs_s < _live_splits(tl.load(ctx_ptr + seq), num_splits, MIN_SPLIT)
     mask_d = offs_d < HEAD_DIM
 
     lse = tl.load(lse_ptr + row * num_splits + offs_s, mask=mask_s, other=float("-inf"))
     m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)      # all splits empty (ctx 0): weights all 0
-    w = tl.exp2(lse - m)                          # empty / padded splits -> 0
+    m = tl.where(m == float("-inf"), 0.0, m)      # no live / all empty (ctx 0): weights all 0
+    w = tl.exp2(lse - m)                          # empty / masked splits -> 0
     denom = tl.sum(w, 0)
     part = tl.load(part_ptr + (row * num_splits + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
                    mask=mask_s[:, None] & mask_d[None, :], other=0.0)
@@ -229,9 +263,11 @@ def _config(group: int, head_dim: int, block_size: int, dtype: torch.dtype, kv_a
         # per thread at 4 warps (sm_80 spilled); 8 warps and 32-key tiles halve it
         block_n, num_warps = 32, 8
     split_align = math.lcm(block_size, block_n)
+    # read at call time (not import time), so a test can shrink it to split short contexts
+    min_split = triton.cdiv(MIN_KEYS_PER_SPLIT, split_align) * split_align
     return dict(GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=block_d,
                 BLOCK_N=block_n, PAGE_SIZE=block_size, SPLIT_ALIGN=split_align,
-                KV_ALIGN=kv_align, num_warps=num_warps, num_stages=2)
+                MIN_SPLIT=min_split, KV_ALIGN=kv_align, num_warps=num_warps, num_stages=2)
 
 
 def _kv_align(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
@@ -244,10 +280,11 @@ def _kv_align(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
     return vec
 
 
-def _reduce_config(head_dim: int) -> dict:
+def _reduce_config(head_dim: int, min_split: int) -> dict:
     # [MAX_SPLITS, BLOCK_D] fp32 tile = 32 regs/thread at 4 warps for D=128.
+    # min_split: the split kernel's MIN_SPLIT (both compute the same live split count).
     return dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-                SPLITS_PAD=MAX_SPLITS, num_warps=4, num_stages=1)
+                SPLITS_PAD=MAX_SPLITS, MIN_SPLIT=min_split, num_warps=4, num_stages=1)
 
 
 def sm_count(device: torch.device) -> int:
@@ -366,7 +403,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         bt.stride(0),
         DIRECT_OUT=direct, **cfg)
     if not direct:
-        _decode_reduce_kernel[(B, Hq)](part, lse, out, num_splits, **_reduce_config(D))
+        _decode_reduce_kernel[(B, Hq)](part, lse, out, ctx, num_splits,
+                                       **_reduce_config(D, cfg["MIN_SPLIT"]))
     return out
 
 
@@ -408,12 +446,13 @@ def compile_specs(shape: ModelShape) -> list[CompileSpec]:
             signature=_in_arg_order(_decode_split_kernel,
                                     {**sig, **scratch, **{k: "constexpr" for k in consts}}),
             constexprs=consts, num_warps=warps, num_stages=stages))
-    rcfg = _reduce_config(shape.head_dim)
+    rcfg = _reduce_config(shape.head_dim, cfg["MIN_SPLIT"])
     rwarps, rstages = rcfg.pop("num_warps"), rcfg.pop("num_stages")
     specs.append(CompileSpec(
         kernel=_decode_reduce_kernel, name="decode_attention[reduce]",
         signature=_in_arg_order(_decode_reduce_kernel, {
-            "part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": t, "num_splits": "i32",
+            "part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": t, "ctx_ptr": "*i32",
+            "num_splits": "i32",
             **{k: "constexpr" for k in rcfg}}),
         constexprs=rcfg, num_warps=rwarps, num_stages=rstages))
     return specs

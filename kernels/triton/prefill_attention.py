@@ -51,7 +51,12 @@ _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@triton.jit
+# Not specialized (see kernels/triton/common.py): the ints that change from step to step --
+# the batch size, the query-tile count of the step's longest prompt and the block-table width
+# (the step's widest sequence). Specialized, a value of 1 or a multiple of 16 would compile a
+# new variant mid-serving. Their hints buy nothing: num_seqs / n_q_tiles only name the tile,
+# stride_bt offsets one row of scalar page-id loads.
+@triton.jit(do_not_specialize=["num_seqs", "n_q_tiles", "stride_bt"])
 def _prefill_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     block_tables_ptr, context_lens_ptr, query_start_loc_ptr,

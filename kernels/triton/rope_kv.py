@@ -53,7 +53,12 @@ def _rotate_heads(x_ptr, row_off, h0, n_heads, stride_h, c1, s1, c2, s2,
     return o1, o2, heads, d, mask
 
 
-@triton.jit
+# Every int here is a model constant (head counts, block size, strides of the fused qkv
+# output, of cos/sin rows and of the caches), so all keep their specialization. The one
+# thing that changes between steps is slot_ptr's alignment: a decode step's slots are a
+# slice of a packed staging buffer, 16-byte aligned or not with the batch size. It is read
+# one int64 per program, so the alignment hint is worthless and only costs a variant.
+@triton.jit(do_not_specialize_on_alignment=["slot_ptr"])
 def _rope_write_kv_kernel(
         q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr,
         n_q_heads, n_kv_heads, block_size,

@@ -29,6 +29,8 @@ import triton.language as tl
 from kernels.triton.common import CompileSpec, ModelShape
 
 
+# Specialization (see kernels/triton/common.py): V and the logits' row stride are model
+# constants (fp32 logits [N, V] from the lm_head matmul), so every hint is kept.
 @triton.jit
 def _argmax_kernel(logits_ptr, out_ptr, V, stride_row, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -54,7 +56,13 @@ def _argmax_kernel(logits_ptr, out_ptr, V, stride_row, BLOCK: tl.constexpr):
     tl.store(out_ptr + row, res.to(tl.int64))
 
 
-@triton.jit
+# Not specialized (see kernels/triton/common.py): the engine gathers ids [B, 1] (the sampled
+# tokens) and, in steps with a log-prob request, [n, K] (sampled + top-N + requested ids), so
+# K, the ids' row stride and out's row stride switch between 1 (a constant when specialized)
+# and K (a multiple of 16 or not): a new variant the first time a request asks for log-probs.
+# Their hints buy nothing: at most BLOCK_K ids per row. stride_ids_k stays specialized: every
+# engine call passes contiguous ids (1), and its hint makes the id loads contiguous.
+@triton.jit(do_not_specialize=["K", "stride_ids_n", "stride_out"])
 def _logprobs_kernel(logits_ptr, ids_ptr, out_ptr, V, K, stride_row, stride_ids_n, stride_ids_k,
                      stride_out, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
