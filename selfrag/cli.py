@@ -183,7 +183,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         raise CLIError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.model is not None:
         _resolve_model(args.model)
-    run_demo(args.model, args.max_tokens, args.dtype)
+    run_demo(args.model, args.max_tokens, args.dtype, device=args.device)
     return 0
 
 

@@ -99,7 +99,7 @@ def _indent(text: str, prefix: str = "    ") -> str:
 
 
 def run_demo(model: str | None = None, max_tokens: int = 100, dtype: str = "auto",
-             out: TextIO | None = None) -> list[str]:
+             out: TextIO | None = None, device: str = "auto") -> list[str]:
     """Loads the model through ``LLM`` and prints the three model-card generations.
 
     Returns the generated texts. ``model=None`` uses the embedded default model.
@@ -111,11 +111,12 @@ def run_demo(model: str | None = None, max_tokens: int = 100, dtype: str = "auto
     if model is None:
         path = default_model_dir()
         with few_threads(1):                       # a 3M-parameter model: one thread is fastest
-            return _run(path, True, params, dtype, out)
-    return _run(model, False, params, dtype, out)
+            return _run(path, True, params, dtype, out, device)
+    return _run(model, False, params, dtype, out, device)
 
 
-def _run(path: str, embedded: bool, params: SamplingParams, dtype: str, out: TextIO) -> list[str]:
+def _run(path: str, embedded: bool, params: SamplingParams, dtype: str, out: TextIO,
+         device: str = "auto") -> list[str]:
     from engine.llm import LLM
 
     def say(line: str = "") -> None:
@@ -128,7 +129,7 @@ def _run(path: str, embedded: bool, params: SamplingParams, dtype: str, out: Tex
     say(f"Self-RAG model card demo ({MODEL_CARD_URL})")
     say(f"model: {path}{'  [embedded default, RANDOM weights]' if embedded else ''}")
     t0 = time.perf_counter()
-    llm = LLM(path, dtype=dtype, max_num_seqs=4, show_progress=not embedded)
+    llm = LLM(path, dtype=dtype, device=device, max_num_seqs=4, show_progress=not embedded)
     cfg = llm.config
     say(f"loaded in {time.perf_counter() - t0:.2f}s: {cfg.num_hidden_layers} layers, hidden "
         f"{cfg.hidden_size}, vocab {cfg.vocab_size}, {llm.model.dtype} on {llm.model.device}")
@@ -206,6 +207,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens to generate per prompt (default: 100, as on the model card)")
     parser.add_argument("--dtype", default="auto",
                         help="auto (fp32 on CPU, the checkpoint's dtype on GPU), float16, bfloat16, float32")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto: CUDA if present, else CPU (default: auto)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     from selfrag.cli import run_guarded
-    return run_guarded(lambda: run_demo(args.model, args.max_tokens, args.dtype), "selfrag.demo")
+    return run_guarded(lambda: run_demo(args.model, args.max_tokens, args.dtype,
+                                                device=args.device), "selfrag.demo")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
-"""Test-session setup.
+"""Test-session setup: the one place that decides whether Triton interprets.
 
 Without CUDA, Triton kernels run in Triton's interpreter, which has to be
-switched on before triton is first imported. On a GPU machine the kernels run
-compiled (the GPU check).
+switched on before triton is first imported: this file is imported before any
+test module. No test module may set TRITON_INTERPRET itself: on a GPU machine
+that would turn every kernel into an interpreted function for the whole
+session (collection imports all modules first). On CUDA the session refuses
+to start unless every kernel is a compiled JITFunction.
 """
 import os
 
@@ -11,6 +14,20 @@ if "TRITON_INTERPRET" not in os.environ:
 
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
+
+
+def pytest_sessionstart(session):
+    import torch
+    if not torch.cuda.is_available():
+        return
+    from kernels.triton.common import not_compiled
+    bad = not_compiled()
+    if bad:
+        import pytest
+        raise pytest.UsageError(
+            f"CUDA is present but these Triton kernels are not compiled JITFunctions: {bad}. "
+            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r} switched Triton's "
+            "interpreter on; unset it (tests/conftest.py decides on its own).")
 
 
 def pytest_configure(config):

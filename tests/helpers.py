@@ -16,11 +16,19 @@ BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_la
 # The GPU check sets SELFRAG_TEST_DEVICE=cuda to run the engine tests on the GPU.
 DEVICE = os.environ.get("SELFRAG_TEST_DEVICE", "cpu")
 
+# On CUDA an engine sizes its KV pool to 90% of the GPU by default, so a second test
+# engine alive at the same time (a module fixture, a failed test's traceback) would
+# find no memory. Test engines there get a fixed small pool and few sequences
+# (few graph buckets to capture): 1024 blocks of 16 tokens is 16k tokens, a few
+# hundred MiB at most for the test models, and any number of them fit at once.
+CUDA_TEST_DEFAULTS = dict(num_kv_blocks=1024, max_num_seqs=16)
+
 
 def make_llm(model, **kw):
     """An LLM on the test device; everything else as the caller says."""
     from engine import LLM
-    return LLM(model, **{"device": DEVICE, **kw})
+    defaults = {"device": DEVICE, **(CUDA_TEST_DEFAULTS if DEVICE == "cuda" else {})}
+    return LLM(model, **{**defaults, **kw})
 
 
 def make_checkpoint(path, num_shards: int = 1, spelling: int = 4, seed: int = 0,

@@ -157,7 +157,7 @@ def test_demo_end_to_end(env_cache, capsys):
     from selfrag import demo
 
     threads = torch.get_num_threads()
-    assert demo.main(["--max-tokens", "3"]) == 0
+    assert demo.main(["--device", "cpu", "--max-tokens", "3"]) == 0
     assert torch.get_num_threads() == threads          # the one-thread block is undone
     text = capsys.readouterr().out
     assert "RANDOM weights" in text and "--model PATH" in text
@@ -171,7 +171,7 @@ def test_demo_end_to_end(env_cache, capsys):
 def test_cli_generate(env_cache, capsys):
     from selfrag.cli import main
 
-    assert main(["generate", "--max-tokens", "5", "--show-special-tokens", "hello"]) == 0
+    assert main(["generate", "--device", "cpu", "--max-tokens", "5", "--show-special-tokens", "hello"]) == 0
     captured = capsys.readouterr()
     assert captured.out.strip()                          # some generated text
     assert "5 tokens" in captured.err and "tokens/s" in captured.err
@@ -182,22 +182,22 @@ def test_cli_bad_model_exits_2(tmp_path, capsys):
     from selfrag.cli import main
 
     missing = tmp_path / "no-such-checkpoint"
-    assert _exit_code(lambda: main(["generate", "--model", str(missing), "hi"])) == 2
+    assert _exit_code(lambda: main(["generate", "--device", "cpu", "--model", str(missing), "hi"])) == 2
     err = capsys.readouterr().err
     assert str(missing) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert _exit_code(lambda: main(["demo", "--model", str(empty)])) == 2
+    assert _exit_code(lambda: main(["demo", "--device", "cpu", "--model", str(empty)])) == 2
     assert str(empty) in capsys.readouterr().err
 
     # a directory with a config but broken weights: the engine's error, one line
     (empty / "config.json").write_text(json.dumps({"vocab_size": 10}))
-    assert _exit_code(lambda: main(["generate", "--model", str(empty), "hi"])) == 2
+    assert _exit_code(lambda: main(["generate", "--device", "cpu", "--model", str(empty), "hi"])) == 2
     err = capsys.readouterr().err
     assert err.startswith("selfrag: error:") and len(err.strip().splitlines()) == 1
 
-    assert _exit_code(lambda: main(["generate", "--max-tokens", "0", "hi"])) == 2
+    assert _exit_code(lambda: main(["generate", "--device", "cpu", "--max-tokens", "0", "hi"])) == 2
 
 
 def test_printable_escapes_control_characters():

@@ -36,7 +36,7 @@ def rag(cache):
     from selfrag.pipeline import SelfRAG
 
     with dm.few_threads(1):
-        yield SelfRAG(LLM(dm.default_model_dir(cache), show_progress=False))
+        yield SelfRAG(LLM(dm.default_model_dir(cache), device="cpu", show_progress=False))
 
 
 @pytest.fixture
@@ -261,7 +261,7 @@ def test_evaluate_modes_fix_retrieval_frequency(rag):
 def test_cli_ask_plain(env_cache, capsys):
     from selfrag.cli import main
 
-    assert main(["ask", "Can you tell me the difference between llamas and alpacas?", "--k", "3",
+    assert main(["ask", "--device", "cpu", "Can you tell me the difference between llamas and alpacas?", "--k", "3",
                  "--max-tokens", "6", "--mode", "always"]) == 0
     cap = capsys.readouterr()
     assert "RANDOM weights" in cap.err
@@ -277,7 +277,7 @@ def test_cli_ask_json_with_passages_file(env_cache, tmp_path, capsys):
 
     passages = [{"title": "Alpha", "text": "first passage"}, {"title": "Beta", "text": "second"}]
     (tmp_path / "p.json").write_text(json.dumps(passages))
-    assert main(["ask", "What is alpha?", "--passages", str(tmp_path / "p.json"), "--mode", "always",
+    assert main(["ask", "--device", "cpu", "What is alpha?", "--passages", str(tmp_path / "p.json"), "--mode", "always",
                  "--max-tokens", "4", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)                        # JSON only on stdout
     assert set(data) == RESULT_KEYS and data["retrieved"] is True
@@ -286,7 +286,7 @@ def test_cli_ask_json_with_passages_file(env_cache, tmp_path, capsys):
     assert Result.from_dict(data).answer == data["answer"]
 
     (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(p) for p in passages))
-    assert main(["ask", "q", "--passages", str(tmp_path / "p.jsonl"), "--mode", "never",
+    assert main(["ask", "--device", "cpu", "q", "--passages", str(tmp_path / "p.jsonl"), "--mode", "never",
                  "--max-tokens", "3", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["retrieved"] is False and data["candidates"][0]["passage"] is None
@@ -297,7 +297,7 @@ def test_cli_ask_long(env_cache, tmp_path, capsys):
 
     passages = tmp_path / "p.jsonl"
     passages.write_text("\n".join(json.dumps({"title": t, "text": f"{t} text"}) for t in ("A", "B", "C")))
-    argv = ["ask", "Tell me about alpacas.", "--long", "--passages", str(passages), "--k", "2",
+    argv = ["ask", "--device", "cpu", "Tell me about alpacas.", "--long", "--passages", str(passages), "--k", "2",
             "--max-depth", "2", "--max-tokens", "4"]
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -316,7 +316,7 @@ def test_cli_ask_corpus(env_cache, tmp_path, capsys):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("\n".join(json.dumps({"title": t, "text": x}) for t, x in [
         ("Zebra", "zebras have stripes"), ("Moon", "the moon orbits the earth"), ("Tea", "tea is a drink")]))
-    assert main(["ask", "What orbits the earth?", "--corpus", str(corpus), "--k", "1",
+    assert main(["ask", "--device", "cpu", "What orbits the earth?", "--corpus", str(corpus), "--k", "1",
                  "--mode", "always", "--max-tokens", "3", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert [c["passage"]["title"] for c in data["candidates"]] == ["Moon"]
@@ -326,7 +326,7 @@ def test_cli_eval_end_to_end(env_cache, tmp_path, capsys):
     from selfrag.cli import main
 
     pred = tmp_path / "pred.jsonl"
-    assert main(["eval", "--task", "popqa", "--input", str(POPQA), "--ndocs", "2",
+    assert main(["eval", "--device", "cpu", "--task", "popqa", "--input", str(POPQA), "--ndocs", "2",
                  "--max-tokens", "3", "--output", str(pred)]) == 0
     out = capsys.readouterr().out
     assert "6 records" in out and "match: " in out and "retrieval frequency: " in out
@@ -336,7 +336,7 @@ def test_cli_eval_end_to_end(env_cache, tmp_path, capsys):
     matched = sum(r["match"] for r in rows)
     assert f"match: {matched / 6:.4f} ({matched}/6)" in out
 
-    assert main(["eval", "--task", "arc_c", "--input", str(ARC), "--limit", "2", "--max-tokens", "2",
+    assert main(["eval", "--device", "cpu", "--task", "arc_c", "--input", str(ARC), "--limit", "2", "--max-tokens", "2",
                  "--mode", "never"]) == 0
     out = capsys.readouterr().out
     assert "2 records" in out and "retrieval frequency: 0.0000 (0/2)" in out
@@ -346,23 +346,23 @@ def test_cli_errors_exit_2(env_cache, tmp_path, capsys):
     from selfrag.cli import main
 
     missing = tmp_path / "missing.jsonl"
-    assert _exit_code(lambda: main(["eval", "--task", "popqa", "--input", str(missing)])) == 2
+    assert _exit_code(lambda: main(["eval", "--device", "cpu", "--task", "popqa", "--input", str(missing)])) == 2
     err = capsys.readouterr().err
     assert str(missing) in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(GOOD) + "\n{oops\n")
-    assert _exit_code(lambda: main(["eval", "--task", "popqa", "--input", str(bad)])) == 2
+    assert _exit_code(lambda: main(["eval", "--device", "cpu", "--task", "popqa", "--input", str(bad)])) == 2
     err = capsys.readouterr().err
     assert f"{bad}, line 2" in err and len(err.strip().splitlines()) == 1
 
-    assert _exit_code(lambda: main(["ask", "q", "--passages", str(missing)])) == 2
+    assert _exit_code(lambda: main(["ask", "--device", "cpu", "q", "--passages", str(missing)])) == 2
     assert str(missing) in capsys.readouterr().err
-    assert _exit_code(lambda: main(["ask", "q", "--long", "--mode", "never"])) == 2
-    assert _exit_code(lambda: main(["ask", "q", "--task", "nosuchtask"])) == 2
+    assert _exit_code(lambda: main(["ask", "--device", "cpu", "q", "--long", "--mode", "never"])) == 2
+    assert _exit_code(lambda: main(["ask", "--device", "cpu", "q", "--task", "nosuchtask"])) == 2
     assert "unknown task" in capsys.readouterr().err
-    assert _exit_code(lambda: main(["eval", "--task", "nq", "--input", str(POPQA)])) == 2   # argparse
-    assert _exit_code(lambda: main(["ask", "q", "--passages", "a", "--corpus", "b"])) == 2
+    assert _exit_code(lambda: main(["eval", "--device", "cpu", "--task", "nq", "--input", str(POPQA)])) == 2   # argparse
+    assert _exit_code(lambda: main(["ask", "--device", "cpu", "q", "--passages", "a", "--corpus", "b"])) == 2
 
 
 def test_parse_record_directly():
@@ -377,10 +377,10 @@ def test_without_bm25s_ask_exits_2_and_demo_skips_its_ask_part(env_cache, monkey
     from selfrag.cli import main
 
     monkeypatch.setitem(sys.modules, "bm25s", None)          # import bm25s -> ImportError
-    assert _exit_code(lambda: main(["ask", "q", "--max-tokens", "2"])) == 2
+    assert _exit_code(lambda: main(["ask", "--device", "cpu", "q", "--max-tokens", "2"])) == 2
     err = capsys.readouterr().err
     assert "bm25s" in err and "--passages" in err and "Traceback" not in err
-    assert demo.main(["--max-tokens", "2"]) == 0
+    assert demo.main(["--device", "cpu", "--max-tokens", "2"]) == 0
     out = capsys.readouterr().out
     assert "skipped, BM25 retrieval needs the bm25s package" in out
     assert out.count("finish_reason=") == 3 and out.count("RANDOM weights") >= 2
@@ -390,7 +390,7 @@ def test_without_bm25s_ask_exits_2_and_demo_skips_its_ask_part(env_cache, monkey
 def test_demo_runs_ask_on_the_two_card_questions(env_cache, capsys):
     from selfrag import demo
 
-    assert demo.main(["--max-tokens", "3"]) == 0
+    assert demo.main(["--device", "cpu", "--max-tokens", "3"]) == 0
     out = capsys.readouterr().out
     ask = out[out.index("Self-RAG pipeline (selfrag ask)"):]
     assert ask.count("=== ask:") == 2 and ask.count("answer: ") == 2 and ask.count("retrieved: ") == 2
