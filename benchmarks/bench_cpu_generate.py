@@ -10,7 +10,7 @@ Three small models, from overhead-bound to bandwidth-bound:
             fp32 lm_head read dominates both engines. For batch 1 and 16 it runs both engines on
 the same prompts with the same number of new tokens (ignore EOS), in fp32,
 measured in this one run. Prints tokens/s, the ratio, and the
-engine's per-step host time split into schedule / prepare / forward / sample.
+engine's per-step time split into schedule / prepare / launch / sample / wait / output.
 
     python benchmarks/bench_cpu_generate.py [--quick] [--models default,vocab32k]
 """
@@ -65,7 +65,7 @@ def run_hf(path, prompts, new_tokens):
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
               pad_token_id=0, attention_mask=torch.ones_like(ids))
     with torch.no_grad():
-        model.generate(ids[:, :8], **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+        model.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up: same shapes
         t = time.perf_counter()
         out = model.generate(ids, **kw)
         dt = time.perf_counter() - t
@@ -74,8 +74,10 @@ def run_hf(path, prompts, new_tokens):
 
 def run_engine(llm, prompts, new_tokens):
     sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": p[:8]} for p in prompts[:1]],
-                 SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)   # warm-up
+    # Warm-up at the timed batch and prompt lengths, with other tokens (no prefix-cache hit).
+    vocab = llm.config.vocab_size
+    llm.generate([{"prompt_token_ids": [3 + (t + 7) % (vocab - 3) for t in p]} for p in prompts],
+                 SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     for k in llm.step_times:
         llm.step_times[k] = 0.0
     steps0 = llm.num_steps

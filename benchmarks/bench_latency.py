@@ -12,8 +12,10 @@ Stages (``--stages``, default all; the copy bandwidth is always measured):
               fraction = (bytes read per decode step / TPOT) / copy bandwidth,
               where bytes = llm.model.num_bytes() (every weight, embedding
               table included) + the KV cache read at the mean context; and the
-              engine's host time per decode step (schedule / prepare / forward
-              / sample from llm.step_times);
+              engine's host time per decode step (schedule + prepare + launch +
+              sample + output from llm.step_times; device time excluded);
+              TTFT is read from the engine's generated-token count and every
+              timed run follows a warm-up at its exact shapes with other tokens;
   sweep       batch 1, 4, 16, 64, 256 at prompt 128, 128 new tokens: per-token
               latency (mean decode step) and tokens/s, next to the ceiling
               b x copy bandwidth / weight bytes (and the same with KV reads);
@@ -184,6 +186,16 @@ def model_dir(name: str, tmp: str) -> str:
     return name
 
 
+HOST_NOTE = ("host_ms_per_step = schedule + prepare + launch + sample + output per decode step "
+             "(LLM.step_times without wait, the read-back that waits for the device): host work "
+             "only, device time excluded")
+
+
+def host_ms(split: dict) -> float:
+    """Host ms of a step from its split (every phase but ``wait``)."""
+    return sum(v for k, v in split.items() if k != "wait")
+
+
 def split_ms(llm, before: dict, steps_before: int) -> tuple[dict, int]:
     steps = llm.num_steps - steps_before
     return ({k: (llm.step_times[k] - before[k]) / max(steps, 1) * 1e3 for k in llm.step_times},
@@ -210,9 +222,14 @@ def run_steps(llm, prompts, out_len, sync):
         sync()
         t = time.perf_counter()
         is_decode = t_all is not None
+        # First tokens from the engine's own count: with async output processing
+        # (CUDA) a step's outputs arrive one step late, which would add a step to TTFT.
+        for rid in ids:
+            if rid not in first and (llm.num_generated_tokens(rid) or 0) > 0:
+                first[rid] = t
         for o in outs:
             n = len(o.outputs[0].token_ids)
-            if counts.get(o.request_id) == 0 and n > 0:
+            if o.request_id not in first and n > 0:      # finished in this step
                 first[o.request_id] = t
             counts[o.request_id] = n
             if o.request_id == ids[0]:
@@ -233,7 +250,7 @@ def run_steps(llm, prompts, out_len, sync):
 def stage_latency(llm, P, base, bw, W, kvt, sync):
     prompt = rand_prompts(1, P["prompt_len"], llm.config.vocab_size, seed=1)
     warm = rand_prompts(1, P["prompt_len"], llm.config.vocab_size, seed=2)
-    run_steps(llm, warm, 4, sync)                      # warm-up: same shapes, other tokens
+    run_steps(llm, warm, P["output_len"], sync)        # warm-up: the timed shapes, other tokens
     r = run_steps(llm, prompt, P["output_len"], sync)
     n = P["output_len"]
     ttft = r["first"][0]
@@ -241,7 +258,7 @@ def stage_latency(llm, P, base, bw, W, kvt, sync):
     mean_ctx = P["prompt_len"] + n / 2
     step_bytes = decode_bytes_per_step(W, kvt, 1, mean_ctx)
     split = r["split"]
-    host = split.get("schedule", 0.0) + split.get("prepare", 0.0)
+    host = host_ms(split)
     rec = record(**base, batch_size=1, prompt_len=P["prompt_len"], output_len=n, stage="latency",
                  engine="engine", ttft_ms=ttft * 1e3, tpot_ms=tpot * 1e3,
                  decode_tokens_per_s=1 / tpot, e2e_latency_ms=r["t_end"] * 1e3,
@@ -255,9 +272,7 @@ def stage_latency(llm, P, base, bw, W, kvt, sync):
                  ceiling_tokens_per_s=ceiling_tokens_per_s(1, bw, W),
                  host_ms_per_step=host, step_split_ms=split,
                  host_fraction_of_step=host / (tpot * 1e3),
-                 host_note="host_ms_per_step = schedule + prepare per decode step: pure host work "
-                           "while the device idles (the sampler's token read-back synchronises "
-                           "every step, so forward is launch time and sample includes the wait)",
+                 host_note=HOST_NOTE,
                  decode_steps=r["decode_steps"])
     return rec, prompt[0], r["tokens0"]
 
@@ -266,8 +281,6 @@ def stage_sweep(llm, P, base, bw, W, kvt, sync, budget, reserve):
     rows, notes = [], []
     vocab = llm.config.vocab_size
     out_len, plen = P["sweep_output_len"], P["prompt_len"]
-    warm_b = min(16, max(P["batch_sizes"]))
-    run_steps(llm, rand_prompts(warm_b, plen, vocab, seed=3), 2, sync)   # prefill chunk shapes
     last = None
     for i, b in enumerate(P["batch_sizes"]):
         if last is not None:
@@ -277,6 +290,7 @@ def stage_sweep(llm, P, base, bw, W, kvt, sync, budget, reserve):
                              f"{budget.left():.0f} s left, {reserve:.0f} s reserved for later stages)")
                 break
         t = time.perf_counter()
+        run_steps(llm, rand_prompts(b, plen, vocab, seed=300 + i), 2, sync)   # warm-up: same shapes
         r = run_steps(llm, rand_prompts(b, plen, vocab, seed=100 + i), out_len, sync)
         last = (b, time.perf_counter() - t)
         decode_s = r["t_end"] - r["t_all"]
@@ -293,7 +307,7 @@ def stage_sweep(llm, P, base, bw, W, kvt, sync, budget, reserve):
                            bandwidth_fraction=bandwidth_fraction(step_bytes, tpot, bw),
                            ceiling_tokens_per_s=ceiling_tokens_per_s(b, bw, W),
                            ceiling_with_kv_tokens_per_s=ceiling_tokens_per_s(b, bw, step_bytes),
-                           host_ms_per_step=r["split"].get("schedule", 0) + r["split"].get("prepare", 0),
+                           host_ms_per_step=host_ms(r["split"]),
                            step_split_ms=r["split"], decode_steps=r["decode_steps"]))
         print(f"  sweep batch {b:4d}: {rows[-1]['tpot_ms']:8.2f} ms/token  "
               f"{rows[-1]['decode_tokens_per_s']:10.1f} decode tok/s  (ceiling "
@@ -344,7 +358,7 @@ def stage_throughput(llm, P, base, sync, budget, reserve, est_tps):
                  output_tokens_per_s=produced / dt,
                  total_tokens_per_s=(produced + sum(map(len, prompts))) / dt,
                  requests_per_s=k / dt, seconds=dt, steps=steps, step_split_ms=split,
-                 host_ms_per_step=split.get("schedule", 0) + split.get("prepare", 0),
+                 host_ms_per_step=host_ms(split),
                  preemptions=llm.scheduler.num_preemptions - pre0,
                  arrival="all at once", max_num_seqs=llm.max_num_seqs)
     print(f"  throughput: {k} requests, {produced} output tokens in {dt:.1f} s = "
@@ -511,7 +525,9 @@ def stage_hf(llm_holder, P, base, sync, budget, eng_lat, eng_tp, prompt, eng_tok
     except Exception as e:  # noqa: BLE001
         errors["hf_throughput"] = f"{type(e).__name__}: {e}"
     # Static cache (+ torch.compile of the decode step, automatic on CUDA).
-    if budget.left() < P["static_need"]:
+    if P.get("skip_hf_static"):
+        notes.append("hf static cache skipped (--skip-hf-static)")
+    elif budget.left() < P["static_need"]:
         notes.append(f"hf static cache skipped: {budget.left():.0f} s left, needs ~{P['static_need']} s")
     else:
         try:
@@ -595,6 +611,8 @@ def main(argv=None):
     ap.add_argument("--num-requests", type=int, help="throughput workload size")
     ap.add_argument("--hf-requests", type=int, help="throughput requests HF runs (<= num-requests)")
     ap.add_argument("--hf-batch-size", type=int)
+    ap.add_argument("--skip-hf-static", action="store_true",
+                    help="no HF static cache + torch.compile run (minutes of compiling on a GPU)")
     ap.add_argument("--out", help="JSON file name in benchmarks/results, or an absolute path "
                                   "(default latency_<device>.json)")
     args = ap.parse_args(argv)
@@ -620,6 +638,7 @@ def main(argv=None):
                      ("hf_batch", args.hf_batch_size)):
         if val is not None:
             P[key] = val
+    P["skip_hf_static"] = args.skip_hf_static
     if args.batch_sizes:
         P["batch_sizes"] = [int(b) for b in args.batch_sizes.split(",")]
     dev = P["device"]
@@ -667,7 +686,7 @@ def main(argv=None):
                      settings={k: v for k, v in P.items() if k != "need"},
                      weight_bytes=W, embed_bytes=embed_bytes, kv_bytes_per_token=kvt,
                      engine_build_s=build_s,
-                     cuda_graphs=getattr(llm, "graph_runner", None) is not None,
+                     cuda_graphs=llm.cuda_graphs,
                      copy=record(**base, batch_size=None, prompt_len=None, output_len=None,
                                  stage="copy", **copy),
                      records=[], notes=[], errors={})

@@ -329,13 +329,48 @@ class BlockManager:
         n = len(seq)
         self._num_tokens[seq.seq_id] = n
         if self.enable_prefix_caching and n % self.block_size == 0:
-            i = n // self.block_size - 1
-            b = seq.block_table[i]
-            if self._blocks[b].hash is None:
-                prev = self._blocks[seq.block_table[i - 1]].hash if i > 0 else _ROOT_HASH
-                assert prev is not None, "previous full block has no digest"
-                tokens = self._block_tokens(seq, i)
-                self._set_full(b, compute_block_hash(prev, tokens), prev, tokens)
+            self._register_filled(seq, n)
+
+    def append_slots(self, seqs: list[Sequence]) -> bool:
+        """``append_slot`` for every sequence of a decode step at once, or nothing.
+
+        The decode step's fast path: one pass counts the sequences whose new
+        position starts a block; if the pool cannot give them all one, returns
+        False with nothing changed (the scheduler then goes sequence by sequence
+        and preempts). Else appends every slot, as ``append_slot`` would, and
+        returns True. Same checks (live, exactly one new token each).
+        """
+        bs = self.block_size
+        live, covered = self._seqs, self._num_tokens
+        need = 0
+        for seq in seqs:
+            n = len(seq.token_ids)
+            if live.get(seq.seq_id) is not seq or n != covered[seq.seq_id] + 1:
+                self._needs_new_block(seq)           # raises the precise error
+            if n > len(seq.block_table) * bs:
+                need += 1
+        if need > self.num_free_blocks:
+            return False
+        caching = self.enable_prefix_caching
+        for seq in seqs:
+            n = len(seq.token_ids)
+            table = seq.block_table
+            if n > len(table) * bs:
+                table.append(self._take_block())
+            covered[seq.seq_id] = n
+            if caching and n % bs == 0:
+                self._register_filled(seq, n)
+        return True
+
+    def _register_filled(self, seq: Sequence, n: int) -> None:
+        """Registers the block that position ``n - 1`` just filled (prefix caching)."""
+        i = n // self.block_size - 1
+        b = seq.block_table[i]
+        if self._blocks[b].hash is None:
+            prev = self._blocks[seq.block_table[i - 1]].hash if i > 0 else _ROOT_HASH
+            assert prev is not None, "previous full block has no digest"
+            tokens = self._block_tokens(seq, i)
+            self._set_full(b, compute_block_hash(prev, tokens), prev, tokens)
 
     # ------------------------------------------------------------------- fork
     def can_fork(self, parent: Sequence) -> bool:
@@ -382,7 +417,7 @@ class BlockManager:
 
     # ------------------------------------------------------------------- free
     def free(self, seq: Sequence) -> None:
-        """Release ``seq``'s blocks, clear its table, reset num_cached_tokens.
+        """Release ``seq``'s blocks, give it a new empty table, reset num_cached_tokens.
 
         A block whose ref count drops to 0 becomes evictable if it is
         registered in the prefix cache, else truly free.  Blocks are released
@@ -398,7 +433,9 @@ class BlockManager:
         self._check_live(seq, "free")
         for b in reversed(seq.block_table):
             self._release(b)
-        seq.block_table.clear()
+        # A new list, not clear(): the runner's persistent decode inputs tell a
+        # re-allocated table from a grown one by the list's identity.
+        seq.block_table = []
         seq.num_cached_tokens = 0
         del self._seqs[seq.seq_id]
         del self._num_tokens[seq.seq_id]

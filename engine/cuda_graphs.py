@@ -1,19 +1,18 @@
-"""CUDA graphs for the decode step: one graph per batch-size bucket.
+"""The decode step: persistent inputs, and CUDA graphs replayed per batch-size bucket.
 
 A decode step launches ~10 kernels per layer; at batch 1 on a 7B model the
 launches alone would cost more than the 4-5 ms the weights take to stream.
-So decode runs as a replayed CUDA graph: at start-up one graph per bucket
-(1, 2, 4, 8, 16, 32, ... up to ``max_num_seqs``) is captured into a shared
-memory pool, each reading its inputs from static buffers. A step with B
-sequences pads to the smallest bucket >= B: padding rows get slot -1 (the
-KV write skips them), context length 0 (attention returns zeros) and token 0,
-and their logits are dropped. Prefill, and any batch larger than the largest
-bucket, runs eagerly.
+So on CUDA, decode runs as a replayed CUDA graph: at start-up one graph per
+bucket (1, 2, 4, 8, 16, 32, ... up to ``max_num_seqs``) is captured into a
+shared memory pool, each reading its inputs from the persistent buffers of
+``engine.decode_inputs.DecodeInputs``. A step with B sequences pads to the
+smallest bucket >= B: padding rows get slot -1 (the KV write skips them),
+context length 0 (attention returns zeros) and token 0, and their logits are
+dropped. Prefill always runs eagerly.
 
-The bucket choice and the padding are plain functions, tested on CPU; the same
-static-buffer path also runs eagerly (``use_graphs=False``) so it is testable
-without a GPU. Capture needs CUDA and the Triton backend (the reference ops
-read tensors back to the host, which a graph cannot contain).
+Without graphs (CPU, ``enforce_eager``, the reference ops, or a failed capture)
+the same persistent inputs feed an eager forward of exactly B rows. What
+happened is recorded in ``DecodeRunner.graph_status`` (and printed on CUDA).
 """
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ import time
 
 import torch
 
-from kernels.metadata import AttentionMetadata
+from engine.decode_inputs import DecodeInputs
 
 
 def graph_buckets(max_num_seqs: int) -> list[int]:
@@ -44,124 +43,136 @@ def pick_bucket(batch: int, buckets: list[int]) -> int | None:
     return None
 
 
-def pad_decode_batch(host: dict, bucket: int, max_blocks: int) -> dict:
-    """Pads a decode batch's host lists (``ModelRunner.host_batch``) to ``bucket`` rows.
+class DecodeRunner:
+    """Runs decode steps from persistent inputs: replayed graphs, or eagerly.
 
-    Padding rows: token 0 at position 0, slot -1 (no KV write), context 0 (no
-    attention), an all-zero block table. Block tables are padded to
-    ``max_blocks`` columns, the static buffer's width.
+    ``pad_to_buckets`` runs the eager path at the graphs' padded sizes too (the
+    CPU tests of what a graph replays); ``num_splits`` (None, an int, or a
+    function of the bucket) fixes decode attention's split count per bucket, as
+    a captured graph needs.
     """
-    B = len(host["ctx"])
-    if B > bucket:
-        raise ValueError(f"batch {B} does not fit bucket {bucket}")
-    pad = bucket - B
-    tables = [list(t) + [0] * (max_blocks - len(t)) for t in host["tables"]]
-    if any(len(t) > max_blocks for t in host["tables"]):
-        raise ValueError(f"a block table is wider than the graph's {max_blocks} blocks")
-    return dict(input_ids=host["input_ids"] + [0] * pad, positions=host["positions"] + [0] * pad,
-                slots=host["slots"] + [-1] * pad, ctx=host["ctx"] + [0] * pad,
-                tables=tables + [[0] * max_blocks] * pad)
-
-
-class DecodeGraphRunner:
-    """Static buffers, per-bucket metadata and (on CUDA) captured graphs."""
 
     def __init__(self, model, kv_caches, block_size: int, max_num_seqs: int, max_model_len: int,
-                 num_splits=None, use_graphs: bool = True):
+                 num_splits=None, pad_to_buckets: bool = False):
         self.model, self.kv_caches = model, kv_caches
-        self.device = model.device
         self.buckets = graph_buckets(max_num_seqs)
-        self.max_blocks = -(-max_model_len // block_size)
         self.max_model_len = max_model_len
-        self.use_graphs = use_graphs
-        n, dev = self.buckets[-1], self.device
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.slots = torch.full((n,), -1, dtype=torch.int64, device=dev)
-        self.ctx = torch.zeros(n, dtype=torch.int32, device=dev)
-        self.tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=dev)
-        self.qsl = torch.arange(n + 1, dtype=torch.int32, device=dev)
-        # num_splits: None, an int, or a function of the bucket size
+        self.inputs = DecodeInputs(max_num_seqs, -(-max_model_len // block_size), block_size,
+                                   model.device)
         self.num_splits = num_splits if callable(num_splits) else (lambda b: num_splits)
-        self.metas = {b: self._meta(b) for b in self.buckets}
+        self.pad_to_buckets = pad_to_buckets
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.metas = {}
         self.pool = None
+        self.graph_status = dict(enabled=False, reason="not captured", buckets=[], capture_s=None,
+                                 error=None)
 
-    def _meta(self, b: int) -> AttentionMetadata:
-        # max_context_len is the graph's bound, not a step's: the kernels read
-        # the real lengths from ctx on the device.
-        return AttentionMetadata(False, self.slots[:b], self.tables[:b], self.ctx[:b],
-                                 self.qsl[:b + 1], 1, self.max_model_len,
-                                 num_splits=self.num_splits(b))
-
-    def _forward(self, b: int) -> torch.Tensor:
-        hidden = self.model.forward(self.input_ids[:b], self.positions[:b], self.metas[b],
-                                    self.kv_caches)
+    def _forward(self, b: int, meta) -> torch.Tensor:
+        self.inputs.unpack(b)
+        ids, pos = self.inputs.token_views(b)
+        hidden = self.model.forward(ids, pos, meta, self.kv_caches)
         return self.model.compute_logits(hidden)
+
+    def _bucket_meta(self, b: int):
+        # max_context_len is the graph's bound, not a step's: the kernels read the
+        # real lengths from the context-length buffer on the device.
+        if b not in self.metas:
+            self.metas[b] = self.inputs.views(b, self.max_model_len, self.num_splits(b))[2]
+        return self.metas[b]
 
     @torch.no_grad()
     def capture(self) -> float:
         """Captures every bucket (largest first, sharing one pool); returns seconds."""
         t = time.perf_counter()
         for b in reversed(self.buckets):
-            self._forward(b)                                 # warm-up: compiles, allocates scratch
-            torch.cuda.synchronize(self.device)
+            self.inputs.stage([], b)                        # padding rows: no KV write
+            meta = self._bucket_meta(b)
+            self._forward(b, meta)                          # warm-up: compiles, allocates scratch
+            torch.cuda.synchronize(self.model.device)
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self.pool):
-                self.outputs[b] = self._forward(b)
+                self.outputs[b] = self._forward(b, meta)
             self.pool = g.pool()
             self.graphs[b] = g
-        torch.cuda.synchronize(self.device)
-        return time.perf_counter() - t
+        torch.cuda.synchronize(self.model.device)
+        seconds = time.perf_counter() - t
+        self.graph_status = dict(enabled=True, reason="captured", buckets=list(self.buckets),
+                                 capture_s=round(seconds, 3), error=None)
+        return seconds
 
-    def fits(self, batch: int) -> bool:
-        return pick_bucket(batch, self.buckets) is not None
+    def prepare(self, seqs: list) -> tuple[int, int, object]:
+        """Stages a decode step's inputs (host work and one copy); returns
+        (B, padded rows b, the step's metadata) for ``launch``."""
+        B = len(seqs)
+        padded = self.graphs or self.pad_to_buckets
+        b = pick_bucket(B, self.buckets) if padded else B
+        if b is None:
+            raise ValueError(f"{B} sequences exceed the decode runner's {self.buckets[-1]} rows")
+        max_ctx = self.inputs.stage(seqs, b)
+        if b in self.graphs:
+            return B, b, None
+        if self.pad_to_buckets:
+            meta = self._bucket_meta(b)
+            meta.scratch.clear()     # per-step space (the reference's decode mask)
+        else:                        # the kernels pick splits from this step's contexts
+            meta = self.inputs.views(b, max_ctx)[2]
+        return B, b, meta
 
-    @torch.no_grad()
-    def run(self, host: dict) -> torch.Tensor:
-        """Logits [B, V] for a decode batch given as host lists."""
-        B = len(host["ctx"])
-        b = pick_bucket(B, self.buckets)
-        p = pad_decode_batch(host, b, self.max_blocks)
-        nb = self.device.type == "cuda"
-        for buf, data, dt in ((self.input_ids, p["input_ids"], torch.int64),
-                              (self.positions, p["positions"], torch.int64),
-                              (self.slots, p["slots"], torch.int64),
-                              (self.ctx, p["ctx"], torch.int32),
-                              (self.tables, p["tables"], torch.int32)):
-            src = torch.tensor(data, dtype=dt)
-            buf[:b].copy_(src.pin_memory() if nb else src, non_blocking=nb)
-        if self.use_graphs and b in self.graphs:
+    def launch(self, step: tuple[int, int, object]) -> torch.Tensor:
+        """Logits [B, V] of a prepared step: a graph replay, or an eager forward (the
+        engine steps under torch.inference_mode; no decorator here: ~2 us a step)."""
+        B, b, meta = step
+        if meta is None:
             self.graphs[b].replay()
             return self.outputs[b][:B]
-        # Eager: scratch is per-step space (e.g. the reference's decode mask
-        # depends on this step's lengths); a captured graph keeps its buffers.
-        self.metas[b].scratch.clear()
-        return self._forward(b)[:B]
+        return self._forward(b, meta)[:B]
+
+    @torch.inference_mode()
+    def run(self, seqs: list) -> torch.Tensor:
+        """Logits [B, V] of one decode step over ``seqs``."""
+        return self.launch(self.prepare(seqs))
 
 
-def maybe_capture(model, kv_caches, block_size, max_num_seqs, max_model_len, enforce_eager: bool):
-    """A captured DecodeGraphRunner when graphs apply (CUDA, Triton ops, not
-    ``enforce_eager``); else None. A failed capture falls back to eager with a
-    warning instead of taking the engine down."""
-    if enforce_eager or model.device.type != "cuda" or model.ops.name != "triton":
-        return None
-    from kernels.triton.decode_attention import pick_num_splits, sm_count
-    cfg = model.cfg
-    sms = sm_count(model.device)
+def build_decode_runner(model, kv_caches, block_size, max_num_seqs, max_model_len,
+                        enforce_eager: bool) -> DecodeRunner:
+    """The engine's DecodeRunner, with graphs captured when they apply (CUDA, the
+    Triton ops, not ``enforce_eager``). A failed capture falls back to eager with a
+    warning instead of taking the engine down; ``graph_status`` says which."""
+    def eager(reason, error=None):
+        r = DecodeRunner(model, kv_caches, block_size, max_num_seqs, max_model_len)
+        r.graph_status.update(reason=reason, error=error)
+        return r
 
-    def splits(b):   # per bucket, for the longest context the graph may see
-        return pick_num_splits(b, cfg.num_key_value_heads, max_model_len, block_size, sms)
+    if model.device.type != "cuda":
+        return eager("not CUDA")           # CPU: nothing to print
+    if enforce_eager:
+        runner = eager("enforce_eager=True")
+    elif model.ops.name != "triton":
+        runner = eager(f"kernel_backend {model.ops.name!r} (the reference ops read tensors back "
+                       "to the host, which a graph cannot hold)")
+    else:
+        from kernels.triton.decode_attention import pick_num_splits, sm_count
+        cfg, sms = model.cfg, sm_count(model.device)
 
-    try:
-        runner = DecodeGraphRunner(model, kv_caches, block_size, max_num_seqs, max_model_len,
-                                   num_splits=splits)
-        seconds = runner.capture()
-    except Exception as e:   # noqa: BLE001 - any capture failure: run eagerly
-        print(f"CUDA graph capture failed ({type(e).__name__}: {e}); running eagerly "
-              "(LLM(enforce_eager=True) silences this)", file=sys.stderr)
-        return None
-    print(f"captured {len(runner.buckets)} decode CUDA graphs (batch sizes up to "
-          f"{runner.buckets[-1]}) in {seconds:.1f}s", file=sys.stderr)
+        def splits(b):   # per bucket, for the longest context the graph may see
+            return pick_num_splits(b, cfg.num_key_value_heads, max_model_len, block_size, sms)
+
+        runner = DecodeRunner(model, kv_caches, block_size, max_num_seqs, max_model_len,
+                              num_splits=splits)
+        try:
+            runner.capture()
+        except Exception as e:   # noqa: BLE001 - any capture failure: run eagerly
+            del runner
+            torch.cuda.synchronize(model.device)
+            runner = eager("capture failed", f"{type(e).__name__}: {e}")
+    st = runner.graph_status
+    if st["enabled"]:
+        print(f"CUDA graphs: captured {len(st['buckets'])} decode graphs (batch sizes up to "
+              f"{st['buckets'][-1]}) in {st['capture_s']:.1f}s", file=sys.stderr)
+    elif st["error"]:
+        print(f"CUDA graphs: capture FAILED ({st['error']}); decode runs eagerly",
+              file=sys.stderr)
+    else:
+        print(f"CUDA graphs: off ({st['reason']}); decode runs eagerly", file=sys.stderr)
     return runner

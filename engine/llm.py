@@ -9,6 +9,7 @@ an event loop: ``add_request``, ``step``, ``abort`` and ``stream``.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import time
@@ -18,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from engine.block_manager import BlockManager
-from engine.cuda_graphs import maybe_capture
+from engine.cuda_graphs import build_decode_runner
 from engine.errors import InvalidRequestError, PromptTooLongError
 from engine.model_loader import load_model, resolve_model_dir
 from engine.model_runner import ModelRunner
@@ -86,10 +87,14 @@ class LLM:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         model = resolve_model_dir(model, download_dir) or model
         self.model_dir = model
+        # Seconds of each start-up phase, plus what the KV sizing saw (benchmarks read it).
+        self.startup: dict = {}
+        t_start = time.perf_counter()
         self.model, self.config = load_model(model, dtype=dtype, device=device,
                                              load_format=load_format, seed=seed,
                                              progress=show_progress, kernel_backend=kernel_backend)
         cfg = self.config
+        self.startup["load_s"] = time.perf_counter() - t_start
         self.tokenizer = None
         tok_dir = tokenizer if tokenizer is not None else model
         if not skip_tokenizer_init and os.path.isfile(os.path.join(str(tok_dir), "tokenizer.model")):
@@ -106,15 +111,28 @@ class LLM:
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens or max(2048, self.max_model_len)
+        t = time.perf_counter()
         num_blocks = num_kv_blocks or self._default_num_blocks(gpu_memory_utilization, show_progress)
+        self.startup["kv_sizing_s"] = time.perf_counter() - t
         blocks_per_seq = -(-self.max_model_len // block_size)
         if num_blocks < blocks_per_seq:
             raise ValueError(f"the KV cache ({num_blocks} blocks of {block_size} tokens) cannot hold "
                              f"one sequence of max_model_len={self.max_model_len}; raise "
                              "num_kv_blocks/gpu_memory_utilization or lower max_model_len")
+        t = time.perf_counter()
         self.runner = ModelRunner(self.model, block_size, num_blocks)
-        self.graph_runner = maybe_capture(self.model, self.runner.kv_caches, block_size,
-                                          max_num_seqs, self.max_model_len, enforce_eager)
+        self.startup["kv_alloc_s"] = time.perf_counter() - t
+        self.startup["num_kv_blocks"] = num_blocks
+        # Decode steps: persistent inputs, CUDA graphs where they apply (printed on CUDA).
+        t = time.perf_counter()
+        cuda = self.model.device.type == "cuda"
+        if cuda:
+            self.startup["gpu_free_bytes_before_graphs"] = torch.cuda.mem_get_info(self.model.device)[0]
+        self.decode_runner = build_decode_runner(self.model, self.runner.kv_caches, block_size,
+                                                 max_num_seqs, self.max_model_len, enforce_eager)
+        self.startup["decode_runner_s"] = time.perf_counter() - t
+        if cuda:
+            self.startup["gpu_free_bytes_after_graphs"] = torch.cuda.mem_get_info(self.model.device)[0]
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, self.max_num_batched_tokens)
         self.sampler = Sampler(self.model.device, seed)
@@ -127,9 +145,19 @@ class LLM:
         self.async_output = self.model.device.type == "cuda"
         self._deferred: list[RequestState] = []
         self._ids = itertools.count()
-        # Host seconds spent per phase over all steps (read by the benchmarks).
-        self.step_times = {"schedule": 0.0, "prepare": 0.0, "forward": 0.0, "sample": 0.0}
+        # Seconds per phase of step(), summed over all steps (read by the benchmarks):
+        # schedule, prepare (the step's device inputs), launch (the forward: a graph
+        # replay, or eager kernel launches), sample (queueing the sampler), output
+        # (detokenizing, stop checks, outputs), all host work; and wait, the one
+        # device-to-host read of the sampled tokens, which waits for the device.
+        self.step_times = dict.fromkeys(STEP_PHASES, 0.0)
         self.num_steps = 0
+
+    @property
+    def cuda_graphs(self) -> dict:
+        """Whether decode replays CUDA graphs: ``enabled``, ``reason`` (why not),
+        ``buckets``, ``capture_s``, ``error`` (a failed capture's exception)."""
+        return dict(self.decode_runner.graph_status)
 
     def _default_num_blocks(self, util: float, verbose: bool = False) -> int:
         """KV blocks when ``num_kv_blocks`` is not given (see engine/kv_sizing.py).
@@ -147,9 +175,12 @@ class LLM:
         report = kv_sizing.measure_gpu_memory(self.model, self.max_num_batched_tokens, self.max_num_seqs,
                                               self.max_model_len, self.block_size)
         blocks = kv_sizing.kv_blocks_for_memory(report, util, per_block)
+        text = kv_sizing.describe(blocks, self.block_size, per_block, report)
+        self.startup["kv_sizing"] = dict(text=text, blocks=blocks, bytes_per_block=per_block,
+                                         **dataclasses.asdict(report))
         if verbose:
             import sys
-            print(kv_sizing.describe(blocks, self.block_size, per_block, report), file=sys.stderr)
+            print(text, file=sys.stderr)
         kv_sizing.check_fits_one_sequence(blocks, self.block_size, self.max_model_len, report,
                                           util, per_block)
         return blocks
@@ -239,6 +270,14 @@ class LLM:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def num_generated_tokens(self, request_id: str) -> int | None:
+        """Tokens sampled so far for a running request (None if it is not running).
+
+        Counts at once, also when async output processing delays the request's
+        text to the next step: a benchmark reads time-to-first-token here."""
+        req = self._requests.get(str(request_id))
+        return None if req is None else req.seq.num_generated_tokens
+
     # ---- stepping ------------------------------------------------------------
     def step(self):
         """Runs one scheduler step; returns the ``RequestOutput`` of every
@@ -258,16 +297,15 @@ class LLM:
             return self._drain(finished_only)       # idle: finish any deferred text
         t1 = time.perf_counter()
         try:
-            graph = self.graph_runner
-            if not is_prefill and graph is not None and graph.fits(len(seqs)):
-                host = self.runner.host_batch(seqs, False)
-                t2 = time.perf_counter()
-                logits = graph.run(host)
-            else:
-                input_ids, positions, meta, last = self.runner.prepare(seqs, is_prefill)
+            if is_prefill:
+                input_ids, positions, meta, last = self.runner.prepare(seqs, True)
                 t2 = time.perf_counter()
                 hidden = self.model.forward(input_ids, positions, meta, self.runner.kv_caches)
-                logits = self.model.compute_logits(hidden[last] if is_prefill else hidden)
+                logits = self.model.compute_logits(hidden[last])
+            else:
+                step = self.decode_runner.prepare(seqs)
+                t2 = time.perf_counter()
+                logits = self.decode_runner.launch(step)
             t3 = time.perf_counter()
             pending = self.sampler.launch(logits, seqs, self.model.ops)
         except BaseException:
@@ -291,10 +329,12 @@ class LLM:
             self._emit(req, req.detokenize() or reason, finished_only, outputs)
         t7 = time.perf_counter()
         st = self.step_times
-        st["schedule"] += (t1 - t0) + (t5 - t4) + (t7 - t6)
+        st["schedule"] += t1 - t0
         st["prepare"] += t2 - t1
-        st["forward"] += t3 - t2
-        st["sample"] += (t4 - t3) + (t6 - t5)
+        st["launch"] += t3 - t2
+        st["sample"] += t4 - t3
+        st["wait"] += t6 - t5
+        st["output"] += (t5 - t4) + (t7 - t6)
         self.num_steps += 1
         return outputs
 
@@ -376,6 +416,8 @@ class LLM:
         finally:
             self.abort(rid)
 
+
+STEP_PHASES = ("schedule", "prepare", "launch", "sample", "wait", "output")
 
 _VLLM_IGNORED = {"trust_remote_code", "tensor_parallel_size", "quantization", "revision",
                  "tokenizer_mode", "swap_space", "disable_log_stats"}

@@ -1,7 +1,9 @@
 """Turns scheduled sequences into tensors, runs the model, owns the KV pool.
 
-The only place where the scheduler's plain-Python view of the batch becomes
-device tensors. ``prepare`` packs a batch; ``LLM.step`` runs the model on it.
+``prepare`` packs a prefill batch from the sequences' lists (a step of many new
+tokens, rare next to decode steps); ``LLM.step`` runs the model on it. Decode
+steps get their inputs from persistent buffers instead (engine/decode_inputs.py,
+through engine/cuda_graphs.py's DecodeRunner).
 """
 from __future__ import annotations
 

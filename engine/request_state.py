@@ -24,6 +24,13 @@ class RequestState:
         self._decoded = 0                  # generated tokens fed to the detokenizer
         self._final_token_is_stop = False  # last token is EOS / a stop id (not text)
         self.logprobs = [] if self.params.wants_logprobs else None
+        self._prompt_ids = seq.prompt_token_ids
+        # append_token's per-token checks, precomputed (it runs for every token).
+        p = self.params
+        self._eos = None if p.ignore_eos else eos_token_id
+        self._stop_ids = frozenset(p.stop_token_ids or ())
+        self._max_len = max_model_len if p.max_tokens is None else min(
+            max_model_len, seq.num_prompt_tokens + p.max_tokens)
         self.detok = None
         if tokenizer is not None:
             from engine.detokenizer import IncrementalDetokenizer
@@ -47,23 +54,21 @@ class RequestState:
         Text (and stop strings) follow in ``detokenize``, which the engine may
         run later, overlapped with the next step on the GPU.
         """
-        seq, p = self.seq, self.params
-        seq.append_token(token_id)
+        seq = self.seq
+        seq.token_ids.append(token_id)
         seq.cumulative_logprob += lp.sampled_logprob
         if self.logprobs is not None:
             self.logprobs.append({
                 t: Logprob(v, r, self._decode_one(t)) for t, (v, r) in (lp.entries or {}).items()})
-        if not p.ignore_eos and token_id == self.eos_token_id:
+        if token_id == self._eos:
             self.stop_reason = None
             self._final_token_is_stop = True
             return "stop"
-        if token_id in (p.stop_token_ids or ()):
+        if token_id in self._stop_ids:
             self.stop_reason = token_id
             self._final_token_is_stop = True
             return "stop"
-        if p.max_tokens is not None and seq.num_generated_tokens >= p.max_tokens:
-            return "length"
-        if len(seq) >= self.max_model_len:
+        if len(seq.token_ids) >= self._max_len:       # max_tokens or max_model_len
             return "length"
         return None
 
@@ -104,12 +109,14 @@ class RequestState:
 
     def output(self) -> RequestOutput:
         seq = self.seq
-        comp = CompletionOutput(index=0, text=self.text, token_ids=list(seq.output_token_ids),
+        # step() builds one of these per running request per step: one slice for the
+        # generated ids, and the prompt's ids as one list shared by all its outputs.
+        comp = CompletionOutput(index=0, text=self.text, token_ids=seq.token_ids[seq.num_prompt_tokens:],
                                 cumulative_logprob=seq.cumulative_logprob,
                                 logprobs=list(self.logprobs) if self.logprobs is not None else None,
                                 finish_reason=seq.finish_reason if seq.is_finished else None,
                                 stop_reason=self.stop_reason)
         return RequestOutput(request_id=seq.request_id, prompt=self.prompt,
-                             prompt_token_ids=seq.prompt_token_ids, outputs=[comp],
+                             prompt_token_ids=self._prompt_ids, outputs=[comp],
                              finished=comp.finish_reason is not None)
 

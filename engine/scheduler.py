@@ -12,7 +12,9 @@ Each ``schedule()`` call picks one step's work:
   no block for a sequence's next token, the most recently admitted running
   sequence is preempted: its blocks are freed and it goes back to the front of
   the queue, to be recomputed (prefix caching usually makes that cheap) and
-  resumed with the tokens it had. Nothing is lost or duplicated.
+  resumed with the tokens it had. Nothing is lost or duplicated. (When the pool
+  has a block for every sequence that needs one, ``BlockManager.append_slots``
+  does the whole step in one pass: no preemption can happen.)
 """
 from __future__ import annotations
 
@@ -65,6 +67,8 @@ class Scheduler:
         if admitted:
             return admitted, True
 
+        if bm.append_slots(self.running):           # the pool covers every new block
+            return list(self.running), False
         scheduled: list[Sequence] = []
         queue = self.running
         self.running = []

@@ -68,3 +68,19 @@ def test_async_step_api_delivers_every_output_once(model_dir):
         for out in llm.step():                       # idle steps flush, never duplicate
             assert not out.finished
     assert sorted(finished) == ["r0", "r1", "r2", "r3"]
+
+
+def test_generated_token_count_is_not_delayed(model_dir):
+    """Async output delivers a step's text one step late; LLM.num_generated_tokens (what
+    the benchmarks read time to first token from) counts the token at once."""
+    llm = make_llm(model_dir, show_progress=False)
+    llm.async_output = True
+    rid = llm.add_request("The llama is", SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert llm.num_generated_tokens(rid) == 0
+    assert llm.step() == []                         # the prefill sampled a token; its output waits
+    assert llm.num_generated_tokens(rid) == 1
+    outs = llm.step()                               # the text of token 1, while token 2 is sampled
+    assert llm.num_generated_tokens(rid) == 2 and len(outs[0].outputs[0].token_ids) == 1
+    while llm.has_unfinished_requests():
+        llm.step()
+    assert llm.num_generated_tokens(rid) is None    # finished: no longer running

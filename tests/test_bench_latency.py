@@ -108,7 +108,9 @@ def test_dry_run_values_are_sane(dry_run):
     assert 0 < lat["host_fraction_of_step"] < 1.5
     assert math.isclose(lat["decode_tokens_per_s"], 1e3 / lat["tpot_ms"])
     assert lat["bytes_per_decode_step"] > lat["weight_bytes"] == data["weight_bytes"]
-    assert set(lat["step_split_ms"]) == {"schedule", "prepare", "forward", "sample"}
+    assert set(lat["step_split_ms"]) == {"schedule", "prepare", "launch", "sample", "wait", "output"}
+    assert math.isclose(lat["host_ms_per_step"],
+                        sum(v for k, v in lat["step_split_ms"].items() if k != "wait"))
     # The recorded fraction and ceiling follow from the recorded numbers.
     bw = data["copy"]["copy_bytes_per_s"]
     assert math.isclose(lat["bandwidth_fraction"],

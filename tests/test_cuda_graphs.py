@@ -1,10 +1,10 @@
-"""CUDA-graph decode: bucket choice and padding on CPU, the static-buffer path
-(eager replay) on CPU, graphs on vs off on CUDA (GPU check)."""
+"""CUDA-graph decode: bucket choice on CPU, the padded persistent-buffer path a graph
+replays (run eagerly) on CPU, graphs on vs off on CUDA (GPU check)."""
 import pytest
 import torch
 
 from engine import SamplingParams
-from engine.cuda_graphs import DecodeGraphRunner, graph_buckets, pad_decode_batch, pick_bucket
+from engine.cuda_graphs import DecodeRunner, graph_buckets, pick_bucket
 from tests.helpers import DEVICE, make_checkpoint, make_llm, token_prompts
 
 
@@ -18,19 +18,6 @@ def test_buckets_and_pick():
     assert pick_bucket(49, b) is None
     with pytest.raises(ValueError):
         graph_buckets(0)
-
-
-def test_padding_rows_write_nothing_and_attend_to_nothing():
-    host = dict(input_ids=[5, 6, 7], positions=[9, 3, 20], slots=[40, 17, 99], ctx=[10, 4, 21],
-                tables=[[2, 3], [1], [4, 5, 6]], qsl=[0, 1, 2, 3], last=[0, 1, 2])
-    p = pad_decode_batch(host, 4, max_blocks=4)
-    assert p["input_ids"] == [5, 6, 7, 0] and p["positions"] == [9, 3, 20, 0]
-    assert p["slots"] == [40, 17, 99, -1] and p["ctx"] == [10, 4, 21, 0]
-    assert p["tables"] == [[2, 3, 0, 0], [1, 0, 0, 0], [4, 5, 6, 0], [0, 0, 0, 0]]
-    with pytest.raises(ValueError):
-        pad_decode_batch(host, 2, max_blocks=4)
-    with pytest.raises(ValueError):
-        pad_decode_batch(host, 4, max_blocks=2)
 
 
 @pytest.fixture(scope="module")
@@ -53,16 +40,16 @@ def test_static_buffer_path_gives_the_eager_tokens(ckpt, backend):
                                                            sp, use_tqdm=False)]
     llm = make_llm(path, show_progress=False, block_size=8, max_model_len=128, max_num_seqs=6,
                    kernel_backend=backend)
-    llm.graph_runner = DecodeGraphRunner(llm.model, llm.runner.kv_caches, 8, 6, 128,
-                                         num_splits=lambda b: 3 if backend == "triton" else None,
-                                         use_graphs=False)
+    llm.decode_runner = DecodeRunner(llm.model, llm.runner.kv_caches, 8, 6, 128,
+                                     num_splits=lambda b: 3 if backend == "triton" else None,
+                                     pad_to_buckets=True)
     calls = []
-    real = llm.graph_runner.run
-    llm.graph_runner.run = lambda host: calls.append(len(host["ctx"])) or real(host)
+    real = llm.decode_runner.launch
+    llm.decode_runner.launch = lambda step: calls.append(step[:2]) or real(step)
     got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
                                                         sp, use_tqdm=False)]
     assert got == want
-    assert calls and set(calls) == {3}          # every decode step went through the padded path
+    assert calls and set(calls) == {(3, 4)}     # every decode step ran 3 rows padded to 4
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs: GPU check only")
@@ -74,7 +61,44 @@ def test_graphs_on_and_off_give_identical_greedy_tokens(ckpt, dtype):
     outs = []
     for eager in (True, False):
         llm = make_llm(path, show_progress=False, dtype=dtype, enforce_eager=eager, max_num_seqs=8)
-        assert (llm.graph_runner is None) == eager
+        assert llm.cuda_graphs["enabled"] == (not eager), llm.cuda_graphs
         outs.append([o.outputs[0].token_ids for o in
                      llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)])
     assert outs[0] == outs[1]
+
+
+def test_graph_status_is_recorded_and_printed(monkeypatch, capsys):
+    """A failed capture falls back to eager with the error recorded and printed; graphs
+    switched off say why. (CUDA is faked: the runner's buffers stay on the CPU.)"""
+    from types import SimpleNamespace
+
+    import engine.cuda_graphs as cg
+    import kernels.triton.decode_attention as da
+    fake = SimpleNamespace(device=SimpleNamespace(type="cuda"), ops=SimpleNamespace(name="triton"),
+                           cfg=SimpleNamespace(num_key_value_heads=2))
+    real_init = cg.DecodeRunner.__init__
+    monkeypatch.setattr(cg.DecodeRunner, "__init__", lambda self, model, *a, **kw: real_init(
+        self, SimpleNamespace(device=torch.device("cpu")), *a, **kw))
+
+    def boom(self):
+        raise RuntimeError("capture exploded")
+    monkeypatch.setattr(cg.DecodeRunner, "capture", boom)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(da, "sm_count", lambda device: 132)
+    r = cg.build_decode_runner(fake, [], 16, 8, 128, enforce_eager=False)
+    assert r.graph_status == dict(enabled=False, reason="capture failed", buckets=[], capture_s=None,
+                                  error="RuntimeError: capture exploded")
+    assert not r.graphs and not r.pad_to_buckets          # decode runs eagerly
+    assert "capture FAILED (RuntimeError: capture exploded)" in capsys.readouterr().err
+    r = cg.build_decode_runner(fake, [], 16, 8, 128, enforce_eager=True)
+    assert r.graph_status["reason"] == "enforce_eager=True" and r.graph_status["error"] is None
+    assert "CUDA graphs: off (enforce_eager=True)" in capsys.readouterr().err
+    fake.ops.name = "torch"
+    assert "kernel_backend 'torch'" in cg.build_decode_runner(fake, [], 16, 8, 128, False).graph_status["reason"]
+
+
+def test_cpu_engine_reports_no_graphs(ckpt, capsys):
+    llm = make_llm(ckpt[0], show_progress=False, device="cpu")
+    assert llm.cuda_graphs == dict(enabled=False, reason="not CUDA", buckets=[], capture_s=None, error=None)
+    assert "CUDA graphs" not in capsys.readouterr().err
+    assert set(llm.startup) >= {"load_s", "kv_sizing_s", "kv_alloc_s", "decode_runner_s", "num_kv_blocks"}
