@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # The GPU machines have no registry: gpu-check runs on their own python.
 GPU_PY ?= python3
 
-.PHONY: demo test bench gpu-check venv clean
+.PHONY: demo test bench gpu-check gpu-check-full venv clean
 
 $(STAMP): requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,9 +30,18 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_latency.py $(if $(QUICK),--quick,)
 	# The HTTP server vs in-process at 1, 8 and 64 clients (loopback only).
 	$(PY) benchmarks/bench_server.py $(if $(QUICK),--quick,)
+	# Host time per decode step (7B-shaped metadata, no device work) at batch 1, 64, 256.
+	$(PY) benchmarks/bench_host_step.py
 
+# The first command on a lent GPU (device tool timeout_s 420): one run with a hard
+# 330 s deadline, a JSON after every step. ARGS="--steps decode,sweep" for a subset.
 gpu-check:
-	PYTHONPATH=. PYTHONUNBUFFERED=1 $(GPU_PY) benchmarks/gpu_check.py $(if $(STAGE),--stage $(STAGE),) $(ARGS)
+	TRITON_INTERPRET=0 PYTHONPATH=. PYTHONUNBUFFERED=1 timeout 400 $(GPU_PY) benchmarks/gpu_first_contact.py $(ARGS)
+
+# Longer work in later commands: one stage of under 4 minutes each
+# (STAGE=tests|kernels|e2e|loading|hf-static|all; default tests, kernels, e2e).
+gpu-check-full:
+	TRITON_INTERPRET=0 PYTHONPATH=. PYTHONUNBUFFERED=1 $(GPU_PY) benchmarks/gpu_check.py $(if $(STAGE),--stage $(STAGE),) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

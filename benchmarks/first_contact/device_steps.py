@@ -1,0 +1,153 @@
+"""Steps that need no engine: "probe", "ceilings" and "micro".
+
+probe     versions, the device, which optional packages import, and whether the
+          Triton kernels are compiled JITFunctions (on a GPU anything else fails
+          the step loudly: the interpreter must never run there).
+ceilings  device-to-device copy bandwidth (read + write counted), and cuBLAS M=1
+          GEMV bandwidth for the five 7B weight shapes with the L2 flushed between
+          calls (a 256 MiB write evicts the H200's 60 MB L2), summed into the GEMV
+          ceiling of one decode step.
+micro     decode attention GB/s at B in {1, 32, 128} x context {512, 4096}, with
+          the split count a CUDA graph fixes from max_model_len (4096) next to the
+          count picked for the live context: the kernel's work follows the live
+          context, so the two should match. Prefill at S=2048 against SDPA flash.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import sys
+
+import torch
+
+from benchmarks.first_contact.common import summary
+
+OPTIONAL = ("transformers", "safetensors", "sentencepiece", "tokenizers", "hypothesis", "pytest",
+            "matplotlib", "numpy", "bm25s", "fastapi", "uvicorn", "aiohttp", "httpx", "tqdm")
+
+# The 7B decode step's weight matrices [N, K] (qkv and gate/up fused, as the engine
+# holds them) and how many of each a step reads.
+GEMV_SHAPES_7B = {"qkv": (12288, 4096, 32), "o": (4096, 4096, 32), "gate_up": (22016, 4096, 32),
+                  "down": (4096, 11008, 32), "lm_head": (32016, 4096, 1)}
+
+
+def probe(ctx) -> dict:
+    import triton
+
+    from kernels.triton.common import launch_kernels, not_compiled
+    out = dict(python=sys.version.split()[0], platform=platform.platform(), torch=torch.__version__,
+               triton=triton.__version__, torch_cuda=torch.version.cuda,
+               TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET"), packages={})
+    for name in OPTIONAL:
+        try:
+            mod = importlib.import_module(name)
+            out["packages"][name] = getattr(mod, "__version__", "imported")
+        except Exception as e:  # noqa: BLE001 - absent or broken: say which
+            out["packages"][name] = f"missing ({type(e).__name__})"
+    if ctx.cuda:
+        p = torch.cuda.get_device_properties(0)
+        free, total = torch.cuda.mem_get_info()
+        out.update(device=p.name, capability=f"{p.major}.{p.minor}", sm_count=p.multi_processor_count,
+                   total_memory_gib=round(total / 2 ** 30, 2), free_memory_gib=round(free / 2 ** 30, 2),
+                   l2_cache_mb=round(getattr(p, "L2_cache_size", 0) / 1e6, 1))
+    else:
+        out.update(device=f"cpu ({platform.machine()}, {os.cpu_count()} cores)")
+    kernels = launch_kernels()
+    bad = not_compiled()
+    out.update(kernels=len(kernels), kernels_not_compiled=bad)
+    ctx.log(f"   {out['device']}: torch {out['torch']}, triton {out['triton']}, "
+            f"{len(kernels) - len(bad)}/{len(kernels)} kernels compiled")
+    if ctx.cuda and bad:
+        raise RuntimeError(f"on CUDA these kernels are not compiled JITFunctions: {bad} "
+                           f"(TRITON_INTERPRET={out['TRITON_INTERPRET']!r})")
+    return out
+
+
+def copy_bandwidth(ctx, nbytes: int) -> dict:
+    src = torch.randn(nbytes // 2, dtype=torch.float16, device=ctx.device)
+    dst = torch.empty_like(src)
+    ts = ctx.time_device(lambda: dst.copy_(src), reps=10 if ctx.cuda else 3)
+    s = summary(ts)
+    del src, dst
+    return dict(buffer_bytes=nbytes, bytes_counted="read + write", seconds=s,
+                bytes_per_s=2 * nbytes / s["median"], gb_per_s=2 * nbytes / s["median"] / 1e9)
+
+
+def ceilings(ctx) -> dict:
+    dt = torch.float16 if ctx.cuda else torch.float32
+    copy = copy_bandwidth(ctx, (1 << 30) if ctx.cuda else (16 << 20))
+    ctx.shared["copy_bytes_per_s"] = copy["bytes_per_s"]
+    ctx.log(f"   copy: {copy['gb_per_s']:.0f} GB/s")
+    shapes = GEMV_SHAPES_7B if not ctx.dry else {k: (n // 64, kk // 64, c) for k, (n, kk, c) in
+                                                  GEMV_SHAPES_7B.items()}
+    scratch = torch.empty((256 << 20) // 4 if ctx.cuda else 1 << 20, dtype=torch.float32, device=ctx.device)
+    flush = scratch.zero_                          # evicts the weights from L2 between calls
+    rows, step_s = {}, 0.0
+    for name, (N, K, count) in shapes.items():
+        w = torch.randn(N, K, dtype=dt, device=ctx.device)
+        x = torch.randn(1, K, dtype=dt, device=ctx.device)
+        s = summary(ctx.time_device(lambda: torch.nn.functional.linear(x, w), reps=20 if ctx.cuda else 3,
+                                    flush=flush))
+        nbytes = N * K * w.element_size()
+        rows[name] = dict(N=N, K=K, per_step=count, seconds=s, gb_per_s=nbytes / s["median"] / 1e9,
+                          fraction_of_copy=nbytes / s["median"] / copy["bytes_per_s"])
+        step_s += count * s["median"]
+        ctx.log(f"   gemv {name:8s} [{N}x{K}]: {rows[name]['gb_per_s']:7.0f} GB/s "
+                f"({100 * rows[name]['fraction_of_copy']:.0f}% of copy)")
+        del w, x
+    del scratch
+    weight_bytes = sum(n * k * c for n, k, c in shapes.values()) * (2 if ctx.cuda else 4)
+    ctx.shared["gemv_step_s"] = step_s
+    out = dict(copy=copy, gemv=rows, gemv_step_s=step_s, gemv_ceiling_tokens_per_s=1 / step_s,
+               step_weight_bytes=weight_bytes,
+               copy_ceiling_tokens_per_s=copy["bytes_per_s"] / weight_bytes,
+               note="a 7B decode step's weights (no embedding table: a step gathers one row); "
+                    "GEMV ceiling = 1 / (sum of each matrix's cuBLAS M=1 time x its count)")
+    ctx.log(f"   ceilings at batch 1: copy {out['copy_ceiling_tokens_per_s']:.0f} tok/s, "
+            f"GEMV {out['gemv_ceiling_tokens_per_s']:.0f} tok/s")
+    return out
+
+
+def micro(ctx) -> dict:
+    """Decode attention (graph split count vs live) and prefill vs SDPA."""
+    from benchmarks.bench_kernels import paged
+    from kernels import triton_ops
+    from kernels.metadata import AttentionMetadata
+    from kernels.triton.decode_attention import pick_num_splits, sm_count
+    dev, dt = ctx.device, (torch.float16 if ctx.cuda else torch.float32)
+    if ctx.dry:
+        Hq, D, batches, contexts, graph_len, prefill_S = 4, 16, [1, 4], [48, 96], 256, 64
+    else:
+        Hq, D, batches, contexts, graph_len, prefill_S = 32, 128, [1, 32, 128], [512, 4096], 4096, 2048
+    sms = sm_count(torch.device(dev))
+    gen = torch.Generator(device=dev).manual_seed(0)
+    copy_bw = ctx.shared.get("copy_bytes_per_s")
+    rows = []
+    for Hkv in (Hq, Hq // 4):
+        for B in batches:
+            for C in contexts:
+                kc, vc, tables = paged(B, C, Hkv, D, 16, dt, dev, gen)
+                q = torch.randn(B, Hq, D, dtype=dt, device=dev, generator=gen)
+                wide = torch.zeros(B, -(-graph_len // 16), dtype=torch.int32, device=dev)
+                wide[:, :tables.shape[1]] = tables          # a graph's table width
+                meta = AttentionMetadata(False, torch.empty(0, dtype=torch.int64, device=dev), wide,
+                                         torch.full((B,), C, dtype=torch.int32, device=dev),
+                                         torch.arange(B + 1, dtype=torch.int32, device=dev), 1, C)
+                kv_bytes = 2 * B * C * Hkv * D * kc.element_size()
+                row = dict(batch=B, context=C, kv_heads=Hkv, kv_bytes=kv_bytes)
+                for label, splits in (("graph", pick_num_splits(B, Hkv, graph_len, 16, sms)),
+                                      ("live", pick_num_splits(B, Hkv, C, 16, sms))):
+                    s = summary(ctx.time_device(lambda: triton_ops.decode_attention(
+                        q, kc, vc, meta, D ** -0.5, num_splits=splits), reps=20 if ctx.cuda else 2))
+                    row[label] = dict(num_splits=splits, seconds=s, gb_per_s=kv_bytes / s["median"] / 1e9,
+                                      fraction_of_copy=kv_bytes / s["median"] / copy_bw if copy_bw else None)
+                row["graph_over_live_time"] = row["graph"]["seconds"]["median"] / row["live"]["seconds"]["median"]
+                rows.append(row)
+                ctx.log(f"   decode B={B:3d} C={C:5d} Hkv={Hkv:2d}: live {row['live']['gb_per_s']:7.1f} GB/s "
+                        f"({row['live']['num_splits']} splits), graph {row['graph']['gb_per_s']:7.1f} GB/s "
+                        f"({row['graph']['num_splits']} splits)")
+                del kc, vc, tables, wide, q
+    from benchmarks.bench_kernels import bench_prefill
+    prefill = bench_prefill(dev, [prefill_S], Hq, D, dt, triton_ops)
+    return dict(decode=rows, prefill=prefill)

@@ -1,0 +1,126 @@
+"""GPU first contact: the whole GPU check in one command with a hard deadline.
+
+    TRITON_INTERPRET=0 PYTHONPATH=. timeout 400 python3 benchmarks/gpu_first_contact.py
+
+(`make gpu-check`; give the device tool a timeout_s of 420). A lent GPU comes with
+15 minutes of device time in all, start-up included: this is the one ~6-minute
+command, and ``--steps`` picks a subset for a second, ~4-minute one. Steps, most
+valuable first (each skipped when its estimated need no longer fits the deadline,
+each wrapped so that a failure is recorded and the rest still run):
+
+  probe     versions, SMs, memory, optional packages, kernels compiled (not interpreted)
+  kernels   every Triton kernel at the 7B shape vs kernels/reference.py, fp16 and bf16:
+            error, seconds to first compile, host us per launch
+  ceilings  copy bandwidth; cuBLAS M=1 GEMV bandwidth of the 5 weight shapes, L2 flushed
+  engine    one 7B dummy engine (fp16), built once: start-up phases, KV sizing, memory,
+            whether CUDA graphs were captured
+  graphs    graph replay vs eager on that engine: identical greedy tokens and log-probs
+  decode    batch 1, 128-token prompt, 256 tokens through step(): TTFT, TPOT median/p90,
+            host split, bandwidth fraction, compiles after warm-up (must be 0), eager TPOT
+  profile   torch.profiler of 3 eager steps and 3 graph replays: kernel us, idle gaps
+  sweep     4, 16, 64, 256 sequences x 64 tokens, each after a same-shape warm-up
+  micro     decode attention GB/s (graph split count vs live), prefill vs SDPA flash
+  tests     if 90 s remain: the CUDA test subset (kernels, graphs, parity with HF)
+
+Writes benchmarks/results/first_contact_<device>.json after every step (and into $OUT
+when set), plus first_contact.log (flushed as it goes), first_contact_profile.txt,
+first_contact_tests.log and first_contact_sweep.png beside it in $OUT (else in a
+temp folder). ``--dry-run`` runs every step on CPU at tiny shapes (Triton's
+interpreter for the kernels; `make test` runs it).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+# (name, seconds a step needs at least on the GPU to be worth starting)
+STEPS = [("probe", 5), ("kernels", 40), ("ceilings", 15), ("engine", 60), ("graphs", 15),
+         ("decode", 15), ("profile", 10), ("sweep", 25), ("micro", 20), ("tests", 90)]
+DEADLINE_S = 330
+
+
+def _step_functions():
+    from benchmarks.first_contact import device_steps, engine_steps, kernel_checks, trace_steps
+
+    def micro(ctx):
+        engine_steps.release_engine(ctx)       # its KV pool holds most of the GPU
+        return device_steps.micro(ctx)
+    return dict(probe=device_steps.probe, kernels=kernel_checks.run, ceilings=device_steps.ceilings,
+                engine=engine_steps.engine, graphs=engine_steps.graphs, decode=engine_steps.decode,
+                profile=trace_steps.profile, sweep=engine_steps.sweep, micro=micro,
+                tests=trace_steps.tests)
+
+
+NEEDS_ENGINE = {"graphs", "decode", "profile", "sweep"}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", help="comma-separated subset, in any order (run in the order above): "
+                                    + ",".join(n for n, _ in STEPS))
+    ap.add_argument("--dry-run", action="store_true", help="every step on CPU at tiny shapes")
+    ap.add_argument("--deadline", type=float, default=DEADLINE_S,
+                    help=f"seconds from start after which nothing new starts (default {DEADLINE_S})")
+    args = ap.parse_args(argv)
+    names = [n for n, _ in STEPS]
+    chosen = names if not args.steps else [s.strip() for s in args.steps.split(",") if s.strip()]
+    bad = [s for s in chosen if s not in names]
+    if bad:
+        ap.error(f"unknown step(s) {bad}; choose from {names}")
+    if args.dry_run:
+        # Before triton is imported: without CUDA the kernels can only be interpreted.
+        import torch
+        if not torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+        # One thread: two OpenMP threads stall for a scheduler tick on every tiny op
+        # when the other core is busy (a test run beside this one), ~16 ms a step.
+        torch.set_num_threads(1)
+        device = "cpu"
+    else:
+        import torch
+        if not torch.cuda.is_available():
+            ap.error("no CUDA device: use --dry-run to run the steps on CPU")
+        device = "cuda"
+    # A step that needs the engine builds it when "engine" is not among the chosen steps.
+    if set(chosen) & NEEDS_ENGINE and "engine" not in chosen:
+        chosen.append("engine")
+    from benchmarks.common import device_name, slug
+    from benchmarks.first_contact.common import Context, run_step
+    dname = device_name(device)
+    name = "first_contact_dryrun" if args.dry_run else f"first_contact_{_short(slug(dname))}"
+    out_dir = os.environ.get("OUT") or None
+    ctx = Context(args.dry_run, args.deadline, device, out_dir, name,
+                  log_dir=out_dir or tempfile.mkdtemp(prefix="first_contact_"))
+    ctx.payload.update(device=dname, steps_chosen=[n for n in names if n in chosen])
+    ctx.log(f"first contact on {dname}: steps {ctx.payload['steps_chosen']}, deadline {args.deadline:.0f} s; "
+            f"log and extra files in {ctx.log_dir}")
+    fns = _step_functions()
+    need = dict(STEPS)
+    for n in names:
+        if n in chosen:
+            run_step(ctx, n, fns[n], 1 if args.dry_run else need[n])
+    paths = ctx.save()
+    steps = ctx.payload["steps"]
+    bad = {n: s["status"] for n, s in steps.items() if s["status"] not in ("ok", "skipped")}
+    for n, s in steps.items():
+        extra = "; ".join(s.get("result", {}).get("failures", []) or [s.get("error", "")]) \
+            if s["status"] not in ("ok", "skipped") else s.get("reason", "")
+        ctx.log(f"{n:9s} {s['status']:8s} {s.get('seconds', 0):6.1f} s  {extra}")
+    for p in paths:
+        ctx.log(f"wrote {p}")
+    return 1 if bad else 0
+
+
+def _short(device_slug: str) -> str:
+    """'nvidia_h200' -> 'h200', 'nvidia_h100_80gb_hbm3' -> 'h100' (the results file name)."""
+    parts = [p for p in device_slug.split("_") if p != "nvidia"]
+    return parts[0] if parts else device_slug
+
+
+if __name__ == "__main__":
+    sys.exit(main())
