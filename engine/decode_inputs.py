@@ -106,6 +106,16 @@ class DecodeInputs:
         ids = [s.seq_id for s in seqs]
         if ids != self._last_ids:
             self._reconcile(ids)
+        try:
+            return self._stage(seqs, b)
+        except BaseException:
+            # Rows may have been marked written without their entries reaching the
+            # device: make every row resend its whole table next time.
+            self._row_table = [None] * self.max_rows
+            raise
+
+    def _stage(self, seqs: list, b: int) -> int:
+        B = len(seqs)
         bs, W = self.block_size, self.max_blocks
         row_of, row_table, row_len, row_last = (self._row_of, self._row_table, self._row_len,
                                                 self._row_last)

@@ -132,3 +132,21 @@ def test_a_freed_row_is_reused_and_rewritten():
     bm.allocate(d)
     with pytest.raises(ValueError, match="at most 2"):
         inputs.stage([b, c, d], 3)
+
+
+def test_a_failed_stage_resends_whole_tables():
+    """A sequence past max_blocks is refused with a clear error, and the rows staged before
+    it in that call are rewritten in full next time (their entries never reached the device)."""
+    bm = BlockManager(NUM_BLOCKS, BS)
+    inputs = DecodeInputs(ROWS, 2, BS, torch.device(DEVICE))
+    ok, long = Sequence([1, 5, 6]), Sequence([1] * (2 * BS + 1))
+    for s in (ok, long):
+        bm.allocate(s)
+    with pytest.raises(ValueError, match="KV blocks"):
+        inputs.stage([ok, long], 2)
+    bm.free(long)
+    sent = inputs.num_table_entries_sent
+    inputs.stage([ok], 1)
+    inputs.unpack(1)
+    assert inputs.num_table_entries_sent - sent == len(ok.block_table)
+    assert inputs.views(1, len(ok))[2].block_tables[0, :len(ok.block_table)].tolist() == ok.block_table
