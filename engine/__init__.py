@@ -1,5 +1,6 @@
 """A Llama-2 inference engine with a paged KV cache and a vLLM-shaped API."""
-from engine.errors import CheckpointError, ConfigError, InvalidRequestError, PromptTooLongError
+from engine.errors import (CheckpointError, ConfigError, EngineDeadError, InvalidRequestError,
+                           PromptTooLongError, RequestFailedError)
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.sampling_params import SamplingParams, SamplingParamsError
 
@@ -14,4 +15,4 @@ def __getattr__(name):
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob",
            "CheckpointError", "ConfigError", "InvalidRequestError", "PromptTooLongError",
-           "SamplingParamsError"]
+           "SamplingParamsError", "RequestFailedError", "EngineDeadError"]

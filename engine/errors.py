@@ -35,6 +35,19 @@ class PromptTooLongError(InvalidRequestError):
     """The prompt (plus at least one generated token) does not fit max_model_len."""
 
 
+class RequestFailedError(InvalidRequestError):
+    """One request failed while it ran (a logits processor raised, returned a bad
+    tensor, NaN, or masked every token; its output could not be processed). The
+    request ended with ``finish_reason="error"``; the other requests were not
+    affected. ``LLM.stream`` raises it; ``step``/``generate`` return the output,
+    whose ``error`` holds this message."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine itself failed (e.g. a device error in a forward pass): every later
+    call raises this error, naming the original one. Build a new ``LLM``."""
+
+
 def read_json(path, what: str, error: type[CheckpointError] = CheckpointError):
     """Parses the JSON file ``path``; any failure raises ``error`` naming the file.
 

@@ -20,9 +20,11 @@ from tqdm.auto import tqdm
 
 from engine.block_manager import BlockManager
 from engine.cuda_graphs import build_decode_runner
-from engine.errors import InvalidRequestError, PromptTooLongError
+from engine import request_validation
+from engine.errors import EngineDeadError, InvalidRequestError, RequestFailedError
 from engine.model_loader import load_model, resolve_model_dir
 from engine.model_runner import ModelRunner
+from engine.output_processor import OutputProcessor
 from engine.request_state import RequestState
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
@@ -78,13 +80,13 @@ class LLM:
                  enable_prefix_caching: bool = True, load_format: str = "auto", seed: int = 0,
                  kernel_backend: str = "auto", download_dir: str | None = None,
                  show_progress: bool = True, enforce_eager: bool = False, **unused):
-        for key in unused:
-            if key not in _VLLM_IGNORED:
-                raise TypeError(f"LLM() got an unexpected keyword argument {key!r}")
-        if block_size < 1 or block_size & (block_size - 1):
-            raise ValueError(f"block_size must be a power of two >= 1, got {block_size}")
-        if not 0 < gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        request_validation.check_vllm_kwargs(unused)
+        request_validation.check_engine_args(
+            model=model, tokenizer=tokenizer, download_dir=download_dir, max_num_seqs=max_num_seqs, block_size=block_size, num_kv_blocks=num_kv_blocks,
+            max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens, seed=seed,
+            enable_prefix_caching=enable_prefix_caching, skip_tokenizer_init=skip_tokenizer_init,
+            show_progress=show_progress, enforce_eager=enforce_eager,
+            gpu_memory_utilization=gpu_memory_utilization)
         model = resolve_model_dir(model, download_dir) or model
         self.model_dir = model
         # Seconds of each start-up phase, plus what the KV sizing saw (benchmarks read it).
@@ -102,6 +104,8 @@ class LLM:
             self.tokenizer = Tokenizer.from_pretrained(tok_dir)
         elif tokenizer is not None and not skip_tokenizer_init:
             raise ValueError(f"tokenizer={tokenizer!r}: no tokenizer.model in that directory")
+        elif not skip_tokenizer_init:
+            request_validation.refuse_tokenizer_without_model(str(tok_dir))
 
         limit = cfg.max_position_embeddings
         self.max_model_len = limit if max_model_len is None else max_model_len
@@ -138,12 +142,15 @@ class LLM:
         self.sampler = Sampler(self.model.device, seed)
         self.eos_token_id = (self.tokenizer.eos_token_id if self.tokenizer is not None
                              else _first(cfg.eos_token_id))
-        self._requests: dict[str, RequestState] = {}
         # Async output processing (CUDA): a step's detokenization and stop-string
         # checks run while the device computes the next step; outputs then lag
         # one step. On CPU nothing would overlap, so it is off.
-        self.async_output = self.model.device.type == "cuda"
-        self._deferred: list[RequestState] = []
+        self._out = OutputProcessor(self.scheduler, async_output=self.model.device.type == "cuda")
+        self._requests = self._out.requests        # request id -> RequestState (running)
+        # Outputs of add_request()'s requests that generate()/stream() stepped past,
+        # returned by the next step() (request id -> latest cumulative output).
+        self._held: dict[str, object] = {}
+        self._dead: EngineDeadError | None = None
         self._ids = itertools.count()
         # Seconds per phase of step(), summed over all steps (read by the benchmarks):
         # schedule, prepare (the step's device inputs), launch (the forward: a graph
@@ -152,6 +159,15 @@ class LLM:
         # device-to-host read of the sampled tokens, which waits for the device.
         self.step_times = dict.fromkeys(STEP_PHASES, 0.0)
         self.num_steps = 0
+
+    @property
+    def async_output(self) -> bool:
+        """Whether a step's text is processed during the next step (default: on CUDA)."""
+        return self._out.async_output
+
+    @async_output.setter
+    def async_output(self, on: bool) -> None:
+        self._out.async_output = bool(on)
 
     @property
     def cuda_graphs(self) -> dict:
@@ -189,56 +205,17 @@ class LLM:
     def get_tokenizer(self):
         return self.tokenizer
 
-    def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                ids = prompt["prompt_token_ids"]
-                text = prompt.get("prompt")
-            elif "prompt" in prompt:
-                return self._prompt_ids(prompt["prompt"])
-            else:
-                raise InvalidRequestError("a dict prompt needs 'prompt_token_ids' or 'prompt'")
-        elif isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("the prompt is empty")
-            if self.tokenizer is None:
-                raise InvalidRequestError("this engine has no tokenizer: pass prompts as "
-                                          "{'prompt_token_ids': [...]}")
-            ids, text = self.tokenizer.encode(prompt), prompt
-        else:
-            raise InvalidRequestError(f"a prompt must be a str or a dict, got {type(prompt).__name__}")
-        vocab = self.config.vocab_size
-        if not isinstance(ids, (list, tuple)) or not all(
-                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
-            raise InvalidRequestError(f"prompt_token_ids must be a list of ints in [0, {vocab})")
-        if not ids:
-            raise InvalidRequestError("the prompt is empty (no tokens)")
-        if len(ids) >= self.max_model_len:
-            raise PromptTooLongError(f"the prompt has {len(ids)} tokens; with at least one new "
-                                     f"token it does not fit max_model_len={self.max_model_len}")
-        return text, list(ids)
-
-    def _check_params(self, params) -> SamplingParams:
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError(f"sampling params must be SamplingParams, got "
-                                      f"{type(params).__name__}")
-        vocab = self.config.vocab_size
-        for name in ("stop_token_ids", "logprob_token_ids"):
-            bad = [t for t in getattr(params, name) or [] if t >= vocab]
-            if bad:
-                raise InvalidRequestError(f"SamplingParams.{name} has ids {bad} >= vocab size {vocab}")
-        if params.logprobs is not None and params.logprobs > vocab:
-            raise InvalidRequestError(f"SamplingParams.logprobs={params.logprobs} > vocab size {vocab}")
-        return params
-
     def prepare_request(self, prompt, params: SamplingParams | None = None,
                         request_id: str | None = None) -> RequestState:
         """Validates and tokenizes one request without queueing it (``add_request``
         is ``enqueue_request(prepare_request(...))``). Touches no engine state, so a
         server can answer a bad request with an error before committing to it.
         Raises ``InvalidRequestError`` (a ValueError)."""
-        text, ids = self._prompt_ids(prompt)
-        params = self._check_params(params if params is not None else SamplingParams())
+        self._check_alive()
+        text, ids = request_validation.prompt_ids(prompt, self.tokenizer, self.config.vocab_size,
+                                                  self.max_model_len)
+        params = request_validation.check_params(params if params is not None else SamplingParams(),
+                                                 self.config.vocab_size)
         rid = str(next(self._ids)) if request_id is None else str(request_id)
         if rid in self._requests:
             raise InvalidRequestError(f"request_id {rid!r} is already running")
@@ -247,6 +224,7 @@ class LLM:
 
     def enqueue_request(self, req: RequestState) -> str:
         """Queues a request from ``prepare_request``; returns its id."""
+        self._check_alive()
         if req.request_id in self._requests:
             raise InvalidRequestError(f"request_id {req.request_id!r} is already running")
         self._requests[req.request_id] = req
@@ -281,10 +259,30 @@ class LLM:
     # ---- stepping ------------------------------------------------------------
     def step(self):
         """Runs one scheduler step; returns the ``RequestOutput`` of every
-        request that advanced (cumulative; ``finished`` set on the last)."""
-        return self._step(finished_only=False)
+        request that advanced (cumulative; ``finished`` set on the last), led by
+        any outputs of this engine's requests that a ``generate``/``stream`` call
+        stepped past (nothing is dropped). A request that failed comes back
+        finished with ``finish_reason="error"`` and ``.error``; the others go on.
+        Raises ``EngineDeadError`` once the engine itself has failed."""
+        outs = self._step(finished_only=False)
+        if self._held:
+            new = {o.request_id for o in outs}
+            held = [o for rid, o in self._held.items() if rid not in new]
+            self._held.clear()
+            outs = held + outs
+        return outs
+
+    @property
+    def engine_error(self) -> EngineDeadError | None:
+        """The error that made this engine unusable (None while it works)."""
+        return self._dead
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise self._dead
 
     def _step(self, finished_only: bool):
+        self._check_alive()
         # inference_mode skips autograd's version/view bookkeeping on every op,
         # which is a visible share of a small model's step on CPU.
         with torch.inference_mode():
@@ -294,8 +292,9 @@ class LLM:
         t0 = time.perf_counter()
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
-            return self._drain(finished_only)       # idle: finish any deferred text
+            return self._out.drain(finished_only)   # idle: finish any deferred text
         t1 = time.perf_counter()
+        outputs: list = []
         try:
             if is_prefill:
                 input_ids, positions, meta, last = self.runner.prepare(seqs, True)
@@ -308,25 +307,27 @@ class LLM:
                 logits = self.decode_runner.launch(step)
             t3 = time.perf_counter()
             pending = self.sampler.launch(logits, seqs, self.model.ops)
+            t4 = time.perf_counter()
+            # While the device runs this step, finish the previous step's text.
+            if self._out.async_output:
+                outputs = self._out.drain(finished_only)
+            t5 = time.perf_counter()
+            tokens, lps, failed = pending.wait()    # the step's one device->host read
+        except Exception as e:
+            # The engine's own failure (a device error, a bug): its state can no longer
+            # be trusted, so every later call says so. (A request's own failure never
+            # gets here: see OutputProcessor.fail.)
+            self._dead = EngineDeadError(f"the engine failed in a step ({type(e).__name__}: {e}); "
+                                         "it cannot be used any more: build a new LLM")
+            raise self._dead from e
         except BaseException:
-            # Nothing was appended: put the batch back to be recomputed.
+            # Interrupted (KeyboardInterrupt): nothing was appended, so the batch is put
+            # back to be recomputed, and text already finished is kept for step().
+            self._held.update((o.request_id, o) for o in outputs)
             self.scheduler.requeue(seqs)
             raise
-        t4 = time.perf_counter()
-        # While the device runs this step, finish the previous step's text.
-        outputs = self._drain(finished_only) if self.async_output else []
-        t5 = time.perf_counter()
-        tokens, lps = pending.wait()                # the step's one device->host read
         t6 = time.perf_counter()
-        for seq, tok, lp in zip(seqs, tokens, lps):
-            if seq.is_finished:                     # a stop string ended it meanwhile
-                continue
-            req = self._requests[seq.request_id]
-            reason = req.append_token(tok, lp)
-            if reason is None and self.async_output:
-                self._deferred.append(req)
-                continue
-            self._emit(req, req.detokenize() or reason, finished_only, outputs)
+        self._out.process(seqs, tokens, lps, failed, finished_only, outputs)
         t7 = time.perf_counter()
         st = self.step_times
         st["schedule"] += t1 - t0
@@ -338,33 +339,22 @@ class LLM:
         self.num_steps += 1
         return outputs
 
-    def _emit(self, req: RequestState, reason, finished_only: bool, outputs: list) -> None:
-        if reason is not None:
-            self.scheduler.finish(req.seq, reason)
-            del self._requests[req.request_id]
-        if reason is not None or not finished_only:
-            outputs.append(req.output())
-
-    def _drain(self, finished_only: bool) -> list:
-        """Detokenizes (and checks stop strings of) the requests whose text was
-        deferred last step; returns their outputs."""
-        outputs = []
-        deferred, self._deferred = self._deferred, []
-        for req in deferred:
-            if req.seq.is_finished or req.request_id not in self._requests:
-                continue
-            self._emit(req, req.detokenize(), finished_only, outputs)
-        return outputs
-
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True):
         """Generates for one prompt or a list; returns ``RequestOutput``s in input order.
 
         prompts: a str, a list of str, or ``{"prompt_token_ids": [...]}`` dicts.
         sampling_params: one SamplingParams for all, or a list (one per prompt).
-        Every request is validated before any is queued.
+        Every request is validated before any is queued. A request that fails
+        comes back finished with ``finish_reason="error"`` and ``.error`` (no
+        exception). Requests added with ``add_request`` advance too; their
+        outputs are kept for the next ``step()``.
         """
-        if isinstance(prompts, (str, dict)):
-            prompts = [prompts]
+        self._check_alive()
+        if prompts is None:
+            raise InvalidRequestError("prompts is None: pass a str, a list of str or of "
+                                      "{'prompt_token_ids': [...]} dicts")
+        if isinstance(prompts, (str, dict)) or not hasattr(prompts, "__iter__"):
+            prompts = [prompts]                 # one prompt (a bad one is refused below)
         prompts = list(prompts)
         if isinstance(sampling_params, (list, tuple)):
             if len(sampling_params) != len(prompts):
@@ -386,6 +376,8 @@ class LLM:
                     if out.request_id in wanted:
                         results[out.request_id] = out
                         bar.update(1)
+                    else:
+                        self._held[out.request_id] = out
         except BaseException:
             for rid in ids:
                 self.abort(rid)
@@ -395,33 +387,35 @@ class LLM:
         return [results[i] for i in ids]
 
     def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
-        """Yields text deltas of one request as they are generated.
+        """Yields text deltas of one request as they are generated; their
+        concatenation is the final text (a tail that may still turn out to be a
+        stop string is held back until it is known not to be).
 
-        Other queued requests advance too; their outputs are only visible
-        through ``step()``, so don't mix ``stream`` with your own step loop.
+        Raises ``RequestFailedError`` if the request fails. Other queued requests
+        advance too; their outputs are kept for the next ``step()``.
         """
         req = self.prepare_request(prompt, params)
         rid = self.enqueue_request(req)
         sent = 0
         try:
             while True:
-                for out in self.step():
-                    if out.request_id == rid:
-                        text = out.outputs[0].text
-                        if len(text) > sent:
-                            yield text[sent:]
-                            sent = len(text)
-                        if out.finished:
-                            return
+                for out in self._step(finished_only=False):
+                    if out.request_id != rid:
+                        self._held[out.request_id] = out
+                        continue
+                    if out.error is not None:
+                        raise RequestFailedError(out.error)
+                    text = out.outputs[0].text
+                    if len(text) > sent:
+                        yield text[sent:]
+                        sent = len(text)
+                    if out.finished:
+                        return
         finally:
             self.abort(rid)
 
 
 STEP_PHASES = ("schedule", "prepare", "launch", "sample", "wait", "output")
-
-_VLLM_IGNORED = {"trust_remote_code", "tensor_parallel_size", "quantization", "revision",
-                 "tokenizer_mode", "swap_space", "disable_log_stats"}
-
 
 def _first(x):
     return x[0] if isinstance(x, (list, tuple)) else x

@@ -23,7 +23,7 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float
     logprobs: list[dict[int, Logprob]] | None
-    finish_reason: str | None = None      # "stop", "length", "abort" or None (running)
+    finish_reason: str | None = None      # "stop", "length", "abort", "error" or None (running)
     stop_reason: int | str | None = None  # the stop string or token id that matched
 
     def finished(self) -> bool:
@@ -37,3 +37,5 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+    # finish_reason "error": what failed, naming the request (else None)
+    error: str | None = None

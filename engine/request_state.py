@@ -21,6 +21,7 @@ class RequestState:
         self.params = seq.params
         self.text = ""
         self.stop_reason = None
+        self.error: str | None = None      # set when the request failed (finish_reason "error")
         self._decoded = 0                  # generated tokens fed to the detokenizer
         self._final_token_is_stop = False  # last token is EOS / a stop id (not text)
         self.logprobs = [] if self.params.wants_logprobs else None
@@ -82,17 +83,18 @@ class RequestState:
         out = self.seq.output_token_ids
         end = len(out) - (1 if self._final_token_is_stop else 0)
         while self._decoded < end:
+            before = len(self.text)
             self.detok.add(out[self._decoded])
             self._decoded += 1
             self.text = self.detok.text
-            if self.params.stop_list and self._check_stop_strings():
+            if self.params.stop_list and self._check_stop_strings(before):
                 return "stop"
         return None
 
-    def _check_stop_strings(self) -> bool:
-        # Only the tail can hold a new match: the text grew by at most one token.
-        window = max(len(s) for s in self.params.stop_list) + 16
-        start = max(0, len(self.text) - window)
+    def _check_stop_strings(self, before: int) -> bool:
+        """A new match must end in the text added since length ``before`` (however long
+        that token's text is): search from the earliest start such a match can have."""
+        start = max(0, before - max(len(s) for s in self.params.stop_list) + 1)
         hits = [(self.text.find(s, start), s) for s in self.params.stop_list]
         hits = [(i, s) for i, s in hits if i >= 0]
         if not hits:
@@ -107,16 +109,31 @@ class RequestState:
             return None
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
+    def visible_text(self) -> str:
+        """The text a caller may see now: while the request runs, a tail that could still
+        be the start of a stop string is held back (the final text would cut it off), so
+        every text a caller sees is a prefix of the final one."""
+        text = self.text
+        if not self.params.stop_list or self.seq.is_finished:
+            return text
+        hold = 0
+        for s in self.params.stop_list:
+            for k in range(min(len(s) - 1, len(text)), hold, -1):
+                if text.endswith(s[:k]):
+                    hold = k
+                    break
+        return text[:len(text) - hold] if hold else text
+
     def output(self) -> RequestOutput:
         seq = self.seq
         # step() builds one of these per running request per step: one slice for the
         # generated ids, and the prompt's ids as one list shared by all its outputs.
-        comp = CompletionOutput(index=0, text=self.text, token_ids=seq.token_ids[seq.num_prompt_tokens:],
+        comp = CompletionOutput(index=0, text=self.visible_text(), token_ids=seq.token_ids[seq.num_prompt_tokens:],
                                 cumulative_logprob=seq.cumulative_logprob,
                                 logprobs=list(self.logprobs) if self.logprobs is not None else None,
                                 finish_reason=seq.finish_reason if seq.is_finished else None,
                                 stop_reason=self.stop_reason)
         return RequestOutput(request_id=seq.request_id, prompt=self.prompt,
                              prompt_token_ids=self._prompt_ids, outputs=[comp],
-                             finished=comp.finish_reason is not None)
+                             finished=comp.finish_reason is not None, error=self.error)
 

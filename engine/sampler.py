@@ -4,7 +4,8 @@ Order of work for a step's logits [B, V] (fp32, raw from the model):
 
 1. raw log-probs: ``logsumexp`` per row (always: ``cumulative_logprob`` is
    always set), plus top-N / requested ids for rows that asked for them;
-2. logits processors (see ``apply_logits_processors``);
+2. logits processors (engine/logits_processors.py: a processor's failure, and
+   NaN or all -inf rows after them, fail only the rows concerned);
 3. greedy rows: exact argmax. Sampled rows: temperature, top-k, top-p, then a
    seeded draw.
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.logits_processors import apply_logits_processors, row_status, status_message
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 
@@ -28,34 +30,6 @@ class StepLogprobs:
 
     sampled_logprob: float
     entries: dict[int, tuple[float, int]] | None
-
-
-def apply_logits_processors(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Runs every sequence's ``logits_processors`` on its row, batched.
-
-    Protocol: a processor is called once per step per *position* in the
-    processor lists: all rows whose list holds the same object at position j
-    are passed together as ``proc(rows [n, V], request_ids, output_token_ids)``
-    and it returns the new rows [n, V] (same device, any float dtype). Rows
-    carrying no processors are not touched. No Python loop over the vocabulary.
-    """
-    lists = [s.params.logits_processors or [] for s in seqs]
-    depth = max((len(l) for l in lists), default=0)
-    for j in range(depth):
-        groups: dict[int, tuple[object, list[int]]] = {}
-        for row, procs in enumerate(lists):
-            if j < len(procs):
-                groups.setdefault(id(procs[j]), (procs[j], []))[1].append(row)
-        for proc, rows in groups.values():
-            idx = torch.tensor(rows, device=logits.device)
-            out = proc(logits[idx], [seqs[r].request_id for r in rows],
-                       [seqs[r].output_token_ids for r in rows])
-            if not isinstance(out, torch.Tensor) or out.shape != (len(rows), logits.shape[1]):
-                raise ValueError(f"logits processor {proc!r} must return a tensor of shape "
-                                 f"{(len(rows), logits.shape[1])}, got "
-                                 f"{getattr(out, 'shape', type(out))}")
-            logits[idx] = out.to(logits.dtype)
-    return logits
 
 
 class Sampler:
@@ -111,8 +85,8 @@ class Sampler:
         return self._plan_val
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], ops
-                 ) -> tuple[list[int], list[StepLogprobs]]:
-        """logits [B, V] raw fp32 -> (token ids, log-prob info) per sequence."""
+                 ) -> tuple[list[int], list[StepLogprobs], dict[int, str]]:
+        """logits [B, V] raw fp32 -> (token ids, log-prob info, failed rows) per sequence."""
         return self.launch(logits, seqs, ops).wait()
 
     @torch.no_grad()
@@ -121,8 +95,9 @@ class Sampler:
         B = logits.shape[0]
         raw = logits                                                 # never modified
         procs, greedy, want = self._plan(seqs)
+        failed: dict[int, str] = {}
         if procs:
-            logits = apply_logits_processors(raw.clone(), seqs)
+            logits = apply_logits_processors(raw.clone(), seqs, failed)
         if len(greedy) == B:
             tokens = ops.greedy_argmax(logits)
         else:
@@ -140,7 +115,9 @@ class Sampler:
             ids, lps, ranks = self._logprob_entries(raw, tokens, want, seqs, ops)
             K = ids.shape[1]
             parts += [ids.double().flatten(), lps.double().flatten(), ranks.double().flatten()]
-        return PendingSample(torch.cat(parts), B, want, K)
+        if procs:                                   # NaN / all-masked rows, read back with the rest
+            parts.append(row_status(logits).double())
+        return PendingSample(torch.cat(parts), B, want, K, failed, has_status=procs)
 
     @staticmethod
     def _logprob_entries(raw: torch.Tensor, tokens: torch.Tensor, rows: list[int],
@@ -178,11 +155,14 @@ class Sampler:
 class PendingSample:
     """A step's sampling results still on the device (ids exact in float64)."""
 
-    def __init__(self, flat: torch.Tensor, B: int, want: list[int], K: int):
+    def __init__(self, flat: torch.Tensor, B: int, want: list[int], K: int,
+                 failed: dict[int, str] | None = None, has_status: bool = False):
         self.flat, self.B, self.want, self.K = flat, B, want, K
+        self.failed, self.has_status = failed or {}, has_status
 
-    def wait(self) -> tuple[list[int], list[StepLogprobs]]:
-        """The step's one device->host transfer: ids, log-probs, ranks."""
+    def wait(self) -> tuple[list[int], list[StepLogprobs], dict[int, str]]:
+        """The step's one device->host transfer: ids, log-probs, ranks, and the rows
+        that failed (row -> why; their tokens mean nothing)."""
         flat, B = self.flat.tolist(), self.B
         host_tokens = [int(t) for t in flat[:B]]
         host_lp = flat[B:2 * B]
@@ -193,4 +173,9 @@ class PendingSample:
             a = 2 * B + j * K
             entries[i] = {int(t): (v, int(r)) for t, v, r in
                           zip(flat[a:a + K], flat[a + off:a + off + K], flat[a + 2 * off:a + 2 * off + K])}
-        return host_tokens, [StepLogprobs(lp, e) for lp, e in zip(host_lp, entries)]
+        failed = self.failed
+        if self.has_status:
+            for i, st in enumerate(flat[len(flat) - B:]):
+                if st and i not in failed:
+                    failed[i] = status_message(int(st))
+        return host_tokens, [StepLogprobs(lp, e) for lp, e in zip(host_lp, entries)], failed

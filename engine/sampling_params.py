@@ -1,6 +1,8 @@
 """Per-request sampling parameters, shaped like vLLM's ``SamplingParams``."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -9,6 +11,16 @@ from engine.errors import InvalidRequestError
 
 class SamplingParamsError(InvalidRequestError):
     """A SamplingParams field has an invalid value; the message names it."""
+
+
+def is_int(x) -> bool:
+    """An integer (numpy's too), not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def is_real(x) -> bool:
+    """A finite real number (ints included), not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass
@@ -28,7 +40,7 @@ class SamplingParams:
         their rank. Together with ``logprobs``: the union.
     logits_processors: objects called once per step as
         ``proc(logits [n, V], request_ids: list[str], output_token_ids:
-        list[list[int]]) -> logits [n, V]``; see ``engine.logits_process``.
+        list[list[int]]) -> logits [n, V]``; see ``engine/logits_processors.py``.
     seed: per-request RNG seed for reproducible sampling.
 
     All log-probs (and ``cumulative_logprob``) are log-softmax of the raw
@@ -55,37 +67,58 @@ class SamplingParams:
         def bad(name, why):
             raise SamplingParamsError(f"SamplingParams.{name}={getattr(self, name)!r}: {why}")
 
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            bad("temperature", "must be a number >= 0")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            bad("top_p", "must be in (0, 1]")
-        if not isinstance(self.top_k, int) or (self.top_k < 1 and self.top_k != -1):
-            bad("top_k", "must be -1 (disabled) or >= 1")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int)
-                                            or self.max_tokens < 1):
+        def ids(name):
+            v = getattr(self, name)
+            if v is None:
+                return
+            if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
+                bad(name, "must be a list of non-negative token ids")
+            v = list(v.tolist() if hasattr(v, "tolist") else v)
+            if not all(is_int(t) and t >= 0 for t in v):
+                bad(name, "must be a list of non-negative token ids")
+            setattr(self, name, [int(t) for t in v])
+
+        if not is_real(self.temperature) or self.temperature < 0:
+            bad("temperature", "must be a finite number >= 0 (0: greedy)")
+        self.temperature = float(self.temperature)
+        if not is_real(self.top_p) or not 0 < self.top_p <= 1:
+            bad("top_p", "must be a number in (0, 1]")
+        self.top_p = float(self.top_p)
+        if not is_int(self.top_k) or (self.top_k < 1 and self.top_k != -1):
+            bad("top_k", "must be -1 (disabled) or an integer >= 1")
+        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):
             bad("max_tokens", "must be an integer >= 1 (or None: up to max_model_len)")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
+        if self.logprobs is not None and (not is_int(self.logprobs) or self.logprobs < 0):
             bad("logprobs", "must be None or an integer >= 0")
-        if self.n != 1:
+        if not is_int(self.n) or self.n != 1:
             bad("n", "only n=1 is supported; fork sequences for several samples")
-        if self.seed is not None and not isinstance(self.seed, int):
-            bad("seed", "must be an integer")
-        for name in ("stop_token_ids", "logprob_token_ids"):
-            ids = getattr(self, name)
-            if ids is not None:
-                if isinstance(ids, (str, bytes)) or not all(
-                        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
-                    bad(name, "must be a list of non-negative token ids")
-                setattr(self, name, list(ids))
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if any(not isinstance(s, str) or s == "" for s in stop):
+        if self.seed is not None and not is_int(self.seed):
+            bad("seed", "must be None or an integer")
+        for name in ("ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be True or False")
+        ids("stop_token_ids")
+        ids("logprob_token_ids")
+        if self.stop is None or isinstance(self.stop, str):
+            stop = [] if self.stop is None else [self.stop]
+        elif isinstance(self.stop, (list, tuple)):
+            stop = list(self.stop)
+        else:
+            bad("stop", "must be a string or a list of strings")
+        if any(not isinstance(x, str) or x == "" for x in stop):
             bad("stop", "must be a non-empty string or a list of them")
         self.stop_list = stop
         procs = self.logits_processors
         if procs is not None:
-            if not all(callable(p) for p in procs):
-                bad("logits_processors", "every entry must be callable")
+            if callable(procs) and not isinstance(procs, (list, tuple)):
+                bad("logits_processors", "must be a list of callables (wrap the one in a list)")
+            if not isinstance(procs, (list, tuple)) or not all(callable(p) for p in procs):
+                bad("logits_processors", "must be a list of callables")
             self.logits_processors = list(procs)
+        for name in ("top_k", "max_tokens", "logprobs", "seed"):    # numpy ints -> int
+            v = getattr(self, name)
+            if v is not None:
+                setattr(self, name, int(v))
 
     @property
     def greedy(self) -> bool:

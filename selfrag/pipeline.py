@@ -42,6 +42,10 @@ RULES = ("paper", "reference")
 _run_ids = itertools.count()
 
 
+class RetrieverError(RuntimeError):
+    """The retriever raised for one query (``answer_batch`` fails only that question)."""
+
+
 @dataclass
 class _Branch:
     """One generation request of the search: prompt ids, passage, start state."""
@@ -50,6 +54,7 @@ class _Branch:
     passage: Passage | None
     owner: int                       # index of the question / beam it belongs to
     output: object = None            # the engine's CompletionOutput when done
+    error: str | None = None         # the engine's message if this request failed
     extra: dict = field(default_factory=dict)
 
 
@@ -88,6 +93,7 @@ class SelfRAG:
                 for out in self.llm.step():
                     if out.finished and out.request_id in pending:
                         ids[out.request_id].output = out.outputs[0]
+                        ids[out.request_id].error = out.error
                         pending.discard(out.request_id)
                 if pending and not self.llm.has_unfinished_requests():
                     raise RuntimeError(f"requests {sorted(pending)} were aborted")
@@ -120,7 +126,10 @@ class SelfRAG:
         if self.retriever is None:
             raise ValueError("no passages given and no retriever: pass passages=... or "
                              "SelfRAG(llm, retriever=...)")
-        return list(self.retriever.retrieve(query, k))
+        try:
+            return list(self.retriever.retrieve(query, k))
+        except Exception as e:  # noqa: BLE001 - the retriever's own failure
+            raise RetrieverError(f"the retriever raised {type(e).__name__}: {e}") from e
 
     # ---- short form ----------------------------------------------------------
     def retrieval_probabilities(self, prompts_ids: list[list[int]], rule: str = "paper"
@@ -131,6 +140,9 @@ class SelfRAG:
                                 logprob_token_ids=[v.retrieval, v.no_retrieval])
         branches = [_Branch(ids, None, i) for i, ids in enumerate(prompts_ids)]
         self._run(branches, params, None)
+        errors = [b.error for b in branches if b.error is not None]
+        if errors:
+            raise RuntimeError(f"the retrieval decision failed: {errors[0]}")
         return [retrieval_probability(b.output.logprobs[0], v, rule=rule) for b in branches]
 
     def answer(self, question: str, passages=None, k: int = 10, task: str | None = None,
@@ -174,10 +186,15 @@ class SelfRAG:
         else:
             retrieve = [mode == "always"] * len(questions)
 
-        branches = []
+        branches, errors = [], {}
         for i, q in enumerate(questions):
             if retrieve[i]:
-                for p in self._passages(q, None if passages is None else passages[i], k):
+                try:
+                    found = self._passages(q, None if passages is None else passages[i], k)
+                except RetrieverError as e:             # this question fails, the others go on
+                    errors[i] = f"question {i}: {e}"
+                    continue
+                for p in found:
                     branches.append(_Branch(self._encode(prompts[i] + format_passage(p)), p, i))
             else:
                 branches.append(_Branch(prompt_ids[i] + [self.vocab.no_retrieval], None, i))
@@ -187,8 +204,15 @@ class SelfRAG:
                                           stop_ids=[self.vocab.retrieval] if constrained else ())
         self._run(branches, params, constraint)
 
+        for b in branches:
+            if b.error is not None:
+                errors.setdefault(b.owner, f"question {b.owner}: {b.error}")
         results = []
         for i in range(len(questions)):
+            if i in errors:
+                results.append(Result(answer="", retrieved=retrieve[i], retrieval_prob=probs[i],
+                                      error=errors[i]))
+                continue
             cands = [self._candidate(b, w_rel, w_sup, w_use, use_seqscore)
                      for b in branches if b.owner == i]
             if task in CLOSED_TASKS and retrieve[i]:

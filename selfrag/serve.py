@@ -71,6 +71,8 @@ def selfrag_routes(retriever=None, retriever_factory=None):
                 result = rag.answer(req.question, passages=passages, k=req.k, mode=req.mode,
                                     threshold=req.threshold, rule=req.rule,
                                     max_tokens=req.max_tokens, **common)
+            if result.error is not None:
+                raise APIError(500, result.error, "server_error", code="request_failed")
             return result.to_dict()
 
         @app.post("/v1/selfrag/answer")

@@ -144,6 +144,8 @@ class Result:
 
     retrieval_prob: the adaptive rule's value (None when the mode did not ask).
     tree: long-form search tree, any nesting of plain data/dataclasses, or None.
+    error: None, or why this query failed (its retriever raised, or one of its engine
+        requests failed); ``answer`` is then "" and the batch's other results are whole.
     """
 
     answer: str
@@ -151,6 +153,7 @@ class Result:
     retrieval_prob: float | None
     candidates: list[Candidate] = field(default_factory=list)
     tree: list | None = None
+    error: str | None = None         # why this query failed (its retrieval or generation)
 
     def to_dict(self) -> dict:
         return {
@@ -159,10 +162,12 @@ class Result:
             "retrieval_prob": json_float(self.retrieval_prob),
             "candidates": [c.to_dict() for c in self.candidates],
             "tree": plain(self.tree),
+            "error": self.error,
         }
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "Result":
         """Inverse of ``to_dict``; ``tree`` stays plain data."""
         return cls(answer=d["answer"], retrieved=bool(d["retrieved"]), retrieval_prob=d.get("retrieval_prob"),
-                   candidates=[Candidate.from_dict(c) for c in d.get("candidates", [])], tree=d.get("tree"))
+                   candidates=[Candidate.from_dict(c) for c in d.get("candidates", [])], tree=d.get("tree"),
+                   error=d.get("error"))

@@ -22,7 +22,7 @@ FIXTURES = Path(__file__).with_name("fixtures")
 POPQA = FIXTURES / "eval_small.jsonl"
 ARC = FIXTURES / "arc_small.jsonl"
 PUBHEALTH = FIXTURES / "pubhealth_small.jsonl"
-RESULT_KEYS = {"answer", "retrieved", "retrieval_prob", "candidates", "tree"}
+RESULT_KEYS = {"answer", "retrieved", "retrieval_prob", "candidates", "tree", "error"}
 
 
 @pytest.fixture(scope="module")

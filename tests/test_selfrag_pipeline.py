@@ -168,3 +168,55 @@ def test_long_form_tree_obeys_the_algorithm_and_children_share_blocks(model_dir)
         assert n["score"] == pytest.approx(tree[n["parent"]]["score"] * n["scores"]["final"])
     assert rag.llm.block_manager.get_stats()["prefix_cache_hits"] > 0
     assert isinstance(res.to_dict(), dict)
+
+
+class _FlakyRetriever:
+    """Raises for queries holding "broken"; otherwise returns the fixed passages."""
+
+    def retrieve(self, query, k):
+        if "broken" in query:
+            raise ConnectionError("index server unreachable")
+        return PASSAGES[:k]
+
+
+def test_a_failing_retriever_fails_only_its_question(model_dir):
+    rag = make(model_dir)
+    rag.retriever = _FlakyRetriever()
+    questions = [QUESTION, "a broken question", "What do alpacas eat?"]
+    results = rag.answer_batch(questions, mode="always", k=2, max_tokens=8)
+    bad = results[1]
+    assert bad.error == "question 1: the retriever raised ConnectionError: index server unreachable"
+    assert bad.answer == "" and bad.candidates == [] and bad.to_dict()["error"] == bad.error
+    for q, r in zip([questions[0], questions[2]], [results[0], results[2]]):
+        solo = make(model_dir).answer(q, passages=PASSAGES[:2], mode="always", max_tokens=8)
+        assert r.error is None and r.answer == solo.answer
+        assert [c.token_ids for c in r.candidates] == [c.token_ids for c in solo.candidates]
+    assert not rag.llm.has_unfinished_requests()
+
+
+def test_a_failing_engine_request_fails_only_its_question(model_dir, monkeypatch):
+    """One question's branch fails in the engine (the grammar processor leaves NaN in its
+    row; a processor that raises would fail every row of its batched call): that Result
+    carries the engine's error, the other one is whole."""
+    rag = make(model_dir)
+    real = rag._params
+
+    def params(*a, **k):
+        sp, constraint = real(*a, **k)
+        inner = sp.logits_processors[0]
+
+        def failing(logits, ids, toks):
+            out = inner(logits, ids, toks)
+            for row, rid in enumerate(ids):
+                if rid.endswith("-1"):                   # branch 1 belongs to question 1
+                    out[row] = float("nan")
+            return out
+        sp.logits_processors = [failing]
+        return sp, constraint
+    monkeypatch.setattr(rag, "_params", params)
+    results = rag.answer_batch([QUESTION, "What do alpacas eat?"], passages=[PASSAGES[:1], PASSAGES[:1]],
+                               mode="always", max_tokens=8)
+    assert results[0].error is None and results[0].candidates
+    assert results[1].error.startswith("question 1: request ") and "NaN" in results[1].error
+    solo = make(model_dir).answer(QUESTION, passages=PASSAGES[:1], mode="always", max_tokens=8)
+    assert results[0].answer == solo.answer

@@ -538,3 +538,56 @@ def test_graceful_shutdown(threads):
     assert got["events"][-2]["choices"][0]["finish_reason"] == "length"
     s.thread.join(15)
     assert not s.thread.is_alive()
+
+
+def test_a_failed_request_is_a_500_or_an_sse_error_and_the_others_go_on(client, llm, engine,
+                                                                      monkeypatch):
+    """A request that fails in the engine (here its row is failed after two tokens, as a
+    broken logits processor would) gets a 500, or an SSE error event after the text it
+    had, then [DONE]; a healthy request beside it is served whole."""
+    free = llm.block_manager.num_free_blocks
+    real = llm.sampler.launch
+
+    def launch(logits, seqs, ops):
+        pending = real(logits, seqs, ops)
+        for i, s in enumerate(seqs):
+            req = llm._requests.get(s.request_id)
+            if req is not None and req.prompt and "FAILME" in req.prompt and s.num_generated_tokens >= 2:
+                pending.failed[i] = "injected failure"
+        return pending
+    monkeypatch.setattr(llm.sampler, "launch", launch)
+    err = _err(client.post("/v1/completions", json={"prompt": "FAILME now", "max_tokens": 8,
+                                                     "temperature": 0}), 500)
+    assert "injected failure" in err["message"] and err["code"] == "request_failed"
+    with client.stream("POST", "/v1/completions", json={"prompt": "FAILME now", "max_tokens": 8,
+                                                        "temperature": 0, "stream": True}) as r:
+        assert r.status_code == 200
+        events = sse_events(r.iter_lines())
+    assert events[-1] == "[DONE]" and "injected failure" in events[-2]["error"]["message"]
+    assert events[-2]["error"]["code"] == "request_failed"
+    two = reference(llm, engine, "FAILME now", max_tokens=2).outputs[0].text
+    assert "".join(e["choices"][0]["text"] for e in events[:-2]) == two
+    ok = client.post("/v1/completions", json={"prompt": "Alpacas", "max_tokens": 5, "temperature": 0})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 5
+    assert wait_idle(engine, llm, free)
+
+
+def test_a_dead_engine_answers_500_and_health_says_so(threads):
+    from engine.server.app import create_app
+    llm = _llm()
+    app = create_app(llm, served_model_name=MODEL)
+
+    def broken(*a, **k):
+        raise RuntimeError("device lost")
+    llm.model.forward = broken
+    s = Server(app)
+    try:
+        with httpx.Client(base_url=s.url, timeout=30) as c:
+            err = _err(c.post("/v1/completions", json={"prompt": "Go on", "max_tokens": 4}), 500)
+            assert "device lost" in err["message"]
+            r = c.get("/health")
+            assert r.status_code == 503 and r.json()["status"] == "dead"
+            err = _err(c.post("/v1/completions", json={"prompt": "Go on", "max_tokens": 4}), 500)
+            assert err["code"] == "engine_dead" and "device lost" in err["message"]
+    finally:
+        s.close()

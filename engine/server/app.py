@@ -292,6 +292,8 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
                            headers={"Retry-After": "1"}) from None
         except EngineDrainingError as e:
             raise APIError(503, str(e), "service_unavailable", code="draining") from None
+        except EngineDeadError as e:            # the engine failed for good: every request 500s
+            raise APIError(500, str(e), "server_error", code="engine_dead") from None
         except ValueError as e:                 # InvalidRequestError, PromptTooLongError, ...
             param = "prompt" if isinstance(e, InvalidRequestError) else None
             raise APIError(400, str(e), param=param) from None
@@ -316,6 +318,8 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
                     for out in item:
                         latest[out.request_id] = out
                 for rid, out in latest.items():
+                    if out.error is not None:   # this request failed; the engine goes on
+                        raise APIError(500, out.error, "server_error", code="request_failed")
                     if out.finished:
                         left.discard(rid)
                     yield index[rid], out
@@ -360,6 +364,8 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
     # ---- routes -------------------------------------------------------------------------
     @app.get("/health")
     async def health():
+        if llm.engine_error is not None:
+            return JSONResponse({"status": "dead", "error": str(llm.engine_error)}, status_code=503)
         if engine.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
         return {"status": "ok"}

@@ -24,6 +24,8 @@ import queue
 import threading
 from typing import AsyncIterator, Callable
 
+from engine.errors import EngineDeadError  # noqa: F401 - re-exported: a failed step (HTTP 500)
+
 
 class QueueFullError(RuntimeError):
     """Too many requests wait for their first token (HTTP 429)."""
@@ -35,10 +37,6 @@ class EngineDrainingError(RuntimeError):
 
 class RequestCancelled(RuntimeError):
     """``SyncLLMProxy.cancel`` was called (e.g. the HTTP client went away)."""
-
-
-class EngineDeadError(RuntimeError):
-    """The stepping thread failed; the request cannot finish (HTTP 500)."""
 
 
 _ids = itertools.count()

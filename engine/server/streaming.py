@@ -101,9 +101,11 @@ class EventStream(Response):
             if not started:
                 raise
             log.exception("error while streaming")
+            # An API error (e.g. one request failed) keeps its message, type and code.
+            message = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
             await send({"type": "http.response.body", "more_body": True, "body": (sse({"error": {
-                "message": f"{type(e).__name__}: {e}", "type": "server_error",
-                "param": None, "code": None}}) + "data: [DONE]\n\n").encode()})
+                "message": message, "type": getattr(e, "type", "server_error"),
+                "param": None, "code": getattr(e, "code", None)}}) + "data: [DONE]\n\n").encode()})
         finally:
             if self.watcher is not None:
                 self.watcher.cancel()

@@ -1,0 +1,86 @@
+"""Running the requests' logits processors, with each request's failure kept to itself.
+
+Protocol: a processor is called once per step per *position* in the processor
+lists: all rows whose list holds the same object at position j are passed
+together as ``proc(rows [n, V], request_ids, output_token_ids)`` and it returns
+the new rows [n, V] (same device, any float dtype). Rows carrying no processors
+are not touched. No Python loop over the vocabulary.
+
+A processor that raises, or returns something that is not such a tensor, fails
+the rows it was called for (their requests end with ``finish_reason="error"``);
+the other rows go on. Two failures can only be seen on the device, NaN in a row
+and a row with every token at -inf (nothing left to pick): ``row_status`` computes
+them there, and the sampler reads them back with the step's tokens, so checking
+costs no extra device-to-host sync.
+"""
+from __future__ import annotations
+
+import torch
+
+NAN, ALL_MASKED = 1, 2          # row_status bits
+
+
+def processor_name(proc) -> str:
+    return getattr(proc, "__qualname__", None) or type(proc).__name__
+
+
+def _bad_output(out, shape: tuple, device) -> str | None:
+    """Why ``out`` cannot replace rows of ``shape`` on ``device`` (None: it can)."""
+    if not isinstance(out, torch.Tensor):
+        return f"returned {type(out).__name__}, not a tensor"
+    if tuple(out.shape) != shape:
+        return f"returned shape {tuple(out.shape)}, expected {shape}"
+    if not out.is_floating_point():
+        return f"returned dtype {out.dtype}, expected a float dtype"
+    if out.device != device:
+        return f"returned a tensor on {out.device}, expected {device}"
+    return None
+
+
+def apply_logits_processors(logits: torch.Tensor, seqs: list, failed: dict[int, str] | None = None
+                            ) -> torch.Tensor:
+    """Runs every sequence's ``logits_processors`` on its row of ``logits`` [B, V] in place.
+
+    ``failed`` (row -> message) collects the rows whose processor raised or returned a
+    bad tensor; a failed row gets no later processor. Without it, the first failure
+    raises ``ValueError`` naming the processor.
+    """
+    lists = [s.params.logits_processors or [] for s in seqs]
+    depth = max((len(procs) for procs in lists), default=0)
+    V = logits.shape[1]
+    for j in range(depth):
+        groups: dict[int, tuple[object, list[int]]] = {}
+        for row, procs in enumerate(lists):
+            if j < len(procs) and (failed is None or row not in failed):
+                groups.setdefault(id(procs[j]), (procs[j], []))[1].append(row)
+        for proc, rows in groups.values():
+            idx = torch.tensor(rows, device=logits.device)
+            try:
+                out = proc(logits[idx], [seqs[r].request_id for r in rows],
+                           [seqs[r].output_token_ids for r in rows])
+                problem = _bad_output(out, (len(rows), V), logits.device)
+            except Exception as e:  # noqa: BLE001 - the processor's own bug: its rows fail
+                problem = f"raised {type(e).__name__}: {e}"
+            if problem is not None:
+                msg = f"logits processor {processor_name(proc)} {problem}"
+                if failed is None:
+                    raise ValueError(msg)
+                for r in rows:
+                    failed[r] = msg
+                continue
+            logits[idx] = out.to(logits.dtype)
+    return logits
+
+
+def row_status(logits: torch.Tensor) -> torch.Tensor:
+    """Per row, on the device: NAN if it holds a NaN, plus ALL_MASKED if every entry is -inf."""
+    return (torch.isnan(logits).any(1).to(torch.int8) * NAN
+            + torch.isneginf(logits).all(1).to(torch.int8) * ALL_MASKED)
+
+
+def status_message(status: int) -> str | None:
+    if status & NAN:
+        return "its logits hold NaN after the logits processors"
+    if status & ALL_MASKED:
+        return "the logits processors masked every token to -inf (nothing left to sample)"
+    return None

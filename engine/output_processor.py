@@ -1,0 +1,75 @@
+"""From a step's sampled tokens to ``RequestOutput``s: stop checks, deferred text,
+and the failure of one request that leaves the others running.
+
+Async output processing (CUDA): a request's new token is recorded at once, but its
+text (detokenizing, stop strings) is deferred to the next step, where ``drain``
+runs it while the device computes; a finish by EOS, stop id or length is reported
+at once. A request whose processor failed, or whose output cannot be processed
+(e.g. its tokenizer raises), ends with ``finish_reason="error"`` and an ``error``
+naming it; its blocks are freed and nothing else changes.
+"""
+from __future__ import annotations
+
+from engine.request_state import RequestState
+
+
+class OutputProcessor:
+    """Owns the running requests (request id -> RequestState) and their outputs."""
+
+    def __init__(self, scheduler, async_output: bool):
+        self.scheduler = scheduler
+        self.async_output = async_output
+        self.requests: dict[str, RequestState] = {}
+        self.deferred: list[RequestState] = []
+
+    def process(self, seqs, tokens, lps, failed: dict[int, str], finished_only: bool,
+                outputs: list) -> None:
+        """Appends each sequence's token (or fails it: ``failed`` row -> why) and adds
+        the outputs due now to ``outputs``. ``finished_only``: only finished ones."""
+        for i, (seq, tok, lp) in enumerate(zip(seqs, tokens, lps)):
+            if seq.is_finished:                     # a stop string ended it meanwhile
+                continue
+            req = self.requests[seq.request_id]
+            if i in failed:
+                self.fail(req, failed[i], outputs)
+                continue
+            try:
+                reason = req.append_token(tok, lp)
+                if reason is None and self.async_output:
+                    self.deferred.append(req)
+                    continue
+                reason = req.detokenize() or reason
+            except Exception as e:  # noqa: BLE001 - e.g. a tokenizer that cannot decode it
+                self.fail(req, f"processing its output raised {type(e).__name__}: {e}", outputs)
+                continue
+            self.emit(req, reason, finished_only, outputs)
+
+    def drain(self, finished_only: bool) -> list:
+        """Detokenizes (and checks stop strings of) the requests whose text was
+        deferred last step; returns their outputs."""
+        outputs = []
+        deferred, self.deferred = self.deferred, []
+        for req in deferred:
+            if req.seq.is_finished or req.request_id not in self.requests:
+                continue
+            try:
+                reason = req.detokenize()
+            except Exception as e:  # noqa: BLE001
+                self.fail(req, f"processing its output raised {type(e).__name__}: {e}", outputs)
+                continue
+            self.emit(req, reason, finished_only, outputs)
+        return outputs
+
+    def emit(self, req: RequestState, reason, finished_only: bool, outputs: list) -> None:
+        if reason is not None:
+            self.scheduler.finish(req.seq, reason)
+            del self.requests[req.request_id]
+        if reason is not None or not finished_only:
+            outputs.append(req.output())
+
+    def fail(self, req: RequestState, why: str, outputs: list) -> None:
+        """Ends one request with finish_reason "error" (its blocks freed); the rest go on."""
+        req.error = f"request {req.request_id!r} failed: {why}"
+        self.scheduler.finish(req.seq, "error")
+        del self.requests[req.request_id]
+        outputs.append(req.output())
