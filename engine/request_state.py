@@ -128,12 +128,11 @@ class RequestState:
         seq = self.seq
         # step() builds one of these per running request per step: one slice for the
         # generated ids, and the prompt's ids as one list shared by all its outputs.
-        comp = CompletionOutput(index=0, text=self.visible_text(), token_ids=seq.token_ids[seq.num_prompt_tokens:],
-                                cumulative_logprob=seq.cumulative_logprob,
-                                logprobs=list(self.logprobs) if self.logprobs is not None else None,
-                                finish_reason=seq.finish_reason if seq.is_finished else None,
-                                stop_reason=self.stop_reason)
-        return RequestOutput(request_id=seq.request_id, prompt=self.prompt,
-                             prompt_token_ids=self._prompt_ids, outputs=[comp],
-                             finished=comp.finish_reason is not None, error=self.error)
+        finish = seq.finish_reason if seq.is_finished else None
+        comp = CompletionOutput(0, self.visible_text(), seq.token_ids[seq.num_prompt_tokens:],
+                                seq.cumulative_logprob,
+                                list(self.logprobs) if self.logprobs is not None else None,
+                                finish, self.stop_reason)
+        return RequestOutput(seq.request_id, self.prompt, self._prompt_ids, [comp],
+                             finish is not None, self.error)
 
