@@ -128,7 +128,10 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = bool(enable_prefix_caching)
         self._blocks = [_Block(i) for i in range(num_blocks)]
-        self._free: deque[int] = deque(range(num_blocks))
+        # Handed out from the right, low ids first; a freed block goes back on the right,
+        # so it is the next one reused (LIFO): the pool's touched memory stays what is in
+        # use (the CPU pool commits pages only when first written).
+        self._free: deque[int] = deque(range(num_blocks - 1, -1, -1))
         self._evictable: OrderedDict[int, None] = OrderedDict()  # oldest-freed first
         self._hash_to_block: dict[int, int] = {}
         # Live sequences (holding blocks): seq_id -> Sequence, and the number
@@ -209,7 +212,7 @@ class BlockManager:
     def _take_block(self) -> int:
         """Take a truly free block, else evict the least recently freed cached one."""
         if self._free:
-            b = self._free.popleft()
+            b = self._free.pop()
         elif self._evictable:
             b, _ = self._evictable.popitem(last=False)
             blk = self._blocks[b]

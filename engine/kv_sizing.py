@@ -9,7 +9,10 @@ vLLM's (``determine_num_available_blocks``: a profile run, then "whatever is
 free goes to the cache"); the code here is this engine's own.
 
 CPU: no measurement; enough blocks for ``max_num_seqs`` full-length
-sequences, capped at 2 GiB (``cpu_default_blocks``).
+sequences, capped at 2 GiB (``cpu_default_blocks``). The CPU pool is an anonymous
+memory map whose pages are committed when first written, so its size costs address
+space, not RSS: resident memory follows the blocks in use (freed blocks are reused
+first) and the prefix cache.
 
 Everything that touches CUDA is in ``measure_gpu_memory`` and behind the
 ``MemoryCounters`` protocol of ``profile_peak_activation``, so the arithmetic

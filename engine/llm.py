@@ -51,7 +51,8 @@ class LLM:
         block_size: tokens per KV block (16).
         num_kv_blocks: KV pool size in blocks; overrides the default sizing
             (GPU: ``gpu_memory_utilization`` of device memory; CPU: enough for
-            ``max_num_seqs`` full-length sequences, capped at 2 GiB).
+            ``max_num_seqs`` full-length sequences, capped at 2 GiB, committed page by
+            page as blocks are first written).
         gpu_memory_utilization: fraction of GPU memory the engine may use.
         max_num_seqs: sequences running at once (256).
         max_num_batched_tokens: prompt tokens prefilled per step (default
@@ -181,7 +182,8 @@ class LLM:
         CUDA: profile one forward at the largest batch the scheduler can issue,
         then give the cache ``util`` of the device minus what is in use, the
         peak activation and a reserve. CPU: ``max_num_seqs`` full sequences,
-        at most 2 GiB. Must run before the KV pool or CUDA graphs exist.
+        at most 2 GiB (lazily committed: see model_runner.lazy_zeros). Must run
+        before the KV pool or CUDA graphs exist.
         """
         from engine import kv_sizing
         per_block = ModelRunner.kv_bytes_per_block(self.config, self.block_size, self.model.dtype)

@@ -1,6 +1,7 @@
 """Default KV-cache sizing (engine/kv_sizing.py), on CPU: the arithmetic with
 fake memory reports, the CPU rule, and the profile run's dummy batches."""
 import json
+import os
 
 import pytest
 import torch
@@ -297,3 +298,24 @@ def test_profile_runs_triton_interpreter(config_dir):
     got = ks.profile_peak_activation(llm.model, 24, 3, max_model_len=32, block_size=16,
                                      counters=StubCounters([1, 2, 3]))
     assert got == 3 + ks.sampler_temp_bytes(3, llm.config.vocab_size)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="Linux /proc only")
+def test_cpu_pool_costs_rss_only_for_what_is_written():
+    """The CPU KV pool is zero, and its pages are committed when first written:
+    a 1 GiB pool adds (far) less than 64 MiB of RSS; writing 32 MiB adds about that."""
+    from engine.model_runner import lazy_zeros
+    before = _rss()
+    pool = lazy_zeros((16, 2, 4096, 16, 128), torch.float32)       # 1 GiB
+    assert pool.shape == (16, 2, 4096, 16, 128) and pool.is_contiguous()
+    assert _rss() - before < 64 << 20
+    assert float(pool[3, 1, 100:200].abs().max()) == 0.0             # zeros
+    pool[0, 0] = 1.0                                                 # 4096 x 16 x 128 x 4 = 32 MiB
+    grown = _rss() - before
+    assert 24 << 20 < grown < 96 << 20
+    assert float(pool[0, 0].sum()) == 4096 * 16 * 128
