@@ -100,7 +100,9 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------- generate
 def _generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", help="the prompt text (used as is: no template is applied)")
+    p.add_argument("prompt", help="the instruction; sent in Self-RAG's prompt format "
+                                  "('### Instruction:\\n...\\n\\n### Response:\\n') unless --raw")
+    p.add_argument("--raw", action="store_true", help="send the prompt text as is (no template)")
     _add_model_arguments(p)
     p.add_argument("--max-tokens", type=_positive_int, default=64, metavar="N",
                    help="tokens to generate at most (default: 64)")
@@ -140,7 +142,8 @@ def _generate(args: argparse.Namespace, path: str, params) -> int:
         raise CLIError(f"--model {path}: no tokenizer.model in that directory, cannot encode a text prompt")
 
     # Our own step loop (rather than llm.stream) so the token count is at hand too.
-    rid = llm.add_request(args.prompt, params)
+    from selfrag.prompts import format_prompt
+    rid = llm.add_request(args.prompt if args.raw else format_prompt(args.prompt), params)
     sent, final = 0, None
     t0 = time.perf_counter()
     try:
@@ -300,6 +303,8 @@ def _run_ask(args: argparse.Namespace) -> int:
 
     from selfrag.prompts import canonical_task
 
+    if not args.question.strip():
+        raise CLIError("the question is empty")
     if args.long and args.mode is not None:
         raise CLIError("--mode applies to the short form; --long always retrieves")
     canonical_task(args.task)                           # unknown task: fail before loading
@@ -329,6 +334,10 @@ def _run_ask(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict(), ensure_ascii=False))
     else:
         print("\n".join(format_result(result, long=args.long, top=args.top)))
+    if passages is not None and not args.long and not result.retrieved:
+        print(f"note: adaptive retrieval decided not to use the {len(passages)} passages of "
+              f"{args.passages} (retrieval probability {_fmt(result.retrieval_prob)} <= threshold "
+              f"{args.threshold}); pass --mode always to use them", file=sys.stderr)
     return 0
 
 
@@ -426,4 +435,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's main: as __main__ this file is a second module object,
+    # and the CLIError that selfrag.serve raises (imported from selfrag.cli) would not be
+    # this copy's CLIError, escaping run_guarded as a traceback.
+    from selfrag.cli import main as _main
+    sys.exit(_main())

@@ -87,6 +87,35 @@ def format_prompt(instruction: str, input: str | None = None) -> str:
     return PROMPT_INPUT.format_map({"instruction": instruction, "input": input})
 
 
+def render_chat(messages: list[dict]) -> str:
+    """A chat conversation in the Self-RAG instruction format, every message kept.
+
+    Each user turn is an ``### Instruction:`` block followed by ``### Response:``;
+    an assistant turn is the text after its ``### Response:`` header (blank line
+    after it); system text (all system messages, in order) leads the first
+    instruction, before a blank line. One user message without a system message
+    gives exactly ``format_prompt(message)``. A conversation ending with a user
+    turn ends with the open ``### Response:`` header the model answers after;
+    one ending with an assistant turn is continued.
+    """
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    out, pending_system = [], system
+    for m in messages:
+        if m["role"] == "user":
+            text = f"{pending_system}\n\n{m['content']}" if pending_system else m["content"]
+            pending_system = ""
+            out.append(PROMPT_NO_INPUT.format_map({"instruction": text}))
+        elif m["role"] == "assistant":
+            if not out:
+                raise ValueError("the conversation starts with an assistant message")
+            out[-1] += m["content"]
+            if m is not messages[-1]:
+                out[-1] += "\n\n"
+    if not out:
+        raise ValueError("the conversation has no user message")
+    return "".join(out)
+
+
 def format_choices(choices: Mapping) -> str:
     """ARC choices ``{"text": [...], "label": [...]}`` -> "\\nA: ...\\nB: ...\\nC: ...\\nD: ..."."""
     if not isinstance(choices, Mapping) or "text" not in choices or "label" not in choices:

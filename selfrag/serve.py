@@ -14,19 +14,22 @@ engine step and the thread unwinds.
 """
 
 import argparse
-import asyncio
+import os
 import sys
 
 from selfrag.cli import CLIError, _resolve_model
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+API_KEY_ENV = "SELFRAG_API_KEY"
 
 
 def selfrag_routes(retriever=None, retriever_factory=None):
     """An ``install(app, engine)`` hook for ``create_app(rag=...)`` adding
     ``POST /v1/selfrag/answer``. ``retriever`` (or, lazily, ``retriever_factory()``;
     default ``default_retriever``) serves requests without ``passages``."""
+    import asyncio
+
     from starlette.requests import Request
     from starlette.responses import Response
 
@@ -77,6 +80,13 @@ def selfrag_routes(retriever=None, retriever_factory=None):
 
         @app.post("/v1/selfrag/answer")
         async def selfrag_answer(req: SelfRAGRequest, request: Request):
+            served = app.state.served_model_name
+            if req.model is not None and req.model != served:
+                raise APIError(404, f"the model {req.model!r} does not exist (served: {served!r})",
+                               "not_found_error", "model", "model_not_found")
+            if req.stream:
+                raise APIError(400, "streaming is not supported on /v1/selfrag/answer: the answer "
+                                    "comes after every branch is scored", param="stream")
             if req.max_tokens > cap:
                 raise APIError(400, f"max_tokens={req.max_tokens} is over this server's cap of {cap}",
                                param="max_tokens")
@@ -107,23 +117,99 @@ def selfrag_routes(retriever=None, retriever_factory=None):
 
 
 # ---------------------------------------------------------------- the CLI subcommand
+DTYPES = ["auto", "half", "float16", "bfloat16", "float32"]
+
+
+def _port(text: str) -> int:
+    """--port: 1-65535, or 0 for any free port (the printed URL shows which)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is outside 1-65535 (0: any free port)")
+    return port
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be >= 1")
+    return v
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"{v} must be in (0, 1]")
+    return v
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="DIR", default=None,
                    help="checkpoint directory (default: the embedded random-weight model)")
     p.add_argument("--host", default=DEFAULT_HOST, help=f"bind address (default: {DEFAULT_HOST}, loopback)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
-    p.add_argument("--api-key", default=None, metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' on every request (401 otherwise)")
+    p.add_argument("--port", type=_port, default=DEFAULT_PORT,
+                   help=f"port, 1-65535, or 0 for any free one (default: {DEFAULT_PORT})")
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every API request (401 otherwise); "
+                        f"default: ${API_KEY_ENV}, which keeps the key out of ps")
     p.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model id clients send (default: the model directory's name)")
-    p.add_argument("--max-tokens-cap", type=int, default=4096, metavar="N")
-    p.add_argument("--max-waiting", type=int, default=1024, metavar="N",
+    p.add_argument("--access-log", action="store_true", help="log every HTTP request (uvicorn's access log)")
+    p.add_argument("--max-tokens-cap", type=_positive, default=4096, metavar="N",
+                   help="largest max_tokens a request may ask for (400 above; default: 4096)")
+    p.add_argument("--max-waiting", type=_positive, default=1024, metavar="N",
                    help="requests waiting for a first token before 429 (default: 1024)")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N")
+    p.add_argument("--max-body-bytes", type=_positive, default=1 << 20, metavar="N",
+                   help="largest request body (413 above; default: 1 MiB)")
     p.add_argument("--graceful-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds running requests get to finish (default: 30)")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="auto")
+    eng = p.add_argument_group("engine", "the LLM(...) arguments of the same names")
+    eng.add_argument("--dtype", default="auto", choices=DTYPES,
+                     help="weights and activations: auto = fp32 on CPU, the checkpoint's dtype on GPU")
+    eng.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                     help="auto: CUDA if present (default: auto)")
+    eng.add_argument("--max-num-seqs", type=_positive, default=256, metavar="N",
+                     help="sequences decoded at once (default: 256)")
+    eng.add_argument("--max-model-len", type=_positive, default=None, metavar="N",
+                     help="longest prompt + output (default: the config's max_position_embeddings)")
+    eng.add_argument("--num-kv-blocks", type=_positive, default=None, metavar="N",
+                     help="KV pool size in blocks of 16 tokens (default: sized from memory)")
+    eng.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9, metavar="F",
+                     help="fraction of GPU memory the engine may use (default: 0.9)")
+    eng.add_argument("--kernel-backend", default="auto", choices=["auto", "torch", "triton"],
+                     help="auto: the Triton kernels on CUDA, the PyTorch reference on CPU")
+    eng.add_argument("--no-prefix-caching", action="store_true",
+                     help="do not share KV blocks of identical prompt prefixes")
+    eng.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
+
+
+def _bind(host: str, port: int):
+    """The listening socket, bound before the model loads: a busy port or a bad host
+    is reported at once, and --port 0 learns its real port."""
+    import socket
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise CLIError(f"--host {host}: {e.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise CLIError(f"cannot listen on {host}:{port}: {e.strerror or e} (is another server "
+                       "running there? pick another --port, or 0 for any free one)") from None
+    sock.listen(2048)
+    return sock
 
 
 def _missing_extra() -> str | None:
@@ -135,9 +221,12 @@ def _missing_extra() -> str | None:
     return None
 
 
-def make_server(app, host: str, port: int, graceful_timeout: float = 30.0, log_level: str = "info"):
+def make_server(app, host: str, port: int, graceful_timeout: float = 30.0, log_level: str = "info",
+                access_log: bool = False):
     """A ``uvicorn.Server`` whose SIGTERM/SIGINT first makes the engine refuse new
-    requests (503), then lets running ones finish within ``graceful_timeout``."""
+    requests, then lets running ones finish within ``graceful_timeout``: uvicorn stops
+    listening at once (new connections are refused), a request arriving on an open
+    keep-alive connection gets a 503, and requests in flight run to the end."""
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
@@ -148,7 +237,7 @@ def make_server(app, host: str, port: int, graceful_timeout: float = 30.0, log_l
     # proxy_headers=False: nothing here reads the client address, and uvicorn's
     # X-Forwarded-For middleware is one more layer on every request's path.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, proxy_headers=False,
-                            timeout_graceful_shutdown=graceful_timeout, access_log=False)
+                            timeout_graceful_shutdown=graceful_timeout, access_log=access_log)
     return DrainingServer(config)
 
 
@@ -156,33 +245,39 @@ def run_serve(args: argparse.Namespace) -> int:
     msg = _missing_extra()
     if msg:
         raise CLIError(msg)
-    import gc
-    import os
+    sock = _bind(args.host, args.port)          # before anything (torch too) loads
+    try:
+        import gc
 
-    from engine.llm import LLM
-    from engine.server.app import create_app
+        from engine.llm import LLM
+        from engine.server.app import create_app
 
-    for name in ("port", "max_tokens_cap", "max_waiting", "max_body_bytes"):
-        if getattr(args, name) < (0 if name == "port" else 1):
-            raise CLIError(f"--{name.replace('_', '-')} must be positive")
-    path = _resolve_model(args.model)
-    if args.model is None:                     # one torch thread is fastest for the tiny model
-        import torch
-        torch.set_num_threads(1)
-    llm = LLM(path, dtype=args.dtype, device=args.device, show_progress=sys.stderr.isatty())
-    name = args.served_model_name or os.path.basename(os.path.normpath(path))
-    rag = selfrag_routes() if llm.get_tokenizer() is not None else None
-    from selfrag.prompts import format_prompt
-    app = create_app(llm, served_model_name=name, api_key=args.api_key, rag=rag,
-                     max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap,
-                     max_waiting=args.max_waiting, chat_prompt=format_prompt)
-    # Everything alive now (weights' wrappers, tokenizer, FastAPI/pydantic schemas:
-    # ~230k objects) goes to the permanent generation, so the cyclic GC never scans it
-    # again. Unfrozen, a full collection every few dozen requests paused the event loop
-    # for ~100 ms on the CPU VM (the p99 TTFT at 8 clients); vLLM's server does the same.
-    gc.collect()
-    gc.freeze()
-    print(f"selfrag serve: model {name!r} on http://{args.host}:{args.port}/v1 "
-          f"(auth: {'Bearer key' if args.api_key else 'none'})", file=sys.stderr, flush=True)
-    make_server(app, args.host, args.port, args.graceful_timeout).run()
+        path = _resolve_model(args.model)
+        if args.model is None:                 # one torch thread is fastest for the tiny model
+            import torch
+            torch.set_num_threads(1)
+        llm = LLM(path, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
+                  max_model_len=args.max_model_len, num_kv_blocks=args.num_kv_blocks,
+                  gpu_memory_utilization=args.gpu_memory_utilization, kernel_backend=args.kernel_backend,
+                  enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
+                  show_progress=sys.stderr.isatty())
+        name = args.served_model_name or os.path.basename(os.path.normpath(path))
+        rag = selfrag_routes() if llm.get_tokenizer() is not None else None
+        from selfrag.prompts import render_chat
+        app = create_app(llm, served_model_name=name, api_key=args.api_key, rag=rag,
+                         max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap,
+                         max_waiting=args.max_waiting, chat_prompt=render_chat)
+        # Everything alive now (weights' wrappers, tokenizer, FastAPI/pydantic schemas:
+        # ~230k objects) goes to the permanent generation, so the cyclic GC never scans it
+        # again. Unfrozen, a full collection every few dozen requests paused the event loop
+        # for ~100 ms on the CPU VM (the p99 TTFT at 8 clients); vLLM's server does the same.
+        gc.collect()
+        gc.freeze()
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        print(f"selfrag serve: model {name!r} on http://{shown}:{port}/v1 "
+              f"(auth: {'Bearer key' if args.api_key else 'none'})", file=sys.stderr, flush=True)
+        make_server(app, host, port, args.graceful_timeout, access_log=args.access_log).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0

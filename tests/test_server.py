@@ -15,7 +15,7 @@ httpx = pytest.importorskip("httpx")
 
 from engine import LLM, SamplingParams  # noqa: E402
 from selfrag.default_model import default_model_dir, few_threads  # noqa: E402
-from selfrag.prompts import format_prompt  # noqa: E402
+from selfrag.prompts import render_chat  # noqa: E402
 
 MODEL = "selfrag-test"
 KEY = "sekret"
@@ -65,7 +65,7 @@ def app(llm):
     from engine.server.app import create_app
     from selfrag.serve import selfrag_routes
     return create_app(llm, served_model_name=MODEL, rag=selfrag_routes(), max_body_bytes=64 * 1024,
-                      max_tokens_cap=512, chat_prompt=format_prompt)
+                      max_tokens_cap=512, chat_prompt=render_chat)
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +182,9 @@ def test_stop_and_sampling_seed(client):
 
 def test_chat_completion(client, llm, engine):
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "What is an alpaca?"}]
-    ref = reference(llm, engine, format_prompt("What is an alpaca?"), max_tokens=9)
+    # every message reaches the model (the system text too), in Self-RAG's format
+    ref = reference(llm, engine, "### Instruction:\nbe brief\n\nWhat is an alpaca?\n\n### Response:\n",
+                    max_tokens=9)
     r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": msgs, "max_tokens": 9,
                                                   "temperature": 0})
     assert r.status_code == 200, r.text

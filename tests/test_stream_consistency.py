@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from engine import LLM, SamplingParams
 from selfrag.default_model import default_model_dir, few_threads
-from selfrag.prompts import format_prompt
+from selfrag.prompts import render_chat
 
 PROMPTS = ["Alpacas live in", "The llama is", "One two three", "Where do camels"]
 MAX_TOKENS = 24
@@ -98,7 +98,7 @@ def client(llm):
     httpx = pytest.importorskip("httpx")
     from engine.server.app import create_app
     from tests.test_server import Server
-    s = Server(create_app(llm, served_model_name="m", chat_prompt=format_prompt))
+    s = Server(create_app(llm, served_model_name="m", chat_prompt=render_chat))
     with httpx.Client(base_url=s.url, timeout=60) as c:
         yield c
     s.close()

@@ -30,8 +30,11 @@ from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 from engine.server.async_engine import (AsyncEngine, EngineDeadError, EngineDrainingError,
                                         QueueFullError)
-from engine.server.protocol import (ChatCompletionRequest, CompletionRequest, error_body, new_id,
-                                    now_s, usage)
+from engine.server.asgi import (APIError, _document_raw_routes, _error_response, _LimitsMiddleware,
+                                _ServerApp, package_version)
+from engine.server.chat import ChatError, ChatRenderer, normalize_messages
+from engine.server.protocol import (ChatCompletionRequest, CompletionRequest, new_id, now_s,
+                                    unsupported_fields, usage)
 from engine.server.streaming import (ClientGone, EventStream, compact_json, sse, sse_prefix,
                                      watch_disconnect)
 
@@ -42,160 +45,11 @@ DEFAULT_MAX_TOKENS_CAP = 4096
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code=None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param = status, message, type_, param
-        self.code, self.headers = code, headers
-
-
-def _error_response(status: int, message: str, type_: str = "invalid_request_error",
-                    param=None, code=None, headers=None) -> JSONResponse:
-    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
-
-
-class _LimitsMiddleware:
-    """Pure-ASGI gate before routing: API key, body size, draining."""
-
-    def __init__(self, app, api_key: str | None, max_body_bytes: int, engine: AsyncEngine):
-        self.app, self.max_body = app, max_body_bytes
-        self.auth = f"Bearer {api_key}".encode() if api_key else None
-        self.engine = engine
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = scope.get("path", "")
-        headers = dict(scope.get("headers") or [])
-        if self.engine.draining and path != "/health":
-            return await _error_response(503, "the server is shutting down", "service_unavailable",
-                                         code="draining")(scope, receive, send)
-        if self.auth is not None and path != "/health" and headers.get(b"authorization") != self.auth:
-            return await _error_response(401, "missing or invalid API key (Authorization: Bearer KEY)",
-                                         "authentication_error", code="invalid_api_key",
-                                         headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
-        length = headers.get(b"content-length")
-        if length is not None:
-            try:
-                too_big = int(length) > self.max_body
-            except ValueError:
-                return await _error_response(400, "bad Content-Length")(scope, receive, send)
-            if too_big:
-                return await self._too_large(scope, receive, send)
-            return await self.app(scope, receive, send)
-        # Chunked body: count as it arrives.
-        seen = 0
-        started = False
-
-        async def counting_receive():
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.max_body:
-                    raise _BodyTooLarge()
-            return msg
-
-        async def tracking_send(msg):
-            nonlocal started
-            if msg["type"] == "http.response.start":
-                started = True
-            await send(msg)
-
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await self._too_large(scope, receive, send)
-
-
-    def _too_large(self, scope, receive, send):
-        return _error_response(413, f"request body over {self.max_body} bytes",
-                               code="body_too_large")(scope, receive, send)
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-class _ServerApp(FastAPI):
-    """FastAPI with a direct path for the hot routes (``set_direct_routes``).
-
-    A POST to one of them goes through the same key/size/draining gate and the same
-    error handlers as every other request, but skips FastAPI's middleware stack and
-    router (server-error, telemetry, body-limit, exception and exit-stack layers, route
-    matching): those took 0.11 of the 0.35 ms from request to engine at one client on
-    the CPU VM. The routes stay registered on the router too, so /openapi.json and
-    every other method or path behave as before. Adding a middleware afterwards
-    (``add_middleware``, ``@app.middleware``) turns the direct path off, so the
-    new middleware sees every request.
-    """
-
-    _direct: dict = {}
-
-    def add_middleware(self, *args, **kwargs) -> None:
-        self._direct = {}
-        super().add_middleware(*args, **kwargs)
-
-    def set_direct_routes(self, routes: dict, gate) -> None:
-        """routes: path -> ``async endpoint(request) -> Response``; gate: wraps an
-        ASGI app in the key/size/draining checks."""
-        self._direct = {path: gate(self._direct_app(endpoint)) for path, endpoint in routes.items()}
-
-    def _direct_app(self, endpoint):
-        handlers = self.exception_handlers
-
-        async def app(scope, receive, send):
-            request = Request(scope, receive)
-            try:
-                response = await endpoint(request)
-            except _BodyTooLarge:
-                raise                           # the gate answers 413
-            except Exception as exc:        # the most specific handler; Exception has one
-                handler = next(handlers[cls] for cls in type(exc).__mro__ if cls in handlers)
-                response = await handler(request, exc)
-            await response(scope, receive, send)
-        return app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            direct = self._direct.get(scope["path"])
-            if direct is not None:
-                scope["app"] = self
-                return await direct(scope, receive, send)
-        await super().__call__(scope, receive, send)
-
-
-def _document_raw_routes(app: FastAPI, routes: dict) -> None:
-    """Adds POST operations for plain Starlette routes (which FastAPI's schema skips)
-    to ``app.openapi()``: ``routes`` maps path -> (summary, pydantic request model)."""
-    build = app.openapi
-
-    def openapi():
-        schema = build()
-        if any(path not in schema.get("paths", {}) for path in routes):
-            comps = schema.setdefault("components", {}).setdefault("schemas", {})
-            for path, (summary, model) in routes.items():
-                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                comps.update(body.pop("$defs", {}))
-                comps[model.__name__] = body
-                schema.setdefault("paths", {})[path] = {"post": {
-                    "summary": summary, "operationId": path.strip("/").replace("/", "_"),
-                    "requestBody": {"required": True, "content": {"application/json": {
-                        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}},
-                    "responses": {"200": {"description": "JSON, or text/event-stream with stream: true"},
-                                  "400": {"description": "invalid request (OpenAI error shape)"}}}}
-        return schema
-
-    app.openapi = openapi
-
-
 def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None = None,
                rag: Callable | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP, max_waiting: int | None = 1024,
                engine: AsyncEngine | None = None,
-               chat_prompt: Callable[[str], str] | None = None) -> FastAPI:
+               chat_prompt: Callable[[list[dict]], str] | None = None) -> FastAPI:
     """The app serving ``llm`` (one shared ``AsyncEngine``, started on app startup).
 
     rag: optional ``install(app, engine)`` adding more routes (``selfrag.serve``
@@ -203,13 +57,14 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
     max_tokens_cap: largest ``max_tokens`` accepted (400 above).
     max_waiting: requests waiting for their first token before 429.
     engine: an existing ``AsyncEngine`` over ``llm`` (default: a new one).
-    chat_prompt: turns the last user message of a chat request into the
-        prompt (``selfrag serve`` passes Self-RAG's instruction format);
-        default: the message itself.
+    chat_prompt: ``chat_prompt(messages) -> str`` renders a chat conversation
+        when the checkpoint has no chat_template (``selfrag serve`` passes
+        Self-RAG's instruction format); see engine/server/chat.py.
     """
     owns_engine = engine is None
     engine = engine or AsyncEngine(llm, max_waiting=max_waiting)
     tokenizer = llm.get_tokenizer()
+    render_chat = ChatRenderer(llm, chat_prompt)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -261,9 +116,25 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
         """The body validated by pydantic's own JSON parser (the hot routes are plain
         Starlette routes; see ``_document_raw_routes``)."""
         try:
-            return model.model_validate_json(await request.body())
+            req = model.model_validate_json(await request.body())
         except ValidationError as e:
             raise RequestValidationError(e.errors(include_url=False)) from None
+        for name in unsupported_fields(req):
+            raise APIError(400, f"{name!r} is not supported by this server", param=name,
+                           code="unsupported_field")
+        return req
+
+    def check_fits(sub, max_tokens: int) -> None:
+        """400 when a prompt plus max_tokens does not fit max_model_len (as vLLM does),
+        instead of a silently shortened answer."""
+        for req in sub.reqs:
+            n = req.seq.num_prompt_tokens
+            if n + max_tokens > llm.max_model_len:
+                engine.discard(sub)
+                raise APIError(400, f"this model's maximum context length is {llm.max_model_len} "
+                                    f"tokens; the request asks for {n + max_tokens} ({n} in the "
+                                    f"prompt, {max_tokens} to generate): lower max_tokens",
+                               param="max_tokens")
 
     def check_model(model):
         if model is not None and model != served_model_name:
@@ -370,6 +241,10 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
             return JSONResponse({"status": "draining"}, status_code=503)
         return {"status": "ok"}
 
+    @app.get("/version")
+    async def version():
+        return {"version": package_version()}
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": served_model_name, "object": "model",
@@ -394,6 +269,7 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
         params = sampling(req, 16 if req.max_tokens is None else req.max_tokens, req.logprobs)
         cid = new_id("cmpl")
         sub = prepare(prompts, params, cid)
+        check_fits(sub, params.max_tokens)
         rids = sub.rids
         watcher = watch_disconnect(request.receive, sub.queue)
         created, model = now_s(), served_model_name
@@ -450,17 +326,19 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
     async def chat(request: Request):
         req = await parse_body(request, ChatCompletionRequest)
         check_model(req.model)
-        users = [m.content for m in req.messages if m.role == "user" and m.content]
-        if not users:
-            raise APIError(400, "messages need at least one non-empty 'user' message", param="messages")
-        prompt = chat_prompt(users[-1]) if chat_prompt is not None else users[-1]
+        try:
+            prompt = render_chat(normalize_messages(req.messages))
+        except ChatError as e:
+            raise APIError(400, str(e), param=e.param) from None
+        n_prompt = len(prompt["prompt_token_ids"])
         max_tokens = req.max_completion_tokens or req.max_tokens
-        if max_tokens is None:
-            max_tokens = min(max_tokens_cap, llm.max_model_len)
+        if max_tokens is None:               # as much as fits, up to the server's cap
+            max_tokens = max(1, min(max_tokens_cap, llm.max_model_len - n_prompt))
         top = req.top_logprobs or 0
         params = sampling(req, max_tokens, top if req.logprobs else None)
         cid = new_id("chatcmpl")
         sub = prepare([prompt], params, cid)
+        check_fits(sub, max_tokens)
         watcher = watch_disconnect(request.receive, sub.queue)
         created, model = now_s(), served_model_name
 
@@ -519,8 +397,29 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
     if rag is not None:
         rag(app, engine)
 
+    metrics = _metrics(llm, engine, {r.path for r in app.routes if hasattr(r, "path")})
+    if metrics is not None:
+        engine.observer = metrics
+
+        @app.get("/metrics")
+        async def prometheus_metrics():
+            body, content_type = metrics.render()
+            return Response(body, media_type=content_type)
+    app.state.metrics = metrics
+
     # The key / size / draining gate: outermost for every request, direct or not.
-    limits = {"api_key": api_key, "max_body_bytes": max_body_bytes, "engine": engine}
+    limits = {"api_key": api_key, "max_body_bytes": max_body_bytes, "engine": engine,
+              "metrics": metrics}
     app.add_middleware(_LimitsMiddleware, **limits)
     app.set_direct_routes(hot, lambda inner: _LimitsMiddleware(inner, **limits))
     return app
+
+
+def _metrics(llm, engine, routes: set[str]):
+    """The server's Prometheus metrics, or None (and no /metrics) without prometheus_client."""
+    try:
+        from engine.server.metrics import ServerMetrics
+        return ServerMetrics(llm, engine, routes | {"/metrics"})
+    except ImportError:
+        log.warning("prometheus_client is not installed: no /metrics (pip install prometheus_client)")
+        return None

@@ -64,6 +64,9 @@ class AsyncEngine:
         self.draining = False
         self.error: BaseException | None = None
         self.num_steps = 0
+        # Optional hooks called by the stepping thread: on_submit(request ids),
+        # on_outputs(outputs), forget(request id) (the server's metrics).
+        self.observer = None
 
     # ---- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
@@ -136,6 +139,8 @@ class AsyncEngine:
                 sink(e)
 
     def _dispatch(self, outs) -> None:
+        if self.observer is not None:
+            self.observer.on_outputs(outs)
         by_sink: dict[Callable, list] = {}
         for out in outs:
             rid = out.request_id
@@ -186,6 +191,8 @@ class AsyncEngine:
         (never blocks: a step in progress is not waited for)."""
         for req in reqs:
             self._sinks[req.request_id] = sink
+        if self.observer is not None:
+            self.observer.on_submit([req.request_id for req in reqs])
         self._inbox.append((reqs, sink))
         self._work.set()
 
@@ -193,6 +200,8 @@ class AsyncEngine:
         """Aborts a request (non-blocking: the stepping thread frees its blocks
         before its next step, after queueing any still in the inbox)."""
         rid = str(request_id)
+        if self.observer is not None:
+            self.observer.forget(rid)
         if self._sinks.pop(rid, None) is not None:
             self._waiting.discard(rid)
             self._aborts.append(rid)

@@ -1,7 +1,10 @@
 """Pydantic models of the OpenAI-compatible API (requests validated, responses plain dicts).
 
-Unknown OpenAI fields (``user``, ``frequency_penalty``, ...) are accepted and
-ignored; ``stream_options.include_usage`` is honoured.
+OpenAI fields this server does not implement but that would change the answer
+(``tools``, ``response_format``, penalties, ``logit_bias``, ...) are refused with a
+400 naming them (``unsupported_fields``) when set to anything but their neutral
+value; fields that only describe the client (``user``, ``metadata``, ``store``, ...)
+and unknown ones are accepted and ignored. ``stream_options.include_usage`` is honoured.
 """
 from __future__ import annotations
 
@@ -13,7 +16,26 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")      # extras are checked by unsupported_fields
+
+
+# OpenAI request fields that would change results and are not implemented here, each with
+# the values that change nothing (a client may send those).
+UNSUPPORTED = {
+    "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None, False, True),
+    "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
+    "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
+    "repetition_penalty": (None, 1, 1.0), "best_of": (None, 1), "suffix": (None, ""),
+    "min_tokens": (None, 0), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+}
+
+
+def unsupported_fields(req: BaseModel) -> list[str]:
+    """Names of request fields set to something this server cannot honour."""
+    extra = req.model_extra or {}
+    return [name for name, neutral in UNSUPPORTED.items()
+            if name in extra and extra[name] not in neutral]
 
 
 class StreamOptions(_Lenient):
@@ -44,9 +66,14 @@ class CompletionRequest(_SamplingFields):
     logprobs: Optional[StrictInt] = Field(default=None, ge=0, le=20)
 
 
+class ContentPart(_Lenient):
+    type: StrictStr
+    text: Optional[StrictStr] = None
+
+
 class ChatMessage(_Lenient):
     role: StrictStr
-    content: Optional[StrictStr] = None
+    content: Optional[Union[StrictStr, List[ContentPart]]] = None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -62,6 +89,8 @@ class PassageIn(_Lenient):
 
 
 class SelfRAGRequest(_Lenient):
+    model: Optional[StrictStr] = None
+    stream: StrictBool = False
     question: StrictStr = Field(min_length=1)
     passages: Optional[List[PassageIn]] = None
     k: StrictInt = Field(default=10, ge=1, le=100)

@@ -1,0 +1,101 @@
+"""`selfrag serve` as a user starts it: port checks before anything loads, --port 0's
+real port in the printed URL, the engine's flags, the key from $SELFRAG_API_KEY, the
+access log, and help text on every flag. Real subprocesses over the embedded model."""
+import argparse
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _serve(*args, env=None):
+    return subprocess.Popen([sys.executable, "-m", "selfrag.cli", "serve", "--device", "cpu", *args],
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": REPO, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _url_of(p, timeout=60.0) -> str:
+    """Reads stderr until the 'selfrag serve: ... on http://HOST:PORT/v1' line."""
+    t0 = time.monotonic()
+    lines = []
+    while time.monotonic() - t0 < timeout:
+        line = p.stderr.readline()
+        if not line:
+            raise AssertionError(f"serve exited: {''.join(lines)}")
+        lines.append(line)
+        m = re.search(r"on (http://\S+)/v1", line)
+        if m:
+            return m.group(1)
+    raise AssertionError("no URL line")
+
+
+def _stop(p):
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(20)
+    except subprocess.TimeoutExpired:
+        p.kill()
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "http"])
+def test_a_bad_port_is_refused_before_anything_loads(port):
+    t = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "selfrag.cli", "serve", "--port", port], cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "--port" in p.stderr
+    assert time.monotonic() - t < 10 and "selfrag serve: model" not in p.stderr
+
+
+def test_a_busy_port_is_reported_before_the_model_loads():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        p = subprocess.run([sys.executable, "-m", "selfrag.cli", "serve", "--port", str(port)], cwd=REPO,
+                           env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in p.stderr and "in use" in p.stderr
+    assert "selfrag serve: model" not in p.stderr
+
+
+def test_port_0_prints_the_real_port_and_engine_flags_reach_the_engine():
+    p = _serve("--port", "0", "--max-model-len", "256", "--max-num-seqs", "3", "--num-kv-blocks", "40",
+               "--no-prefix-caching", "--access-log", "--dtype", "float32",
+               env={"SELFRAG_API_KEY": "from-env"})
+    try:
+        url = _url_of(p)
+        port = int(url.rsplit(":", 1)[1])
+        assert port != 0
+        assert httpx.get(url + "/v1/models").status_code == 401               # the env key is on
+        r = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer from-env"})
+        assert r.status_code == 200 and r.json()["data"][0]["max_model_len"] == 256
+        metrics = httpx.get(url + "/metrics").text
+        assert re.search(r"^selfrag:kv_blocks_total 40(\.0)?$", metrics, re.M), metrics[:2000]
+    finally:
+        _stop(p)
+    logged = p.stdout.read() + p.stderr.read()          # uvicorn's access log goes to stdout
+    assert '"GET /v1/models HTTP/1.1" 200' in logged                         # --access-log
+
+
+def test_every_serve_flag_has_help_text():
+    from selfrag.serve import add_arguments
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert {f.option_strings[0] for f in flags} >= {
+        "--max-num-seqs", "--max-model-len", "--num-kv-blocks", "--gpu-memory-utilization",
+        "--kernel-backend", "--no-prefix-caching", "--enforce-eager", "--dtype", "--access-log"}
+    assert [f.option_strings[0] for f in flags if not f.help] == []
+    dtype = next(f for f in flags if f.option_strings[0] == "--dtype")
+    assert set(dtype.choices) >= {"auto", "float16", "bfloat16", "float32"}
