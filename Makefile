@@ -1,22 +1,28 @@
-# Every target builds .venv/ itself on first use (CPU: torch 2.13, triton 3.9).
+# Every target builds .venv/ itself on first use: `make demo` only the runtime
+# (requirements.txt), `make test` adds the test and benchmark tools (requirements-dev.txt).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
+RUNTIME_STAMP := $(VENV)/.runtime-installed
 STAMP  := $(VENV)/.installed
 # The GPU machines have no registry: gpu-check runs on their own python.
 GPU_PY ?= python3
 
 .PHONY: demo test bench gpu-check gpu-check-full venv clean
 
-$(STAMP): requirements-dev.txt pyproject.toml
+$(RUNTIME_STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	touch $(RUNTIME_STAMP)
+
+$(STAMP): $(RUNTIME_STAMP) requirements-dev.txt
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 	touch $(STAMP)
 
 venv: $(STAMP)
 
-demo: $(STAMP)
+demo: $(RUNTIME_STAMP)
 	$(PY) -m selfrag.demo $(ARGS)
 
 test: $(STAMP)

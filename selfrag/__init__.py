@@ -16,7 +16,10 @@ def __getattr__(name):
     if name in ("Passage", "Scores", "Candidate", "Result"):
         from selfrag import types
         return getattr(types, name)
+    if name == "default_model_dir":         # the embedded random-weight model (built once)
+        from selfrag.default_model import default_model_dir
+        return default_model_dir
     raise AttributeError(name)
 
 
-__all__ = ["SelfRAG", "Passage", "Scores", "Candidate", "Result"]
+__all__ = ["SelfRAG", "Passage", "Scores", "Candidate", "Result", "default_model_dir"]

@@ -396,3 +396,31 @@ def test_demo_runs_ask_on_the_two_card_questions(env_cache, capsys):
     assert ask.count("=== ask:") == 2 and ask.count("answer: ") == 2 and ask.count("retrieved: ") == 2
     assert "final=" in ask and "max_tokens=3" in ask
     assert ask.rstrip().endswith("(or: selfrag demo --model PATH)")   # the notice stays last
+
+
+def test_cli_ask_says_when_adaptive_retrieval_skipped_the_passages(env_cache, tmp_path, capsys):
+    from selfrag.cli import main
+    (tmp_path / "p.json").write_text(json.dumps([{"title": "Alpaca", "text": "A camelid."}]))
+    argv = ["ask", "--device", "cpu", "What is an alpaca?", "--passages", str(tmp_path / "p.json"),
+            "--max-tokens", "3"]
+    assert main(argv + ["--threshold", "1.0"]) == 0                 # never retrieves
+    err = capsys.readouterr().err
+    assert "adaptive retrieval decided not to use the 1 passages" in err and "--mode always" in err
+    assert main(argv + ["--mode", "always"]) == 0
+    assert "decided not to use" not in capsys.readouterr().err
+    assert _exit_code(lambda: main(["ask", "--device", "cpu", "  "])) == 2
+    assert "the question is empty" in capsys.readouterr().err
+
+
+def test_cli_generate_applies_the_selfrag_template_unless_raw(env_cache, capsys):
+    import re
+
+    from engine.tokenizer import Tokenizer
+    from selfrag.cli import main
+    from selfrag.prompts import format_prompt
+    tok = Tokenizer.from_pretrained(dm.default_model_dir())
+    counts = []
+    for extra in ([], ["--raw"]):
+        assert main(["generate", "--device", "cpu", "--max-tokens", "2", "What is an alpaca?", *extra]) == 0
+        counts.append(int(re.search(r"prompt (\d+) tokens", capsys.readouterr().err).group(1)))
+    assert counts == [len(tok.encode(format_prompt("What is an alpaca?"))), len(tok.encode("What is an alpaca?"))]

@@ -69,7 +69,7 @@ def copy_bandwidth(ctx, nbytes: int) -> dict:
     dst = torch.empty_like(src)
     ts = ctx.time_device(lambda: dst.copy_(src), reps=10 if ctx.cuda else 3)
     s = summary(ts)
-    del src, dst
+    src = dst = None                            # freed before the next allocation
     return dict(buffer_bytes=nbytes, bytes_counted="read + write", seconds=s,
                 bytes_per_s=2 * nbytes / s["median"], gb_per_s=2 * nbytes / s["median"] / 1e9)
 
@@ -95,8 +95,8 @@ def ceilings(ctx) -> dict:
         step_s += count * s["median"]
         ctx.log(f"   gemv {name:8s} [{N}x{K}]: {rows[name]['gb_per_s']:7.0f} GB/s "
                 f"({100 * rows[name]['fraction_of_copy']:.0f}% of copy)")
-        del w, x
-    del scratch
+        w = x = None
+    scratch = None
     weight_bytes = sum(n * k * c for n, k, c in shapes.values()) * (2 if ctx.cuda else 4)
     ctx.shared["gemv_step_s"] = step_s
     out = dict(copy=copy, gemv=rows, gemv_step_s=step_s, gemv_ceiling_tokens_per_s=1 / step_s,
@@ -147,7 +147,7 @@ def micro(ctx) -> dict:
                 ctx.log(f"   decode B={B:3d} C={C:5d} Hkv={Hkv:2d}: live {row['live']['gb_per_s']:7.1f} GB/s "
                         f"({row['live']['num_splits']} splits), graph {row['graph']['gb_per_s']:7.1f} GB/s "
                         f"({row['graph']['num_splits']} splits)")
-                del kc, vc, tables, wide, q
+                kc = vc = tables = wide = q = None     # freed before the next size
     from benchmarks.bench_kernels import bench_prefill
     prefill = bench_prefill(dev, [prefill_S], Hq, D, dt, triton_ops)
     return dict(decode=rows, prefill=prefill)
