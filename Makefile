@@ -38,6 +38,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_server.py $(if $(QUICK),--quick,)
 	# Host time per decode step (7B-shaped metadata, no device work) at batch 1, 64, 256.
 	$(PY) benchmarks/bench_host_step.py
+	# Start-up: selfrag ask (wall, RSS), LLM(), selfrag serve ready; the embedded model.
+	$(PY) benchmarks/bench_startup.py
 
 # The first command on a lent GPU (device tool timeout_s 420): one run with a hard
 # 330 s deadline, a JSON after every step. ARGS="--steps decode,sweep" for a subset.
