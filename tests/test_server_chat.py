@@ -208,4 +208,7 @@ def test_prometheus_metrics_count_what_happened(client, llm):
     assert after[("selfrag:kv_blocks_used", ())] + after[("selfrag:kv_blocks_free", ())] == \
         llm.block_manager.num_blocks
     assert delta("vllm:prefix_cache_hits_total") > 0                    # the same prompt three times
+    rate = after[("vllm:gpu_prefix_cache_hit_rate", ())]
+    assert rate == pytest.approx(after[("vllm:prefix_cache_hits_total", ())]
+                                 / after[("vllm:prefix_cache_queries_total", ())])
     assert ("vllm:num_preemptions_total", ()) in after

@@ -9,7 +9,8 @@ Names follow vLLM's where a counterpart exists, so its dashboards work:
   vllm:num_requests_running / _waiting         gauges (waiting: queued in the engine or its inbox)
   vllm:kv_cache_usage_perc                     gauge, fraction of KV blocks in use (0..1)
   selfrag:kv_blocks_used / _free / _total      gauges (no vLLM counterpart: block counts)
-  vllm:prefix_cache_queries_total / _hits_total   counters, in tokens (hit rate = hits / queries)
+  vllm:prefix_cache_queries_total / _hits_total   counters, in tokens
+  vllm:gpu_prefix_cache_hit_rate               gauge, hits / queries since start (vLLM V0's name)
   vllm:prompt_tokens_total / vllm:generation_tokens_total
   vllm:num_preemptions_total
   vllm:request_success_total{finished_reason}  finished requests by reason (error included)
@@ -118,5 +119,7 @@ class _EngineState:
                       stats["prefix_cache_query_tokens"])
         yield counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache",
                       stats["prefix_cache_hit_tokens"])
+        yield gauge("vllm:gpu_prefix_cache_hit_rate", "Prefix-cache hit rate, in tokens (0..1)",
+                    stats["prefix_cache_hit_tokens"] / max(1, stats["prefix_cache_query_tokens"]))
         yield counter("vllm:num_preemptions", "Requests preempted (recomputed later)",
                       sched.num_preemptions)
