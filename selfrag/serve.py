@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from selfrag.cli import CLIError, _resolve_model
+from selfrag.cli import CLIError, _positive_int, _resolve_model
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -131,16 +131,6 @@ def _port(text: str) -> int:
     return port
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be >= 1")
-    return v
-
-
 def _fraction(text: str) -> float:
     try:
         v = float(text)
@@ -163,11 +153,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model id clients send (default: the model directory's name)")
     p.add_argument("--access-log", action="store_true", help="log every HTTP request (uvicorn's access log)")
-    p.add_argument("--max-tokens-cap", type=_positive, default=4096, metavar="N",
+    p.add_argument("--max-tokens-cap", type=_positive_int, default=4096, metavar="N",
                    help="largest max_tokens a request may ask for (400 above; default: 4096)")
-    p.add_argument("--max-waiting", type=_positive, default=1024, metavar="N",
+    p.add_argument("--max-waiting", type=_positive_int, default=1024, metavar="N",
                    help="requests waiting for a first token before 429 (default: 1024)")
-    p.add_argument("--max-body-bytes", type=_positive, default=1 << 20, metavar="N",
+    p.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20, metavar="N",
                    help="largest request body (413 above; default: 1 MiB)")
     p.add_argument("--graceful-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds running requests get to finish (default: 30)")
@@ -176,11 +166,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="weights and activations: auto = fp32 on CPU, the checkpoint's dtype on GPU")
     eng.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                      help="auto: CUDA if present (default: auto)")
-    eng.add_argument("--max-num-seqs", type=_positive, default=256, metavar="N",
+    eng.add_argument("--max-num-seqs", type=_positive_int, default=256, metavar="N",
                      help="sequences decoded at once (default: 256)")
-    eng.add_argument("--max-model-len", type=_positive, default=None, metavar="N",
+    eng.add_argument("--max-model-len", type=_positive_int, default=None, metavar="N",
                      help="longest prompt + output (default: the config's max_position_embeddings)")
-    eng.add_argument("--num-kv-blocks", type=_positive, default=None, metavar="N",
+    eng.add_argument("--num-kv-blocks", type=_positive_int, default=None, metavar="N",
                      help="KV pool size in blocks of 16 tokens (default: sized from memory)")
     eng.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9, metavar="F",
                      help="fraction of GPU memory the engine may use (default: 0.9)")
