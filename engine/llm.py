@@ -83,8 +83,9 @@ class LLM:
                  show_progress: bool = True, enforce_eager: bool = False, **unused):
         request_validation.check_vllm_kwargs(unused)
         request_validation.check_engine_args(
-            model=model, tokenizer=tokenizer, download_dir=download_dir, max_num_seqs=max_num_seqs, block_size=block_size, num_kv_blocks=num_kv_blocks,
-            max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens, seed=seed,
+            model=model, tokenizer=tokenizer, download_dir=download_dir, max_num_seqs=max_num_seqs,
+            block_size=block_size, num_kv_blocks=num_kv_blocks, max_model_len=max_model_len,
+            max_num_batched_tokens=max_num_batched_tokens, seed=seed,
             enable_prefix_caching=enable_prefix_caching, skip_tokenizer_init=skip_tokenizer_init,
             show_progress=show_progress, enforce_eager=enforce_eager,
             gpu_memory_utilization=gpu_memory_utilization)
@@ -146,7 +147,7 @@ class LLM:
         # Async output processing (CUDA): a step's detokenization and stop-string
         # checks run while the device computes the next step; outputs then lag
         # one step. On CPU nothing would overlap, so it is off.
-        self._out = OutputProcessor(self.scheduler, async_output=self.model.device.type == "cuda")
+        self._out = OutputProcessor(self.scheduler, async_output=cuda)
         self._requests = self._out.requests        # request id -> RequestState (running)
         # Outputs of add_request()'s requests that generate()/stream() stepped past,
         # returned by the next step() (request id -> latest cumulative output).
