@@ -54,7 +54,12 @@ class ServerMetrics:
             self._live[rid] = [now, 0, now]
 
     def on_outputs(self, outs) -> None:
+        # Runs in the stepping thread once per step: the counters are incremented once
+        # per call, not per request (each inc/observe is ~0.7 us; at 256 streams the
+        # per-request version cost ~0.36 ms a step).
         now = time.perf_counter()
+        generated = prompt = 0
+        itl = self.itl.observe
         for out in outs:
             st = self._live.get(out.request_id)
             if st is None:
@@ -64,15 +69,20 @@ class ServerMetrics:
             if new > 0:
                 if st[1] == 0:
                     self.ttft.observe(now - st[0])
-                    self.prompt_tokens.inc(len(out.prompt_token_ids))
+                    prompt += len(out.prompt_token_ids)
                 else:
+                    gap = (now - st[2]) / new
                     for _ in range(new):
-                        self.itl.observe((now - st[2]) / new)
-                self.generation_tokens.inc(new)
+                        itl(gap)
+                generated += new
                 st[1], st[2] = n, now
             if out.finished:
                 self.finished.labels(out.outputs[0].finish_reason or "unknown").inc()
                 del self._live[out.request_id]
+        if generated:
+            self.generation_tokens.inc(generated)
+        if prompt:
+            self.prompt_tokens.inc(prompt)
 
     def forget(self, request_id: str) -> None:
         self._live.pop(request_id, None)
