@@ -16,10 +16,11 @@ def __getattr__(name):
     if name in ("Passage", "Scores", "Candidate", "Result"):
         from selfrag import types
         return getattr(types, name)
-    if name == "default_model_dir":         # the embedded random-weight model (built once)
-        from selfrag.default_model import default_model_dir
-        return default_model_dir
+    if name in ("default_model_dir", "random_model_dir"):   # the trained / random embedded models
+        from selfrag import default_model
+        return getattr(default_model, name)
     raise AttributeError(name)
 
 
-__all__ = ["SelfRAG", "Passage", "Scores", "Candidate", "Result", "default_model_dir"]
+__all__ = ["SelfRAG", "Passage", "Scores", "Candidate", "Result", "default_model_dir",
+           "random_model_dir"]

@@ -1,12 +1,19 @@
-"""The embedded default model: a tiny, random-weight Self-RAG-shaped checkpoint.
+"""The embedded models: the trained miniature Self-RAG model, and a random-weight one.
 
-``default_model_dir()`` returns a directory laid out exactly like the released
+``default_model_dir()`` is the default of ``make demo``, ``selfrag ask``,
+``generate``, ``serve`` and the examples: a 4.2M-parameter Llama trained from
+scratch on generated Self-RAG data (``selfrag.training``), shipped in the
+package as ``selfrag/data/default-v2`` (bf16, with ``training.json``: the
+checksums, the recipe's commit and the training data's hash).  It reads
+passages about made-up entities, judges them and answers from them.
+
+``random_model_dir()`` returns a directory laid out exactly like the released
 ``selfrag/selfrag_llama2_7b`` checkpoint (``config.json``, two safetensors
 shards plus ``model.safetensors.index.json``, ``tokenizer.model``,
 ``added_tokens.json``, ``special_tokens_map.json``, ``tokenizer_config.json``),
 so every code path that loads the real model can run without downloading
-13 GB.  The weights are RANDOM: the text it generates is gibberish.  It exists
-for demos, smoke tests and the CLI's no-``--model`` default.
+13 GB.  The weights are RANDOM: the text it generates is gibberish.  Tests
+whose expectations were tuned to it (margins, lengths) stay pinned to it.
 
 The checkpoint is built once, deterministically (a seeded tokenizer training
 and seeded weights), into a cache directory and reused afterwards:
@@ -17,7 +24,9 @@ and seeded weights), into a cache directory and reused afterwards:
   place at the end, so an interrupted build never leaves a half checkpoint.
 
 Bump ``DEFAULT_NAME`` whenever the spec or the weight recipe changes, so old
-caches are not mistaken for the new model.
+caches are not mistaken for the new model.  (``default-v2``, the trained
+model, has its own tokenizer: 2000 pieces trained on text that includes
+generated names.)
 """
 
 from __future__ import annotations
@@ -37,7 +46,9 @@ from engine.config import ModelConfig
 from selfrag.default_tokenizer import build_tokenizer
 from selfrag.tokens import ADDED_TOKENS, CTRL_TOKENS, PAD
 
-DEFAULT_NAME = "default-v1"
+DEFAULT_NAME = "default-v1"        # the random-weight model's cache directory
+TRAINED_NAME = "default-v2"
+TRAINED_DIR = Path(__file__).with_name("data") / TRAINED_NAME
 CACHE_ENV = "SELFRAG_CACHE"
 NUM_SHARDS = 2
 SEED = 1234
@@ -130,8 +141,22 @@ def is_complete(model_dir: str | os.PathLike) -> bool:
     return d.is_dir() and all((d / f).is_file() for f in LAYOUT_FILES)
 
 
-def default_model_dir(cache_dir: str | os.PathLike | None = None) -> str:
-    """Path of the embedded default checkpoint, building it first if it is not cached yet."""
+def default_model_dir() -> str:
+    """Path of the embedded default model: the trained miniature Self-RAG checkpoint."""
+    if not is_complete(TRAINED_DIR):
+        raise FileNotFoundError(f"the embedded model {TRAINED_DIR} is incomplete (missing "
+                                f"{[f for f in LAYOUT_FILES if not (TRAINED_DIR / f).is_file()]}); "
+                                "reinstall, or rebuild it with `make train-miniature`")
+    return str(TRAINED_DIR)
+
+
+def is_random_model(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is the random-weight model (its cache directory name)."""
+    return Path(path).name == DEFAULT_NAME
+
+
+def random_model_dir(cache_dir: str | os.PathLike | None = None) -> str:
+    """Path of the random-weight checkpoint, building it first if it is not cached yet."""
     root = cache_root(cache_dir)
     final = root / DEFAULT_NAME
     if is_complete(final):
@@ -184,7 +209,10 @@ def describe(cfg: ModelConfig) -> str:
             f"{cfg.num_params() / 1e6:.2f}M params")
 
 
-if __name__ == "__main__":   # python -m selfrag.default_model [CACHE_DIR]
-    path = default_model_dir(sys.argv[1] if len(sys.argv) > 1 else None)
+if __name__ == "__main__":   # python -m selfrag.default_model [--random [CACHE_DIR]]
+    if sys.argv[1:2] == ["--random"]:
+        path = random_model_dir(sys.argv[2] if len(sys.argv) > 2 else None)
+    else:
+        path = default_model_dir()
     print(path)
     print(describe(ModelConfig.from_pretrained(path)))

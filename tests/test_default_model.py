@@ -34,7 +34,7 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_dir(cache) -> str:
-    return dm.default_model_dir(cache)
+    return dm.random_model_dir(cache)
 
 
 @pytest.fixture
@@ -106,7 +106,7 @@ def test_reflection_tokens_are_single_ids_in_prompts(model_dir):
 
 # ---------------------------------------------------------------- determinism / caching
 def test_build_is_deterministic_and_cached(model_dir, tmp_path, capsys, monkeypatch):
-    other = dm.default_model_dir(tmp_path / "other")
+    other = dm.random_model_dir(tmp_path / "other")
     assert "building the embedded default model (random weights)" in capsys.readouterr().err
     assert other != model_dir
     assert _digests(other) == _digests(model_dir)
@@ -118,7 +118,7 @@ def test_build_is_deterministic_and_cached(model_dir, tmp_path, capsys, monkeypa
         raise AssertionError("rebuilt a cached model")
 
     monkeypatch.setattr(dm, "build_default_model", no_build)
-    assert dm.default_model_dir(tmp_path / "other") == other
+    assert dm.random_model_dir(tmp_path / "other") == other
     assert capsys.readouterr().err == ""
     assert {p.name: p.stat().st_mtime_ns for p in Path(other).iterdir()} == mtimes
 
@@ -133,7 +133,7 @@ def test_env_var_and_interrupted_build(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dm, "build_default_model", crash)
     with pytest.raises(KeyboardInterrupt):
-        dm.default_model_dir()
+        dm.random_model_dir()
     assert os.listdir(tmp_path) == []          # no half checkpoint, no temp dir
 
 
@@ -157,7 +157,7 @@ def test_demo_end_to_end(env_cache, capsys):
     from selfrag import demo
 
     threads = torch.get_num_threads()
-    assert demo.main(["--device", "cpu", "--max-tokens", "3"]) == 0
+    assert demo.main(["--device", "cpu", "--max-tokens", "3", "--model", env_cache]) == 0
     assert torch.get_num_threads() == threads          # the one-thread block is undone
     text = capsys.readouterr().out
     assert "RANDOM weights" in text and "--model PATH" in text
@@ -175,7 +175,7 @@ def test_cli_generate(env_cache, capsys):
     captured = capsys.readouterr()
     assert captured.out.strip()                          # some generated text
     assert "5 tokens" in captured.err and "tokens/s" in captured.err
-    assert "RANDOM weights" in captured.err
+    assert "embedded miniature Self-RAG model" in captured.err
 
 
 def test_cli_bad_model_exits_2(tmp_path, capsys):

@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 from engine import SamplingParams
 from engine.tokenizer import Tokenizer
 from selfrag.constraints import MODES, ReflectionConstraint, State
-from selfrag.default_model import default_model_dir
+from selfrag.default_model import random_model_dir
 from selfrag.vocab import ReflectionVocab
 from tests.helpers import hf_model, make_llm
 
@@ -22,7 +22,7 @@ S = State
 
 @pytest.fixture(scope="module")
 def model_dir():
-    return default_model_dir()
+    return random_model_dir()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 
 from engine import LLM
 from selfrag import Passage, SelfRAG
-from selfrag.default_model import default_model_dir
+from selfrag.default_model import random_model_dir
 
 QUESTION = "Can you tell me the difference between llamas and alpacas?"
 PASSAGES = [
@@ -23,7 +23,7 @@ PASSAGES = [
 
 @pytest.fixture(scope="module")
 def model_dir():
-    return default_model_dir()
+    return random_model_dir()
 
 
 def make(model_dir, **kw):

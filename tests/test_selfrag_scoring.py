@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 from engine.outputs import Logprob
 from engine.tokenizer import AddedToken, Tokenizer
 from selfrag import tokens as T
-from selfrag.default_model import default_model_dir
+from selfrag.default_model import random_model_dir
 from selfrag.prompts import (format_passage, format_prompt, normalize_closed_answer, postprocess_answer,
                              task_instruction)
 from selfrag.scoring import (MISSING_LOGPROB, aggregate_closed, best_open, retrieval_probability,
@@ -342,7 +342,7 @@ def test_normalize_closed_answer():
 # -------------------------------------------------------------------- vocab
 @pytest.fixture(scope="module")
 def model_dir():
-    return default_model_dir()
+    return random_model_dir()
 
 
 def test_vocab_from_default_tokenizer(model_dir):

@@ -14,7 +14,7 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from engine import LLM, SamplingParams  # noqa: E402
-from selfrag.default_model import default_model_dir, few_threads  # noqa: E402
+from selfrag.default_model import random_model_dir, few_threads  # noqa: E402
 from selfrag.prompts import render_chat  # noqa: E402
 
 MODEL = "selfrag-test"
@@ -46,7 +46,7 @@ class Server:
 
 
 def _llm():
-    return LLM(default_model_dir(), dtype="float32", device="cpu", show_progress=False)
+    return LLM(random_model_dir(), dtype="float32", device="cpu", show_progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from engine import LLM, SamplingParams  # noqa: E402
 from engine.server.app import create_app  # noqa: E402
 from engine.server.chat import ChatRenderer, normalize_messages  # noqa: E402
 from engine.server.protocol import ChatCompletionRequest  # noqa: E402
-from selfrag.default_model import default_model_dir, few_threads  # noqa: E402
+from selfrag.default_model import random_model_dir, few_threads  # noqa: E402
 from selfrag.prompts import render_chat  # noqa: E402
 from tests.test_server import Server, _err  # noqa: E402
 
@@ -42,14 +42,14 @@ CONVERSATION = [{"role": "system", "content": "Answer briefly."},
 @pytest.fixture(scope="module")
 def llm():
     with few_threads(1):
-        yield LLM(default_model_dir(), dtype="float32", device="cpu", show_progress=False)
+        yield LLM(random_model_dir(), dtype="float32", device="cpu", show_progress=False)
 
 
 @pytest.fixture(scope="module")
 def templated_dir(tmp_path_factory):
     """The embedded model with a chat_template in its tokenizer_config.json."""
     d = tmp_path_factory.mktemp("templated") / "model"
-    shutil.copytree(default_model_dir(), d)
+    shutil.copytree(random_model_dir(), d)
     cfg = json.loads((d / "tokenizer_config.json").read_text())
     cfg["chat_template"] = LLAMA2_TEMPLATE
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))

@@ -9,7 +9,7 @@ pytest.importorskip("starlette")
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.server.async_engine import AsyncEngine, QueueFullError  # noqa: E402
 from engine.server.streaming import ClientGone, EventStream, watch_disconnect  # noqa: E402
-from selfrag.default_model import default_model_dir, few_threads  # noqa: E402
+from selfrag.default_model import random_model_dir, few_threads  # noqa: E402
 
 
 def run(coro):
@@ -113,7 +113,7 @@ def test_watch_disconnect_wakes_the_queue():
 @pytest.fixture(scope="module")
 def llm():
     with few_threads(1):
-        yield LLM(default_model_dir(), dtype="float32", device="cpu", show_progress=False)
+        yield LLM(random_model_dir(), dtype="float32", device="cpu", show_progress=False)
 
 
 def test_prepare_commit_discard(llm):

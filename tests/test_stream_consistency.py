@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine import LLM, SamplingParams
-from selfrag.default_model import default_model_dir, few_threads
+from selfrag.default_model import random_model_dir, few_threads
 from selfrag.prompts import render_chat
 
 PROMPTS = ["Alpacas live in", "The llama is", "One two three", "Where do camels"]
@@ -24,7 +24,7 @@ MAX_TOKENS = 24
 @pytest.fixture(scope="module")
 def llm():
     with few_threads(1):
-        yield LLM(default_model_dir(), dtype="float32", device="cpu", show_progress=False)
+        yield LLM(random_model_dir(), dtype="float32", device="cpu", show_progress=False)
 
 
 @pytest.fixture(scope="module")
