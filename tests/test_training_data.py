@@ -45,6 +45,21 @@ def test_generator_is_deterministic(world):
     assert data_hash(c) != data_hash(a)
 
 
+def test_data_hash_is_the_same_in_another_process():
+    """No set or hash order leaks into the data: two processes with different
+    PYTHONHASHSEED generate the same examples."""
+    import os
+    import subprocess
+    import sys
+    code = ("import random; from selfrag.training.world import World; "
+            "from selfrag.training.examples import generate; from selfrag.training.data import data_hash; "
+            "print(data_hash(generate(World.build(random.Random('test'), 60), 400, seed=5)))")
+    hashes = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip()
+              for seed in ("1", "2")}
+    assert len(hashes) == 1
+
+
 def test_every_kind_appears_and_follows_the_grammar(world, tokenizer, constraint):
     examples = list(generate(world, 3000, seed=1))
     assert {e["dataset_name"] for e in examples} == set(KIND_WEIGHTS)

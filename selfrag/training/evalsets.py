@@ -69,10 +69,12 @@ def build(seed: int = 0) -> dict[str, list[dict]]:
                       "relation": rel.name})
     for _ in range(NUM_CLOSED):
         rel, ent = _pick(world, rng, tuple(RELATIONS))
-        options = {ent.facts[rel.name]}
+        options = [ent.facts[rel.name]]     # a list: set order varies between processes
         while len(options) < 4:
-            options.add(_value(rel.name, rng))
-        options = sorted(options, key=lambda _: rng.random())
+            v = _value(rel.name, rng)
+            if v not in options:
+                options.append(v)
+        rng.shuffle(options)
         ctxs, gold = _ctxs(world, ent, rel, rng)
         arc.append({"question": rel.question(ent, rng),
                     "choices": {"text": options, "label": list("ABCD")},

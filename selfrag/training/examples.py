@@ -1,5 +1,12 @@
 """Self-RAG training examples in the released format, drawn from a ``World``.
 
+Answers supported by a passage repeat the passage's own sentence for the asked
+fact (the passage words it in one of several ways; the answer copies it).  A
+first recipe answered with a fixed template instead and, after 3000 steps, still
+garbled made-up names ("Sone Tower" -> "Sindur Tower"): copying one value gives
+too little signal for the model to learn to copy; copying whole sentences gives a
+lot.
+
 Each example is ``{"id", "dataset_name", "instruction", "output"}``: the model
 sees ``format_prompt(instruction)`` followed by ``output``, which carries the
 reflection tokens and, for retrieval examples, the passage between
@@ -15,8 +22,8 @@ from pathlib import Path
 
 from selfrag import tokens as T
 from selfrag.prompts import format_choices, task_instruction
-from selfrag.training.world import (OPEN_RELATIONS, RELATIONS, World, cap, name, passage_text,
-                                    word)
+from selfrag.training.world import (OPEN_RELATIONS, RELATIONS, World, cap, name,
+                                    passage_sentences, passage_text, word)
 
 CORPUS_JSONL = Path(__file__).resolve().parents[1] / "data" / "corpus.jsonl"
 USE = [f"[Utility:{i}]" for i in range(1, 6)]
@@ -79,8 +86,8 @@ class ExampleMaker:
     # ---- factual questions (need retrieval) ----------------------------------
     def factual_gold(self):
         rel, ent = self._fact()
-        p = passage_text(ent, self.rng, must=(rel.name,))
-        out = (_passage(_title(ent, self.rng), p) + T.RELEVANT + rel.answer_sentence(ent)
+        p, sents = passage_sentences(ent, self.rng, must=(rel.name,))
+        out = (_passage(_title(ent, self.rng), p) + T.RELEVANT + sents[rel.name]
                + T.FULLY_SUPPORTED + USE[4] + "</s>")
         return rel.question(ent, self.rng), out
 
@@ -108,8 +115,8 @@ class ExampleMaker:
         ent = rng.choice([e for e in self.world.all() if len(e.facts) >= 2])
         a, b = rng.sample(sorted(ent.facts), 2)
         q = f"{RELATIONS[a].question(ent, rng, plain=True)} {RELATIONS[b].question(ent, rng, plain=True)}"
-        p = passage_text(ent, rng, must=(a,), drop=(b,), extra=0)
-        out = (_passage(_title(ent, rng), p) + T.RELEVANT + RELATIONS[a].answer_sentence(ent)
+        p, sents = passage_sentences(ent, rng, must=(a,), drop=(b,), extra=0)
+        out = (_passage(_title(ent, rng), p) + T.RELEVANT + sents[a]
                + T.PARTIALLY_SUPPORTED + USE[2] + "</s>")
         return q, out
 
@@ -121,12 +128,12 @@ class ExampleMaker:
         first, second = rels[:max(1, len(rels) - 1)], rels[max(1, len(rels) - 1):]
         q = rng.choice(("Tell me about {s}.", "Write a short description of {s}.",
                         "What do you know about {s}?")).format(s=ent.name)
-        out = _passage(_title(ent, rng), passage_text(ent, rng, must=tuple(first), extra=0)) + T.RELEVANT
-        out += (T.FULLY_SUPPORTED + T.CONTINUE_RETRIEVAL).join(
-            RELATIONS[r].answer_sentence(ent) for r in first) + T.FULLY_SUPPORTED
+        p, sents = passage_sentences(ent, rng, must=tuple(first), extra=0)
+        out = _passage(_title(ent, rng), p) + T.RELEVANT
+        out += (T.FULLY_SUPPORTED + T.CONTINUE_RETRIEVAL).join(sents.values()) + T.FULLY_SUPPORTED
         if second:
-            out += (_passage(_title(ent, rng), passage_text(ent, rng, must=tuple(second), extra=0))
-                    + T.RELEVANT + RELATIONS[second[0]].answer_sentence(ent) + T.FULLY_SUPPORTED)
+            p, sents = passage_sentences(ent, rng, must=tuple(second), extra=0)
+            out += (_passage(_title(ent, rng), p) + T.RELEVANT + sents[second[0]] + T.FULLY_SUPPORTED)
         return cap(q), out + USE[4] + "</s>"
 
     # ---- closed tasks ---------------------------------------------------------
@@ -154,10 +161,12 @@ class ExampleMaker:
         rng = self.rng
         rel, ent = self._fact()
         gold = ent.facts[rel.name]
-        options = {gold}
+        options = [gold]                    # a list: set order varies between processes
         while len(options) < 4:
-            options.add(_fresh_value(rel.name, rng))
-        options = sorted(options, key=lambda _: rng.random())
+            v = _fresh_value(rel.name, rng)
+            if v not in options:
+                options.append(v)
+        rng.shuffle(options)
         letters = "ABCD"
         key = letters[options.index(gold)]
         choices = {"text": options, "label": list(letters)}
@@ -195,7 +204,7 @@ class ExampleMaker:
     def copy(self):
         rng = self.rng
         words = [name(rng, 1, 3) if rng.random() < 0.7 else word(rng, 1, 3)
-                 for _ in range(rng.randint(2, 8))]
+                 for _ in range(rng.randint(3, 10))]
         verb = rng.choice(("Repeat the following words:", "Copy this exactly:", "Say back:"))
         return self._no_retrieval(f"{verb} {' '.join(words)}", " ".join(words))
 
@@ -261,7 +270,7 @@ def _fresh_value(rel: str, rng: random.Random) -> str:
 KIND_WEIGHTS = {
     "factual_gold": 22, "factual_irrelevant": 12, "factual_missing": 5, "factual_partial": 3,
     "long_form": 8, "fever": 7, "arc": 7, "corpus_passage": 3,
-    "copy": 16, "reverse": 4, "arithmetic": 4, "list_items": 3, "odd_one_out": 3, "poem": 3,
+    "copy": 20, "reverse": 4, "arithmetic": 4, "list_items": 3, "odd_one_out": 3, "poem": 3,
 }
 RETRIEVAL_KINDS = ("factual_gold", "factual_irrelevant", "factual_missing", "factual_partial",
                    "long_form", "fever", "arc", "corpus_passage")

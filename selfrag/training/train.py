@@ -41,8 +41,8 @@ RECIPE = {
     "tokenizer_examples": 10000,     # generated examples added to the sentencepiece corpus
     "batch_size": 32,
     "max_len": 320,
-    "steps": 6000,
-    "lr": 2e-3, "min_lr_ratio": 0.05, "warmup": 150, "weight_decay": 0.05,
+    "steps": 6800,
+    "lr": 1.5e-3, "min_lr_ratio": 0.05, "warmup": 200, "weight_decay": 0.05,
     "betas": (0.9, 0.95), "grad_clip": 1.0,
     "threads": 2,
 }

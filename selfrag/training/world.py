@@ -251,16 +251,23 @@ def head_name(ent: Entity) -> str:
     return ent.title.split()[0]
 
 
-def passage_text(ent: Entity, rng: random.Random, must: tuple = (), drop: tuple = (),
-                 extra: int | None = None) -> str:
+def passage_sentences(ent: Entity, rng: random.Random, must: tuple = (), drop: tuple = (),
+                      extra: int | None = None) -> tuple[str, dict]:
     """2-4 sentences about ``ent``: every relation in ``must``, some others, none in
-    ``drop``, in random order, sometimes after an intro sentence."""
+    ``drop``, in random order, sometimes after an intro sentence.  Returns the text
+    and, per relation it states, its sentence (in passage order)."""
     rels = [r for r in ent.facts if r not in must and r not in drop]
     rng.shuffle(rels)
     n = rng.randint(0, min(2, len(rels))) if extra is None else min(extra, len(rels))
     chosen = list(must) + rels[:n]
     rng.shuffle(chosen)
-    sents = [RELATIONS[r].sentence(ent, rng) for r in chosen]
+    by_rel = {r: RELATIONS[r].sentence(ent, rng) for r in chosen}
+    sents = list(by_rel.values())
     if rng.random() < 0.4 or not sents:
         sents.insert(0, cap(INTROS[ent.kind].format(s=ent.name)))
-    return " ".join(sents)
+    return " ".join(sents), by_rel
+
+
+def passage_text(ent: Entity, rng: random.Random, must: tuple = (), drop: tuple = (),
+                 extra: int | None = None) -> str:
+    return passage_sentences(ent, rng, must, drop, extra)[0]
