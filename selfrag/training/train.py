@@ -40,8 +40,12 @@ RECIPE = {
     "model": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
               "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 32,
               "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0},
-    "base_vocab": 2000,
-    "tokenizer_examples": 10000,     # generated examples added to the sentencepiece corpus
+    "base_vocab": 3000,
+    "tokenizer_examples": 30000,     # generated examples added to the sentencepiece corpus
+    # Legacy (Llama-2 / Self-RAG era) handling of text after an added token: "[Relevant]The"
+    # is "_The", as in mid-sentence, so an answer's first word has the same pieces as in
+    # the passage it copies ("T he" with legacy=False).
+    "legacy_tokenizer": True,
     "batch_size": 32,
     "max_len": 320,
     "steps": 6800,
@@ -77,7 +81,8 @@ def build_tokenizer_dir(out: Path, recipe: dict, examples: list) -> None:
         corpus = Path(tmp) / "corpus.txt"
         corpus.write_text(DEFAULT_CORPUS.read_text(encoding="utf-8") + "\n"
                           + "\n".join(plain_text(e) for e in examples), encoding="utf-8")
-        build_tokenizer(out, vocab_size=recipe["base_vocab"], corpus_path=corpus)
+        build_tokenizer(out, vocab_size=recipe["base_vocab"], corpus_path=corpus,
+                        legacy=recipe["legacy_tokenizer"])
 
 
 def batches(tokenizer, stream, batch_size: int, max_len: int, pad_id: int, rng: random.Random,

@@ -16,11 +16,14 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-# A small syllable inventory (14 x 7 x 5 = 490 syllables) keeps made-up names to a
-# few sentencepiece pieces each, which makes copying them from a passage learnable.
-ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z")
-VOWELS = ("a", "e", "i", "o", "u", "ai", "ou")
-CODAS = ("", "", "n", "r", "s")
+# A small syllable inventory (10 x 5 x 3 = 150 syllables), so that the tokenizer
+# learns whole syllables (and common pairs) as pieces: a made-up name is then 2-3
+# distinct pieces rather than 4-6 one- or two-letter ones ('Kelmi' was
+# '_K el m i'), and copying it from a passage needs no guessing which of many
+# 'i' or 'an' pieces came next.
+ONSETS = ("b", "d", "k", "l", "m", "n", "p", "r", "s", "t")
+VOWELS = ("a", "e", "i", "o", "u")
+CODAS = ("", "n", "r")
 ANIMALS = ("fox", "beetle", "heron", "lizard", "deer", "owl", "frog", "moth", "goat", "crab")
 FOODS = ("berries", "roots", "seeds", "leaves", "moss", "nuts", "snails", "grass")
 INVENTIONS = ("engine", "lamp", "loom", "clock", "compass", "pump", "press", "telescope")
