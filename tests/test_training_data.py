@@ -141,7 +141,7 @@ def test_eval_files_use_the_released_layout(tmp_path, monkeypatch):
 def test_training_smoke_run_learns(tmp_path):
     """The trainer end to end at toy size (about 10 s): the loss falls well below
     its start, and the engine loads and runs what it wrote."""
-    from selfrag.training.train import RECIPE, SMOKE, train
+    from selfrag.training.train import RECIPE, SMOKE, replay_data_hash, train
     from tests.helpers import make_llm
     from engine import SamplingParams
 
@@ -150,6 +150,8 @@ def test_training_smoke_run_learns(tmp_path):
     assert meta["final_loss_ema"] < 0.6 * meta["first_loss"], meta["curve"]
     saved = json.loads((tmp_path / "training.json").read_text())
     assert saved["train_data_sha256"] == meta["train_data_sha256"]
+    # The recorded hash is the hash of the examples the generator yields (replayed without training).
+    assert replay_data_hash(recipe, meta["updates"]) == meta["train_data_sha256"]
     assert set(saved["files_sha256"]) >= {"config.json", "tokenizer.model"}
     llm = make_llm(str(tmp_path), dtype="float32")
     out = llm.generate([format_prompt("What is 2 plus 3?")],

@@ -50,6 +50,10 @@ RECIPE = {
     "max_len": 320,
     "steps": 6800,
     "copy_phase_steps": 1700,        # COPY_PHASE_WEIGHTS for the first steps' examples
+    # Stop after this many updates of the `steps`-long schedule. The shipped model is the
+    # 5001st update of a 6800-step schedule: the full schedule takes ~70 min here (the
+    # examples after the copy phase are longer than planned), over the 60-minute budget.
+    "stop_after": 5001,
     "lr": 1.5e-3, "min_lr_ratio": 0.05, "warmup": 200, "weight_decay": 0.05,
     "betas": (0.9, 0.95), "grad_clip": 1.0,
     "threads": 2,
@@ -57,7 +61,7 @@ RECIPE = {
 SMOKE = {"model": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                    "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 64},
          "base_vocab": 600, "tokenizer_examples": 800, "batch_size": 16, "steps": 120,
-         "copy_phase_steps": 20,
+         "copy_phase_steps": 20, "stop_after": None,
          "lr": 3e-3, "warmup": 10}
 
 
@@ -85,8 +89,11 @@ def build_tokenizer_dir(out: Path, recipe: dict, examples: list) -> None:
                         legacy=recipe["legacy_tokenizer"])
 
 
+CHUNK = 32      # batches per length-sorted pool
+
+
 def batches(tokenizer, stream, batch_size: int, max_len: int, pad_id: int, rng: random.Random,
-            hasher, chunk: int = 32):
+            hasher, chunk: int = CHUNK):
     """Yields (input_ids, labels, attention_mask) tensors; examples are grouped by
     length within chunks of ``chunk`` batches so little compute goes to padding."""
     import torch
@@ -114,6 +121,24 @@ def batches(tokenizer, stream, batch_size: int, max_len: int, pad_id: int, rng: 
             yield x, y, m
 
 
+def training_stream(world, recipe: dict):
+    """The examples the trainer draws, in order."""
+    from selfrag.training.examples import COPY_PHASE_WEIGHTS, generate
+    early = (recipe["copy_phase_steps"] * recipe["batch_size"], COPY_PHASE_WEIGHTS)
+    return generate(world, 10 ** 12, seed=recipe["seed"], early=early)
+
+
+def replay_data_hash(recipe: dict, updates: int) -> str:
+    """The ``train_data_sha256`` of a run stopped after ``updates`` updates, without
+    training: the trainer pulls ``batch_size * CHUNK`` examples per pool."""
+    from selfrag.training.data import training_world
+    h = hashlib.sha256()
+    stream = iter(training_stream(training_world(recipe["seed"]), recipe))
+    for _ in range(-(-updates // CHUNK) * recipe["batch_size"] * CHUNK):
+        h.update(json.dumps(next(stream), sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n")
+    return h.hexdigest()
+
+
 def lr_at(step: int, recipe: dict) -> float:
     if step < recipe["warmup"]:
         return recipe["lr"] * (step + 1) / recipe["warmup"]
@@ -132,7 +157,7 @@ def train(out_dir: str | os.PathLike, recipe: dict | None = None, progress: bool
     from engine.config import ModelConfig
     from engine.tokenizer import Tokenizer
     from selfrag.training.data import training_world
-    from selfrag.training.examples import COPY_PHASE_WEIGHTS, generate
+    from selfrag.training.examples import generate
 
     recipe = dict(RECIPE if recipe is None else recipe)
     out = Path(out_dir)
@@ -164,8 +189,7 @@ def train(out_dir: str | os.PathLike, recipe: dict | None = None, progress: bool
                             lr=recipe["lr"], betas=tuple(recipe["betas"]))
 
     hasher = hashlib.sha256()
-    early = (recipe["copy_phase_steps"] * recipe["batch_size"], COPY_PHASE_WEIGHTS)
-    stream = iter(generate(world, 10 ** 12, seed=seed, early=early))
+    stream = iter(training_stream(world, recipe))
     data = batches(tokenizer, stream, recipe["batch_size"], recipe["max_len"], pad_id,
                    random.Random(seed), hasher)
     curve, tokens, t0 = [], 0, time.perf_counter()
@@ -188,16 +212,19 @@ def train(out_dir: str | os.PathLike, recipe: dict | None = None, progress: bool
             curve.append({"step": step, "loss": round(lv, 4), "tokens": tokens,
                           "seconds": round(time.perf_counter() - t0, 1)})
         bar.set_postfix(loss=f"{ema:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+        if recipe.get("stop_after") and step + 1 >= recipe["stop_after"]:
+            break
         if save_every and step and step % save_every == 0:     # a snapshot to evaluate mid-run
             save_checkpoint(out, cfg, {k: v.detach().to(torch.bfloat16).contiguous()
                                        for k, v in model.state_dict().items()}, num_shards=2)
     bar.close()
+    updates = step + 1
     train_s = time.perf_counter() - t0
 
     sd = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
     files = save_checkpoint(out, cfg, sd, num_shards=2)
     meta = {
-        "recipe": recipe, "recipe_commit": _git_commit(), "params": n_params,
+        "recipe": recipe, "recipe_commit": _git_commit(), "params": n_params, "updates": updates,
         "train_data_sha256": hasher.hexdigest(), "tokens": tokens, "train_seconds": round(train_s, 1),
         "total_seconds": round(time.perf_counter() - t_start, 1), "first_loss": curve[0]["loss"],
         "final_loss_ema": round(ema, 4), "curve": curve,
