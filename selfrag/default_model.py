@@ -1,7 +1,7 @@
 """The embedded models: the trained miniature Self-RAG model, and a random-weight one.
 
 ``default_model_dir()`` is the default of ``make demo``, ``selfrag ask``,
-``generate``, ``serve`` and the examples: a 4.2M-parameter Llama trained from
+``generate``, ``serve`` and the examples: a 4.7M-parameter Llama trained from
 scratch on generated Self-RAG data (``selfrag.training``), shipped in the
 package as ``selfrag/data/default-v2`` (bf16, with ``training.json``: the
 checksums, the recipe's commit and the training data's hash).  It reads

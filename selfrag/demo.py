@@ -1,6 +1,6 @@
 """Runs the three prompts of the ``selfrag/selfrag_llama2_7b`` model card.
 
-    python -m selfrag.demo                  # embedded default model (RANDOM weights)
+    python -m selfrag.demo                  # the embedded miniature Self-RAG model (trained)
     python -m selfrag.demo --model PATH     # a real selfrag_llama2_7b checkpoint directory
 
 The model card (https://huggingface.co/selfrag/selfrag_llama2_7b) asks two
@@ -10,10 +10,13 @@ questions without a passage -- one the model should answer directly
 in the prompt, where it should answer with ``[Relevant]``, a support token and
 a utility token.  Decoding is greedy, 100 tokens, special tokens shown.
 
-Then the two questions go through the full Self-RAG pipeline (``selfrag ask``:
+Then the two questions, and one about a made-up country whose passage is in
+the embedded corpus, go through the full Self-RAG pipeline (``selfrag ask``:
 adaptive retrieval over the embedded BM25 corpus, one branch per passage,
 critique scores), printing the answer, the retrieval decision and the top
-candidates.
+candidates.  The embedded model is small and was trained only on generated
+Self-RAG data (``selfrag.training``): it reads, judges and copies from
+passages, and knows no facts of its own.
 """
 
 from __future__ import annotations
@@ -75,6 +78,10 @@ def demo_sampling_params(max_tokens: int = 100) -> SamplingParams:
     return SamplingParams(temperature=0.0, top_p=1.0, max_tokens=max_tokens, skip_special_tokens=False)
 
 
+MINIATURE_NOTE = ("the embedded miniature Self-RAG model: 4.7M parameters trained on generated "
+                  "Self-RAG data; it answers from passages and knows no facts of its own")
+
+
 def random_weights_notice(where: str = "below") -> list[str]:
     return [
         f"NOTE: this is the embedded default model with RANDOM weights, so the text {where} is gibberish.",
@@ -104,32 +111,33 @@ def run_demo(model: str | None = None, max_tokens: int = 100, dtype: str = "auto
 
     Returns the generated texts. ``model=None`` uses the embedded default model.
     """
-    from selfrag.default_model import default_model_dir, few_threads
+    from selfrag.default_model import default_model_dir, few_threads, is_random_model
 
     out = out if out is not None else sys.stdout
     params = demo_sampling_params(max_tokens)      # invalid values fail before any loading
-    if model is None:
-        path = default_model_dir()
-        with few_threads(1):                       # a 3M-parameter model: one thread is fastest
-            return _run(path, True, params, dtype, out, device)
+    path = default_model_dir() if model is None else model
+    if model is None or is_random_model(path):
+        with few_threads(1):                       # a 4M-parameter model: one thread is fastest
+            return _run(path, model is None, params, dtype, out, device, is_random_model(path))
     return _run(model, False, params, dtype, out, device)
 
 
 def _run(path: str, embedded: bool, params: SamplingParams, dtype: str, out: TextIO,
-         device: str = "auto") -> list[str]:
+         device: str = "auto", random: bool = False) -> list[str]:
     from engine.llm import LLM
 
     def say(line: str = "") -> None:
         print(line, file=out, flush=True)
 
-    if embedded:
+    if random:
         for line in random_weights_notice():
             say(line)
         say()
     say(f"Self-RAG model card demo ({MODEL_CARD_URL})")
-    say(f"model: {path}{'  [embedded default, RANDOM weights]' if embedded else ''}")
+    note = "  [RANDOM weights]" if random else f"  [{MINIATURE_NOTE}]" if embedded else ""
+    say(f"model: {path}{note}")
     t0 = time.perf_counter()
-    llm = LLM(path, dtype=dtype, device=device, max_num_seqs=4, show_progress=not embedded)
+    llm = LLM(path, dtype=dtype, device=device, max_num_seqs=16, show_progress=not (embedded or random))
     cfg = llm.config
     say(f"loaded in {time.perf_counter() - t0:.2f}s: {cfg.num_hidden_layers} layers, hidden "
         f"{cfg.hidden_size}, vocab {cfg.vocab_size}, {llm.model.dtype} on {llm.model.device}")
@@ -160,7 +168,7 @@ def _run(path: str, embedded: bool, params: SamplingParams, dtype: str, out: Tex
     say()
     say("serve it over an OpenAI-compatible HTTP API: selfrag serve" + ("" if embedded else f" --model {path}")
         + "  (http://127.0.0.1:8000/v1; needs: pip install 'selfrag-engine[serve]')")
-    if embedded:
+    if random:
         say()
         for line in random_weights_notice("above"):
             say(line)
@@ -168,9 +176,13 @@ def _run(path: str, embedded: bool, params: SamplingParams, dtype: str, out: Tex
 
 
 # The pipeline part: the model card's two questions through ``selfrag ask``.
+# Disir is a made-up country of the embedded corpus (id fictional-001), never seen in
+# training: the answer can only come from its passage.
+MADE_UP_QUESTION = "What is the capital of Disir?"
 ASK_QUESTIONS = (("the odd-one-out question (prompt 1)", ODD_ONE_OUT),
-                 ("the llamas-vs-alpacas question (prompts 2 and 3)", LLAMAS_VS_ALPACAS))
-ASK_MAX_TOKENS = 24
+                 ("the llamas-vs-alpacas question (prompts 2 and 3)", LLAMAS_VS_ALPACAS),
+                 ("a made-up country from the embedded corpus", MADE_UP_QUESTION))
+ASK_MAX_TOKENS = 48
 ASK_K = 3
 ASK_TOP = 3
 
@@ -188,8 +200,8 @@ def _ask_section(llm, max_tokens: int, say) -> None:
         say(f"Self-RAG pipeline (selfrag ask): skipped, BM25 retrieval needs the bm25s package ({e})")
         return
     rag = SelfRAG(llm, retriever)
-    say(f"Self-RAG pipeline (selfrag ask): adaptive retrieval over the embedded corpus, top {ASK_K} "
-        f"passages, max_tokens={max_tokens}")
+    say(f"Self-RAG pipeline (selfrag ask): adaptive retrieval over the embedded corpus "
+        f"({len(retriever)} passages), top {ASK_K} passages, max_tokens={max_tokens}")
     for title, question in ASK_QUESTIONS:
         t = time.perf_counter()
         result = rag.answer(question, k=ASK_K, mode="adaptive", max_tokens=max_tokens)
@@ -202,7 +214,7 @@ def _ask_section(llm, max_tokens: int, say) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="PATH", default=None,
                         help="a local selfrag_llama2_7b checkpoint directory (safetensors); "
-                             "default: the embedded random-weight model")
+                             "default: the embedded miniature Self-RAG model")
     parser.add_argument("--max-tokens", type=int, default=100, metavar="N",
                         help="tokens to generate per prompt (default: 100, as on the model card)")
     parser.add_argument("--dtype", default="auto",

@@ -143,8 +143,11 @@ def _choices(obj: Mapping, where: str) -> dict:
     return {"text": [str(t) for t in choices["text"]], "label": [str(x) for x in choices["label"]]}
 
 
-def parse_record(obj: Any, task: str, where: str = "record") -> EvalRecord:
-    """One eval record (a parsed JSON object) for ``task``; ValueError naming ``where``."""
+def parse_record(obj: Any, task: str, where: str = "record", need_passages: bool = True) -> EvalRecord:
+    """One eval record (a parsed JSON object) for ``task``; ValueError naming ``where``.
+
+    need_passages=False (a retriever supplies the passages) accepts a record
+    without ``ctxs``; its ``passages`` are then empty."""
     check_task(task)
     if not isinstance(obj, Mapping):
         raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
@@ -160,14 +163,17 @@ def parse_record(obj: Any, task: str, where: str = "record") -> EvalRecord:
         golds = [key]                     # not remapped from "1"-"4" to A-D (as released)
     else:
         golds = _golds(obj, where)
-    return EvalRecord(question=question, golds=golds, passages=_passages(obj, where),
+    has_ctxs = "ctxs" in obj or "top_contexts" in obj
+    passages = _passages(obj, where) if need_passages or has_ctxs else []
+    return EvalRecord(question=question, golds=golds, passages=passages,
                       choices=choices, where=where, raw=dict(obj))
 
 
-def load_eval_file(path: str | os.PathLike, task: str) -> list[EvalRecord]:
-    """All records of an eval file for ``task`` (popqa, triviaqa, pubhealth, arc_c)."""
+def load_eval_file(path: str | os.PathLike, task: str, need_passages: bool = True) -> list[EvalRecord]:
+    """All records of an eval file for ``task`` (popqa, triviaqa, pubhealth, arc_c);
+    ``need_passages=False`` when a retriever supplies them (``ctxs`` optional)."""
     check_task(task)
-    records = [parse_record(obj, task, where)
+    records = [parse_record(obj, task, where, need_passages)
                for where, obj in read_json_records(path, what="eval file")]
     if not records:
         raise ValueError(f"eval file {path} holds no records")
@@ -218,11 +224,13 @@ def _prediction_row(i: int, rec: EvalRecord, result, score: int) -> dict:
 
 def evaluate(rag, records: list[EvalRecord], task: str, ndocs: int | None = None,
              mode: str = "adaptive", batch_size: int = 8, max_tokens: int | None = None,
-             progress: bool = True, **answer_kwargs) -> dict:
+             progress: bool = True, use_retriever: bool = False, **answer_kwargs) -> dict:
     """Answers every record with ``rag.answer_batch`` and scores it with ``match``.
 
     rag: a ``SelfRAG`` (or anything with its ``answer_batch``).  Each record
-    gets its own ``passages[:ndocs]`` (ARC also its ``choices``).  ndocs /
+    gets its own ``passages[:ndocs]`` (ARC also its ``choices``), or, with
+    ``use_retriever``, the top ``ndocs`` of ``rag.retriever`` for its question
+    (the record's ``ctxs`` are ignored).  ndocs /
     max_tokens default to the task's published values; extra keyword
     arguments (threshold, rule, w_rel, w_sup, w_use, use_seqscore,
     constrained) go to ``answer_batch``.
@@ -242,6 +250,11 @@ def evaluate(rag, records: list[EvalRecord], task: str, ndocs: int | None = None
     records = list(records)
     if not records:
         raise ValueError("no records to evaluate")
+    if use_retriever and getattr(rag, "retriever", None) is None:
+        raise ValueError("use_retriever=True needs a SelfRAG with a retriever")
+    missing = [r.where for r in records if not r.passages]
+    if missing and not use_retriever:
+        raise ValueError(f"{missing[0]}: no 'ctxs' and no retriever (use_retriever=True)")
     from tqdm import tqdm
 
     rows, seconds = [], 0.0
@@ -250,7 +263,8 @@ def evaluate(rag, records: list[EvalRecord], task: str, ndocs: int | None = None
         for batch in _batches(records, batch_size):
             t0 = time.perf_counter()
             results = rag.answer_batch(
-                [r.question for r in batch], passages=[r.passages[:ndocs] for r in batch],
+                [r.question for r in batch],
+                passages=None if use_retriever else [r.passages[:ndocs] for r in batch],
                 k=ndocs, task=inst_task, mode=mode, max_tokens=max_tokens,
                 choices=[r.choices for r in batch] if task == "arc_c" else None, **answer_kwargs)
             seconds += time.perf_counter() - t0

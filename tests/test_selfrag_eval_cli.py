@@ -36,7 +36,7 @@ def rag(cache):
     from selfrag.pipeline import SelfRAG
 
     with dm.few_threads(1):
-        yield SelfRAG(LLM(dm.default_model_dir(cache), device="cpu", show_progress=False))
+        yield SelfRAG(LLM(dm.random_model_dir(cache), device="cpu", show_progress=False))
 
 
 @pytest.fixture
@@ -264,7 +264,7 @@ def test_cli_ask_plain(env_cache, capsys):
     assert main(["ask", "--device", "cpu", "Can you tell me the difference between llamas and alpacas?", "--k", "3",
                  "--max-tokens", "6", "--mode", "always"]) == 0
     cap = capsys.readouterr()
-    assert "RANDOM weights" in cap.err
+    assert "embedded miniature Self-RAG model" in cap.err
     out = cap.out
     assert out.startswith("answer: ") and "retrieved: yes" in out
     assert "candidates, best first (3):" in out and out.count("final=") == 3
@@ -342,6 +342,40 @@ def test_cli_eval_end_to_end(env_cache, tmp_path, capsys):
     assert "2 records" in out and "retrieval frequency: 0.0000 (0/2)" in out
 
 
+@pytest.mark.needs_bm25
+def test_cli_eval_with_bm25_instead_of_ctxs(env_cache, tmp_path, capsys):
+    """--retriever bm25 answers from BM25 over --corpus: records may lack ctxs, and
+    the passages each question got are the corpus's top documents for it."""
+    from selfrag.cli import main
+    from selfrag.retrievers import BM25Retriever
+
+    corpus = tmp_path / "corpus.jsonl"
+    docs = [{"id": str(i), "title": t, "text": x} for i, (t, x) in enumerate([
+        ("Zorvia", "The capital of Zorvia is Quelmar."), ("Bantu", "Bantu is a town of 900 people."),
+        ("Lemo Tower", "The Lemo Tower is 80 metres tall."), ("Kip", "Kip eats red moss.")])]
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps({"question": "What is the capital of Zorvia?", "answers": ["Quelmar"]})
+                    + "\n" + json.dumps({"question": "How tall is the Lemo Tower?", "answers": ["80"],
+                                         "ctxs": [{"title": "x", "text": "ignored"}]}) + "\n")
+    pred = tmp_path / "pred.jsonl"
+    argv = ["eval", "--device", "cpu", "--task", "popqa", "--input", str(data), "--max-tokens", "2"]
+    assert main(argv + ["--retriever", "bm25", "--corpus", str(corpus), "--ndocs", "2", "--mode", "always",
+                        "--output", str(pred)]) == 0
+    assert "from BM25 over" in capsys.readouterr().out
+    rows = [json.loads(line) for line in pred.read_text().splitlines()]
+    bm25 = BM25Retriever(corpus)
+    for row in rows:
+        want = [p.title for p in bm25.retrieve(row["question"], 2)]
+        assert sorted(c["title"] for c in row["candidates"]) == sorted(want)
+    assert rows[0]["candidates"] and "Zorvia" in [c["title"] for c in rows[0]["candidates"]]
+    # Without a retriever a record lacking ctxs is an error that names it; --corpus needs bm25.
+    assert _exit_code(lambda: main(argv)) == 2
+    assert "line 1" in capsys.readouterr().err
+    assert _exit_code(lambda: main(argv + ["--corpus", str(corpus)])) == 2
+    assert "--corpus needs --retriever bm25" in capsys.readouterr().err
+
+
 def test_cli_errors_exit_2(env_cache, tmp_path, capsys):
     from selfrag.cli import main
 
@@ -383,19 +417,19 @@ def test_without_bm25s_ask_exits_2_and_demo_skips_its_ask_part(env_cache, monkey
     assert demo.main(["--device", "cpu", "--max-tokens", "2"]) == 0
     out = capsys.readouterr().out
     assert "skipped, BM25 retrieval needs the bm25s package" in out
-    assert out.count("finish_reason=") == 3 and out.count("RANDOM weights") >= 2
+    assert out.count("finish_reason=") == 3 and "embedded miniature Self-RAG model" in out
 
 
 @pytest.mark.needs_bm25
-def test_demo_runs_ask_on_the_two_card_questions(env_cache, capsys):
+def test_demo_runs_ask_on_three_questions(env_cache, capsys):
     from selfrag import demo
 
     assert demo.main(["--device", "cpu", "--max-tokens", "3"]) == 0
     out = capsys.readouterr().out
     ask = out[out.index("Self-RAG pipeline (selfrag ask)"):]
-    assert ask.count("=== ask:") == 2 and ask.count("answer: ") == 2 and ask.count("retrieved: ") == 2
+    assert ask.count("=== ask:") == 3 and ask.count("answer: ") == 3 and ask.count("retrieved: ") == 3
     assert "final=" in ask and "max_tokens=3" in ask
-    assert ask.rstrip().endswith("(or: selfrag demo --model PATH)")   # the notice stays last
+    assert ask.rstrip().splitlines()[-1].startswith("serve it over an OpenAI-compatible HTTP API")
 
 
 def test_cli_ask_says_when_adaptive_retrieval_skipped_the_passages(env_cache, tmp_path, capsys):
