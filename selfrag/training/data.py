@@ -83,10 +83,14 @@ def grammar_violation(constraint: ReflectionConstraint, output_ids: list[int]) -
     return None
 
 
+def example_bytes(example: dict) -> bytes:
+    """One example's canonical JSON line: what the data hashes are taken over."""
+    return json.dumps(example, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n"
+
+
 def data_hash(examples) -> str:
-    """sha256 over the examples' canonical JSON, in order."""
+    """sha256 over the examples' canonical JSON lines, in order."""
     h = hashlib.sha256()
     for ex in examples:
-        h.update(json.dumps(ex, sort_keys=True, ensure_ascii=False).encode("utf-8"))
-        h.update(b"\n")
+        h.update(example_bytes(ex))
     return h.hexdigest()

@@ -21,8 +21,8 @@ import random
 from pathlib import Path
 
 from selfrag import tokens as T
-from selfrag.prompts import format_choices, task_instruction
-from selfrag.training.world import (OPEN_RELATIONS, RELATIONS, World, cap, name,
+from selfrag.prompts import task_instruction
+from selfrag.training.world import (OPEN_RELATIONS, RELATIONS, World, _value, cap, name,
                                     passage_sentences, passage_text, word)
 
 CORPUS_JSONL = Path(__file__).resolve().parents[1] / "data" / "corpus.jsonl"
@@ -144,7 +144,7 @@ class ExampleMaker:
         value = ent.facts[rel.name]
         if not truth:
             while value == ent.facts[rel.name]:
-                value = _fresh_value(rel.name, rng)
+                value = _value(rel.name, rng)
         claim = rel.answer_sentence(ent, value)
         if rng.random() < 0.65:
             p = passage_text(ent, rng, must=(rel.name,))
@@ -163,7 +163,7 @@ class ExampleMaker:
         gold = ent.facts[rel.name]
         options = [gold]                    # a list: set order varies between processes
         while len(options) < 4:
-            v = _fresh_value(rel.name, rng)
+            v = _value(rel.name, rng)
             if v not in options:
                 options.append(v)
         rng.shuffle(options)
@@ -261,11 +261,6 @@ class ExampleMaker:
         return getattr(self, kind)()
 
 
-def _fresh_value(rel: str, rng: random.Random) -> str:
-    from selfrag.training.world import _value
-    return _value(rel, rng)
-
-
 # Share of each kind in the training mix.
 KIND_WEIGHTS = {
     "factual_gold": 22, "factual_irrelevant": 12, "factual_missing": 5, "factual_partial": 3,
@@ -306,4 +301,4 @@ def generate(world: World, n: int, seed: int, weights: dict | None = None,
                "output": output}
 
 
-__all__ = ["ExampleMaker", "KIND_WEIGHTS", "COPY_PHASE_WEIGHTS", "RETRIEVAL_KINDS", "generate", "format_choices"]
+__all__ = ["ExampleMaker", "KIND_WEIGHTS", "COPY_PHASE_WEIGHTS", "RETRIEVAL_KINDS", "generate"]

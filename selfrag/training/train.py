@@ -97,13 +97,13 @@ def batches(tokenizer, stream, batch_size: int, max_len: int, pad_id: int, rng: 
     """Yields (input_ids, labels, attention_mask) tensors; examples are grouped by
     length within chunks of ``chunk`` batches so little compute goes to padding."""
     import torch
-    from selfrag.training.data import IGNORE, encode_example
+    from selfrag.training.data import IGNORE, encode_example, example_bytes
 
     while True:
         pool = []
         for _ in range(batch_size * chunk):
             ex = next(stream)
-            hasher.update(json.dumps(ex, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n")
+            hasher.update(example_bytes(ex))
             ids, labels = encode_example(tokenizer, ex)
             pool.append((ids[:max_len], labels[:max_len]))
         pool.sort(key=lambda p: len(p[0]))
@@ -131,12 +131,11 @@ def training_stream(world, recipe: dict):
 def replay_data_hash(recipe: dict, updates: int) -> str:
     """The ``train_data_sha256`` of a run stopped after ``updates`` updates, without
     training: the trainer pulls ``batch_size * CHUNK`` examples per pool."""
-    from selfrag.training.data import training_world
-    h = hashlib.sha256()
-    stream = iter(training_stream(training_world(recipe["seed"]), recipe))
-    for _ in range(-(-updates // CHUNK) * recipe["batch_size"] * CHUNK):
-        h.update(json.dumps(next(stream), sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n")
-    return h.hexdigest()
+    import itertools
+
+    from selfrag.training.data import data_hash, training_world
+    stream = training_stream(training_world(recipe["seed"]), recipe)
+    return data_hash(itertools.islice(stream, -(-updates // CHUNK) * recipe["batch_size"] * CHUNK))
 
 
 def lr_at(step: int, recipe: dict) -> float:
@@ -222,7 +221,7 @@ def train(out_dir: str | os.PathLike, recipe: dict | None = None, progress: bool
     train_s = time.perf_counter() - t0
 
     sd = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
-    files = save_checkpoint(out, cfg, sd, num_shards=2)
+    save_checkpoint(out, cfg, sd, num_shards=2)
     meta = {
         "recipe": recipe, "recipe_commit": _git_commit(), "params": n_params, "updates": updates,
         "train_data_sha256": hasher.hexdigest(), "tokens": tokens, "train_seconds": round(train_s, 1),
@@ -233,7 +232,6 @@ def train(out_dir: str | os.PathLike, recipe: dict | None = None, progress: bool
     meta["files_sha256"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
                             for p in sorted(out.iterdir()) if p.is_file() and p.name != "training.json"}
     (out / "training.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-    del files
     return meta
 
 
