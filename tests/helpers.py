@@ -21,7 +21,11 @@ DEVICE = os.environ.get("SELFRAG_TEST_DEVICE", "cpu")
 # find no memory. Test engines there get a fixed small pool and few sequences
 # (few graph buckets to capture): 1024 blocks of 16 tokens is 16k tokens, a few
 # hundred MiB at most for the test models, and any number of them fit at once.
-CUDA_TEST_DEFAULTS = dict(num_kv_blocks=1024, max_num_seqs=16)
+# They also run in fp32: test checkpoints name no torch_dtype, so "auto" would load fp16
+# on CUDA, and the fp32 parity tests would compare an fp16 engine with fp32 HF (the first
+# H200 check, 2026-11-30, failed 5 of them that way: ~4e-4 logprob drift per token, near-
+# ties flipped). Tests of half precision, or of the production dtype, name their dtype.
+CUDA_TEST_DEFAULTS = dict(num_kv_blocks=1024, max_num_seqs=16, dtype=torch.float32)
 
 
 def make_llm(model, **kw):

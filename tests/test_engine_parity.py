@@ -108,6 +108,11 @@ def test_gpu_half_precision_vs_hf_same_dtype(tmp_path, dtype):
         ref, rows = hf_greedy(hf, p, 16)
         got = torch.tensor([o.outputs[0].logprobs[0][t].logprob for t in every])
         assert (got - rows[0]).abs().max() < tol
-        # half-precision kernels may break near-ties differently; most steps must agree
-        agree = next((i for i, (a, b) in enumerate(zip(o.outputs[0].token_ids, ref)) if a != b), 16)
-        assert agree >= 4
+        # Half-precision kernels may break a near-tie differently from HF, and the paths then
+        # part. Up to the first difference both saw the same prefix, so HF's row at that step
+        # judges the engine's pick: it must be within the dtype's tolerance of HF's own.
+        got_ids = o.outputs[0].token_ids
+        div = next((i for i, (a, b) in enumerate(zip(got_ids, ref)) if a != b), None)
+        if div is not None:
+            gap = float(rows[div][ref[div]] - rows[div][got_ids[div]])
+            assert gap < tol, (div, gap)

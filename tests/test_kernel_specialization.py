@@ -201,8 +201,10 @@ def recorded(tmp_path_factory):
     """(launches of every jit object, prefill (context_lens, query_start_loc) pairs)."""
     path = tmp_path_factory.mktemp("spec_ckpt")
     make_checkpoint(path, num_key_value_heads=2)
+    # dtype "auto": the production dtype (fp16 on CUDA, whose prefill tiles are 64 rows;
+    # fp32 on CPU, 16 rows), so the launches are those a served model makes.
     llm = make_llm(str(path), kernel_backend="triton", show_progress=False, max_model_len=128,
-                   block_size=8)
+                   block_size=8, dtype="auto")
     prefills = []
 
     def extra(kernel, bound):
@@ -215,7 +217,7 @@ def recorded(tmp_path_factory):
                               logprob_token_ids=[5, 6])
     first = [1, 5, 9, 12, 33, 40, 41, 42, 43, 44, 45]            # 11 tokens: 2 pages
     batch = [first + [50, 51, 52, 53],                            # its first page is cached
-             [1, 7, 8], list(range(3, 40)), [1, 100, 101, 102, 103]]
+             [1, 7, 8], list(range(3, 80)), [1, 100, 101, 102, 103]]    # 77: > 1 tile on CUDA
     with recording(_all_jit_objects(), extra) as launches:
         llm.generate([{"prompt_token_ids": first}], greedy, use_tqdm=False)
         llm.generate([{"prompt_token_ids": p} for p in batch],
