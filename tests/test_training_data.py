@@ -102,10 +102,12 @@ def test_loss_mask_covers_prompt_and_passage_only(tokenizer):
     tid = tokenizer.convert_tokens_to_ids
     assert all(lab == IGNORE for lab in labels[:n_prompt])
     p_open, p_close = ids.index(tid(T.PARAGRAPH_START)), ids.index(tid(T.PARAGRAPH_END))
-    assert all(lab == IGNORE for lab in labels[p_open:p_close + 1])
-    # Everything else (the retrieval decision, critique tokens, answer, </s>) is learned.
+    assert all(lab == IGNORE for lab in labels[p_open + 1:p_close + 1])
+    # Everything else (the retrieval decision, the <paragraph> that must follow it,
+    # critique tokens, answer, </s>) is learned.
     kept = [i for i, lab in enumerate(labels) if lab != IGNORE]
-    assert kept == [n_prompt] + list(range(p_close + 1, len(ids)))
+    assert p_open == n_prompt + 1
+    assert kept == [n_prompt, p_open] + list(range(p_close + 1, len(ids)))
     assert [labels[i] for i in kept] == [ids[i] for i in kept]
     assert ids[-1] == 2 and ids[n_prompt] == tid(T.RETRIEVAL)
 

@@ -3,9 +3,11 @@
 ``training_world(seed)`` and ``heldout_world(seed)`` never share a head name,
 so the held-out evaluation asks about entities the model has never seen.
 ``encode_example`` gives ``(ids, labels)`` with ``labels == -100`` on the
-prompt and on every passage (``<paragraph>`` ... ``</paragraph>`` inclusive),
-as in the paper: the model learns to ask for, judge and use passages, never
-to write them.
+prompt and on every passage's text and ``</paragraph>``, as in the paper: the
+model learns to ask for, judge and use passages, never to write them. The
+``<paragraph>`` that opens a passage stays in the loss, so that a model asked
+to generate freely follows ``[Retrieval]`` with it (run D, which masked it,
+wrote ``[Retrieval][Partially supported]`` on the model card's second prompt).
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def plain_text(example: dict) -> str:
 
 
 def encode_example(tokenizer, example: dict) -> tuple[list[int], list[int]]:
-    """(input ids with BOS, labels): the prompt and passages are ``IGNORE``."""
+    """(input ids with BOS, labels): the prompt and each passage after its
+    ``<paragraph>`` (``</paragraph>`` included) are ``IGNORE``."""
     prompt_ids = tokenizer.encode(format_prompt(example["instruction"]))
     ids = tokenizer.encode(full_text(example))
     if ids[:len(prompt_ids)] != prompt_ids:
@@ -61,10 +64,10 @@ def encode_example(tokenizer, example: dict) -> tuple[list[int], list[int]]:
         if i < len(prompt_ids):
             labels[i] = IGNORE
             continue
-        if t == open_id:
-            inside = True
         if inside:
             labels[i] = IGNORE
+        if t == open_id:
+            inside = True
         if t == close_id:
             inside = False
     return ids, labels

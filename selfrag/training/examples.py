@@ -237,7 +237,7 @@ class ExampleMaker:
         rng = self.rng
         cat, other = rng.sample(sorted(CATEGORIES), 2)
         verb = rng.choice(("Leave odd one out:", "Which is the odd one out:", "Find the odd one out:"))
-        if rng.random() < 0.15:
+        if rng.random() < 0.35:     # run D, at 0.15, found an odd one among 3 social apps
             items = rng.sample(CATEGORIES[cat], 3)
             return self._no_retrieval(f"{verb} {', '.join(items)}.",
                                       f"All of them are {cat}, so none is the odd one out.", 4)
@@ -265,7 +265,7 @@ class ExampleMaker:
 KIND_WEIGHTS = {
     "factual_gold": 22, "factual_irrelevant": 12, "factual_missing": 5, "factual_partial": 3,
     "long_form": 8, "fever": 7, "arc": 7, "corpus_passage": 3,
-    "copy": 20, "reverse": 4, "arithmetic": 4, "list_items": 3, "odd_one_out": 3, "poem": 3,
+    "copy": 20, "reverse": 4, "arithmetic": 4, "list_items": 3, "odd_one_out": 4, "poem": 3,
 }
 RETRIEVAL_KINDS = ("factual_gold", "factual_irrelevant", "factual_missing", "factual_partial",
                    "long_form", "fever", "arc", "corpus_passage")

@@ -48,12 +48,15 @@ RECIPE = {
     "legacy_tokenizer": True,
     "batch_size": 32,
     "max_len": 320,
-    "steps": 6800,
+    # The schedule: warm-up, then cosine decay as if over `cosine_steps`, until
+    # `decay_start`, then linear to zero at `steps` (a warmup-stable-decay tail). Run D
+    # followed the cosine of 6800 steps and was stopped at update 5001 (its full schedule
+    # takes ~70 min here, over the 60-minute budget) with the rate still at 21% of its
+    # peak; run E keeps D's path to update 4400 and spends the last 800 annealing.
+    "steps": 5200,
+    "cosine_steps": 6800,
+    "decay_start": 4400,
     "copy_phase_steps": 1700,        # COPY_PHASE_WEIGHTS for the first steps' examples
-    # Stop after this many updates of the `steps`-long schedule. The shipped model is the
-    # 5001st update of a 6800-step schedule: the full schedule takes ~70 min here (the
-    # examples after the copy phase are longer than planned), over the 60-minute budget.
-    "stop_after": 5001,
     "lr": 1.5e-3, "min_lr_ratio": 0.05, "warmup": 200, "weight_decay": 0.05,
     "betas": (0.9, 0.95), "grad_clip": 1.0,
     "threads": 2,
@@ -61,7 +64,7 @@ RECIPE = {
 SMOKE = {"model": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                    "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 64},
          "base_vocab": 600, "tokenizer_examples": 800, "batch_size": 16, "steps": 120,
-         "copy_phase_steps": 20, "stop_after": None,
+         "cosine_steps": 120, "decay_start": 100, "copy_phase_steps": 20,
          "lr": 3e-3, "warmup": 10}
 
 
@@ -139,11 +142,20 @@ def replay_data_hash(recipe: dict, updates: int) -> str:
 
 
 def lr_at(step: int, recipe: dict) -> float:
+    """Warm-up, cosine over ``cosine_steps`` (to ``min_lr_ratio``), and from
+    ``decay_start`` a straight line to zero at ``steps``."""
     if step < recipe["warmup"]:
         return recipe["lr"] * (step + 1) / recipe["warmup"]
-    frac = (step - recipe["warmup"]) / max(1, recipe["steps"] - recipe["warmup"])
-    lo = recipe["lr"] * recipe["min_lr_ratio"]
-    return lo + 0.5 * (recipe["lr"] - lo) * (1 + math.cos(math.pi * min(1.0, frac)))
+    horizon = recipe.get("cosine_steps", recipe["steps"])
+    start = min(recipe.get("decay_start", recipe["steps"]), recipe["steps"])
+
+    def cosine(s: int) -> float:
+        frac = (s - recipe["warmup"]) / max(1, horizon - recipe["warmup"])
+        lo = recipe["lr"] * recipe["min_lr_ratio"]
+        return lo + 0.5 * (recipe["lr"] - lo) * (1 + math.cos(math.pi * min(1.0, frac)))
+    if step < start:
+        return cosine(step)
+    return cosine(start) * (recipe["steps"] - step) / max(1, recipe["steps"] - start)
 
 
 def train(out_dir: str | os.PathLike, recipe: dict | None = None, progress: bool = True,
@@ -211,8 +223,6 @@ def train(out_dir: str | os.PathLike, recipe: dict | None = None, progress: bool
             curve.append({"step": step, "loss": round(lv, 4), "tokens": tokens,
                           "seconds": round(time.perf_counter() - t0, 1)})
         bar.set_postfix(loss=f"{ema:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
-        if recipe.get("stop_after") and step + 1 >= recipe["stop_after"]:
-            break
         if save_every and step and step % save_every == 0:     # a snapshot to evaluate mid-run
             save_checkpoint(out, cfg, {k: v.detach().to(torch.bfloat16).contiguous()
                                        for k, v in model.state_dict().items()}, num_shards=2)
@@ -251,7 +261,9 @@ def main(argv=None) -> int:
     if args.steps is not None:
         if args.steps < 1:
             p.error("--steps must be >= 1")
-        recipe["steps"] = args.steps
+        scale = args.steps / recipe["steps"]       # the schedule keeps its shape
+        recipe.update(steps=args.steps, cosine_steps=max(1, round(recipe["cosine_steps"] * scale)),
+                      decay_start=round(recipe["decay_start"] * scale))
     if args.seed is not None:
         recipe["seed"] = args.seed
     meta = train(args.out, recipe, save_every=args.save_every)
