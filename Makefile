@@ -44,7 +44,7 @@ bench: $(STAMP)
 # Retrains the embedded miniature Self-RAG model from scratch (about 50 minutes on 2 CPU
 # cores; seeded, so the same recipe gives the same data hash), then evaluates it on the
 # held-out set. TRAIN_OUT=DIR writes elsewhere instead of replacing the shipped model.
-TRAIN_OUT ?= selfrag/data/default-v2
+TRAIN_OUT ?= selfrag/data/default-v3
 train-miniature: $(STAMP)
 	$(PY) -m selfrag.training.train --out $(TRAIN_OUT) $(ARGS)
 	$(PY) benchmarks/eval_miniature.py --model $(TRAIN_OUT)

@@ -3,7 +3,7 @@
 ``default_model_dir()`` is the default of ``make demo``, ``selfrag ask``,
 ``generate``, ``serve`` and the examples: a 4.7M-parameter Llama trained from
 scratch on generated Self-RAG data (``selfrag.training``), shipped in the
-package as ``selfrag/data/default-v2`` (bf16, with ``training.json``: the
+package as ``selfrag/data/default-v3`` (bf16, with ``training.json``: the
 checksums, the recipe's commit and the training data's hash).  It reads
 passages about made-up entities, judges them and answers from them.
 
@@ -24,9 +24,9 @@ and seeded weights), into a cache directory and reused afterwards:
   place at the end, so an interrupted build never leaves a half checkpoint.
 
 Bump ``DEFAULT_NAME`` whenever the spec or the weight recipe changes, so old
-caches are not mistaken for the new model.  (``default-v2``, the trained
-model, has its own tokenizer: 2000 pieces trained on text that includes
-generated names.)
+caches are not mistaken for the new model.  (The trained model, now
+``default-v3``, has its own tokenizer: 3000 pieces trained on text that
+includes generated names.)
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from selfrag.default_tokenizer import build_tokenizer
 from selfrag.tokens import ADDED_TOKENS, CTRL_TOKENS, PAD
 
 DEFAULT_NAME = "default-v1"        # the random-weight model's cache directory
-TRAINED_NAME = "default-v2"
+TRAINED_NAME = "default-v3"      # v2: run D (stopped mid-schedule); v3: run E
 TRAINED_DIR = Path(__file__).with_name("data") / TRAINED_NAME
 CACHE_ENV = "SELFRAG_CACHE"
 NUM_SHARDS = 2

@@ -22,6 +22,7 @@ passages, and knows no facts of its own.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 import unicodedata
@@ -145,8 +146,14 @@ def _run(path: str, embedded: bool, params: SamplingParams, dtype: str, out: Tex
         f"max_tokens={params.max_tokens}, skip_special_tokens={params.skip_special_tokens}")
 
     # The three prompts run in one batch (the card batches the first two, then runs the third).
+    # Prompt 2 stops where a Self-RAG pipeline would retrieve: at <paragraph>, the passage's
+    # start (the model never learned to write passages: they are masked out of its loss).
+    per_prompt = [params] * len(DEMO_PROMPTS)
+    para_id = llm.tokenizer.convert_tokens_to_ids(PARAGRAPH_START) if llm.tokenizer is not None else None
+    if para_id is not None and para_id != llm.tokenizer.unk_token_id:
+        per_prompt[1] = dataclasses.replace(params, stop_token_ids=[para_id])
     t = time.perf_counter()
-    results = llm.generate([item.prompt for item in DEMO_PROMPTS], params, use_tqdm=False)
+    results = llm.generate([item.prompt for item in DEMO_PROMPTS], per_prompt, use_tqdm=False)
     total_time = time.perf_counter() - t
     texts, total_tokens = [], 0
     for item, result in zip(DEMO_PROMPTS, results):
@@ -160,6 +167,9 @@ def _run(path: str, embedded: bool, params: SamplingParams, dtype: str, out: Tex
         say(_indent(item.prompt.rstrip("\n")))
         say(f"output ({n} tokens, finish_reason={completion.finish_reason}):")
         say(_indent(printable(completion.text)))
+        if completion.stop_reason == para_id and para_id is not None:
+            say("    (then <paragraph>, where it was stopped: here a Self-RAG pipeline retrieves "
+                "and inserts the passage, as in prompt 3 and `ask` below)")
     say()
     rate = total_tokens / total_time if total_time > 0 else float("inf")
     say(f"generated {total_tokens} tokens for {len(DEMO_PROMPTS)} prompts (one batch) in "

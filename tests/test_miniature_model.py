@@ -103,21 +103,24 @@ def test_demo_shows_selfrag_working(capsys, monkeypatch, tmp_path):
     assert demo.main(["--device", "cpu"]) == 0
     out = capsys.readouterr().out
     parts = out.split("=== ")
-    card1, card3 = parts[1], parts[3]
-    # 1: no retrieval, a sensible answer, a utility token.
+    card1, card2, card3 = parts[1], parts[2], parts[3]
+    # 1: no retrieval, a sensible answer (the three are all social apps), a utility token.
     gen1 = card1[card1.index("output ("):]
     assert "[No Retrieval]" in gen1 and "[Utility:" in gen1
+    assert "All of them are social apps, so none is the odd one out." in gen1
+    # 2: a factual question without a passage asks for one: [Retrieval], then <paragraph>.
+    gen2 = card2[card2.index("output ("):].splitlines()
+    assert gen2[1].strip() == "[Retrieval]" and "then <paragraph>" in gen2[2]
     # 3: the card paragraph judged relevant, an answer taken from it, support + utility.
     gen3 = card3[card3.index("output ("):]
     assert "[Relevant]" in gen3 and "[Utility:" in gen3
     assert "[Fully supported]" in gen3 or "[Partially supported]" in gen3
     assert "considerably smaller than llamas" in gen3
     # The made-up country: retrieval chosen, its passage ranked first and judged relevant,
-    # the answer copied from it. (The value itself comes out as "Dolon" for "Polon": the
-    # model copies made-up names right 57% of the time, see miniature_eval.json.)
+    # the right answer (the corpus passage says Polon) copied from it.
     ask = out[out.index("=== ask: a made-up country"):]
     lines = ask.splitlines()
-    assert "is the capital city of Disir." in lines[1] and lines[2].lstrip().startswith("retrieved: yes")
+    assert "Polon is the capital city of Disir." in lines[1] and lines[2].lstrip().startswith("retrieved: yes")
     assert "[Disir]" in lines[4] and "[Relevant]" in lines[5] and "[Fully supported]" in lines[5]
     # The odd-one-out instruction through the pipeline: no retrieval.
     odd = out[out.index("=== ask: the odd-one-out"):].splitlines()
