@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # The GPU machines have no registry: gpu-check runs on their own python.
 GPU_PY ?= python3
 
-.PHONY: demo test bench gpu-check gpu-check-full venv clean train-miniature eval-miniature
+.PHONY: demo test test-real-weights bench gpu-check gpu-check-full venv clean train-miniature eval-miniature
 
 $(RUNTIME_STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: $(RUNTIME_STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(ARGS)
+
+# The real-weight parity tests alone (SmolLM2-135M; the first run fetches 93 MB).
+test-real-weights: $(STAMP)
+	$(PY) -m pytest -q tests/test_real_weights.py tests/test_tokenizer_json.py tests/test_gguf.py $(ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_cpu_generate.py $(if $(QUICK),--quick,)

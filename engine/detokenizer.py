@@ -31,7 +31,20 @@ from typing import Iterable
 _INCOMPLETE = "unexpected end of data"
 
 
-class IncrementalDetokenizer:
+class _TextSoFar:
+    """The emitted deltas, joined lazily: ``text`` stays O(1) amortized per token."""
+
+    _parts: list[str]
+
+    @property
+    def text(self) -> str:
+        """All text emitted so far (excludes held-back partial characters)."""
+        if len(self._parts) > 1:
+            self._parts = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
+
+
+class IncrementalDetokenizer(_TextSoFar):
     """Feed generated ids one at a time with :meth:`add`; read :attr:`text`."""
 
     def __init__(self, tokenizer, prompt_token_ids: Iterable[int] | None = None, skip_special_tokens: bool = True):
@@ -46,13 +59,6 @@ class IncrementalDetokenizer:
 
     def _skipped(self, token_id: int) -> bool:
         return self.skip_special_tokens and self.tokenizer.is_special_id(token_id)
-
-    @property
-    def text(self) -> str:
-        """All text emitted so far (excludes held-back partial characters)."""
-        if len(self._parts) > 1:
-            self._parts = ["".join(self._parts)]
-        return self._parts[0] if self._parts else ""
 
     def _emit(self, s: str) -> str:
         if s and not self._started:
@@ -91,3 +97,43 @@ class IncrementalDetokenizer:
     def flush(self) -> str:
         """End of generation: emit held-back bytes (as U+FFFD, like HF) and return them."""
         return self._flush_pending()
+
+
+class ByteLevelDetokenizer(_TextSoFar):
+    """Streaming text for byte-level BPE (``engine.tokenizer_json``): every id stands for
+    bytes, and one incremental UTF-8 decoder turns them into text, holding back the
+    bytes of an unfinished character. Invalid bytes become U+FFFD per maximal invalid
+    sequence, the rule of Rust's ``from_utf8_lossy`` that HF's ByteLevel decoder uses.
+    An added token (``<|im_end|>``) is its text; a character left unfinished before it
+    is flushed as U+FFFD first. No leading space is ever stripped."""
+
+    def __init__(self, tokenizer, prompt_token_ids: Iterable[int] | None = None,
+                 skip_special_tokens: bool = True):
+        import codecs
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._parts: list[str] = []
+
+    def _emit(self, s: str) -> str:
+        if s:
+            self._parts.append(s)
+        return s
+
+    def add(self, token_id: int) -> str:
+        if self.skip_special_tokens and self.tokenizer.is_special_id(token_id):
+            return ""
+        b = self.tokenizer.token_bytes(token_id)
+        if b is None:
+            return self.flush() + self._emit(self.tokenizer.token_text(token_id))
+        return self._emit(self._decoder.decode(b))
+
+    def flush(self) -> str:
+        return self._emit(self._decoder.decode(b"", final=True))
+
+
+def make_detokenizer(tokenizer, prompt_token_ids: Iterable[int] | None = None,
+                     skip_special_tokens: bool = True):
+    """The streaming detokenizer that fits ``tokenizer``'s kind of vocabulary."""
+    cls = ByteLevelDetokenizer if hasattr(tokenizer, "token_bytes") else IncrementalDetokenizer
+    return cls(tokenizer, prompt_token_ids, skip_special_tokens)

@@ -41,7 +41,8 @@ class LLM:
             ``load_format="dummy"`` a config directory or built-in name
             ("selfrag-7b", "selfrag-13b").
         tokenizer: tokenizer directory; default: ``model`` when it holds a
-            ``tokenizer.model``. Without one, prompts must be token ids.
+            ``tokenizer.model`` (sentencepiece, preferred) or a ``tokenizer.json``
+            (byte-level BPE). Without one, prompts must be token ids.
         skip_tokenizer_init: never load a tokenizer (prompts are token ids).
         dtype: "auto" (fp32 on CPU; the config's dtype on GPU, fp16 where bf16
             is unsupported), "half"/"float16", "bfloat16", "float32".
@@ -104,8 +105,12 @@ class LLM:
         if not skip_tokenizer_init and os.path.isfile(os.path.join(str(tok_dir), "tokenizer.model")):
             from engine.tokenizer import Tokenizer
             self.tokenizer = Tokenizer.from_pretrained(tok_dir)
+        elif not skip_tokenizer_init and os.path.isfile(os.path.join(str(tok_dir), "tokenizer.json")):
+            from engine.tokenizer_json import JsonTokenizer      # byte-level BPE (SmolLM2, ...)
+            self.tokenizer = JsonTokenizer.from_pretrained(tok_dir)
         elif tokenizer is not None and not skip_tokenizer_init:
-            raise ValueError(f"tokenizer={tokenizer!r}: no tokenizer.model in that directory")
+            raise ValueError(f"tokenizer={tokenizer!r}: no tokenizer.model or tokenizer.json in that "
+                             "directory")
         elif not skip_tokenizer_init:
             request_validation.refuse_tokenizer_without_model(str(tok_dir))
 
@@ -341,6 +346,30 @@ class LLM:
         st["output"] += (t5 - t4) + (t7 - t6)
         self.num_steps += 1
         return outputs
+
+    def chat(self, messages, sampling_params=None, use_tqdm: bool = True, chat_template: str | None = None,
+             add_generation_prompt: bool = True, continue_final_message: bool = False):
+        """Generates for one conversation ([{"role", "content"}, ...]) or a list of them,
+        rendered by the checkpoint's chat template (tokenizer_config.json's
+        ``chat_template`` or ``chat_template.jinja``; ``chat_template`` overrides it) as HF's
+        ``apply_chat_template`` does. Returns ``RequestOutput``s in input order, as vLLM's
+        ``LLM.chat``. A model without a template (the Self-RAG checkpoints) is refused: give
+        ``generate`` its own prompt format (``selfrag.prompts.format_prompt``)."""
+        from engine.chat_template import ChatTemplateError, conversation_prompts, load_chat_template
+        if self.tokenizer is None:
+            raise ValueError("LLM.chat needs a tokenizer; this engine was built without one")
+        template = chat_template or (load_chat_template(self.model_dir)
+                                     if isinstance(self.model_dir, str) else None)
+        if template is None:
+            raise ValueError(f"{self.model_dir}: no chat_template (tokenizer_config.json or "
+                             "chat_template.jinja); pass chat_template=..., or use generate() with "
+                             "the model's own prompt format")
+        try:
+            prompts = conversation_prompts(self.tokenizer, template, messages, add_generation_prompt,
+                                           continue_final_message)
+        except ChatTemplateError as e:
+            raise ValueError(f"messages: {e}") from None
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True):
         """Generates for one prompt or a list; returns ``RequestOutput``s in input order.

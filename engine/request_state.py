@@ -34,11 +34,11 @@ class RequestState:
             max_model_len, seq.num_prompt_tokens + p.max_tokens)
         self.detok = None
         if tokenizer is not None:
-            from engine.detokenizer import IncrementalDetokenizer
+            from engine.detokenizer import make_detokenizer
             # Decoded as a continuation of the prompt (as vLLM does), so a leading
             # space of the first generated word is kept.
-            self.detok = IncrementalDetokenizer(tokenizer, seq.prompt_token_ids,
-                                                skip_special_tokens=self.params.skip_special_tokens)
+            self.detok = make_detokenizer(tokenizer, seq.prompt_token_ids,
+                                          skip_special_tokens=self.params.skip_special_tokens)
 
     @property
     def request_id(self) -> str:

@@ -142,10 +142,10 @@ def check_params(params, vocab: int) -> SamplingParams:
 def refuse_tokenizer_without_model(path: str) -> None:
     """A checkpoint with tokenizer files but no tokenizer.model would silently run
     without text: say what is missing instead."""
-    names = ("tokenizer_config.json", "added_tokens.json", "special_tokens_map.json", "tokenizer.json")
+    names = ("tokenizer_config.json", "added_tokens.json", "special_tokens_map.json")
     present = [n for n in names if os.path.isfile(os.path.join(path, n))]
     if present:
         raise CheckpointError(f"the checkpoint has tokenizer files ({', '.join(present)}) but no "
-                              "tokenizer.model, the sentencepiece model this engine reads; copy it "
+                              "tokenizer.model (sentencepiece) or tokenizer.json (byte-level BPE); copy one "
                               "in, pass tokenizer=DIR, or pass skip_tokenizer_init=True to give "
                               "prompts as token ids", file=os.path.join(path, "tokenizer.model"))

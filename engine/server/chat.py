@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from engine.chat_template import ChatTemplateError, load_chat_template, render
+from engine.chat_template import ChatTemplateError, conversation_prompts, load_chat_template
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -81,9 +81,9 @@ class ChatRenderer:
                             "token ids", "messages")
         try:
             if self.template is not None:
-                text = render(self.template, messages, self.tokenizer.bos_token,
-                              self.tokenizer.eos_token, add_generation_prompt=True)
-                ids = self.tokenizer.encode(text, add_special_tokens=False)   # the template has them
+                # as LLM.chat renders it; the template writes its own special tokens
+                [p] = conversation_prompts(self.tokenizer, self.template, messages)
+                text, ids = p["prompt"], p["prompt_token_ids"]
             else:
                 text = (self.chat_prompt or default_chat_prompt)(messages)
                 ids = self.tokenizer.encode(text)
