@@ -102,3 +102,24 @@ def test_triton_backend_in_the_interpreter(model_dir, prompts, reference):
     [out] = llm.generate({"prompt_token_ids": prompts[0]},
                          SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     assert out.outputs[0].token_ids == reference[0][0][:4]
+
+
+def test_converted_weights_equal_transformers_own_gguf_loading(model_dir):
+    """Our dequantization and q/k reordering against transformers' GGUF loader (its own
+    code for both) on the real Q4_1/Q8_0 file: every tensor within one fp32 ulp."""
+    import os
+
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    from engine.pypi_models import MODELS
+    gguf_path = os.path.join(os.path.dirname(model_dir), MODELS["smollm2"][2])
+    try:
+        ref = LlamaForCausalLM.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path),
+                                               dtype=torch.float32).state_dict()
+    except ImportError as e:          # transformers asks for a package it needs to read GGUF
+        pytest.skip(f"transformers cannot load GGUF here: {e}")
+    ours = load_file(os.path.join(model_dir, "model.safetensors"))
+    assert set(ours) <= set(ref)
+    for name, t in ours.items():
+        torch.testing.assert_close(t, ref[name], rtol=1.2e-7, atol=0, msg=name)

@@ -147,3 +147,15 @@ def test_non_byte_level_tokenizer_json_is_refused(tmp_path):
     tok.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(CheckpointError, match="only byte-level"):
         JsonTokenizer.from_pretrained(tmp_path)
+
+
+def test_llm_chat_refuses_a_model_without_a_template_and_names_bad_messages():
+    from engine import LLM
+    from selfrag.default_model import default_model_dir
+    llm = LLM(default_model_dir(), device="cpu", show_progress=False)     # Self-RAG: no template
+    with pytest.raises(ValueError, match="no chat_template"):
+        llm.chat([{"role": "user", "content": "hi"}])
+    with pytest.raises(ValueError, match="messages: conversation 0, message 0"):
+        llm.chat([{"role": "user", "content": 3}], chat_template=CHATML)
+    [out] = llm.chat([{"role": "user", "content": "hi"}], chat_template=CHATML, use_tqdm=False)
+    assert out.prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
