@@ -2,8 +2,9 @@
 
     python -m engine.gguf_convert IN.gguf OUT_DIR [--dtype float32|float16|bfloat16]
 
-``LLM("model.gguf")`` runs the same conversion once into a cache directory beside the
-file. What is written:
+``LLM("model.gguf")`` runs the same conversion once (float32) into a cache directory,
+``$SELFRAG_CACHE/gguf/<name>-<size>-<mtime>`` (default cache ``~/.cache/selfrag-engine``),
+and loads it from there afterwards. What is written:
 
 * ``config.json`` from the ``llama.*`` metadata (layers, widths, heads, KV heads, RoPE
   base and linear scaling, norm eps, context length); embeddings are tied when the file
@@ -209,6 +210,19 @@ def convert(gguf_path: str, out_dir: str, dtype: str = "float32", progress: bool
     if progress:
         print(f"wrote {out_dir}: {len(sd)} tensors ({dtype}), vocab {len(tok.get_vocab())}", file=sys.stderr)
     return out_dir
+
+
+def converted_dir(gguf_path: str, cache_dir: str | None = None, progress: bool = True) -> str:
+    """The cached conversion of ``gguf_path`` (made now if missing; a marker file says it
+    finished, so an interrupted conversion is redone, never loaded half-written)."""
+    st = os.stat(gguf_path)
+    cache = cache_dir or os.environ.get("SELFRAG_CACHE") or os.path.expanduser("~/.cache/selfrag-engine")
+    name = os.path.basename(gguf_path)[:-len(".gguf")]
+    out = os.path.join(cache, "gguf", f"{name}-{st.st_size}-{int(st.st_mtime)}")
+    if not os.path.isfile(os.path.join(out, ".converted")):
+        convert(gguf_path, out, "float32", progress=progress)
+        open(os.path.join(out, ".converted"), "w").close()
+    return out
 
 
 def main(argv=None) -> int:

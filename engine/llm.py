@@ -37,7 +37,8 @@ class LLM:
     """An inference engine over one Llama checkpoint.
 
     Args:
-        model: checkpoint directory (HF layout, safetensors), or with
+        model: checkpoint directory (HF layout, safetensors), a Llama ``.gguf`` file
+            (converted once into ``$SELFRAG_CACHE/gguf/``), or with
             ``load_format="dummy"`` a config directory or built-in name
             ("selfrag-7b", "selfrag-13b").
         tokenizer: tokenizer directory; default: ``model`` when it holds a
@@ -90,6 +91,9 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching, skip_tokenizer_init=skip_tokenizer_init,
             show_progress=show_progress, enforce_eager=enforce_eager,
             gpu_memory_utilization=gpu_memory_utilization)
+        if isinstance(model, str) and model.endswith(".gguf") and os.path.isfile(model):
+            from engine.gguf_convert import converted_dir
+            model = converted_dir(model, progress=show_progress)     # converted once, then cached
         model = resolve_model_dir(model, download_dir) or model
         self.model_dir = model
         # Seconds of each start-up phase, plus what the KV sizing saw (benchmarks read it).

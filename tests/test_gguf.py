@@ -4,6 +4,7 @@ checked against the model they came from. (The real SmolLM2 file: test_real_weig
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -248,3 +249,18 @@ def test_not_a_gguf_file(tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"not a gguf file at all" * 10)
     with pytest.raises(CheckpointError, match="not a readable GGUF file"):
         convert(str(tmp_path / "x.gguf"), str(tmp_path / "hf"), progress=False)
+
+
+def test_llm_loads_a_gguf_file_through_a_cached_conversion(tmp_path, monkeypatch):
+    from engine import LLM, SamplingParams
+    monkeypatch.setenv("SELFRAG_CACHE", str(tmp_path / "cache"))
+    tok = _tiny_tokenizer()
+    _write_gguf(tmp_path / "m.gguf", tok, _tiny_state_dict(tok.get_vocab_size()), {"lm_head.weight": "Q8_0"})
+    ref = LLM(convert(str(tmp_path / "m.gguf"), str(tmp_path / "hf"), progress=False), show_progress=False)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    want = ref.generate("llamas and alpacas", params, use_tqdm=False)[0].outputs[0].token_ids
+    for _ in range(2):              # the second load reuses the conversion
+        llm = LLM(str(tmp_path / "m.gguf"), show_progress=False)
+        assert llm.generate("llamas and alpacas", params, use_tqdm=False)[0].outputs[0].token_ids == want
+    [conv] = os.listdir(tmp_path / "cache" / "gguf")
+    assert conv.startswith("m-") and os.path.isfile(tmp_path / "cache" / "gguf" / conv / ".converted")
