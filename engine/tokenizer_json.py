@@ -103,7 +103,11 @@ class JsonTokenizer(SpecialTokenIds):
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike) -> "JsonTokenizer":
-        from tokenizers import Tokenizer as HFTokenizer
+        try:
+            from tokenizers import Tokenizer as HFTokenizer
+        except ImportError:
+            raise ImportError("this checkpoint's tokenizer.json needs HF's 'tokenizers' library: "
+                              "pip install 'selfrag-engine[hf-models]' (or: pip install tokenizers)") from None
         d = os.fspath(model_dir)
         path = os.path.join(d, "tokenizer.json")
         if not os.path.isfile(path):
