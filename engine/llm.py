@@ -153,6 +153,7 @@ class LLM:
         self.sampler = Sampler(self.model.device, seed)
         self.eos_token_id = (self.tokenizer.eos_token_id if self.tokenizer is not None
                              else _first(cfg.eos_token_id))
+        self.sampler.eos_token_id = self.eos_token_id         # min_tokens masks it
         # Async output processing (CUDA): a step's detokenization and stop-string
         # checks run while the device computes the next step; outputs then lag
         # one step. On CPU nothing would overlap, so it is off.

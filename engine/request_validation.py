@@ -134,6 +134,9 @@ def check_params(params, vocab: int) -> SamplingParams:
         bad = [t for t in getattr(params, name) or [] if t >= vocab]
         if bad:
             raise InvalidRequestError(f"SamplingParams.{name} has ids {bad} >= vocab size {vocab}")
+    bad_bias = [t for t in params.logit_bias or {} if t >= vocab]
+    if bad_bias:
+        raise InvalidRequestError(f"SamplingParams.logit_bias has ids {bad_bias} >= vocab size {vocab}")
     if params.logprobs is not None and params.logprobs > vocab:
         raise InvalidRequestError(f"SamplingParams.logprobs={params.logprobs} > vocab size {vocab}")
     return params

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.logits_processors import apply_logits_processors, row_status, status_message
+from engine.sampling_knobs import PenaltyState, apply_knobs, min_p_filter, needs_state, uses_knobs
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 
@@ -37,7 +38,9 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self._plan_seqs: list[Sequence] = []
-        self._plan_val = (False, [], [])
+        self._plan_val = (False, [], [], [])
+        self.eos_token_id: int | None = None       # what min_tokens masks (the LLM sets it)
+        self.penalties: PenaltyState | None = None  # made at the first request that needs it
 
     def _seq_generator(self, seq: Sequence) -> torch.Generator:
         if seq.params.seed is None:
@@ -51,6 +54,8 @@ class Sampler:
         p: list[SamplingParams] = [s.params for s in seqs]
         temp = torch.tensor([x.temperature for x in p], device=logits.device).unsqueeze(1)
         probs = torch.softmax(logits / temp, dim=-1)
+        if any(x.min_p > 0 for x in p):
+            probs = min_p_filter(probs, torch.tensor([x.min_p for x in p], device=logits.device)[:, None])
         if any(x.top_k > 0 or x.top_p < 1 for x in p):
             sorted_p, order = probs.sort(dim=-1, descending=True)
             V = logits.shape[1]
@@ -68,8 +73,9 @@ class Sampler:
             noise[i].exponential_(generator=self._seq_generator(seq))
         return (probs / noise).argmax(dim=-1)
 
-    def _plan(self, seqs: list[Sequence]) -> tuple[bool, list[int], list[int]]:
-        """(any logits processors, greedy rows, rows wanting log-probs) of a batch.
+    def _plan(self, seqs: list[Sequence]) -> tuple[bool, list[int], list[int], list[int]]:
+        """(any logits processors, greedy rows, rows wanting log-probs, rows using the
+        sampling knobs) of a batch.
 
         A request's params never change, and a decode batch is usually the same
         sequences as last step: the plan is reused while the batch's sequences are
@@ -81,7 +87,8 @@ class Sampler:
         self._plan_seqs = list(seqs)
         self._plan_val = (any(p.logits_processors for p in params),
                           [i for i, p in enumerate(params) if p.greedy],
-                          [i for i, p in enumerate(params) if p.wants_logprobs])
+                          [i for i, p in enumerate(params) if p.wants_logprobs],
+                          [i for i, p in enumerate(params) if uses_knobs(p)])
         return self._plan_val
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], ops
@@ -94,10 +101,14 @@ class Sampler:
         """Queues the step's sampling on the device; ``.wait()`` reads it back."""
         B = logits.shape[0]
         raw = logits                                                 # never modified
-        procs, greedy, want = self._plan(seqs)
+        procs, greedy, want, knobs = self._plan(seqs)
         failed: dict[int, str] = {}
         if procs:
             logits = apply_logits_processors(raw.clone(), seqs, failed)
+        if knobs:
+            if self.penalties is None:
+                self.penalties = PenaltyState(logits.shape[1], logits.device)
+            logits = apply_knobs(logits if procs else raw.clone(), seqs, self.penalties, self.eos_token_id)
         if len(greedy) == B:
             tokens = ops.greedy_argmax(logits)
         else:
@@ -108,6 +119,12 @@ class Sampler:
             rest = sorted(set(range(B)) - set(greedy))
             r = torch.tensor(rest, device=logits.device)
             tokens[r] = self._sample_rows(logits[r], [seqs[i] for i in rest])
+        if knobs:                                   # the counts follow the sampled ids on the device
+            pen = [i for i in knobs if needs_state(seqs[i].params)]
+            if pen:
+                self.penalties.record(self.penalties.rows([seqs[i] for i in pen]),
+                                      tokens[torch.tensor(pen, device=tokens.device)])
+            self.penalties.count_step([seqs[i] for i in knobs])
         sampled_lp = ops.gather_logprobs(raw, tokens.unsqueeze(1)).squeeze(1)      # [B]
         parts = [tokens.double(), sampled_lp.double()]
         K = 0

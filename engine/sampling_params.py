@@ -42,6 +42,15 @@ class SamplingParams:
         ``proc(logits [n, V], request_ids: list[str], output_token_ids:
         list[list[int]]) -> logits [n, V]``; see ``engine/logits_processors.py``.
     seed: per-request RNG seed for reproducible sampling.
+    repetition_penalty: > 0; 1 is off. HF's and vLLM's rule over prompt and output
+        tokens: a seen token's positive logit is divided by it, a negative one multiplied.
+    presence_penalty, frequency_penalty: -2 ... 2 (OpenAI's): ``logit -= frequency *
+        count + presence * (count > 0)`` over the output tokens.
+    min_tokens: EOS (unless ignore_eos) and ``stop_token_ids`` are masked until this
+        many tokens have been generated (vLLM's rule; HF masks EOS only).
+    logit_bias: {token id: bias in -100 ... 100}, added to the logits (OpenAI's).
+    min_p: 0 ... 1; sampled rows keep tokens whose probability is at least min_p
+        times the most likely one's (after temperature).
 
     All log-probs (and ``cumulative_logprob``) are log-softmax of the raw
     model logits, before processors, temperature, top-k/p or masks.
@@ -60,6 +69,12 @@ class SamplingParams:
     logits_processors: Sequence[Any] | None = None
     seed: int | None = None
     n: int = 1
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
+    logit_bias: dict[int, float] | None = None
+    min_p: float = 0.0
     # Normalised views, filled by __post_init__.
     stop_list: list[str] = field(init=False, repr=False)
 
@@ -115,7 +130,33 @@ class SamplingParams:
             if not isinstance(procs, (list, tuple)) or not all(callable(p) for p in procs):
                 bad("logits_processors", "must be a list of callables")
             self.logits_processors = list(procs)
-        for name in ("top_k", "max_tokens", "logprobs", "seed"):    # numpy ints -> int
+        if not is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
+            bad("repetition_penalty", "must be a number > 0 (1: off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not is_real(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
+                bad(name, "must be a number in [-2, 2] (0: off)")
+            setattr(self, name, float(getattr(self, name)))
+        self.repetition_penalty = float(self.repetition_penalty)
+        if not is_int(self.min_tokens) or self.min_tokens < 0:
+            bad("min_tokens", "must be an integer >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            bad("min_tokens", f"must be <= max_tokens ({self.max_tokens})")
+        if not is_real(self.min_p) or not 0 <= self.min_p <= 1:
+            bad("min_p", "must be a number in [0, 1] (0: off)")
+        self.min_p = float(self.min_p)
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                bad("logit_bias", "must be a dict {token id: bias}")
+            bias = {}
+            for k, v in self.logit_bias.items():
+                key = int(k) if isinstance(k, str) and k.strip().isdigit() else k   # JSON keys are strings
+                if not is_int(key) or key < 0:
+                    bad("logit_bias", f"key {k!r} is not a token id")
+                if not is_real(v) or not -100 <= v <= 100:
+                    bad("logit_bias", f"bias {v!r} of token {k} is not a number in [-100, 100]")
+                bias[int(key)] = float(v)
+            self.logit_bias = bias or None
+        for name in ("top_k", "max_tokens", "logprobs", "seed", "min_tokens"):    # numpy ints -> int
             v = getattr(self, name)
             if v is not None:
                 setattr(self, name, int(v))

@@ -1,0 +1,165 @@
+"""The sampling knobs (engine/sampling_knobs.py) against independent references: HF
+transformers' own logits processors in a plain HF greedy loop where the semantics match
+(repetition penalty, logit bias), and hand-written loops over HF's logits elsewhere
+(OpenAI's presence/frequency penalties, vLLM's min_tokens with stop ids, min_p)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import SamplingParams
+from engine.sampling_params import SamplingParamsError
+from tests.helpers import hf_model, make_checkpoint, make_llm, token_prompts
+
+NEW = 24
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("knobs")
+    # std 0.3: peaked enough that greedy repeats tokens, so the penalties change picks
+    cfg = make_checkpoint(path, num_key_value_heads=2, std=0.3)
+    return str(path), cfg, hf_model(path)
+
+
+@torch.no_grad()
+def hf_loop(model, prompt, new, adjust):
+    """Greedy over HF's raw logits after ``adjust(ids_so_far [1, L], out_ids, logits [1, V])``.
+    Returns (tokens, raw log-softmax rows)."""
+    ids = torch.tensor([prompt])
+    tokens, rows = [], []
+    for _ in range(new):
+        logits = model(ids).logits[:, -1].float()
+        rows.append(torch.log_softmax(logits[0], -1))
+        scores = adjust(ids, tokens, logits.clone())
+        t = int(scores[0].argmax())
+        tokens.append(t)
+        ids = torch.cat([ids, torch.tensor([[t]])], dim=1)
+    return tokens, rows
+
+
+def engine_tokens(llm, prompts, params):
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [o.outputs[0] for o in outs]
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.7])
+def test_repetition_penalty_equals_hf_processor(ckpt, penalty):
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+    path, cfg, hf = ckpt
+    prompts = token_prompts(3, cfg.vocab_size, seed=5)
+    proc = RepetitionPenaltyLogitsProcessor(penalty)
+    llm = make_llm(path, show_progress=False)
+    outs = engine_tokens(llm, prompts, SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True,
+                                                     repetition_penalty=penalty, logprobs=0))
+    plain = engine_tokens(llm, prompts, SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True))
+    for p, o, q in zip(prompts, outs, plain):
+        ref, rows = hf_loop(hf, p, NEW, lambda ids, out, s: proc(ids, s))
+        assert o.token_ids == ref
+        # log-probs stay raw: HF's log-softmax before the penalty
+        for step, (t, row) in enumerate(zip(ref, rows)):
+            assert o.logprobs[step][t].logprob == pytest.approx(float(row[t]), abs=1e-4)
+    assert any(o.token_ids != q.token_ids for o, q in zip(outs, plain))      # the knob did something
+
+
+def test_logit_bias_equals_hf_sequence_bias(ckpt):
+    from transformers.generation.logits_process import SequenceBiasLogitsProcessor
+    path, cfg, hf = ckpt
+    prompts = token_prompts(2, cfg.vocab_size, seed=8)
+    llm = make_llm(path, show_progress=False)
+    first = engine_tokens(llm, prompts, SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True))
+    bias = {first[0].token_ids[0]: -100.0, 7: 6.5, 11: 3.0, first[1].token_ids[2]: -4.0}
+    proc = SequenceBiasLogitsProcessor([[[t], b] for t, b in bias.items()])
+    outs = engine_tokens(llm, prompts, SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True,
+                                                     logit_bias=bias))
+    for p, o in zip(prompts, outs):
+        ref, _ = hf_loop(hf, p, NEW, lambda ids, out, s: proc(ids, s))
+        assert o.token_ids == ref
+    assert outs[0].token_ids[0] != first[0].token_ids[0]
+
+
+@pytest.mark.parametrize("presence,frequency", [(0.8, 0.0), (0.0, 0.6), (1.5, -0.5)])
+def test_openai_penalties_by_hand(ckpt, presence, frequency):
+    path, cfg, hf = ckpt
+    prompts = token_prompts(2, cfg.vocab_size, seed=13)
+    llm = make_llm(path, show_progress=False)
+
+    def openai(ids, out, s):            # OpenAI's definition, output tokens only
+        counts = torch.bincount(torch.tensor(out, dtype=torch.int64), minlength=s.shape[1]).float()
+        return s - frequency * counts - presence * (counts > 0).float()
+    outs = engine_tokens(llm, prompts, SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True,
+                                                     presence_penalty=presence, frequency_penalty=frequency))
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == hf_loop(hf, p, NEW, openai)[0]
+
+
+def test_min_tokens_masks_eos_and_stop_ids_by_hand(ckpt):
+    path, cfg, hf = ckpt
+    prompt = token_prompts(1, cfg.vocab_size, seed=21)[0]
+    llm = make_llm(path, show_progress=False)
+    plain = engine_tokens(llm, [prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+    eos = llm.eos_token_id
+    m = 9
+
+    def vllm_rule(stops):
+        def adjust(ids, out, s):
+            if len(out) < m:
+                s[0, stops + [eos]] = float("-inf")
+            return s
+        return adjust
+    early = sorted(set(plain.token_ids[:4]))          # ids greedy wants early: the mask must bite
+    first, _ = hf_loop(hf, prompt, 30, vllm_rule(early))
+    stops = sorted(set(early) | {first[m]})           # and one the masked run picks at step m
+    ref, _ = hf_loop(hf, prompt, 30, vllm_rule(stops))
+    [o] = engine_tokens(llm, [prompt], SamplingParams(temperature=0, max_tokens=30, stop_token_ids=stops,
+                                                      min_tokens=m))
+    end = next(i for i, t in enumerate(ref) if t in stops or t == eos)
+    assert end >= m and o.token_ids == ref[:end + 1] and o.finish_reason == "stop"
+
+
+def test_min_p_one_keeps_only_the_top_token(ckpt):
+    path, cfg, hf = ckpt
+    prompts = token_prompts(3, cfg.vocab_size, seed=4)
+    llm = make_llm(path, show_progress=False)
+    greedy = engine_tokens(llm, prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    sampled = engine_tokens(llm, prompts, SamplingParams(temperature=1.5, min_p=1.0, max_tokens=10,
+                                                         ignore_eos=True, seed=3))
+    assert [o.token_ids for o in sampled] == [o.token_ids for o in greedy]
+
+
+def test_mixed_batch_and_preemption_give_solo_tokens(ckpt):
+    path, cfg, _ = ckpt
+    prompts = token_prompts(6, cfg.vocab_size, seed=30, min_len=10, max_len=30)
+    kinds = [SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True),
+             SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True, repetition_penalty=1.4),
+             SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True, presence_penalty=1.0,
+                            frequency_penalty=0.5, logit_bias={5: 2.0})]
+    params = [kinds[i % 3] for i in range(len(prompts))]
+    solo_llm = make_llm(path, show_progress=False)
+    solo = [engine_tokens(solo_llm, [p], k)[0].token_ids for p, k in zip(prompts, params)]
+    llm = make_llm(path, show_progress=False)
+    assert [o.token_ids for o in engine_tokens(llm, prompts, params)] == solo
+    tight = make_llm(path, show_progress=False, block_size=8, num_kv_blocks=14, max_model_len=64)
+    assert [o.token_ids for o in engine_tokens(tight, prompts, params)] == solo
+    assert tight.scheduler.num_preemptions > 0
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(repetition_penalty=0), "repetition_penalty"), (dict(presence_penalty=2.5), "presence_penalty"),
+    (dict(frequency_penalty=float("nan")), "frequency_penalty"), (dict(min_tokens=-1), "min_tokens"),
+    (dict(min_tokens=20, max_tokens=10), "must be <= max_tokens"), (dict(min_p=1.5), "min_p"),
+    (dict(logit_bias={3: 101}), "bias 101"), (dict(logit_bias={-1: 1}), "key -1"),
+    (dict(logit_bias=[1, 2]), "must be a dict"),
+])
+def test_bad_values_are_named(kw, match):
+    with pytest.raises(SamplingParamsError, match=match):
+        SamplingParams(**kw)
+
+
+def test_logit_bias_ids_checked_against_the_vocab(ckpt):
+    path, cfg, _ = ckpt
+    llm = make_llm(path, show_progress=False)
+    with pytest.raises(ValueError, match="logit_bias has ids"):
+        llm.generate({"prompt_token_ids": [1, 5]}, SamplingParams(logit_bias={cfg.vocab_size: 1.0}),
+                     use_tqdm=False)
+    assert SamplingParams(logit_bias={"12": 1}).logit_bias == {12: 1.0}      # JSON-style keys
