@@ -228,7 +228,7 @@ class LLM:
         text, ids = request_validation.prompt_ids(prompt, self.tokenizer, self.config.vocab_size,
                                                   self.max_model_len)
         params = request_validation.check_params(params if params is not None else SamplingParams(),
-                                                 self.config.vocab_size)
+                                                 self.config.vocab_size, self.tokenizer)
         rid = str(next(self._ids)) if request_id is None else str(request_id)
         if rid in self._requests:
             raise InvalidRequestError(f"request_id {rid!r} is already running")

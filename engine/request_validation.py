@@ -125,7 +125,21 @@ def prompt_ids(prompt, tokenizer, vocab: int, max_model_len: int) -> tuple[str |
     return text, ids
 
 
-def check_params(params, vocab: int) -> SamplingParams:
+def bad_words_token_ids(words: list[str], tokenizer) -> list[list[int]]:
+    """Each bad word as it tokenizes at the start of a text, plus, after a space, when
+    that spelling has a different first token and as many tokens (a word of its own
+    rather than a split of the space), as vLLM bans them."""
+    out: list[list[int]] = []
+    for w in words:
+        plain = tokenizer.encode(w.lstrip(), add_special_tokens=False)
+        spaced = tokenizer.encode(" " + w.lstrip(), add_special_tokens=False)
+        for ids in (plain, spaced):
+            if ids and ids not in out and (ids is plain or (ids[0] != plain[0] and len(ids) == len(plain))):
+                out.append(ids)
+    return out
+
+
+def check_params(params, vocab: int, tokenizer=None) -> SamplingParams:
     """A request's SamplingParams, checked against the model's vocabulary."""
     if not isinstance(params, SamplingParams):
         raise InvalidRequestError(f"sampling params must be SamplingParams, got "
@@ -134,6 +148,11 @@ def check_params(params, vocab: int) -> SamplingParams:
         bad = [t for t in getattr(params, name) or [] if t >= vocab]
         if bad:
             raise InvalidRequestError(f"SamplingParams.{name} has ids {bad} >= vocab size {vocab}")
+    if params.bad_words and params.bad_words_token_ids is None:
+        if tokenizer is None:
+            raise InvalidRequestError("SamplingParams.bad_words needs a tokenizer; this engine has "
+                                      "none (ban token ids with logit_bias instead)")
+        params.bad_words_token_ids = bad_words_token_ids(params.bad_words, tokenizer)
     bad_bias = [t for t in params.logit_bias or {} if t >= vocab]
     if bad_bias:
         raise InvalidRequestError(f"SamplingParams.logit_bias has ids {bad_bias} >= vocab size {vocab}")

@@ -3,7 +3,8 @@
 For the rows whose ``SamplingParams`` ask for them, in this order (after the batched
 logits processors, before temperature and top-k/top-p/min-p):
 
-1. ``logit_bias``: ``logits[t] += bias`` (OpenAI: -100 ... 100);
+1. ``logit_bias``: ``logits[t] += bias`` (OpenAI: -100 ... 100); ``bad_words``: a
+   banned word's last token gets ``-inf`` when the output ends with the rest of it;
 2. ``min_tokens``: EOS and ``stop_token_ids`` get ``-inf`` while fewer tokens than that
    have been generated (vLLM's rule; HF's ``MinNewTokensLengthLogitsProcessor`` masks EOS
    only);
@@ -112,7 +113,7 @@ def needs_state(p) -> bool:
 
 
 def uses_knobs(p) -> bool:
-    return needs_state(p) or bool(p.logit_bias) or p.min_tokens > 0
+    return needs_state(p) or bool(p.logit_bias) or p.min_tokens > 0 or bool(p.bad_words_token_ids)
 
 
 def apply_knobs(logits: torch.Tensor, seqs, state: PenaltyState, eos_id: int | None) -> torch.Tensor:
@@ -126,6 +127,12 @@ def apply_knobs(logits: torch.Tensor, seqs, state: PenaltyState, eos_id: int | N
         p, seq = seqs[i].params, seqs[i]
         for t, b in (p.logit_bias or {}).items():
             bias_r.append(i), bias_t.append(t), bias_v.append(b)
+        if p.bad_words_token_ids:           # banned at the last token when the rest matches
+            out = seq.output_token_ids
+            for ids in p.bad_words_token_ids:
+                k = len(ids) - 1
+                if k == 0 or (len(out) >= k and out[len(out) - k:] == ids[:-1]):
+                    mask_r.append(i), mask_t.append(ids[-1])
         if p.min_tokens > state.done(seq):
             stops = set(p.stop_token_ids or ())
             if eos_id is not None and not p.ignore_eos:

@@ -51,6 +51,10 @@ class SamplingParams:
     logit_bias: {token id: bias in -100 ... 100}, added to the logits (OpenAI's).
     min_p: 0 ... 1; sampled rows keep tokens whose probability is at least min_p
         times the most likely one's (after temperature).
+    bad_words: strings never generated. Each is tokenized as at the start of the text
+        and, where that differs in its first token only, after a space (vLLM's rule); a
+        word of several tokens is banned at its last token when the output already ends
+        with the others. Needs the engine's tokenizer.
 
     All log-probs (and ``cumulative_logprob``) are log-softmax of the raw
     model logits, before processors, temperature, top-k/p or masks.
@@ -75,8 +79,11 @@ class SamplingParams:
     min_tokens: int = 0
     logit_bias: dict[int, float] | None = None
     min_p: float = 0.0
+    bad_words: Sequence[str] | None = None
     # Normalised views, filled by __post_init__.
     stop_list: list[str] = field(init=False, repr=False)
+    # The bad words as token-id sequences, filled by the engine (it has the tokenizer).
+    bad_words_token_ids: list[list[int]] | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self):
         def bad(name, why):
@@ -156,6 +163,11 @@ class SamplingParams:
                     bad("logit_bias", f"bias {v!r} of token {k} is not a number in [-100, 100]")
                 bias[int(key)] = float(v)
             self.logit_bias = bias or None
+        if self.bad_words is not None:
+            words = [self.bad_words] if isinstance(self.bad_words, str) else self.bad_words
+            if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) and w.strip() for w in words):
+                bad("bad_words", "must be a list of non-empty strings")
+            self.bad_words = list(words) or None
         for name in ("top_k", "max_tokens", "logprobs", "seed", "min_tokens"):    # numpy ints -> int
             v = getattr(self, name)
             if v is not None:

@@ -163,3 +163,37 @@ def test_logit_bias_ids_checked_against_the_vocab(ckpt):
         llm.generate({"prompt_token_ids": [1, 5]}, SamplingParams(logit_bias={cfg.vocab_size: 1.0}),
                      use_tqdm=False)
     assert SamplingParams(logit_bias={"12": 1}).logit_bias == {12: 1.0}      # JSON-style keys
+
+
+def test_bad_words_equal_hf_no_bad_words_on_the_miniature_model():
+    """A trained model about to write "capital": banned, it writes something else, exactly
+    as HF's NoBadWordsLogitsProcessor does with the same token lists (taken here from HF's
+    own tokenizer: the word alone and after a space)."""
+    from transformers import AutoTokenizer
+    from transformers.generation.logits_process import NoBadWordsLogitsProcessor
+
+    from selfrag.default_model import default_model_dir
+    from selfrag.prompts import format_passage, format_prompt
+    from selfrag.types import Passage
+    path = default_model_dir()
+    hf_tok = AutoTokenizer.from_pretrained(path)
+    text = format_prompt("What is the capital of Disir?") + format_passage(
+        Passage(title="Disir", text="Polon is the capital city of Disir. In Disir, most people speak Lorese."))
+    prompt = hf_tok.encode(text)
+    llm = make_llm(path, show_progress=False)
+    free = engine_tokens(llm, [prompt], SamplingParams(temperature=0, max_tokens=20))[0]
+    assert "capital" in free.text
+    ids = [hf_tok.encode(w, add_special_tokens=False) for w in ("capital", " capital")]
+    ids = [x for i, x in enumerate(ids) if x not in ids[:i]]
+    proc = NoBadWordsLogitsProcessor(ids, eos_token_id=hf_tok.eos_token_id)
+    [o] = engine_tokens(llm, [prompt], SamplingParams(temperature=0, max_tokens=20, bad_words=["capital"]))
+    ref, _ = hf_loop(hf_model(path), prompt, len(o.token_ids), lambda i, out, s: proc(i, s))
+    assert o.token_ids == ref and o.token_ids != free.token_ids
+    # the banned spellings never occur (another split of the same letters could: vLLM
+    # and HF ban token sequences, not text; the model writes "Polon" as P+ol+on, not the
+    # canonical Pol+on, so banning "Polon" would not bite)
+    assert not any(o.token_ids[i:i + len(x)] == x for x in ids for i in range(len(o.token_ids)))
+    assert sorted(SamplingParams(bad_words=["Polon"]).bad_words) == ["Polon"]
+    with pytest.raises(ValueError, match="bad_words needs a tokenizer"):
+        make_llm(path, show_progress=False, skip_tokenizer_init=True).generate(
+            {"prompt_token_ids": prompt}, SamplingParams(bad_words=["x"]), use_tqdm=False)
