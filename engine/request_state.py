@@ -100,7 +100,7 @@ class RequestState:
         if not hits:
             return False
         i, s = min(hits)
-        self.text = self.text[:i]
+        self.text = self.text[:i + len(s)] if self.params.include_stop_str_in_output else self.text[:i]
         self.stop_reason = s
         return True
 
@@ -114,7 +114,9 @@ class RequestState:
         be the start of a stop string is held back (the final text would cut it off), so
         every text a caller sees is a prefix of the final one."""
         text = self.text
-        if not self.params.stop_list or self.seq.is_finished:
+        # With include_stop_str_in_output a match is kept and cut after its end, which
+        # lies in text not yet seen: everything visible now stays, so nothing is held.
+        if not self.params.stop_list or self.seq.is_finished or self.params.include_stop_str_in_output:
             return text
         hold = 0
         for s in self.params.stop_list:

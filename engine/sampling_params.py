@@ -33,6 +33,9 @@ class SamplingParams:
     max_tokens: generated tokens at most (>= 1).
     stop: strings that end generation; the text is cut before the match.
     stop_token_ids: token ids that end generation (kept in token_ids).
+    include_stop_str_in_output: keep the matched stop string at the end of the text
+        (it is cut off by default). Streamed text is then never held back: what has
+        been sent is always a prefix of the final text.
     ignore_eos: keep going past the EOS token.
     skip_special_tokens: hide special/added tokens in ``.text``.
     logprobs: return the top-N log-probs at each step (None: none).
@@ -80,6 +83,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     min_p: float = 0.0
     bad_words: Sequence[str] | None = None
+    include_stop_str_in_output: bool = False
     # Normalised views, filled by __post_init__.
     stop_list: list[str] = field(init=False, repr=False)
     # The bad words as token-id sequences, filled by the engine (it has the tokenizer).
@@ -116,7 +120,7 @@ class SamplingParams:
             bad("n", "only n=1 is supported; fork sequences for several samples")
         if self.seed is not None and not is_int(self.seed):
             bad("seed", "must be None or an integer")
-        for name in ("ignore_eos", "skip_special_tokens"):
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "must be True or False")
         ids("stop_token_ids")

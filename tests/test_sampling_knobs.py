@@ -197,3 +197,36 @@ def test_bad_words_equal_hf_no_bad_words_on_the_miniature_model():
     with pytest.raises(ValueError, match="bad_words needs a tokenizer"):
         make_llm(path, show_progress=False, skip_tokenizer_init=True).generate(
             {"prompt_token_ids": prompt}, SamplingParams(bad_words=["x"]), use_tqdm=False)
+
+
+def test_include_stop_str_in_output_keeps_the_match_and_streams_without_holding_back():
+    from engine import LLM
+    from selfrag.default_model import default_model_dir
+    from selfrag.prompts import format_passage, format_prompt
+    from selfrag.types import Passage
+    llm = LLM(default_model_dir(), device="cpu", show_progress=False)
+    prompt = format_prompt("What is the capital of Disir?") + format_passage(
+        Passage(title="Disir", text="Polon is the capital city of Disir. In Disir, most people speak Lorese."))
+    free = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)[0].outputs[0].text
+    stop = "is the"                     # two tokens: after "is", the text may be a stop's start
+    cut = free.index(stop)
+
+    def run(include):
+        seen = []
+        rid = llm.add_request(prompt, SamplingParams(temperature=0, max_tokens=20, stop=[stop],
+                                                     include_stop_str_in_output=include))
+        while True:
+            outs = [o for o in llm.step() if o.request_id == rid]
+            if outs:
+                seen.append(outs[-1].outputs[0].text)
+                if outs[-1].finished:
+                    return outs[-1].outputs[0], seen
+    dropped, seen_dropped = run(False)
+    kept, seen_kept = run(True)
+    assert dropped.text == free[:cut] and kept.text == free[:cut + len(stop)]
+    assert kept.stop_reason == stop and kept.finish_reason == "stop"
+    for final, seen in ((dropped, seen_dropped), (kept, seen_kept)):
+        assert all(final.text.startswith(t) for t in seen)            # never taken back
+    # "...Polon is": held back by default (it may be the stop's start), sent at once when kept
+    assert any(t.endswith(" is") for t in seen_kept[:-1])
+    assert not any(t.endswith(" is") for t in seen_dropped)
