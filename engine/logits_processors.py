@@ -1,10 +1,16 @@
 """Running the requests' logits processors, with each request's failure kept to itself.
 
-Protocol: a processor is called once per step per *position* in the processor
+Two protocols are accepted (``processor_form`` tells them apart by signature):
+
+Batched (ours): a processor is called once per step per *position* in the processor
 lists: all rows whose list holds the same object at position j are passed
 together as ``proc(rows [n, V], request_ids, output_token_ids)`` and it returns
 the new rows [n, V] (same device, any float dtype). Rows carrying no processors
 are not touched. No Python loop over the vocabulary.
+
+Per request (vLLM's): ``proc(output_ids, logits_row) -> logits_row``, or
+``proc(prompt_ids, output_ids, logits_row)``; called per row, in order, after the
+batched ones. Simple to port, but a Python call per row per step.
 
 A processor that raises, or returns something that is not such a tensor, fails
 the rows it was called for (their requests end with ``finish_reason="error"``);
@@ -18,6 +24,41 @@ from __future__ import annotations
 import torch
 
 NAN, ALL_MASKED = 1, 2          # row_status bits
+
+
+def processor_form(proc) -> str:
+    """"batched" (our protocol), "row" (vLLM's ``(output_ids, logits_row)``) or
+    "row_with_prompt" (vLLM's ``(prompt_ids, output_ids, logits_row)``), from the
+    callable's signature: two positional parameters are vLLM's first form; of three, a
+    last one whose name mentions logits (vLLM names it ``logits``) is vLLM's second,
+    anything else ours (whose first is the logits). ``per_request`` says it explicitly."""
+    form = getattr(proc, "logits_processor_form", None)
+    if form is not None:
+        return form
+    import inspect
+    try:
+        params = [p for p in inspect.signature(proc).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    except (TypeError, ValueError):      # no signature (a builtin): our protocol
+        return "batched"
+    if len(params) == 2:
+        return "row"
+    if len(params) == 3 and "logit" in params[2].name.lower():
+        return "row_with_prompt"
+    return "batched"
+
+
+class per_request:                        # noqa: N801 - used like a decorator
+    """Marks ``fn`` as a vLLM-style per-request processor, whatever its parameter names:
+    ``fn(output_ids, logits_row)``, or with ``with_prompt=True``
+    ``fn(prompt_ids, output_ids, logits_row)``; it returns the new row [V]."""
+
+    def __init__(self, fn, with_prompt: bool = False):
+        self.fn, self.logits_processor_form = fn, "row_with_prompt" if with_prompt else "row"
+        self.__qualname__ = processor_name(fn)
+
+    def __call__(self, *args):
+        return self.fn(*args)
 
 
 def processor_name(proc) -> str:
@@ -45,7 +86,7 @@ def apply_logits_processors(logits: torch.Tensor, seqs: list, failed: dict[int, 
     bad tensor; a failed row gets no later processor. Without it, the first failure
     raises ``ValueError`` naming the processor.
     """
-    lists = [s.params.logits_processors or [] for s in seqs]
+    lists = [s.params.batched_logits_processors for s in seqs]
     depth = max((len(procs) for procs in lists), default=0)
     V = logits.shape[1]
     for j in range(depth):
@@ -69,7 +110,32 @@ def apply_logits_processors(logits: torch.Tensor, seqs: list, failed: dict[int, 
                     failed[r] = msg
                 continue
             logits[idx] = out.to(logits.dtype)
+    _apply_row_processors(logits, seqs, failed)
     return logits
+
+
+def _apply_row_processors(logits: torch.Tensor, seqs: list, failed: dict[int, str] | None) -> None:
+    """vLLM's per-request processors, after the batched ones: one call per row and
+    processor, in list order (a Python call per row: their cost grows with the batch)."""
+    V = logits.shape[1]
+    for row, seq in enumerate(seqs):
+        for proc, form in seq.params.row_logits_processors:
+            if failed is not None and row in failed:
+                break
+            try:
+                out_ids = seq.output_token_ids
+                out = (proc(out_ids, logits[row]) if form == "row"
+                       else proc(seq.prompt_token_ids, out_ids, logits[row]))
+                problem = _bad_output(out, (V,), logits.device)
+            except Exception as e:  # noqa: BLE001 - the processor's own bug: its row fails
+                problem = f"raised {type(e).__name__}: {e}"
+            if problem is not None:
+                msg = f"logits processor {processor_name(proc)} {problem}"
+                if failed is None:
+                    raise ValueError(msg)
+                failed[row] = msg
+                break
+            logits[row] = out.to(logits.dtype)
 
 
 def row_status(logits: torch.Tensor) -> torch.Tensor:

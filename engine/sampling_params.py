@@ -43,7 +43,9 @@ class SamplingParams:
         their rank. Together with ``logprobs``: the union.
     logits_processors: objects called once per step as
         ``proc(logits [n, V], request_ids: list[str], output_token_ids:
-        list[list[int]]) -> logits [n, V]``; see ``engine/logits_processors.py``.
+        list[list[int]]) -> logits [n, V]`` (batched), or vLLM's per-request
+        ``proc(output_ids, logits_row)`` / ``proc(prompt_ids, output_ids, logits)``
+        (called per row after the batched ones); see ``engine/logits_processors.py``.
     seed: per-request RNG seed for reproducible sampling.
     repetition_penalty: > 0; 1 is off. HF's and vLLM's rule over prompt and output
         tokens: a seen token's positive logit is divided by it, a negative one multiplied.
@@ -88,6 +90,10 @@ class SamplingParams:
     stop_list: list[str] = field(init=False, repr=False)
     # The bad words as token-id sequences, filled by the engine (it has the tokenizer).
     bad_words_token_ids: list[list[int]] | None = field(init=False, repr=False, default=None)
+    # logits_processors split by protocol (engine/logits_processors.py): ours, batched,
+    # and vLLM's per-request ones as (callable, form).
+    batched_logits_processors: list = field(init=False, repr=False, default_factory=list)
+    row_logits_processors: list = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self):
         def bad(name, why):
@@ -141,6 +147,13 @@ class SamplingParams:
             if not isinstance(procs, (list, tuple)) or not all(callable(p) for p in procs):
                 bad("logits_processors", "must be a list of callables")
             self.logits_processors = list(procs)
+            from engine.logits_processors import processor_form
+            for proc in self.logits_processors:
+                form = processor_form(proc)
+                if form == "batched":
+                    self.batched_logits_processors.append(proc)
+                else:
+                    self.row_logits_processors.append((proc, form))
         if not is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
             bad("repetition_penalty", "must be a number > 0 (1: off)")
         for name in ("presence_penalty", "frequency_penalty"):

@@ -230,3 +230,55 @@ def test_include_stop_str_in_output_keeps_the_match_and_streams_without_holding_
     # "...Polon is": held back by default (it may be the stop's start), sent at once when kept
     assert any(t.endswith(" is") for t in seen_kept[:-1])
     assert not any(t.endswith(" is") for t in seen_dropped)
+
+
+def test_vllm_per_request_processors_by_hand(ckpt):
+    from engine.logits_processors import per_request, processor_form
+    path, cfg, hf = ckpt
+    prompts = token_prompts(2, cfg.vocab_size, seed=40)
+    llm = make_llm(path, show_progress=False)
+    plain = engine_tokens(llm, prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    banned = plain[0].token_ids[4]
+
+    def ban_after_three(output_ids, logits):              # vLLM's two-argument form
+        if len(output_ids) >= 3:
+            logits[banned] = float("-inf")
+        return logits
+
+    def favour_prompt_start(prompt_tokens_ids, past_tokens_ids, logits):   # vLLM's three-argument form
+        logits[prompt_tokens_ids[1]] += 0.5 * len(past_tokens_ids)
+        return logits
+
+    def batched_push(logits, request_ids, output_token_ids):    # ours; runs first
+        logits[:, banned] += 100.0
+        return logits
+    assert [processor_form(p) for p in (ban_after_three, favour_prompt_start, batched_push)] == \
+        ["row", "row_with_prompt", "batched"]
+    assert processor_form(per_request(lambda a, b, c: c, with_prompt=True)) == "row_with_prompt"
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                            logits_processors=[favour_prompt_start, ban_after_three, batched_push])
+    outs = engine_tokens(llm, prompts, params)
+    for p, o in zip(prompts, outs):
+        def by_hand(ids, out, s):
+            s[0, banned] += 100.0                           # the batched one first
+            s[0, p[1]] += 0.5 * len(out)                    # then the row ones, in list order
+            if len(out) >= 3:
+                s[0, banned] = float("-inf")
+            return s
+        assert o.token_ids == hf_loop(hf, p, 12, by_hand)[0]
+        assert banned not in o.token_ids[3:]
+
+
+def test_a_failing_per_request_processor_fails_only_its_row(ckpt):
+    path, cfg, _ = ckpt
+    prompts = token_prompts(2, cfg.vocab_size, seed=41)
+    llm = make_llm(path, show_progress=False)
+
+    def broken(output_ids, logits):
+        return logits[:5]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        [SamplingParams(temperature=0, max_tokens=4, logits_processors=[broken]),
+                         SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)], use_tqdm=False)
+    assert outs[0].outputs[0].finish_reason == "error" and "broken" in outs[0].error
+    assert "returned shape (5,)" in outs[0].error
+    assert outs[1].outputs[0].finish_reason == "length" and len(outs[1].outputs[0].token_ids) == 4
