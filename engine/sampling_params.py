@@ -90,10 +90,7 @@ class SamplingParams:
     stop_list: list[str] = field(init=False, repr=False)
     # The bad words as token-id sequences, filled by the engine (it has the tokenizer).
     bad_words_token_ids: list[list[int]] | None = field(init=False, repr=False, default=None)
-    # logits_processors split by protocol (engine/logits_processors.py): ours, batched,
-    # and vLLM's per-request ones as (callable, form).
-    batched_logits_processors: list = field(init=False, repr=False, default_factory=list)
-    row_logits_processors: list = field(init=False, repr=False, default_factory=list)
+    _split: tuple = field(init=False, repr=False, compare=False, default=((), [], []))
 
     def __post_init__(self):
         def bad(name, why):
@@ -147,13 +144,6 @@ class SamplingParams:
             if not isinstance(procs, (list, tuple)) or not all(callable(p) for p in procs):
                 bad("logits_processors", "must be a list of callables")
             self.logits_processors = list(procs)
-            from engine.logits_processors import processor_form
-            for proc in self.logits_processors:
-                form = processor_form(proc)
-                if form == "batched":
-                    self.batched_logits_processors.append(proc)
-                else:
-                    self.row_logits_processors.append((proc, form))
         if not is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
             bad("repetition_penalty", "must be a number > 0 (1: off)")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -189,6 +179,26 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None:
                 setattr(self, name, int(v))
+
+    def _split_processors(self) -> tuple:
+        """(ours, vLLM's per-request as (callable, form)), recomputed only when the list
+        changed (callers may replace ``logits_processors`` after construction)."""
+        procs = self.logits_processors or []
+        key = tuple(map(id, procs))
+        if self._split[0] != key:
+            from engine.logits_processors import processor_form
+            forms = [(p, processor_form(p)) for p in procs]
+            self._split = (key, [p for p, f in forms if f == "batched"],
+                           [(p, f) for p, f in forms if f != "batched"])
+        return self._split
+
+    @property
+    def batched_logits_processors(self) -> list:
+        return self._split_processors()[1]
+
+    @property
+    def row_logits_processors(self) -> list:
+        return self._split_processors()[2]
 
     @property
     def greedy(self) -> bool:
