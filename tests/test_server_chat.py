@@ -140,7 +140,7 @@ def test_max_tokens_past_the_context_is_400(client, llm):
 
 @pytest.mark.parametrize("field,value", [("tools", [{"type": "function", "function": {"name": "f"}}]),
                                          ("response_format", {"type": "json_object"}),
-                                         ("presence_penalty", 0.5), ("logit_bias", {"5": 10})])
+                                         ("best_of", 3)])
 def test_unimplemented_fields_are_400_naming_them(client, field, value):
     err = _err(_chat(client, [{"role": "user", "content": "Hi"}], **{field: value}), 400)
     assert err["param"] == field and field in err["message"]
@@ -212,3 +212,28 @@ def test_prometheus_metrics_count_what_happened(client, llm):
     assert rate == pytest.approx(after[("vllm:prefix_cache_hits_total", ())]
                                  / after[("vllm:prefix_cache_queries_total", ())])
     assert ("vllm:num_preemptions_total", ()) in after
+
+
+def test_sampling_knobs_pass_through_and_bad_values_are_400(client):
+    """OpenAI's and vLLM's knobs reach SamplingParams (include_stop_str_in_output keeps
+    the stop string; a -100 logit_bias on every token the answer used changes it); a bad
+    value is a 400 naming the field."""
+    msgs = [{"role": "user", "content": "Hi"}]
+    base = _chat(client, msgs, max_tokens=16, temperature=0, logprobs=True).json()
+    text = base["choices"][0]["message"]["content"]
+    stop = text[4:7]
+    assert len(stop) == 3 and text.index(stop) == 4
+    for include, want in ((False, text[:4]), (True, text[:7])):
+        r = _chat(client, msgs, max_tokens=16, temperature=0, stop=[stop], include_stop_str_in_output=include)
+        assert r.json()["choices"][0]["message"]["content"] == want, include
+    biased = _chat(client, msgs, max_tokens=16, temperature=0,
+                   logit_bias={str(t): -100 for t in range(0, 400)}).json()
+    assert biased["choices"][0]["message"]["content"] != text
+    r = _chat(client, msgs, max_tokens=4, temperature=0, presence_penalty=0.5, frequency_penalty=0.2,
+              repetition_penalty=1.1, min_tokens=2, min_p=0.1, include_stop_str_in_output=True,
+              bad_words=["zzz"])
+    assert r.status_code == 200, r.text
+    for field, value in (("presence_penalty", 3), ("repetition_penalty", 0), ("min_p", 2),
+                         ("logit_bias", {"5": 500})):
+        err = _err(_chat(client, msgs, **{field: value}), 400)
+        assert field in err["message"], (field, err)

@@ -146,10 +146,16 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
             raise APIError(400, f"max_tokens={max_tokens} is over this server's cap of "
                                 f"{max_tokens_cap}", param="max_tokens")
         try:
+            knobs = {k: v for k, v in (("presence_penalty", req.presence_penalty),
+                                       ("frequency_penalty", req.frequency_penalty),
+                                       ("repetition_penalty", req.repetition_penalty),
+                                       ("logit_bias", req.logit_bias)) if v is not None}
             return SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                                   max_tokens=max_tokens, stop=req.stop, seed=req.seed,
                                   logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
-                                  ignore_eos=req.ignore_eos)
+                                  ignore_eos=req.ignore_eos, min_tokens=req.min_tokens, min_p=req.min_p,
+                                  bad_words=req.bad_words,
+                                  include_stop_str_in_output=req.include_stop_str_in_output, **knobs)
         except ValueError as e:
             raise APIError(400, str(e)) from None
 

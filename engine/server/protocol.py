@@ -1,7 +1,7 @@
 """Pydantic models of the OpenAI-compatible API (requests validated, responses plain dicts).
 
 OpenAI fields this server does not implement but that would change the answer
-(``tools``, ``response_format``, penalties, ``logit_bias``, ...) are refused with a
+(``tools``, ``response_format``, ``best_of``, ...) are refused with a
 400 naming them (``unsupported_fields``) when set to anything but their neutral
 value; fields that only describe the client (``user``, ``metadata``, ``store``, ...)
 and unknown ones are accepted and ignored. ``stream_options.include_usage`` is honoured.
@@ -24,9 +24,8 @@ class _Lenient(BaseModel):
 UNSUPPORTED = {
     "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None, False, True),
     "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
-    "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
-    "repetition_penalty": (None, 1, 1.0), "best_of": (None, 1), "suffix": (None, ""),
-    "min_tokens": (None, 0), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
+    "best_of": (None, 1), "suffix": (None, ""),
+    "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
     "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
 }
 
@@ -55,6 +54,15 @@ class _SamplingFields(_Lenient):
     stream_options: Optional[StreamOptions] = None
     skip_special_tokens: StrictBool = True
     ignore_eos: StrictBool = False
+    # OpenAI's penalties and bias, vLLM's extensions; checked again by SamplingParams
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    logit_bias: Optional[dict] = None
+    min_tokens: StrictInt = 0
+    min_p: float = 0.0
+    bad_words: Optional[List[StrictStr]] = None
+    include_stop_str_in_output: StrictBool = False
 
 
 TokenIds = List[StrictInt]
