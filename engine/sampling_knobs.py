@@ -146,19 +146,42 @@ def apply_knobs(logits: torch.Tensor, seqs, state: PenaltyState, eos_id: int | N
         logits[torch.tensor(mask_r, device=dev), torch.tensor(mask_t, device=dev)] = float("-inf")
     pen = [i for i in rows if needs_state(seqs[i].params)]
     if pen:
-        idx = torch.tensor(pen, device=dev)
-        srows = state.rows([seqs[i] for i in pen])
-        counts, in_prompt = state.counts[srows], state.in_prompt[srows]          # [n, V]
-        ps = [seqs[i].params for i in pen]
-        rep = torch.tensor([p.repetition_penalty for p in ps], dtype=logits.dtype, device=dev)[:, None]
-        freq = torch.tensor([p.frequency_penalty for p in ps], dtype=logits.dtype, device=dev)[:, None]
-        pres = torch.tensor([p.presence_penalty for p in ps], dtype=logits.dtype, device=dev)[:, None]
-        sub = logits[idx]
-        seen = in_prompt | (counts > 0)
-        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-        sub = sub - freq * counts.to(logits.dtype) - pres * (counts > 0).to(logits.dtype)
-        logits[idx] = sub
+        _penalize(logits, pen, [seqs[i] for i in pen], state)
     return logits
+
+
+def _penalize(logits: torch.Tensor, pen: list[int], seqs, state: PenaltyState) -> None:
+    """The three penalties on rows ``pen`` of ``logits``, in place, with as few passes
+    over [n, V] as each needs (the dense ops cost ~1.5 ms per pass at 64 x 32k on the
+    2-core CPU): only the penalties some row uses are computed."""
+    dev, dt = logits.device, logits.dtype
+    whole = len(pen) == logits.shape[0]
+    idx = None if whole else torch.tensor(pen, device=dev)
+    sub = logits if whole else logits[idx]
+    srows = state.rows(seqs)
+    counts = state.counts[srows]                                                 # [n, V] int32
+    ps = [s.params for s in seqs]
+
+    def col(name):
+        return torch.tensor([getattr(p, name) for p in ps], dtype=dt, device=dev)[:, None]
+    # Arithmetic rather than torch.where: where costs ~5 ms per [64, 32k] call on the CPU
+    # build here, an addcmul ~1.9 ms (measured).
+    # Masks as 0/1 floats made arithmetically (clamp, sign): bool -> float conversions and
+    # torch.where cost several times more per [64, 32k] pass on the CPU build here.
+    cf = counts.to(dt)
+    used = cf.clamp(max=1.0)                                                   # count > 0
+    if any(p.repetition_penalty != 1.0 for p in ps):
+        rep = col("repetition_penalty")
+        seen = torch.maximum(used, state.in_prompt[srows].to(dt))
+        # factor: 1/rep on seen positive logits, rep on seen others, 1 elsewhere
+        factor = torch.addcmul(rep - 1, sub.sign().clamp_(min=0), 1.0 / rep - rep)
+        sub.mul_(factor.mul_(seen).add_(1))
+    if any(p.frequency_penalty != 0.0 for p in ps):
+        sub.addcmul_(cf, -col("frequency_penalty"))
+    if any(p.presence_penalty != 0.0 for p in ps):
+        sub.addcmul_(used, -col("presence_penalty"))
+    if not whole:
+        logits[idx] = sub
 
 
 def min_p_filter(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
