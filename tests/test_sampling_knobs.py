@@ -282,3 +282,29 @@ def test_a_failing_per_request_processor_fails_only_its_row(ckpt):
     assert outs[0].outputs[0].finish_reason == "error" and "broken" in outs[0].error
     assert "returned shape (5,)" in outs[0].error
     assert outs[1].outputs[0].finish_reason == "length" and len(outs[1].outputs[0].token_ids) == 4
+
+
+def test_penalty_rows_are_reused_after_finish_and_copied_by_fork():
+    from engine.sampling_knobs import PenaltyState
+    from engine.sequence import Sequence, SequenceStatus
+    state = PenaltyState(50, torch.device("cpu"))
+    p = SamplingParams(repetition_penalty=1.2)
+    a, b = Sequence([1, 2, 3], "a", p), Sequence([4, 4], "b", p)
+    rows = state.rows([a, b])
+    state.record(rows, torch.tensor([7, 9]))
+    state.record(rows[:1], torch.tensor([7]))
+    assert state.counts[rows[0], 7] == 2 and state.counts[rows[1], 9] == 1
+    assert state.in_prompt[rows[1]].nonzero().flatten().tolist() == [4]
+    child = Sequence([1, 2, 3], "a-child", p)
+    state.fork(a, child)
+    [crow] = state.rows([child]).tolist()
+    assert torch.equal(state.counts[crow], state.counts[rows[0]]) and crow not in rows.tolist()
+    size = state.counts.shape[0]
+    for seq in (a, b, child):
+        seq.status = SequenceStatus.FINISHED
+    for i in range(3 * size):          # many later requests, one at a time: rows are reused
+        seq = Sequence([5], f"n{i}", p)
+        [r] = state.rows([seq]).tolist()
+        assert state.counts[r].sum() == 0 and state.in_prompt[r].nonzero().flatten().tolist() == [5]
+        seq.status = SequenceStatus.FINISHED
+    assert state.counts.shape[0] == size
