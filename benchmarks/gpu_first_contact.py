@@ -22,6 +22,7 @@ each wrapped so that a failure is recorded and the rest still run):
   micro     decode attention GB/s (graph split count vs live), prefill vs SDPA flash
   real      SmolLM2-135M in fp16 and bf16 vs the fp32 CPU reference, if the model is on the
             machine ($SELFRAG_REAL_MODEL): top-1 agreement, max chosen log-prob error
+  knobs     the sampler with every sampling knob on 64 rows vs plain (target <= 1.3x)
   tests     if 90 s remain: the CUDA test subset (kernels, graphs, parity with HF)
 
 Writes benchmarks/results/first_contact_<device>.json after every step (and into $OUT
@@ -42,13 +43,14 @@ sys.path.insert(0, REPO)
 
 # (name, seconds a step needs at least on the GPU to be worth starting)
 STEPS = [("probe", 5), ("kernels", 40), ("ceilings", 15), ("engine", 60), ("graphs", 15),
-         ("decode", 15), ("profile", 10), ("sweep", 25), ("micro", 20), ("real", 30), ("tests", 90)]
+         ("decode", 15), ("profile", 10), ("sweep", 25), ("micro", 20), ("real", 30), ("knobs", 15),
+         ("tests", 90)]
 DEADLINE_S = 330
 
 
 def _step_functions():
-    from benchmarks.first_contact import (device_steps, engine_steps, kernel_checks, real_model_step,
-                                          trace_steps)
+    from benchmarks.first_contact import (device_steps, engine_steps, kernel_checks, knobs_step,
+                                          real_model_step, trace_steps)
 
     def micro(ctx):
         engine_steps.release_engine(ctx)       # its KV pool holds most of the GPU
@@ -56,7 +58,7 @@ def _step_functions():
     return dict(probe=device_steps.probe, kernels=kernel_checks.run, ceilings=device_steps.ceilings,
                 engine=engine_steps.engine, graphs=engine_steps.graphs, decode=engine_steps.decode,
                 profile=trace_steps.profile, sweep=engine_steps.sweep, micro=micro,
-                real=real_model_step.real_model, tests=trace_steps.tests)
+                real=real_model_step.real_model, knobs=knobs_step.knobs, tests=trace_steps.tests)
 
 
 NEEDS_ENGINE = {"graphs", "decode", "profile", "sweep"}

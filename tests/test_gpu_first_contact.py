@@ -12,7 +12,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ["probe", "kernels", "ceilings", "engine", "graphs", "decode", "profile", "sweep", "micro", "real",
-         "tests"]
+         "knobs", "tests"]
 
 
 def _run(tmp_path, *args, timeout=300):
@@ -60,6 +60,7 @@ def test_dry_run_runs_every_step(dry):
         sum(v for k, v in d["step_split_ms"].items() if k != "wait"))
     assert [row["batch"] for row in r["sweep"]["rows"]] == [2, 4]
     assert r["micro"]["decode"] and r["micro"]["prefill"]
+    assert r["knobs"]["plain_ms"] > 0 and r["knobs"]["knobs_ms"] > 0
     if "skipped" not in r["real"]:      # fp32 on the CPU against the fp32 reference: exact picks
         res = r["real"]["results"]["float32"]
         assert res["top1_agreement"] == 1.0 and res["max_chosen_logprob_error"] < 1e-3, res

@@ -308,3 +308,30 @@ def test_penalty_rows_are_reused_after_finish_and_copied_by_fork():
         assert state.counts[r].sum() == 0 and state.in_prompt[r].nonzero().flatten().tolist() == [5]
         seq.status = SequenceStatus.FINISHED
     assert state.counts.shape[0] == size
+
+
+@pytest.mark.parametrize("variant", ["mha", "gqa", "mqa_tied", "sharded_v5", "linear_rope_v4",
+                                     "head_dim_32_blocks_ragged"])
+def test_all_knobs_together_on_every_parity_checkpoint(tmp_path, variant):
+    """Repetition penalty (HF's processor), a logit bias (HF's), and OpenAI's penalties
+    (by hand) at once, in that order, on each parity checkpoint shape."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor, SequenceBiasLogitsProcessor
+
+    from tests.test_engine_parity import VARIANTS
+    cfg = make_checkpoint(tmp_path, std=0.3, **VARIANTS[variant])
+    prompts = token_prompts(2, cfg.vocab_size, seed=len(variant))
+    bias = {3: 4.0, 17: -3.0, 42: 2.5}
+    rep_proc = RepetitionPenaltyLogitsProcessor(1.25)
+    bias_proc = SequenceBiasLogitsProcessor([[[t], b] for t, b in bias.items()])
+
+    def reference(ids, out, s):
+        s = rep_proc(ids, bias_proc(ids, s))             # bias first, then the repetition rule
+        counts = torch.bincount(torch.tensor(out, dtype=torch.int64), minlength=s.shape[1]).float()
+        return s - 0.4 * counts - 0.7 * (counts > 0).float()
+    llm = make_llm(str(tmp_path), show_progress=False, block_size=8)
+    outs = engine_tokens(llm, prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
+                                                     repetition_penalty=1.25, logit_bias=bias,
+                                                     presence_penalty=0.7, frequency_penalty=0.4))
+    hf = hf_model(tmp_path)
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == hf_loop(hf, p, 16, reference)[0]
