@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.logits_processors import apply_logits_processors, row_status, status_message
-from engine.sampling_knobs import PenaltyState, apply_knobs, min_p_filter, needs_state, uses_knobs
+from engine.sampling_knobs import PenaltyState, apply_knobs, min_p_filter, uses_knobs
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 
@@ -119,11 +119,7 @@ class Sampler:
             rest = sorted(set(range(B)) - set(greedy))
             r = torch.tensor(rest, device=logits.device)
             tokens[r] = self._sample_rows(logits[r], [seqs[i] for i in rest])
-        if knobs:                                   # the counts follow the sampled ids on the device
-            pen = [i for i in knobs if needs_state(seqs[i].params)]
-            if pen:
-                self.penalties.record(self.penalties.rows([seqs[i] for i in pen]),
-                                      tokens[torch.tensor(pen, device=tokens.device)])
+        if knobs:                                   # min_tokens counts this step's token
             self.penalties.count_step([seqs[i] for i in knobs])
         sampled_lp = ops.gather_logprobs(raw, tokens.unsqueeze(1)).squeeze(1)      # [B]
         parts = [tokens.double(), sampled_lp.double()]

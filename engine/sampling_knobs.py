@@ -15,11 +15,13 @@ logits processors, before temperature and top-k/top-p/min-p):
    count[t] + presence * (count[t] > 0)``, counting output tokens only.
 
 ``PenaltyState`` keeps, per sequence that needs it, a row of a pooled device tensor:
-output-token counts (int32 [V]) and prompt-token presence (bool [V]). The step adds
-its sampled ids to the counts on the device (no host round trip); the row stays with
-the sequence through preemption (recompute keeps its output tokens), is copied by
-``fork``, and is released once the sequence has finished. Returned log-probs are
-never affected: they are taken from the raw logits.
+its token ids (prompt, then output) and first-occurrence marks of the output tokens,
+appended a few at a time (the tokens the host added since the last step) in one small
+copy per step; the penalties then gather and scatter only those positions, so their
+cost grows with the tokens seen, not with the vocabulary. The row stays with the
+sequence through preemption (recompute keeps its output tokens), is copied by
+``fork``, and is reused once the sequence has finished. Returned log-probs are never
+affected: they are taken from the raw logits.
 """
 from __future__ import annotations
 
@@ -27,29 +29,40 @@ import torch
 
 
 class PenaltyState:
-    """Pooled per-sequence token counts on one device."""
+    """Per sequence, on the device: its token ids (prompt, then output) and, per output
+    position, 1.0 where that token occurs in the output for the first time. One row of a
+    pooled tensor per sequence that uses penalties; each step appends the tokens the host
+    has added since (usually one: one small copy for the whole batch), so the penalties
+    touch only the [n, L] positions of seen tokens, never a dense [n, V] pass."""
 
     def __init__(self, vocab_size: int, device: torch.device):
         self.V, self.device = vocab_size, device
-        self.counts = torch.zeros(0, vocab_size, dtype=torch.int32, device=device)
-        self.in_prompt = torch.zeros(0, vocab_size, dtype=torch.bool, device=device)
+        self.ids = torch.zeros(0, 256, dtype=torch.int64, device=device)
+        self.first = torch.zeros(0, 256, dtype=torch.float32, device=device)
         self._row_of: dict[int, int] = {}         # seq_id -> row
         self._seq_of: dict[int, object] = {}      # row -> Sequence
+        self._len: dict[int, int] = {}            # row -> ids written
+        self._seen: dict[int, set] = {}           # row -> output ids seen
         self._free: list[int] = []
         self.generated: dict[int, int] = {}       # seq_id -> tokens sampled so far (min_tokens)
         self._tracked: dict[int, object] = {}     # seq_id -> Sequence, for release
+        self.static_key, self.static_val = None, None   # apply_knobs' per-batch cache
 
-    def _grow(self) -> None:
-        n = max(8, 2 * self.counts.shape[0])
-        extra = n - self.counts.shape[0]
-        self._free.extend(range(self.counts.shape[0], n))
-        self.counts = torch.cat([self.counts, self.counts.new_zeros(extra, self.V)])
-        self.in_prompt = torch.cat([self.in_prompt, self.in_prompt.new_zeros(extra, self.V)])
+    def _grow(self, rows: int = 0, cols: int = 0) -> None:
+        r, c = self.ids.shape
+        if rows > r:
+            self._free.extend(range(r, rows))
+            self.ids = torch.cat([self.ids, self.ids.new_zeros(rows - r, c)])
+            self.first = torch.cat([self.first, self.first.new_zeros(rows - r, c)])
+        if cols > c:
+            r = self.ids.shape[0]
+            self.ids = torch.cat([self.ids, self.ids.new_zeros(r, cols - c)], dim=1)
+            self.first = torch.cat([self.first, self.first.new_zeros(r, cols - c)], dim=1)
 
     def release_finished(self) -> None:
         for row, seq in list(self._seq_of.items()):
             if seq.is_finished:
-                del self._seq_of[row], self._row_of[seq.seq_id]
+                del self._seq_of[row], self._row_of[seq.seq_id], self._len[row], self._seen[row]
                 self._free.append(row)
         for sid, seq in list(self._tracked.items()):
             if seq.is_finished:
@@ -57,8 +70,7 @@ class PenaltyState:
                 self.generated.pop(sid, None)
 
     def done(self, seq) -> int:
-        """Tokens generated so far, as the sampler has counted them (the host's copy of
-        the output can lag a step behind with asynchronous output processing)."""
+        """Tokens generated so far, as the sampler has counted them."""
         if seq.seq_id not in self._tracked:
             self._tracked[seq.seq_id] = seq
             self.generated[seq.seq_id] = seq.num_generated_tokens
@@ -68,41 +80,57 @@ class PenaltyState:
         for seq in seqs:
             self.generated[seq.seq_id] = self.done(seq) + 1
 
-    def rows(self, seqs) -> torch.Tensor:
-        """Row indices [n] of ``seqs``, assigning (and filling) rows for new sequences."""
-        out = []
+    def _assign(self, seq) -> int:
+        if not self._free:
+            self.release_finished()
+        if not self._free:
+            self._grow(rows=max(8, 2 * self.ids.shape[0]))
+        row = self._free.pop()
+        self._row_of[seq.seq_id], self._seq_of[row] = row, seq
+        self._len[row], self._seen[row] = 0, set()
+        return row
+
+    def rows(self, seqs) -> tuple[torch.Tensor, list[int]]:
+        """(row indices [n], ids written per row) of ``seqs``, after appending every token
+        each has gained since the last call (the host's token lists are current when a
+        step is launched: the previous step's tokens were appended before it)."""
+        rows, at, put_ids, put_first = [], [], [], []
         for seq in seqs:
             row = self._row_of.get(seq.seq_id)
             if row is None:
-                if not self._free:
-                    self.release_finished()
-                if not self._free:
-                    self._grow()
-                row = self._free.pop()
-                self._row_of[seq.seq_id], self._seq_of[row] = row, seq
-                self.counts[row].zero_()
-                self.in_prompt[row].zero_()
-                prompt = torch.tensor(seq.prompt_token_ids, dtype=torch.int64, device=self.device)
-                self.in_prompt[row].index_fill_(0, prompt, True)
-                done = seq.output_token_ids
-                if done:
-                    self.counts[row].index_add_(0, torch.tensor(done, device=self.device),
-                                                torch.ones(len(done), dtype=torch.int32, device=self.device))
-            out.append(row)
-        return torch.tensor(out, dtype=torch.int64, device=self.device)
-
-    def record(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
-        """The step's sampled ids [n] of these rows, counted on the device."""
-        self.counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
+                row = self._assign(seq)
+            have, toks = self._len[row], seq.token_ids
+            if len(toks) > have:
+                if len(toks) > self.ids.shape[1]:
+                    self._grow(cols=max(len(toks), 2 * self.ids.shape[1]))
+                seen, n_prompt = self._seen[row], seq.num_prompt_tokens
+                for pos in range(have, len(toks)):
+                    t = toks[pos]
+                    at.append((row, pos))
+                    put_ids.append(t)
+                    new = pos >= n_prompt and t not in seen
+                    if new:
+                        seen.add(t)
+                    put_first.append(1.0 if new else 0.0)
+                self._len[row] = len(toks)
+            rows.append(row)
+        if at:
+            r, c = torch.tensor(at, device=self.device).unbind(1)
+            self.ids[r, c] = torch.tensor(put_ids, dtype=torch.int64, device=self.device)
+            self.first[r, c] = torch.tensor(put_first, dtype=torch.float32, device=self.device)
+        return torch.tensor(rows, dtype=torch.int64, device=self.device), [self._len[r] for r in rows]
 
     def fork(self, parent, child) -> None:
-        """``child`` starts with a copy of ``parent``'s counts (for forked sequences)."""
-        if parent.seq_id not in self._row_of:
+        """``child`` starts with a copy of ``parent``'s row (for forked sequences)."""
+        src = self._row_of.get(parent.seq_id)
+        if src is None:
             return
-        [row] = self.rows([child]).tolist()
-        src = self._row_of[parent.seq_id]
-        self.counts[row].copy_(self.counts[src])
-        self.in_prompt[row].copy_(self.in_prompt[src])
+        row = self._row_of.get(child.seq_id)
+        if row is None:
+            row = self._assign(child)
+        self.ids[row].copy_(self.ids[src])
+        self.first[row].copy_(self.first[src])
+        self._len[row], self._seen[row] = self._len[src], set(self._seen[src])
         self._tracked[child.seq_id] = child
         self.generated[child.seq_id] = self.done(parent)
 
@@ -116,72 +144,98 @@ def uses_knobs(p) -> bool:
     return needs_state(p) or bool(p.logit_bias) or p.min_tokens > 0 or bool(p.bad_words_token_ids)
 
 
+def _static_parts(seqs, rows, state: PenaltyState, dev, dtype):
+    """The parts of a batch's knobs that do not change from step to step (the biases, the
+    one-token bad words, the penalty rows), as device tensors, rebuilt only when the
+    batch changes (a decode batch usually is the same sequences as the last step)."""
+    key = tuple(map(id, seqs))
+    if state.static_key == key:
+        return state.static_val
+    bias_r, bias_t, bias_v, ban_r, ban_t = [], [], [], [], []
+    for i in rows:
+        p = seqs[i].params
+        for t, b in (p.logit_bias or {}).items():
+            bias_r.append(i), bias_t.append(t), bias_v.append(b)
+        for ids in p.bad_words_token_ids or ():
+            if len(ids) == 1:
+                ban_r.append(i), ban_t.append(ids[0])
+    t = lambda x, **k: torch.tensor(x, device=dev, **k) if x else None        # noqa: E731
+    val = dict(bias=(t(bias_r), t(bias_t), t(bias_v, dtype=dtype)) if bias_r else None,
+               ban=(t(ban_r), t(ban_t)) if ban_r else None,
+               multi=[i for i in rows if any(len(x) > 1 for x in seqs[i].params.bad_words_token_ids or ())],
+               min_tokens=[i for i in rows if seqs[i].params.min_tokens > 0],
+               pen=[i for i in rows if needs_state(seqs[i].params)])
+    state.static_key, state.static_val = key, val
+    return val
+
+
 def apply_knobs(logits: torch.Tensor, seqs, state: PenaltyState, eos_id: int | None) -> torch.Tensor:
     """``logits`` [B, V] (a copy the caller owns) with every row's knobs applied."""
     dev = logits.device
     rows = [i for i, s in enumerate(seqs) if uses_knobs(s.params)]
     if not rows:
         return logits
-    bias_r, bias_t, bias_v, mask_r, mask_t = [], [], [], [], []
-    for i in rows:
+    fixed = _static_parts(seqs, rows, state, dev, logits.dtype)
+    if fixed["bias"] is not None:
+        r, c, v = fixed["bias"]
+        logits.index_put_((r, c), v, accumulate=True)
+    mask_r, mask_t = [], []
+    for i in fixed["multi"]:                # banned at the last token when the rest matches
+        out = seqs[i].output_token_ids
+        for ids in seqs[i].params.bad_words_token_ids:
+            k = len(ids) - 1
+            if k and len(out) >= k and out[len(out) - k:] == ids[:-1]:
+                mask_r.append(i), mask_t.append(ids[-1])
+    for i in fixed["min_tokens"]:
         p, seq = seqs[i].params, seqs[i]
-        for t, b in (p.logit_bias or {}).items():
-            bias_r.append(i), bias_t.append(t), bias_v.append(b)
-        if p.bad_words_token_ids:           # banned at the last token when the rest matches
-            out = seq.output_token_ids
-            for ids in p.bad_words_token_ids:
-                k = len(ids) - 1
-                if k == 0 or (len(out) >= k and out[len(out) - k:] == ids[:-1]):
-                    mask_r.append(i), mask_t.append(ids[-1])
         if p.min_tokens > state.done(seq):
             stops = set(p.stop_token_ids or ())
             if eos_id is not None and not p.ignore_eos:
                 stops.add(eos_id)
             for t in stops:
                 mask_r.append(i), mask_t.append(t)
-    if bias_r:
-        logits.index_put_((torch.tensor(bias_r, device=dev), torch.tensor(bias_t, device=dev)),
-                          torch.tensor(bias_v, dtype=logits.dtype, device=dev), accumulate=True)
+    if fixed["ban"] is not None:
+        logits[fixed["ban"]] = float("-inf")
     if mask_r:
         logits[torch.tensor(mask_r, device=dev), torch.tensor(mask_t, device=dev)] = float("-inf")
-    pen = [i for i in rows if needs_state(seqs[i].params)]
-    if pen:
-        _penalize(logits, pen, [seqs[i] for i in pen], state)
+    if fixed["pen"]:
+        _penalize(logits, fixed["pen"], [seqs[i] for i in fixed["pen"]], state)
     return logits
 
 
 def _penalize(logits: torch.Tensor, pen: list[int], seqs, state: PenaltyState) -> None:
-    """The three penalties on rows ``pen`` of ``logits``, in place, with as few passes
-    over [n, V] as each needs (the dense ops cost ~1.5 ms per pass at 64 x 32k on the
-    2-core CPU): only the penalties some row uses are computed."""
+    """The three penalties on rows ``pen`` of ``logits``, in place, through the rows'
+    seen-token positions [n, L] (gather / scatter): the repetition rule on every prompt
+    and output position (duplicates all write the value computed from the same original
+    logit), the frequency penalty added once per output position, the presence penalty
+    once per output token's first occurrence."""
     dev, dt = logits.device, logits.dtype
     whole = len(pen) == logits.shape[0]
-    idx = None if whole else torch.tensor(pen, device=dev)
-    sub = logits if whole else logits[idx]
-    srows = state.rows(seqs)
-    counts = state.counts[srows]                                                 # [n, V] int32
+    idx_rows = None if whole else torch.tensor(pen, device=dev)
+    sub = logits if whole else logits[idx_rows]
+    srows, lens = state.rows(seqs)
+    L = max(lens)
+    block = state.ids[srows, :L]                                                # [n, L]
+    pos = torch.arange(L, device=dev)[None, :]
+    n_all = torch.tensor(lens, device=dev)[:, None]
+    n_prompt = torch.tensor([s.num_prompt_tokens for s in seqs], device=dev)[:, None]
+    valid = pos < n_all
+    idx = torch.where(valid, block, block[:, :1])          # pads repeat the first prompt id
     ps = [s.params for s in seqs]
 
     def col(name):
         return torch.tensor([getattr(p, name) for p in ps], dtype=dt, device=dev)[:, None]
-    # Arithmetic rather than torch.where: where costs ~5 ms per [64, 32k] call on the CPU
-    # build here, an addcmul ~1.9 ms (measured).
-    # Masks as 0/1 floats made arithmetically (clamp, sign): bool -> float conversions and
-    # torch.where cost several times more per [64, 32k] pass on the CPU build here.
-    cf = counts.to(dt)
-    used = cf.clamp(max=1.0)                                                   # count > 0
     if any(p.repetition_penalty != 1.0 for p in ps):
         rep = col("repetition_penalty")
-        seen = torch.maximum(used, state.in_prompt[srows].to(dt))
-        # factor: 1/rep on seen positive logits, rep on seen others, 1 elsewhere
-        factor = torch.addcmul(rep - 1, sub.sign().clamp_(min=0), 1.0 / rep - rep)
-        sub.mul_(factor.mul_(seen).add_(1))
+        g = sub.gather(1, idx)
+        sub.scatter_(1, idx, torch.where(g > 0, g / rep, g * rep))
     if any(p.frequency_penalty != 0.0 for p in ps):
-        sub.addcmul_(cf, -col("frequency_penalty"))
+        out_pos = ((pos >= n_prompt) & valid).to(dt)
+        sub.scatter_add_(1, idx, out_pos * -col("frequency_penalty"))
     if any(p.presence_penalty != 0.0 for p in ps):
-        sub.addcmul_(used, -col("presence_penalty"))
+        sub.scatter_add_(1, idx, state.first[srows, :L] * -col("presence_penalty"))
     if not whole:
-        logits[idx] = sub
+        logits[idx_rows] = sub
 
 
 def min_p_filter(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

@@ -290,24 +290,27 @@ def test_penalty_rows_are_reused_after_finish_and_copied_by_fork():
     state = PenaltyState(50, torch.device("cpu"))
     p = SamplingParams(repetition_penalty=1.2)
     a, b = Sequence([1, 2, 3], "a", p), Sequence([4, 4], "b", p)
-    rows = state.rows([a, b])
-    state.record(rows, torch.tensor([7, 9]))
-    state.record(rows[:1], torch.tensor([7]))
-    assert state.counts[rows[0], 7] == 2 and state.counts[rows[1], 9] == 1
-    assert state.in_prompt[rows[1]].nonzero().flatten().tolist() == [4]
-    child = Sequence([1, 2, 3], "a-child", p)
+    rows, lens = state.rows([a, b])
+    assert lens == [3, 2] and state.ids[rows[0], :3].tolist() == [1, 2, 3]
+    a.token_ids += [7, 3, 7]               # output: 7 (first), 3 (first in the output), 7 again
+    rows, lens = state.rows([a, b])
+    assert lens == [6, 2] and state.ids[rows[0], :6].tolist() == [1, 2, 3, 7, 3, 7]
+    assert state.first[rows[0], :6].tolist() == [0, 0, 0, 1, 1, 0]
+    child = Sequence(list(a.token_ids), "a-child", p)
+    child.num_prompt_tokens = 3
     state.fork(a, child)
-    [crow] = state.rows([child]).tolist()
-    assert torch.equal(state.counts[crow], state.counts[rows[0]]) and crow not in rows.tolist()
-    size = state.counts.shape[0]
+    crows, clens = state.rows([child])
+    assert clens == [6] and torch.equal(state.ids[crows[0], :6], state.ids[rows[0], :6])
+    assert crows[0] not in rows.tolist()
+    size = state.ids.shape[0]
     for seq in (a, b, child):
         seq.status = SequenceStatus.FINISHED
     for i in range(3 * size):          # many later requests, one at a time: rows are reused
         seq = Sequence([5], f"n{i}", p)
-        [r] = state.rows([seq]).tolist()
-        assert state.counts[r].sum() == 0 and state.in_prompt[r].nonzero().flatten().tolist() == [5]
+        r, n = state.rows([seq])
+        assert n == [1] and state.ids[r[0], 0] == 5
         seq.status = SequenceStatus.FINISHED
-    assert state.counts.shape[0] == size
+    assert state.ids.shape[0] == size
 
 
 @pytest.mark.parametrize("variant", ["mha", "gqa", "mqa_tied", "sharded_v5", "linear_rope_v4",
