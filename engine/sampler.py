@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.logits_processors import apply_logits_processors, row_status, status_message
-from engine.sampling_knobs import PenaltyState, apply_knobs, min_p_filter, uses_knobs
+from engine.sampling_knobs import PenaltyState, apply_knobs, min_p_filter, restore, uses_knobs
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 
@@ -100,15 +100,19 @@ class Sampler:
     def launch(self, logits: torch.Tensor, seqs: list[Sequence], ops) -> "PendingSample":
         """Queues the step's sampling on the device; ``.wait()`` reads it back."""
         B = logits.shape[0]
-        raw = logits                                                 # never modified
+        raw = logits                      # the raw logits (the knobs restore what they change)
         procs, greedy, want, knobs = self._plan(seqs)
         failed: dict[int, str] = {}
         if procs:
             logits = apply_logits_processors(raw.clone(), seqs, failed)
+        undo = None
         if knobs:
             if self.penalties is None:
                 self.penalties = PenaltyState(logits.shape[1], logits.device)
-            logits = apply_knobs(logits if procs else raw.clone(), seqs, self.penalties, self.eos_token_id)
+            # Without processors the knobs work on the raw logits in place and put the
+            # entries they changed back after sampling: no [B, V] copy (~1 ms at 64 x 32k
+            # on the 2-core CPU, measured) for the raw log-probs.
+            undo = apply_knobs(logits, seqs, self.penalties, self.eos_token_id, keep_raw=not procs)
         if len(greedy) == B:
             tokens = ops.greedy_argmax(logits)
         else:
@@ -121,6 +125,7 @@ class Sampler:
             tokens[r] = self._sample_rows(logits[r], [seqs[i] for i in rest])
         if knobs:                                   # min_tokens counts this step's token
             self.penalties.count_step([seqs[i] for i in knobs])
+            restore(raw, undo)                      # raw again, for the log-probs
         sampled_lp = ops.gather_logprobs(raw, tokens.unsqueeze(1)).squeeze(1)      # [B]
         parts = [tokens.double(), sampled_lp.double()]
         K = 0

@@ -169,16 +169,16 @@ def _static_parts(seqs, rows, state: PenaltyState, dev, dtype):
     return val
 
 
-def apply_knobs(logits: torch.Tensor, seqs, state: PenaltyState, eos_id: int | None) -> torch.Tensor:
-    """``logits`` [B, V] (a copy the caller owns) with every row's knobs applied."""
+def apply_knobs(logits: torch.Tensor, seqs, state: PenaltyState, eos_id: int | None,
+                keep_raw: bool = False):
+    """Every row's knobs applied to ``logits`` [B, V] in place. Returns ``undo``: None, or
+    with ``keep_raw`` the (rows, cols, raw values) of every entry changed, so that
+    ``restore(logits, undo)`` gives the raw logits back without a [B, V] copy."""
     dev = logits.device
     rows = [i for i, s in enumerate(seqs) if uses_knobs(s.params)]
     if not rows:
-        return logits
+        return None
     fixed = _static_parts(seqs, rows, state, dev, logits.dtype)
-    if fixed["bias"] is not None:
-        r, c, v = fixed["bias"]
-        logits.index_put_((r, c), v, accumulate=True)
     mask_r, mask_t = [], []
     for i in fixed["multi"]:                # banned at the last token when the rest matches
         out = seqs[i].output_token_ids
@@ -194,34 +194,63 @@ def apply_knobs(logits: torch.Tensor, seqs, state: PenaltyState, eos_id: int | N
                 stops.add(eos_id)
             for t in stops:
                 mask_r.append(i), mask_t.append(t)
+    mask = (torch.tensor(mask_r, device=dev), torch.tensor(mask_t, device=dev)) if mask_r else None
+    pen = fixed["pen"]
+    where = _penalty_positions(pen, [seqs[i] for i in pen], state, dev) if pen else None
+    undo = None
+    if keep_raw:
+        parts = [x for x in (fixed["bias"][:2] if fixed["bias"] is not None else None, fixed["ban"], mask) if x]
+        if where is not None:
+            n, L = where["idx"].shape
+            parts.append((torch.tensor(pen, device=dev)[:, None].expand(n, L).reshape(-1),
+                          where["idx"].reshape(-1)))
+        if parts:
+            r = torch.cat([p[0] for p in parts])
+            c = torch.cat([p[1] for p in parts])
+            undo = (r, c, logits[r, c])
+    if fixed["bias"] is not None:
+        r, c, v = fixed["bias"]
+        logits.index_put_((r, c), v, accumulate=True)
     if fixed["ban"] is not None:
         logits[fixed["ban"]] = float("-inf")
-    if mask_r:
-        logits[torch.tensor(mask_r, device=dev), torch.tensor(mask_t, device=dev)] = float("-inf")
-    if fixed["pen"]:
-        _penalize(logits, fixed["pen"], [seqs[i] for i in fixed["pen"]], state)
-    return logits
+    if mask is not None:
+        logits[mask] = float("-inf")
+    if where is not None:
+        _penalize(logits, pen, [seqs[i] for i in pen], state, where)
+    return undo
 
 
-def _penalize(logits: torch.Tensor, pen: list[int], seqs, state: PenaltyState) -> None:
+def restore(logits: torch.Tensor, undo) -> None:
+    """Puts back the raw entries ``apply_knobs(keep_raw=True)`` changed (duplicates hold
+    the same raw value, so the order of the writes does not matter)."""
+    if undo is not None:
+        r, c, v = undo
+        logits[r, c] = v
+
+
+def _penalty_positions(pen: list[int], seqs, state: PenaltyState, dev) -> dict:
+    """The rows' seen-token positions [n, L] (pads repeat the first prompt id)."""
+    srows, lens = state.rows(seqs)
+    L = max(lens)
+    block = state.ids[srows, :L]
+    pos = torch.arange(L, device=dev)[None, :]
+    valid = pos < torch.tensor(lens, device=dev)[:, None]
+    n_prompt = torch.tensor([s.num_prompt_tokens for s in seqs], device=dev)[:, None]
+    return dict(srows=srows, L=L, pos=pos, valid=valid, n_prompt=n_prompt,
+                idx=torch.where(valid, block, block[:, :1]))
+
+
+def _penalize(logits: torch.Tensor, pen: list[int], seqs, state: PenaltyState, where: dict) -> None:
     """The three penalties on rows ``pen`` of ``logits``, in place, through the rows'
-    seen-token positions [n, L] (gather / scatter): the repetition rule on every prompt
-    and output position (duplicates all write the value computed from the same original
+    seen-token positions (gather / scatter): the repetition rule on every prompt and
+    output position (duplicates all write the value computed from the same original
     logit), the frequency penalty added once per output position, the presence penalty
     once per output token's first occurrence."""
     dev, dt = logits.device, logits.dtype
     whole = len(pen) == logits.shape[0]
     idx_rows = None if whole else torch.tensor(pen, device=dev)
     sub = logits if whole else logits[idx_rows]
-    srows, lens = state.rows(seqs)
-    L = max(lens)
-    block = state.ids[srows, :L]                                                # [n, L]
-    pos = torch.arange(L, device=dev)[None, :]
-    n_all = torch.tensor(lens, device=dev)[:, None]
-    n_prompt = torch.tensor([s.num_prompt_tokens for s in seqs], device=dev)[:, None]
-    valid = pos < n_all
-    idx = torch.where(valid, block, block[:, :1])          # pads repeat the first prompt id
-    ps = [s.params for s in seqs]
+    idx, ps = where["idx"], [s.params for s in seqs]
 
     def col(name):
         return torch.tensor([getattr(p, name) for p in ps], dtype=dt, device=dev)[:, None]
@@ -230,10 +259,10 @@ def _penalize(logits: torch.Tensor, pen: list[int], seqs, state: PenaltyState) -
         g = sub.gather(1, idx)
         sub.scatter_(1, idx, torch.where(g > 0, g / rep, g * rep))
     if any(p.frequency_penalty != 0.0 for p in ps):
-        out_pos = ((pos >= n_prompt) & valid).to(dt)
+        out_pos = ((where["pos"] >= where["n_prompt"]) & where["valid"]).to(dt)
         sub.scatter_add_(1, idx, out_pos * -col("frequency_penalty"))
     if any(p.presence_penalty != 0.0 for p in ps):
-        sub.scatter_add_(1, idx, state.first[srows, :L] * -col("presence_penalty"))
+        sub.scatter_add_(1, idx, state.first[where["srows"], :where["L"]] * -col("presence_penalty"))
     if not whole:
         logits[idx_rows] = sub
 
