@@ -181,10 +181,10 @@ def apply_knobs(logits: torch.Tensor, seqs, state: PenaltyState, eos_id: int | N
     fixed = _static_parts(seqs, rows, state, dev, logits.dtype)
     mask_r, mask_t = [], []
     for i in fixed["multi"]:                # banned at the last token when the rest matches
-        out = seqs[i].output_token_ids
+        toks, n_out = seqs[i].token_ids, seqs[i].num_generated_tokens     # no copy of the output
         for ids in seqs[i].params.bad_words_token_ids:
             k = len(ids) - 1
-            if k and len(out) >= k and out[len(out) - k:] == ids[:-1]:
+            if k and n_out >= k and toks[len(toks) - k:] == ids[:-1]:
                 mask_r.append(i), mask_t.append(ids[-1])
     for i in fixed["min_tokens"]:
         p, seq = seqs[i].params, seqs[i]
