@@ -148,8 +148,9 @@ def _static_parts(seqs, rows, state: PenaltyState, dev, dtype):
     """The parts of a batch's knobs that do not change from step to step (the biases, the
     one-token bad words, the penalty rows), as device tensors, rebuilt only when the
     batch changes (a decode batch usually is the same sequences as the last step)."""
-    key = tuple(map(id, seqs))
-    if state.static_key == key:
+    # the batch itself is the key (held, so no id can be reused by a new sequence);
+    # Sequence has no __eq__, so == compares identities
+    if state.static_key == seqs:
         return state.static_val
     bias_r, bias_t, bias_v, ban_r, ban_t = [], [], [], [], []
     for i in rows:
@@ -165,7 +166,16 @@ def _static_parts(seqs, rows, state: PenaltyState, dev, dtype):
                multi=[i for i in rows if any(len(x) > 1 for x in seqs[i].params.bad_words_token_ids or ())],
                min_tokens=[i for i in rows if seqs[i].params.min_tokens > 0],
                pen=[i for i in rows if needs_state(seqs[i].params)])
-    state.static_key, state.static_val = key, val
+    pen = val["pen"]
+    if pen:                                 # the penalty rows' constant tensors
+        ps = [seqs[i].params for i in pen]
+        val["pen_rows"] = torch.tensor(pen, device=dev)
+        val["n_prompt"] = torch.tensor([seqs[i].num_prompt_tokens for i in pen], device=dev)[:, None]
+        val["cols"] = {name: (torch.tensor([getattr(p, name) for p in ps], dtype=dtype, device=dev)[:, None]
+                              if any(getattr(p, name) != off for p in ps) else None)
+                       for name, off in (("repetition_penalty", 1.0), ("frequency_penalty", 0.0),
+                                         ("presence_penalty", 0.0))}
+    state.static_key, state.static_val = list(seqs), val
     return val
 
 
@@ -196,14 +206,13 @@ def apply_knobs(logits: torch.Tensor, seqs, state: PenaltyState, eos_id: int | N
                 mask_r.append(i), mask_t.append(t)
     mask = (torch.tensor(mask_r, device=dev), torch.tensor(mask_t, device=dev)) if mask_r else None
     pen = fixed["pen"]
-    where = _penalty_positions(pen, [seqs[i] for i in pen], state, dev) if pen else None
+    where = _penalty_positions([seqs[i] for i in pen], state, fixed) if pen else None
     undo = None
     if keep_raw:
         parts = [x for x in (fixed["bias"][:2] if fixed["bias"] is not None else None, fixed["ban"], mask) if x]
         if where is not None:
             n, L = where["idx"].shape
-            parts.append((torch.tensor(pen, device=dev)[:, None].expand(n, L).reshape(-1),
-                          where["idx"].reshape(-1)))
+            parts.append((fixed["pen_rows"][:, None].expand(n, L).reshape(-1), where["idx"].reshape(-1)))
         if parts:
             r = torch.cat([p[0] for p in parts])
             c = torch.cat([p[1] for p in parts])
@@ -216,7 +225,7 @@ def apply_knobs(logits: torch.Tensor, seqs, state: PenaltyState, eos_id: int | N
     if mask is not None:
         logits[mask] = float("-inf")
     if where is not None:
-        _penalize(logits, pen, [seqs[i] for i in pen], state, where)
+        _penalize(logits, fixed, state, where)
     return undo
 
 
@@ -228,43 +237,37 @@ def restore(logits: torch.Tensor, undo) -> None:
         logits[r, c] = v
 
 
-def _penalty_positions(pen: list[int], seqs, state: PenaltyState, dev) -> dict:
+def _penalty_positions(seqs, state: PenaltyState, fixed: dict) -> dict:
     """The rows' seen-token positions [n, L] (pads repeat the first prompt id)."""
+    dev = fixed["pen_rows"].device
     srows, lens = state.rows(seqs)
     L = max(lens)
     block = state.ids[srows, :L]
     pos = torch.arange(L, device=dev)[None, :]
     valid = pos < torch.tensor(lens, device=dev)[:, None]
-    n_prompt = torch.tensor([s.num_prompt_tokens for s in seqs], device=dev)[:, None]
-    return dict(srows=srows, L=L, pos=pos, valid=valid, n_prompt=n_prompt,
-                idx=torch.where(valid, block, block[:, :1]))
+    return dict(srows=srows, L=L, pos=pos, valid=valid, idx=torch.where(valid, block, block[:, :1]))
 
 
-def _penalize(logits: torch.Tensor, pen: list[int], seqs, state: PenaltyState, where: dict) -> None:
-    """The three penalties on rows ``pen`` of ``logits``, in place, through the rows'
+def _penalize(logits: torch.Tensor, fixed: dict, state: PenaltyState, where: dict) -> None:
+    """The three penalties on the penalty rows of ``logits``, in place, through the rows'
     seen-token positions (gather / scatter): the repetition rule on every prompt and
     output position (duplicates all write the value computed from the same original
     logit), the frequency penalty added once per output position, the presence penalty
     once per output token's first occurrence."""
-    dev, dt = logits.device, logits.dtype
-    whole = len(pen) == logits.shape[0]
-    idx_rows = None if whole else torch.tensor(pen, device=dev)
-    sub = logits if whole else logits[idx_rows]
-    idx, ps = where["idx"], [s.params for s in seqs]
-
-    def col(name):
-        return torch.tensor([getattr(p, name) for p in ps], dtype=dt, device=dev)[:, None]
-    if any(p.repetition_penalty != 1.0 for p in ps):
-        rep = col("repetition_penalty")
+    whole = len(fixed["pen"]) == logits.shape[0]
+    sub = logits if whole else logits[fixed["pen_rows"]]
+    idx, cols = where["idx"], fixed["cols"]
+    if cols["repetition_penalty"] is not None:
+        rep = cols["repetition_penalty"]
         g = sub.gather(1, idx)
         sub.scatter_(1, idx, torch.where(g > 0, g / rep, g * rep))
-    if any(p.frequency_penalty != 0.0 for p in ps):
-        out_pos = ((where["pos"] >= where["n_prompt"]) & where["valid"]).to(dt)
-        sub.scatter_add_(1, idx, out_pos * -col("frequency_penalty"))
-    if any(p.presence_penalty != 0.0 for p in ps):
-        sub.scatter_add_(1, idx, state.first[where["srows"], :where["L"]] * -col("presence_penalty"))
+    if cols["frequency_penalty"] is not None:
+        out_pos = ((where["pos"] >= fixed["n_prompt"]) & where["valid"]).to(logits.dtype)
+        sub.scatter_add_(1, idx, out_pos * -cols["frequency_penalty"])
+    if cols["presence_penalty"] is not None:
+        sub.scatter_add_(1, idx, state.first[where["srows"], :where["L"]] * -cols["presence_penalty"])
     if not whole:
-        logits[idx_rows] = sub
+        logits[fixed["pen_rows"]] = sub
 
 
 def min_p_filter(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

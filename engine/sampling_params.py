@@ -184,11 +184,11 @@ class SamplingParams:
         """(ours, vLLM's per-request as (callable, form)), recomputed only when the list
         changed (callers may replace ``logits_processors`` after construction)."""
         procs = self.logits_processors or []
-        key = tuple(map(id, procs))
-        if self._split[0] != key:
+        key = self._split[0]                # the processors themselves, held: compared by identity
+        if len(key) != len(procs) or any(a is not b for a, b in zip(key, procs)):
             from engine.logits_processors import processor_form
             forms = [(p, processor_form(p)) for p in procs]
-            self._split = (key, [p for p, f in forms if f == "batched"],
+            self._split = (tuple(procs), [p for p, f in forms if f == "batched"],
                            [(p, f) for p, f in forms if f != "batched"])
         return self._split
 
