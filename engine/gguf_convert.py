@@ -212,13 +212,18 @@ def convert(gguf_path: str, out_dir: str, dtype: str = "float32", progress: bool
     return out_dir
 
 
+def cache_root(cache_dir: str | None = None) -> str:
+    """Where converted models live: ``cache_dir``, else ``$SELFRAG_CACHE``, else
+    ``~/.cache/selfrag-engine``."""
+    return cache_dir or os.environ.get("SELFRAG_CACHE") or os.path.expanduser("~/.cache/selfrag-engine")
+
+
 def converted_dir(gguf_path: str, cache_dir: str | None = None, progress: bool = True) -> str:
     """The cached conversion of ``gguf_path`` (made now if missing; a marker file says it
     finished, so an interrupted conversion is redone, never loaded half-written)."""
     st = os.stat(gguf_path)
-    cache = cache_dir or os.environ.get("SELFRAG_CACHE") or os.path.expanduser("~/.cache/selfrag-engine")
     name = os.path.basename(gguf_path)[:-len(".gguf")]
-    out = os.path.join(cache, "gguf", f"{name}-{st.st_size}-{int(st.st_mtime)}")
+    out = os.path.join(cache_root(cache_dir), "gguf", f"{name}-{st.st_size}-{int(st.st_mtime)}")
     if not os.path.isfile(os.path.join(out, ".converted")):
         convert(gguf_path, out, "float32", progress=progress)
         open(os.path.join(out, ".converted"), "w").close()

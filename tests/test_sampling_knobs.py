@@ -287,7 +287,7 @@ def test_a_failing_per_request_processor_fails_only_its_row(ckpt):
 def test_penalty_rows_are_reused_after_finish_and_copied_by_fork():
     from engine.sampling_knobs import PenaltyState
     from engine.sequence import Sequence, SequenceStatus
-    state = PenaltyState(50, torch.device("cpu"))
+    state = PenaltyState(torch.device("cpu"))
     p = SamplingParams(repetition_penalty=1.2)
     a, b = Sequence([1, 2, 3], "a", p), Sequence([4, 4], "b", p)
     rows, lens = state.rows([a, b])

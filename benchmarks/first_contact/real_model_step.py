@@ -25,8 +25,8 @@ def _model_path() -> str | None:
     path = os.environ.get("SELFRAG_REAL_MODEL")
     if path:
         return path
-    from engine.pypi_models import MODELS, _cache
-    cached = os.path.join(_cache(None), MODELS["smollm2"][3])
+    from engine.pypi_models import model_paths
+    cached = model_paths("smollm2")[1]
     return cached if os.path.isfile(os.path.join(cached, ".converted")) else None
 
 
