@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.logits_processors import apply_logits_processors, row_status, status_message
-from engine.sampling_knobs import PenaltyState, apply_knobs, min_p_filter, restore, uses_knobs
+from engine.sampling_knobs import KnobState, apply_knobs, min_p_filter, restore, uses_knobs
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 
@@ -40,7 +40,7 @@ class Sampler:
         self._plan_seqs: list[Sequence] = []
         self._plan_val = (False, [], [], [])
         self.eos_token_id: int | None = None       # what min_tokens masks (the LLM sets it)
-        self.penalties: PenaltyState | None = None  # made at the first request that needs it
+        self.knob_state: KnobState | None = None   # made at the first request that needs it
 
     def _seq_generator(self, seq: Sequence) -> torch.Generator:
         if seq.params.seed is None:
@@ -107,12 +107,12 @@ class Sampler:
             logits = apply_logits_processors(raw.clone(), seqs, failed)
         undo = None
         if knobs:
-            if self.penalties is None:
-                self.penalties = PenaltyState(logits.device)
+            if self.knob_state is None:
+                self.knob_state = KnobState(logits.device)
             # Without processors the knobs work on the raw logits in place and put the
             # entries they changed back after sampling: no [B, V] copy (~1 ms at 64 x 32k
             # on the 2-core CPU, measured) for the raw log-probs.
-            undo = apply_knobs(logits, seqs, knobs, self.penalties, self.eos_token_id, keep_raw=not procs)
+            undo = apply_knobs(logits, seqs, knobs, self.knob_state, self.eos_token_id, keep_raw=not procs)
         if len(greedy) == B:
             tokens = ops.greedy_argmax(logits)
         else:

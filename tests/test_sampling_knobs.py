@@ -284,33 +284,87 @@ def test_a_failing_per_request_processor_fails_only_its_row(ckpt):
     assert outs[1].outputs[0].finish_reason == "length" and len(outs[1].outputs[0].token_ids) == 4
 
 
-def test_penalty_rows_are_reused_after_finish_and_copied_by_fork():
-    from engine.sampling_knobs import PenaltyState
+def dense_knobs(logits, seq, eos_id):
+    """The knobs of one row by hand, densely over the vocabulary, in the documented order."""
+    p, x = seq.params, logits.clone()
+    out, n_out = seq.output_token_ids, seq.num_generated_tokens
+    for t, b in (p.logit_bias or {}).items():
+        x[t] += b
+    for ids in p.bad_words_token_ids or ():
+        if len(ids) == 1 or (n_out >= len(ids) - 1 and out[len(out) - len(ids) + 1:] == ids[:-1]):
+            x[ids[-1]] = float("-inf")
+    if n_out < p.min_tokens:
+        for t in list(p.stop_token_ids or ()) + ([] if p.ignore_eos else [eos_id]):
+            x[t] = float("-inf")
+    for t in set(seq.token_ids):
+        x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty
+    for t in set(out):
+        x[t] -= p.frequency_penalty * out.count(t) + p.presence_penalty
+    return x
+
+
+def test_apply_knobs_equals_a_dense_reference_step_by_step_and_restores_the_raw_logits():
+    """A batch mixing rows with and without knobs, over steps that switch min_tokens' mask
+    off, match and unmatch a two-token bad word, repeat tokens, emit a row's pad token and
+    outgrow the batch's working copy; then a fork continues with a copy of its parent's
+    state, in a new batch."""
+    from engine.sampling_knobs import KnobState, apply_knobs, restore, uses_knobs
+    from engine.sequence import Sequence
+    V, eos = 50, 2
+    knobs = SamplingParams(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.25,
+                           min_tokens=2, stop_token_ids=[9], logit_bias={5: 1.5, 0: -2.0})
+    knobs.bad_words_token_ids = [[7], [11, 12], [0, 3, 4]]
+    seqs = [Sequence([1, 5, 5, 8], "a", knobs), Sequence([3, 4], "plain", SamplingParams()),
+            Sequence([0, 12, 13], "b", SamplingParams(repetition_penalty=0.8, logit_bias={13: -1.0})),
+            Sequence(list(range(2, 32)), "c", SamplingParams(frequency_penalty=0.5))]
+    state = KnobState(torch.device("cpu"))
+    gen = torch.Generator().manual_seed(3)
+    rows = [i for i, s in enumerate(seqs) if uses_knobs(s.params)]
+    # row c: 30 columns; then 0 and 1 (its pad token, twice over) and new tokens that
+    # outgrow its batch's 32-column working copy
+    outputs = [[11, 5, 0, 11, 12, 3, 11], [4, 4, 4, 4, 4, 4, 4], [12, 0, 0, 30, 12, 13, 1],
+               [0, 1, 40, 41, 42, 0, 43]]
+    for step in range(len(outputs[0]) + 1):
+        raw = torch.randn(len(seqs), V, generator=gen) * 2
+        logits = raw.clone()
+        undo = apply_knobs(logits, seqs, rows, state, eos, keep_raw=True)
+        for i, s in enumerate(seqs):
+            want = dense_knobs(raw[i], s, eos) if i in rows else raw[i]
+            assert torch.equal(logits[i], want), (step, i)
+        restore(logits, undo)
+        assert torch.equal(logits, raw)
+        if step < len(outputs[0]):
+            for s, out in zip(seqs, outputs):
+                s.token_ids.append(out[step])
+    child = Sequence(list(seqs[0].token_ids), "a-child", knobs)
+    child.num_prompt_tokens = seqs[0].num_prompt_tokens
+    state.fork(seqs[0], child)
+    child.token_ids += [12, 13]        # the parent ends with 11 ([11, 12] banned), the child not
+    batch = [child, seqs[0]]
+    raw = torch.randn(2, V, generator=gen)
+    logits = raw.clone()
+    apply_knobs(logits, batch, [0, 1], state, eos)
+    assert torch.equal(logits[0], dense_knobs(raw[0], child, eos))
+    assert torch.equal(logits[1], dense_knobs(raw[1], seqs[0], eos))
+    assert logits[0, 12] != float("-inf") and logits[1, 12] == float("-inf")
+
+
+def test_knob_rows_are_reused_after_finish():
+    from engine.sampling_knobs import KnobState
     from engine.sequence import Sequence, SequenceStatus
-    state = PenaltyState(torch.device("cpu"))
+    state = KnobState(torch.device("cpu"))
     p = SamplingParams(repetition_penalty=1.2)
-    a, b = Sequence([1, 2, 3], "a", p), Sequence([4, 4], "b", p)
-    rows, lens = state.rows([a, b])
-    assert lens == [3, 2] and state.ids[rows[0], :3].tolist() == [1, 2, 3]
-    a.token_ids += [7, 3, 7]               # output: 7 (first), 3 (first in the output), 7 again
-    rows, lens = state.rows([a, b])
-    assert lens == [6, 2] and state.ids[rows[0], :6].tolist() == [1, 2, 3, 7, 3, 7]
-    assert state.first[rows[0], :6].tolist() == [0, 0, 0, 1, 1, 0]
-    child = Sequence(list(a.token_ids), "a-child", p)
-    child.num_prompt_tokens = 3
-    state.fork(a, child)
-    crows, clens = state.rows([child])
-    assert clens == [6] and torch.equal(state.ids[crows[0], :6], state.ids[rows[0], :6])
-    assert crows[0] not in rows.tolist()
-    size = state.ids.shape[0]
-    for seq in (a, b, child):
+    first = [Sequence([1, 2, 3], f"a{i}", p) for i in range(3)]
+    state.update(first)
+    size = state.cols.shape[0]
+    for seq in first:
         seq.status = SequenceStatus.FINISHED
     for i in range(3 * size):          # many later requests, one at a time: rows are reused
-        seq = Sequence([5], f"n{i}", p)
-        r, n = state.rows([seq])
-        assert n == [1] and state.ids[r[0], 0] == 5
+        seq = Sequence([5, 6], f"n{i}", p)
+        (row,), width = state.update([seq])
+        assert width == 2 and state.cols[row, :2, 0].tolist() == [5, 6]
         seq.status = SequenceStatus.FINISHED
-    assert state.ids.shape[0] == size
+    assert state.cols.shape[0] == size
 
 
 @pytest.mark.parametrize("variant", ["mha", "gqa", "mqa_tied", "sharded_v5", "linear_rope_v4",
