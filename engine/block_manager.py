@@ -52,9 +52,9 @@ Contract with the scheduler / model runner (see also each method)
 * ``append_slot`` must be called exactly once per appended token, after
   ``seq.token_ids`` grew by one and before the decode step that writes that
   token's KV (position ``len(seq) - 1``).
-* ``fork`` must be called while the parent's KV is fully computed (between
-  steps, before new tokens are appended to parent/child); the returned copies
-  must be executed before the next forward pass.
+* ``fork`` must be called between steps, while the parent's KV covers all its
+  tokens or all but the last one (appended, its slot not yet given); the
+  returned copies must be executed before the next forward pass.
 """
 from __future__ import annotations
 
@@ -377,31 +377,36 @@ class BlockManager:
 
     # ------------------------------------------------------------------- fork
     def can_fork(self, parent: Sequence) -> bool:
-        """Whether ``fork(parent, child)`` would succeed (needs one block iff
-        the parent's last block is partial)."""
+        """Whether ``fork(parent, child)`` would succeed (needs one block iff the
+        parent's computed tokens end inside a block)."""
         self._check_live(parent, "fork")
-        return len(parent) % self.block_size == 0 or self.num_free_blocks >= 1
+        return self._num_tokens[parent.seq_id] % self.block_size == 0 or self.num_free_blocks >= 1
 
     def fork(self, parent: Sequence, child: Sequence) -> list[tuple[int, int]]:
         """Let ``child`` (empty table, same token ids) share ``parent``'s KV.
 
-        The child shares every FULL block of the parent (ref_count += 1) and
-        gets a private copy of the parent's last PARTIAL block, if any.
-        Returns the ``(src_block, dst_block)`` copies the runner must perform
-        on the KV tensors before the next forward pass (empty when
-        ``len(parent) % block_size == 0``).  Sets ``child.num_cached_tokens =
-        len(parent)``.  Raises ``NoFreeBlocksError`` (state unchanged) when no
-        block is free for the copy.  The parent's KV must be fully computed.
+        The parent's KV covers either all its tokens, or all but the last (between
+        engine steps: the token sampled last step gets its slot and KV in the next
+        decode step); the child then covers as many and gets its own slot for the last
+        token from its own ``append_slot``, as the parent does. The child shares every
+        FULL covered block of the parent (ref_count += 1) and gets a private copy of
+        the last PARTIAL covered block, if any. Returns the ``(src_block, dst_block)``
+        copies the runner must perform on the KV tensors before the next forward pass
+        (empty when the covered tokens end on a block boundary). Sets
+        ``child.num_cached_tokens`` to the covered count. Raises ``NoFreeBlocksError``
+        (state unchanged) when no block is free for the copy.
         """
         self._check_live(parent, "fork")
-        if self._num_tokens[parent.seq_id] != len(parent):
-            raise ValueError(f"fork: parent {parent!r} has tokens without KV slots (append_slot first)")
+        covered = self._num_tokens[parent.seq_id]
+        if covered not in (len(parent), len(parent) - 1):
+            raise ValueError(f"fork: parent {parent!r} has {len(parent) - covered} tokens without KV "
+                             "slots (at most the one sampled last step)")
         if child.block_table or child.seq_id in self._seqs:
             raise ValueError(f"fork: child {child!r} already holds blocks")
         if child.token_ids != parent.token_ids:
             raise ValueError("fork: child token ids differ from the parent's")
-        n_full = len(parent) // self.block_size
-        partial = len(parent) % self.block_size != 0
+        n_full = covered // self.block_size
+        partial = covered % self.block_size != 0
         if partial and self.num_free_blocks < 1:
             raise NoFreeBlocksError(f"fork {parent!r}: no free block for the partial-block copy")
         table = list(parent.block_table[:n_full])
@@ -413,9 +418,9 @@ class BlockManager:
             copies.append((parent.block_table[n_full], dst))
             table.append(dst)
         child.block_table.extend(table)
-        child.num_cached_tokens = len(parent)
+        child.num_cached_tokens = covered
         self._seqs[child.seq_id] = child
-        self._num_tokens[child.seq_id] = len(parent)
+        self._num_tokens[child.seq_id] = covered
         return copies
 
     # ------------------------------------------------------------------- free

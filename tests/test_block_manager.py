@@ -182,9 +182,37 @@ def test_fork_misuse():
     bm.allocate(p)
     with pytest.raises(ValueError):
         bm.fork(p, S([1, 2, 3, 4, 5]))   # different tokens
-    p.append_token(9)                     # token without append_slot
+    p.append_token(9)
+    p.append_token(9)                     # two tokens without append_slot
     with pytest.raises(ValueError):
         bm.fork(p, S(p.token_ids))
+    bm.check_invariants()
+
+
+def test_fork_between_steps_covers_all_but_the_sampled_token():
+    """The engine forks between steps: the parent's last token (sampled last step) has no
+    slot yet. The child shares the covered full blocks, copies the covered partial one,
+    and gets the last token's slot from its own append_slot."""
+    bm = BlockManager(8, 4)
+    p = S(range(6))
+    bm.allocate(p)                        # blocks [a, b]: b holds positions 4, 5
+    p.append_token(9)                     # position 6: sampled, no slot yet
+    c = S(p.token_ids)
+    assert bm.can_fork(p)
+    copies = bm.fork(p, c)
+    assert c.num_cached_tokens == 6 and c.block_table[0] == p.block_table[0]
+    assert copies == [(p.block_table[1], c.block_table[1])] and c.block_table[1] != p.block_table[1]
+    bm.append_slot(p)
+    bm.append_slot(c)                     # each writes position 6 into its own block
+    assert bm.slot_mapping(p, 6, 7) != bm.slot_mapping(c, 6, 7)
+    q = S(range(8))
+    bm.allocate(q)
+    q.append_token(1)                     # covered = 8: on a block boundary, nothing to copy
+    d = S(q.token_ids)
+    assert bm.fork(q, d) == [] and d.block_table == q.block_table
+    bm.append_slot(q)
+    bm.append_slot(d)
+    assert q.block_table[2] != d.block_table[2]
     bm.check_invariants()
 
 
@@ -428,7 +456,7 @@ def test_free_foreign_sequence_rejected():
 
 # ------------------------------------------------------------ stateful model
 COVERAGE = {"hits": 0, "same_step_shared_writes": 0, "fork_copies": 0, "evictable_consumed": 0,
-            "preemptions": 0, "alloc_refused": 0}
+            "preemptions": 0, "alloc_refused": 0, "forks_between_steps": 0}
 
 tokens_st = st.lists(st.integers(0, 1), min_size=1, max_size=10)
 
@@ -604,6 +632,38 @@ class BlockManagerMachine(RuleBasedStateMachine):
                 bm.fork(parent, child)
             assert snapshot(bm, [parent, child]) == before
 
+    @precondition(lambda self: any(s.seq_id not in self.pending for s in self.live))
+    @rule(data=st.data(), token=st.integers(0, 1), n=st.integers(1, 3))
+    def fork_between_steps(self, data, token, n):
+        """The engine's fork: the parent's sampled token has no slot yet; parent and
+        children then each get the slot in the next decode step (or are preempted)."""
+        parent = data.draw(st.sampled_from(self._unscheduled()))
+        parent.append_token(token)
+        family = [parent]
+        for _ in range(n):
+            child = Sequence(parent.token_ids)
+            if not self.bm.can_fork(parent):
+                break
+            for src, dst in self.bm.fork(parent, child):
+                for k in range(self.bs):
+                    if src * self.bs + k in self.cache:
+                        self.cache[dst * self.bs + k] = self.cache[src * self.bs + k]
+                    else:
+                        self.cache.pop(dst * self.bs + k, None)
+                COVERAGE["fork_copies"] += 1
+            assert child.num_cached_tokens == len(parent) - 1
+            self.live.append(child)
+            family.append(child)
+            COVERAGE["forks_between_steps"] += 1
+        for seq in family:                 # the next decode step schedules each
+            if self.bm.can_append(seq):
+                self.bm.append_slot(seq)
+                self.pending[seq.seq_id] = (seq, [len(seq) - 1])
+            else:
+                self._free(seq)
+                self.waiting.append(seq)
+                COVERAGE["preemptions"] += 1
+
     @rule()
     def run_step(self):
         for seq, positions in self.pending.values():
@@ -715,7 +775,7 @@ def test_stateful_prefix_caching():
     # The run must actually exercise the interesting paths.
     assert COVERAGE["hits"] > 0
     assert COVERAGE["same_step_shared_writes"] > 0
-    assert COVERAGE["fork_copies"] > 0
+    assert COVERAGE["fork_copies"] > 0 and COVERAGE["forks_between_steps"] > 0
     assert COVERAGE["evictable_consumed"] > 0
     assert COVERAGE["preemptions"] > 0
     assert COVERAGE["alloc_refused"] > 0
