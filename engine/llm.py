@@ -258,6 +258,17 @@ class LLM:
         self.scheduler.finish(req.seq, "abort")
         return True
 
+    def fork(self, request_id: str, n: int = 1, params: SamplingParams | None = None) -> list[str]:
+        """Between steps: ``n`` copies of a running request (same tokens, text, log-probs),
+        each continuing on its own under a new id (returned); they share its KV blocks.
+        ``params=None`` keeps its params and ``max_tokens`` budget; given ``params``, a
+        child uses them from here, ``max_tokens`` counting from here. Seeded generator
+        state, knob counts and processors' ``fork(parent_id, child_ids)`` hooks are
+        carried over. See engine/forking.py."""
+        from engine.forking import fork_request
+        with torch.inference_mode():        # the step's tensors (knob state, KV) are inference tensors
+            return fork_request(self, request_id, n, params)
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 

@@ -46,6 +46,13 @@ class ModelRunner:
         self.kv_caches = [(self.kv_pool[i, 0], self.kv_pool[i, 1])
                           for i in range(cfg.num_hidden_layers)]
 
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """KV of block ``src`` into block ``dst`` for each pair, every layer (forks)."""
+        if copies:
+            src = torch.tensor([a for a, _ in copies], device=self.device)
+            dst = torch.tensor([b for _, b in copies], device=self.device)
+            self.kv_pool[:, :, dst] = self.kv_pool[:, :, src]      # [L, 2, n, bs, Hkv, D]
+
     @staticmethod
     def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()

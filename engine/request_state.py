@@ -5,6 +5,8 @@ incremental text, stop-string handling and the ``RequestOutput`` it builds.
 """
 from __future__ import annotations
 
+import copy
+
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.sampler import StepLogprobs
 from engine.sequence import Sequence
@@ -39,6 +41,27 @@ class RequestState:
             # space of the first generated word is kept.
             self.detok = make_detokenizer(tokenizer, seq.prompt_token_ids,
                                           skip_special_tokens=self.params.skip_special_tokens)
+
+    def fork(self, child: Sequence, new_params: bool) -> "RequestState":
+        """The state of ``child``, a copy of this request's sequence (engine/forking.py):
+        same text, log-probs and detokenizer state. With ``new_params`` (the child's
+        own), its ``max_tokens`` counts from the fork point; a child asking for log-probs
+        its parent did not record has empty dicts for the tokens before the fork."""
+        from engine.forking import clone_detokenizer
+        c = copy.copy(self)
+        c.seq, c.params = child, child.params
+        c.detok = clone_detokenizer(self.detok, self.tokenizer)
+        if c.params.wants_logprobs:
+            c.logprobs = list(self.logprobs) if self.logprobs is not None else [{}] * child.num_generated_tokens
+        else:
+            c.logprobs = None
+        if new_params:
+            p = c.params
+            c._eos = None if p.ignore_eos else self.eos_token_id
+            c._stop_ids = frozenset(p.stop_token_ids or ())
+            c._max_len = self.max_model_len if p.max_tokens is None else min(
+                self.max_model_len, len(child) + p.max_tokens)
+        return c
 
     @property
     def request_id(self) -> str:

@@ -218,6 +218,17 @@ class ReflectionConstraint:
         self._start.pop(rid, None)
         self._track.pop(rid, None)
 
+    def fork(self, parent_id: str, child_ids) -> None:
+        """``LLM.fork``'s hook: each child starts from the parent's start state and
+        tracked position, then advances on its own."""
+        pid = str(parent_id)
+        for cid in child_ids:
+            cid = str(cid)
+            if pid in self._start:
+                self._start[cid] = self._start[pid]
+            if pid in self._track:
+                self._track[cid] = self._track[pid]
+
     def reset(self) -> None:
         """Forget every request."""
         self._start.clear()

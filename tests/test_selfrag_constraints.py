@@ -370,3 +370,26 @@ def test_generate_batch_with_default_state(vocab, hf, llm, prompts):
                 .outputs[0].token_ids) for p in ends]
     assert one == ref
     assert all(ids[0] in (vocab.relevant, vocab.irrelevant) for ids in ref)
+
+
+def test_fork_hook_copies_the_state_and_children_advance_alone(vocab, tok):
+    """LLM.fork's hook: a child starts in the parent's state (a START-registered request
+    mid-evidence) and then advances on its own tokens; the reference is a request that
+    saw the child's whole output from the start."""
+    text = tok.encode("Alpacas are small.", add_special_tokens=False)
+    proc = ReflectionConstraint(vocab, V)
+    proc.begin("p", S.AFTER_PARAGRAPH)
+    row = torch.zeros(1, V)
+    out = [vocab.relevant, *text]
+    proc(row, ["p"], [out])
+    assert proc.state_of("p") is S.EVIDENCE_TEXT
+    proc.fork("p", ["p.1", "p.2"])
+    assert proc.state_of("p.1") is proc.state_of("p.2") is S.EVIDENCE_TEXT
+    proc(row.repeat(2, 1), ["p", "p.1"], [out + [vocab.fully], out + text])
+    assert proc.state_of("p") is S.AFTER_SUPPORT and proc.state_of("p.1") is S.EVIDENCE_TEXT
+    ref = ReflectionConstraint(vocab, V)
+    ref.begin("r", S.AFTER_PARAGRAPH)
+    ref(row, ["r"], [out + text])
+    assert ref.state_of("r") is proc.state_of("p.1")
+    proc.forget("p.2")
+    assert proc.state_of("p.2") is None and proc.state_of("p") is S.AFTER_SUPPORT
