@@ -423,6 +423,33 @@ class BlockManager:
         self._num_tokens[child.seq_id] = covered
         return copies
 
+    # ----------------------------------------------------------------- extend
+    def can_extend(self, seq: Sequence) -> bool:
+        """Whether ``extend(seq)`` would succeed now."""
+        self._check_live(seq, "extend")
+        return self.blocks_needed(len(seq)) - len(seq.block_table) <= self.num_free_blocks
+
+    def extend(self, seq: Sequence) -> None:
+        """A live ``seq`` (a held request) grew by several tokens at once: give it blocks
+        for all of them. Positions ``[covered, len(seq))`` (the tokens its KV does not
+        cover yet) must be computed by the prefill of this step: ``seq.num_cached_tokens``
+        is set to ``covered``. Blocks the new tokens fill up are registered in the
+        prefix cache, as at ``allocate``. Raises ``NoFreeBlocksError`` (state unchanged)
+        when the pool is short."""
+        self._check_live(seq, "extend")
+        covered = self._num_tokens[seq.seq_id]
+        need = self.blocks_needed(len(seq)) - len(seq.block_table)
+        if need > self.num_free_blocks:
+            raise NoFreeBlocksError(f"extend {seq!r}: need {need} new blocks, {self.num_free_blocks} available")
+        for _ in range(need):
+            seq.block_table.append(self._take_block())
+        self._num_tokens[seq.seq_id] = len(seq)
+        if self.enable_prefix_caching:
+            for n in range(covered + 1, len(seq) + 1):
+                if n % self.block_size == 0:
+                    self._register_filled(seq, n)
+        seq.num_cached_tokens = covered
+
     # ------------------------------------------------------------------- free
     def free(self, seq: Sequence) -> None:
         """Release ``seq``'s blocks, give it a new empty table, reset num_cached_tokens.

@@ -1,4 +1,6 @@
-"""``LLM.fork``: copies of a running request that continue on their own, sharing its KV.
+"""``LLM.fork``: copies of a running (or held) request that continue on their own,
+sharing its KV. A held request's children are held too, each ready for its own
+``extend`` (engine/held.py).
 
 Called between steps. At that moment the parent's token list ends with the token it
 sampled last step, whose KV the next decode step computes; its KV covers every token
@@ -37,8 +39,12 @@ def fork_request(llm, request_id: str, n: int = 1, params=None) -> list[str]:
     llm._check_alive()
     rid = str(request_id)
     req = llm._requests.get(rid)
+    held = req is None and rid in llm._out.held
+    if held:
+        req = llm._out.held[rid]
     if req is None:
-        raise InvalidRequestError(f"fork: request {rid!r} is not running (unknown, finished or aborted)")
+        raise InvalidRequestError(f"fork: request {rid!r} is neither running nor held (unknown, "
+                                  "finished without hold=True, released or aborted)")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise InvalidRequestError(f"fork: n={n!r} must be an int >= 1")
     if params is not None:
@@ -57,14 +63,17 @@ def fork_request(llm, request_id: str, n: int = 1, params=None) -> list[str]:
     for _ in range(n):
         req.num_forks = getattr(req, "num_forks", 0) + 1
         cid = f"{rid}.{req.num_forks}"
-        while cid in llm._requests:
+        while cid in llm._requests or cid in out.held:
             req.num_forks += 1
             cid = f"{rid}.{req.num_forks}"
         child = _child_sequence(parent, cid, params)
-        _place(llm, parent, child)
+        if held:
+            _hold_copy(llm, parent, child)
+        else:
+            _place(llm, parent, child)
         if llm.sampler.knob_state is not None and params is None:   # new params: built afresh
             llm.sampler.knob_state.fork(parent, child)
-        llm._requests[cid] = req.fork(child, params is not None)
+        (out.held if held else llm._requests)[cid] = req.fork(child, params is not None)
         children.append(child)
     ids = [c.request_id for c in children]
     _tell_processors(parent.params, rid, ids)
@@ -95,6 +104,16 @@ def _place(llm, parent: Sequence, child: Sequence) -> None:
         sched.running.append(child)
     else:
         sched.add(child)
+
+
+def _hold_copy(llm, parent: Sequence, child: Sequence) -> None:
+    """A held copy of a held parent: it shares the parent's kept blocks (if they were not
+    dropped and a block is free for the partial copy; else an ``extend`` recomputes)."""
+    child.status, child.finish_reason = SequenceStatus.FINISHED, parent.finish_reason
+    bm = llm.block_manager
+    if parent.block_table and bm.can_fork(parent):
+        llm.runner.copy_blocks(bm.fork(parent, child))
+        llm.scheduler.hold(child)
 
 
 def _tell_processors(params, parent_id: str, child_ids: list[str]) -> None:

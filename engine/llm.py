@@ -27,6 +27,7 @@ from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor
 from engine.request_state import RequestState
 from engine.sampler import Sampler
+from engine.samples import expand_samples, last_per_request, needs_expansion
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
@@ -251,12 +252,30 @@ class LLM:
         return self.enqueue_request(self.prepare_request(prompt, params, request_id))
 
     def abort(self, request_id: str) -> bool:
-        """Stops a request and frees its blocks. False if it is not running."""
-        req = self._requests.pop(str(request_id), None)
+        """Stops a request and frees its blocks (a held one's too). False if it is
+        neither running nor held."""
+        req = self._requests.get(str(request_id))
         if req is None:
-            return False
-        self.scheduler.finish(req.seq, "abort")
+            return self.release(request_id)
+        for member in req.group.members if req.group is not None else [req]:
+            if self._requests.pop(member.request_id, None) is not None:
+                self.scheduler.finish(member.seq, "abort")
         return True
+
+    def extend(self, request_id: str, token_ids, params: SamplingParams | None = None) -> str:
+        """Continues a held request (``SamplingParams(hold=True)``, finished) with
+        ``token_ids`` (or text) appended: a new turn under the same id whose prompt is
+        everything so far; only what its kept KV does not cover is prefilled. See
+        engine/held.py."""
+        from engine.held import extend_request
+        with torch.inference_mode():
+            return extend_request(self, request_id, token_ids, params)
+
+    def release(self, request_id: str) -> bool:
+        """Frees a held request's KV blocks. False if it is not held."""
+        from engine.held import release_request
+        with torch.inference_mode():
+            return release_request(self, request_id)
 
     def fork(self, request_id: str, n: int = 1, params: SamplingParams | None = None) -> list[str]:
         """Between steps: ``n`` copies of a running request (same tokens, text, log-probs),
@@ -325,6 +344,8 @@ class LLM:
                 t2 = time.perf_counter()
                 hidden = self.model.forward(input_ids, positions, meta, self.runner.kv_caches)
                 logits = self.model.compute_logits(hidden[last])
+                if needs_expansion(seqs):             # n > 1: the samples fork off here
+                    seqs, logits = expand_samples(self, seqs, logits)
             else:
                 step = self.decode_runner.prepare(seqs)
                 t2 = time.perf_counter()
@@ -353,6 +374,8 @@ class LLM:
         t6 = time.perf_counter()
         self._out.process(seqs, tokens, lps, failed, finished_only, outputs)
         t7 = time.perf_counter()
+        if len(outputs) > 1 and len({o.request_id for o in outputs}) < len(outputs):
+            outputs = last_per_request(outputs)      # several samples of one request advanced
         st = self.step_times
         st["schedule"] += t1 - t0
         st["prepare"] += t2 - t1

@@ -20,6 +20,8 @@ class OutputProcessor:
         self.scheduler = scheduler
         self.async_output = async_output
         self.requests: dict[str, RequestState] = {}
+        # Finished requests kept for extend / fork (SamplingParams.hold), by id.
+        self.held: dict[str, RequestState] = {}
         self.deferred: list[RequestState] = []
 
     def process(self, seqs, tokens, lps, failed: dict[int, str], finished_only: bool,
@@ -32,6 +34,9 @@ class OutputProcessor:
             req = self.requests[seq.request_id]
             if i in failed:
                 self.fail(req, failed[i], outputs)
+                continue
+            if req.params.max_tokens == 0:      # prefill and hold: nothing is generated
+                self.emit(req, "length", finished_only, outputs)
                 continue
             try:
                 reason = req.append_token(tok, lp)
@@ -62,14 +67,19 @@ class OutputProcessor:
 
     def emit(self, req: RequestState, reason, finished_only: bool, outputs: list) -> None:
         if reason is not None:
-            self.scheduler.finish(req.seq, reason)
+            hold = req.params.hold and reason in ("stop", "length")
+            self.scheduler.finish(req.seq, reason, hold=hold)
             del self.requests[req.request_id]
+            if hold:
+                self.held[req.request_id] = req
         if reason is not None or not finished_only:
-            outputs.append(req.output())
+            if req.group is None or not finished_only or req.group.finished:
+                outputs.append(req.output())
 
     def fail(self, req: RequestState, why: str, outputs: list) -> None:
         """Ends one request with finish_reason "error" (its blocks freed); the rest go on."""
         req.error = f"request {req.request_id!r} failed: {why}"
         self.scheduler.finish(req.seq, "error")
         del self.requests[req.request_id]
-        outputs.append(req.output())
+        if req.group is None or req.group.finished:
+            outputs.append(req.output())

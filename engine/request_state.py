@@ -27,6 +27,7 @@ class RequestState:
         self._decoded = 0                  # generated tokens fed to the detokenizer
         self._final_token_is_stop = False  # last token is EOS / a stop id (not text)
         self.logprobs = [] if self.params.wants_logprobs else None
+        self.group = None                  # engine/samples.py's SampleGroup when n > 1
         self._prompt_ids = seq.prompt_token_ids
         # append_token's per-token checks, precomputed (it runs for every token).
         p = self.params
@@ -149,15 +150,21 @@ class RequestState:
                     break
         return text[:len(text) - hold] if hold else text
 
-    def output(self) -> RequestOutput:
+    def completion(self, index: int = 0) -> CompletionOutput:
         seq = self.seq
         # step() builds one of these per running request per step: one slice for the
-        # generated ids, and the prompt's ids as one list shared by all its outputs.
+        # generated ids (the prompt's ids are one list shared by all its outputs).
         finish = seq.finish_reason if seq.is_finished else None
-        comp = CompletionOutput(0, self.visible_text(), seq.token_ids[seq.num_prompt_tokens:],
+        return CompletionOutput(index, self.visible_text(), seq.token_ids[seq.num_prompt_tokens:],
                                 seq.cumulative_logprob,
                                 list(self.logprobs) if self.logprobs is not None else None,
                                 finish, self.stop_reason)
-        return RequestOutput(seq.request_id, self.prompt, self._prompt_ids, [comp],
-                             finish is not None, self.error)
+
+    def output(self) -> RequestOutput:
+        """This request's output; for one sample of several (n > 1), the whole group's."""
+        if self.group is not None:
+            return self.group.output()
+        comp = self.completion()
+        return RequestOutput(self.seq.request_id, self.prompt, self._prompt_ids, [comp],
+                             comp.finish_reason is not None, self.error)
 

@@ -77,7 +77,8 @@ class Sampler:
         """(any logits processors, greedy rows, rows wanting log-probs, rows using the
         sampling knobs) of a batch.
 
-        A request's params never change, and a decode batch is usually the same
+        A request's params change only at ``LLM.extend`` (which calls
+        ``params_changed``), and a decode batch is usually the same
         sequences as last step: the plan is reused while the batch's sequences are
         (identity compare of the lists, a C loop; three Python passes over a
         256-row batch cost ~30 us of host time per step on the CPU VM)."""
@@ -90,6 +91,10 @@ class Sampler:
                           [i for i, p in enumerate(params) if p.wants_logprobs],
                           [i for i, p in enumerate(params) if uses_knobs(p)])
         return self._plan_val
+
+    def params_changed(self) -> None:
+        """A sequence's params were replaced (``LLM.extend``): the next plan is rebuilt."""
+        self._plan_seqs = []
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], ops
                  ) -> tuple[list[int], list[StepLogprobs], dict[int, str]]:

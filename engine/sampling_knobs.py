@@ -291,6 +291,14 @@ class KnobState:
                 dirty.append((m, t, e))
             m.banned_now = now
 
+    def forget(self, seq) -> None:
+        """Drops ``seq``'s row (its params or turn changed: the next step builds it afresh)."""
+        row = self._row_of.get(seq.seq_id)
+        if row is not None:
+            self.flush()
+            del self._rows[row], self._row_of[seq.seq_id]
+            self._free.append(row)
+
     def fork(self, parent, child) -> None:
         """``child`` starts with a copy of ``parent``'s row (for forked sequences)."""
         src = self._row_of.get(parent.seq_id)

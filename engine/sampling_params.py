@@ -46,7 +46,9 @@ class SamplingParams:
         list[list[int]]) -> logits [n, V]`` (batched), or vLLM's per-request
         ``proc(output_ids, logits_row)`` / ``proc(prompt_ids, output_ids, logits)``
         (called per row after the batched ones); see ``engine/logits_processors.py``.
-    seed: per-request RNG seed for reproducible sampling.
+    seed: per-request RNG seed for reproducible sampling (sample i of n: seed + i).
+    n: samples of the prompt (one prefill; they share its KV); ``RequestOutput.outputs``
+        holds n completions. Greedy gives n identical ones, as vLLM does.
     repetition_penalty: > 0; 1 is off. HF's and vLLM's rule over prompt and output
         tokens: a seen token's positive logit is divided by it, a negative one multiplied.
     presence_penalty, frequency_penalty: -2 ... 2 (OpenAI's): ``logit -= frequency *
@@ -60,6 +62,11 @@ class SamplingParams:
         and, where that differs in its first token only, after a space (vLLM's rule); a
         word of several tokens is banned at its last token when the output already ends
         with the others. Needs the engine's tokenizer.
+    hold: when the request finishes (stop or length), keep its KV blocks: ``LLM.extend``
+        continues it with more tokens over its cached context, ``LLM.fork`` copies it,
+        ``LLM.release`` frees it. ``max_tokens=0`` with ``hold`` prefills the prompt and
+        holds it without generating. Held blocks may be dropped under memory pressure;
+        a later ``extend`` then recomputes them (correctness never depends on the hold).
 
     All log-probs (and ``cumulative_logprob``) are log-softmax of the raw
     model logits, before processors, temperature, top-k/p or masks.
@@ -86,6 +93,7 @@ class SamplingParams:
     min_p: float = 0.0
     bad_words: Sequence[str] | None = None
     include_stop_str_in_output: bool = False
+    hold: bool = False
     # Normalised views, filled by __post_init__.
     stop_list: list[str] = field(init=False, repr=False)
     # The bad words as token-id sequences, filled by the engine (it has the tokenizer).
@@ -115,12 +123,17 @@ class SamplingParams:
         self.top_p = float(self.top_p)
         if not is_int(self.top_k) or (self.top_k < 1 and self.top_k != -1):
             bad("top_k", "must be -1 (disabled) or an integer >= 1")
-        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):
-            bad("max_tokens", "must be an integer >= 1 (or None: up to max_model_len)")
+        if not isinstance(self.hold, bool):
+            bad("hold", "must be True or False")
+        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < (0 if self.hold else 1)):
+            bad("max_tokens", "must be an integer >= 1 (or None: up to max_model_len; 0 only with "
+                "hold=True: prefill and hold)")
         if self.logprobs is not None and (not is_int(self.logprobs) or self.logprobs < 0):
             bad("logprobs", "must be None or an integer >= 0")
-        if not is_int(self.n) or self.n != 1:
-            bad("n", "only n=1 is supported; fork sequences for several samples")
+        if not is_int(self.n) or self.n < 1:
+            bad("n", "must be an integer >= 1 (samples of the prompt)")
+        if self.n > 1 and self.hold:
+            bad("n", "cannot be > 1 with hold=True (hold one request, then LLM.fork it)")
         if self.seed is not None and not is_int(self.seed):
             bad("seed", "must be None or an integer")
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):

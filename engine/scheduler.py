@@ -12,7 +12,9 @@ Each ``schedule()`` call picks one step's work:
   no block for a sequence's next token, the most recently admitted running
   sequence is preempted: its blocks are freed and it goes back to the front of
   the queue, to be recomputed (prefix caching usually makes that cheap) and
-  resumed with the tokens it had. Nothing is lost or duplicated. (When the pool
+  resumed with the tokens it had. Nothing is lost or duplicated. Before anything
+  running is preempted (or a waiting request refused), the blocks of finished requests
+  held for a later ``extend`` (``SamplingParams.hold``) are dropped, oldest first. (When the pool
   has a block for every sequence that needs one, ``BlockManager.append_slots``
   does the whole step in one pass: no preemption can happen.)
 """
@@ -36,7 +38,12 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # Finished requests that keep their KV blocks (SamplingParams.hold), oldest first;
+        # their blocks are dropped under pressure before anything running is preempted.
+        self.held: dict[int, Sequence] = {}
         self.num_preemptions = 0
+        self.num_held_dropped = 0
+        self.num_prefill_tokens = 0          # positions computed by prefill steps
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -56,19 +63,29 @@ class Scheduler:
             cost = len(seq)
             if admitted and num_tokens + cost > self.max_num_batched_tokens:
                 break
-            if not bm.can_allocate(seq):
-                break
-            bm.allocate(seq)
+            if seq.block_table:             # a held request extended: its blocks are kept
+                if not self._make_room(lambda: bm.can_extend(seq)):
+                    break
+                bm.extend(seq)
+            else:
+                if not self._make_room(lambda: bm.can_allocate(seq)):
+                    break
+                bm.allocate(seq)
             num_tokens += len(seq) - seq.num_cached_tokens
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             admitted.append(seq)
         if admitted:
+            self.num_prefill_tokens += num_tokens
             return admitted, True
 
         if bm.append_slots(self.running):           # the pool covers every new block
             return list(self.running), False
+        while self.held:                            # held blocks go before anything running
+            self._drop_oldest_held()
+            if bm.append_slots(self.running):
+                return list(self.running), False
         scheduled: list[Sequence] = []
         queue = self.running
         self.running = []
@@ -104,12 +121,45 @@ class Scheduler:
         # drop every unreferenced cached block so no later prompt can hit them.
         self.block_manager.reset_prefix_cache()
 
-    def finish(self, seq: Sequence, reason: str) -> None:
-        """Marks ``seq`` finished and frees its blocks (also for aborts)."""
+    def finish(self, seq: Sequence, reason: str, hold: bool = False) -> None:
+        """Marks ``seq`` finished and frees its blocks (also for aborts), or with
+        ``hold`` keeps them (``SamplingParams.hold``)."""
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        self.block_manager.free(seq)
+        if hold and seq.block_table:
+            self.held[seq.seq_id] = seq
+        else:
+            self.release(seq)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+
+    def hold(self, seq: Sequence) -> None:
+        """Registers a finished sequence that already holds blocks (a fork of a held one)."""
+        if seq.block_table:
+            self.held[seq.seq_id] = seq
+
+    def release(self, seq: Sequence) -> None:
+        """Frees a (held or finishing) sequence's blocks."""
+        self.held.pop(seq.seq_id, None)
+        self.block_manager.free(seq)
+
+    def resume(self, seq: Sequence) -> None:
+        """Queues a held sequence that was extended; it keeps its blocks (if they were not
+        dropped) and its next prefill computes only what they do not cover."""
+        self.held.pop(seq.seq_id, None)
+        self.add(seq)
+
+    def _drop_oldest_held(self) -> None:
+        seq = next(iter(self.held.values()))
+        self.release(seq)
+        self.num_held_dropped += 1
+
+    def _make_room(self, fits) -> bool:
+        """Whether ``fits()`` holds, after dropping held blocks (oldest first) if needed."""
+        while not fits():
+            if not self.held:
+                return False
+            self._drop_oldest_held()
+        return True

@@ -456,7 +456,8 @@ def test_free_foreign_sequence_rejected():
 
 # ------------------------------------------------------------ stateful model
 COVERAGE = {"hits": 0, "same_step_shared_writes": 0, "fork_copies": 0, "evictable_consumed": 0,
-            "preemptions": 0, "alloc_refused": 0, "forks_between_steps": 0}
+            "preemptions": 0, "alloc_refused": 0, "forks_between_steps": 0,
+            "extends": 0}
 
 tokens_st = st.lists(st.integers(0, 1), min_size=1, max_size=10)
 
@@ -664,6 +665,29 @@ class BlockManagerMachine(RuleBasedStateMachine):
                 self.waiting.append(seq)
                 COVERAGE["preemptions"] += 1
 
+    @precondition(lambda self: any(s.seq_id not in self.pending for s in self.live))
+    @rule(data=st.data(), tokens=st.lists(st.integers(0, 1), min_size=1, max_size=6))
+    def extend(self, data, tokens):
+        """A held request extended with several tokens (its last one may have no slot
+        yet, as after a finish): one prefill computes all of them over its cached KV."""
+        seq = data.draw(st.sampled_from(self._unscheduled()))
+        covered = len(seq)
+        for t in tokens:
+            seq.append_token(t)
+        before = snapshot(self.bm, [seq])
+        if self.bm.can_extend(seq):
+            self.bm.extend(seq)
+            assert seq.num_cached_tokens == covered
+            assert len(seq.block_table) == self.bm.blocks_needed(len(seq))
+            self.pending[seq.seq_id] = (seq, list(range(covered, len(seq))))
+            COVERAGE["extends"] += 1
+        else:
+            with pytest.raises(NoFreeBlocksError):
+                self.bm.extend(seq)
+            assert snapshot(self.bm, [seq]) == before
+            self._free(seq)               # dropped under pressure: recomputed later
+            self.waiting.append(seq)
+
     @rule()
     def run_step(self):
         for seq, positions in self.pending.values():
@@ -776,6 +800,7 @@ def test_stateful_prefix_caching():
     assert COVERAGE["hits"] > 0
     assert COVERAGE["same_step_shared_writes"] > 0
     assert COVERAGE["fork_copies"] > 0 and COVERAGE["forks_between_steps"] > 0
+    assert COVERAGE["extends"] > 0
     assert COVERAGE["evictable_consumed"] > 0
     assert COVERAGE["preemptions"] > 0
     assert COVERAGE["alloc_refused"] > 0

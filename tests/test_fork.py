@@ -149,14 +149,14 @@ def test_processors_are_told_and_bad_calls_are_refused(ckpt):
     llm.step()
     kids = llm.fork(rid, n=2)
     assert calls == [(rid, kids)]
-    with pytest.raises(InvalidRequestError, match="not running"):
+    with pytest.raises(InvalidRequestError, match="neither running nor held"):
         llm.fork("nope")
     with pytest.raises(InvalidRequestError, match="n=0"):
         llm.fork(rid, n=0)
     with pytest.raises(InvalidRequestError, match="temperature"):
         llm.fork(rid, params=SamplingParams(temperature=-1))
     finish_all(llm)
-    with pytest.raises(InvalidRequestError, match="not running"):
+    with pytest.raises(InvalidRequestError, match="neither running nor held"):
         llm.fork(rid)
 
 

@@ -16,7 +16,7 @@ BAD_PARAMS = [
     ("temperature", math.nan), ("temperature", math.inf), ("temperature", -0.5), ("temperature", "0"),
     ("temperature", True), ("top_p", 0.0), ("top_p", math.nan), ("top_p", 1.5), ("top_k", 0),
     ("top_k", 2.0), ("top_k", True), ("max_tokens", True), ("max_tokens", 0), ("max_tokens", 3.0),
-    ("seed", False), ("seed", 1.5), ("logprobs", True), ("logprobs", -1), ("n", 2), ("n", True),
+    ("seed", False), ("seed", 1.5), ("logprobs", True), ("logprobs", -1), ("n", 0), ("n", True),
     ("stop", 123), ("stop", [""]), ("stop", ["ok", 5]), ("stop_token_ids", 5), ("stop_token_ids", "12"),
     ("stop_token_ids", [True]), ("stop_token_ids", [-1]), ("logprob_token_ids", [1.0]),
     ("logits_processors", print), ("logits_processors", [1]), ("logits_processors", "f"),
