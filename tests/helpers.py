@@ -77,3 +77,13 @@ def token_prompts(n: int, vocab: int, seed: int = 0, min_len: int = 3, max_len: 
         length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
         out.append([1] + torch.randint(3, vocab, (length - 1,), generator=g).tolist())
     return out
+
+
+def finish_all(llm) -> dict:
+    """Steps ``llm`` until no request is left; returns request id -> final output."""
+    finals = {}
+    while llm.has_unfinished_requests():
+        for out in llm.step():
+            if out.finished:
+                finals[out.request_id] = out
+    return finals

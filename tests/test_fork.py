@@ -8,7 +8,7 @@ import torch
 
 from engine import SamplingParams
 from engine.errors import InvalidRequestError
-from tests.helpers import make_checkpoint, make_llm, token_prompts
+from tests.helpers import finish_all, make_checkpoint, make_llm, token_prompts
 
 
 @pytest.fixture(scope="module")
@@ -18,27 +18,10 @@ def ckpt(tmp_path_factory):
     return str(path), cfg
 
 
-def run_until(llm, done) -> dict:
-    """Steps until ``done(finals)``; returns request id -> last output."""
-    finals = {}
-    while llm.has_unfinished_requests() and not done(finals):
-        for out in llm.step():
-            finals[out.request_id] = out
-    return finals
-
-
 def step_until_generated(llm, rid, k) -> None:
     while llm.num_generated_tokens(rid) < k:
         llm.step()
 
-
-def finish_all(llm) -> dict:
-    finals = {}
-    while llm.has_unfinished_requests():
-        for out in llm.step():
-            if out.finished:
-                finals[out.request_id] = out
-    return finals
 
 
 @pytest.mark.parametrize("async_output", [False, True])

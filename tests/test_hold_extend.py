@@ -9,7 +9,7 @@ import torch
 
 from engine import SamplingParams
 from engine.errors import InvalidRequestError
-from tests.helpers import make_checkpoint, make_llm, token_prompts
+from tests.helpers import finish_all, make_checkpoint, make_llm, token_prompts
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +28,6 @@ def fresh(ckpt):
         return llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0]
     return run
 
-
-def finish_all(llm) -> dict:
-    finals = {}
-    while llm.has_unfinished_requests():
-        for out in llm.step():
-            if out.finished:
-                finals[out.request_id] = out
-    return finals
 
 
 def words(cfg, n, seed):
