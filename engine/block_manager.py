@@ -186,7 +186,8 @@ class BlockManager:
             return None
         return b
 
-    def _plan_allocation(self, seq: Sequence) -> tuple[list[int], list[int], int]:
+    def _plan_allocation(self, seq: Sequence, max_hit_tokens: int | None = None
+                         ) -> tuple[list[int], list[int], int]:
         """(full-block digests, cache-hit block ids, blocks to take from the pool)."""
         if seq.block_table:
             raise ValueError(f"allocate: {seq!r} already has a block table")
@@ -202,6 +203,8 @@ class BlockManager:
             # Never reuse the block holding the last token: the model has to
             # compute at least one position to produce logits.
             cap = (n - 1) // self.block_size
+            if max_hit_tokens is not None:  # positions the caller needs computed (their logits)
+                cap = min(cap, max_hit_tokens // self.block_size)
             for i in range(cap):
                 b = self._lookup(hashes[i], self._block_tokens(seq, i))
                 if b is None:
@@ -255,18 +258,18 @@ class BlockManager:
             raise ValueError(f"{what}: {seq!r} holds no blocks of this manager (allocate it first)")
 
     # --------------------------------------------------------------- allocate
-    def can_allocate(self, seq: Sequence) -> bool:
+    def can_allocate(self, seq: Sequence, max_hit_tokens: int | None = None) -> bool:
         """Whether ``allocate(seq)`` would succeed now.
 
         Counts prefix-cache hits: a hit on a referenced block is free, a hit on
         an evictable block removes it from the pool that new blocks come from.
         Raises ValueError if ``seq`` already holds blocks or has no tokens.
         """
-        _, hits, new = self._plan_allocation(seq)
+        _, hits, new = self._plan_allocation(seq, max_hit_tokens)
         revived = sum(1 for b in hits if self._blocks[b].ref_count == 0)
         return new <= self.num_free_blocks - revived
 
-    def allocate(self, seq: Sequence) -> None:
+    def allocate(self, seq: Sequence, max_hit_tokens: int | None = None) -> None:
         """Give ``seq`` (empty block table) blocks covering ``len(seq)`` tokens.
 
         With prefix caching, leading full blocks found in the cache are shared
@@ -274,10 +277,11 @@ class BlockManager:
         first miss) and ``seq.num_cached_tokens`` is set to the tokens they
         cover; the caller must compute positions ``[num_cached_tokens,
         len(seq))`` in this step.  Newly allocated full blocks are registered
-        in the hash table right away.  Raises ``NoFreeBlocksError`` (state
-        unchanged) when ``can_allocate(seq)`` is False.
+        in the hash table right away.  ``max_hit_tokens``: reuse at most that many
+        leading tokens (the caller needs the later positions computed).  Raises
+        ``NoFreeBlocksError`` (state unchanged) when ``can_allocate(seq)`` is False.
         """
-        hashes, hits, new = self._plan_allocation(seq)
+        hashes, hits, new = self._plan_allocation(seq, max_hit_tokens)
         revived = sum(1 for b in hits if self._blocks[b].ref_count == 0)
         if new > self.num_free_blocks - revived:
             raise NoFreeBlocksError(

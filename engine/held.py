@@ -12,6 +12,10 @@ count against the pool; under pressure the scheduler drops them (oldest first) b
 preempts anything running, and a later ``extend`` then recomputes them, prefix caching
 serving what it still holds. Correctness never depends on the hold.
 
+``prompt_logprobs`` on an extended turn: the log-probs of the extension's tokens (the
+list has None for the context before it, and for its first token when the kept KV
+already covered the position before it: a prefill-only hold).
+
 Per-request state: a logits processor that tracks requests sees the new turn as a
 request with an empty output (``ReflectionConstraint``: call ``begin(request_id, state)``
 before extending, as for a new request); seeded sampling starts afresh from the new
@@ -62,7 +66,11 @@ def extend_request(llm, request_id: str, token_ids, params=None) -> str:
         raise InvalidRequestError(f"extend: {len(seq)} tokens held + {len(token_ids)} new leave no room "
                                   f"to generate within max_model_len={llm.max_model_len}")
     del llm._out.held[rid]
+    old_len = len(seq)
     seq.token_ids.extend(int(t) for t in token_ids)
+    # prompt_logprobs of an extended turn: the extension's tokens (the first one too if
+    # the kept KV does not cover the previous last token, whose logits come with it)
+    seq.logprobs_from = None if params.prompt_logprobs is None else max(old_len, covered + 1)
     seq.num_prompt_tokens = len(seq.token_ids)
     seq.params, seq.cumulative_logprob, seq.sampler_state, seq.finish_reason = params, 0.0, None, None
     llm.sampler.params_changed()

@@ -25,6 +25,7 @@ from engine.errors import EngineDeadError, InvalidRequestError, RequestFailedErr
 from engine.model_loader import load_model, resolve_model_dir
 from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor
+from engine.prompt_logprobs import prefill_logprobs, wants_prefill_logprobs
 from engine.request_state import RequestState
 from engine.sampler import Sampler
 from engine.samples import expand_samples, last_per_request, needs_expansion
@@ -234,6 +235,8 @@ class LLM:
         if rid in self._requests:
             raise InvalidRequestError(f"request_id {rid!r} is already running")
         seq = Sequence(ids, rid, params)
+        if params.prompt_logprobs is not None:
+            seq.logprobs_from = 1
         return RequestState(seq, text, self.tokenizer, self.eos_token_id, self.max_model_len)
 
     def enqueue_request(self, req: RequestState) -> str:
@@ -287,6 +290,14 @@ class LLM:
         from engine.forking import fork_request
         with torch.inference_mode():        # the step's tensors (knob state, KV) are inference tensors
             return fork_request(self, request_id, n, params)
+
+    def score(self, prompt, continuations, per_token: bool = False) -> list:
+        """Log-probability of each continuation (str or token ids) after ``prompt``: one
+        prefill of the prompt, shared, and one of each continuation; nothing generated.
+        Returns their sums, or with ``per_token`` each token's log-prob. See
+        engine/scoring.py."""
+        from engine.scoring import score
+        return score(self, prompt, continuations, per_token)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -343,6 +354,8 @@ class LLM:
                 input_ids, positions, meta, last = self.runner.prepare(seqs, True)
                 t2 = time.perf_counter()
                 hidden = self.model.forward(input_ids, positions, meta, self.runner.kv_caches)
+                if wants_prefill_logprobs(seqs):       # prompt_logprobs, score
+                    prefill_logprobs(self, seqs, hidden, meta.host_query_start_loc)
                 logits = self.model.compute_logits(hidden[last])
                 if needs_expansion(seqs):             # n > 1: the samples fork off here
                     seqs, logits = expand_samples(self, seqs, logits)

@@ -39,3 +39,6 @@ class RequestOutput:
     finished: bool = False
     # finish_reason "error": what failed, naming the request (else None)
     error: str | None = None
+    # SamplingParams.prompt_logprobs: None for the first prompt token (and for tokens
+    # before an extension), then {token_id: Logprob} with the actual token and the top-N
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

@@ -28,6 +28,7 @@ class RequestState:
         self._final_token_is_stop = False  # last token is EOS / a stop id (not text)
         self.logprobs = [] if self.params.wants_logprobs else None
         self.group = None                  # engine/samples.py's SampleGroup when n > 1
+        self.prompt_logprobs = None        # engine/prompt_logprobs.py fills it
         self._prompt_ids = seq.prompt_token_ids
         # append_token's per-token checks, precomputed (it runs for every token).
         p = self.params
@@ -166,5 +167,5 @@ class RequestState:
             return self.group.output()
         comp = self.completion()
         return RequestOutput(self.seq.request_id, self.prompt, self._prompt_ids, [comp],
-                             comp.finish_reason is not None, self.error)
+                             comp.finish_reason is not None, self.error, self.prompt_logprobs)
 

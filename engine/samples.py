@@ -36,7 +36,8 @@ class SampleGroup:
         first = self.members[0]
         error = next((m.error for m in self.members if m.error is not None), None)
         return RequestOutput(first.request_id, first.prompt, first._prompt_ids,
-                             [m.completion(i) for i, m in enumerate(self.members)], self.finished, error)
+                             [m.completion(i) for i, m in enumerate(self.members)], self.finished, error,
+                             first.prompt_logprobs)
 
 
 def needs_expansion(seqs) -> bool:

@@ -65,7 +65,10 @@ class SamplingParams:
     hold: when the request finishes (stop or length), keep its KV blocks: ``LLM.extend``
         continues it with more tokens over its cached context, ``LLM.fork`` copies it,
         ``LLM.release`` frees it. ``max_tokens=0`` with ``hold`` prefills the prompt and
-        holds it without generating. Held blocks may be dropped under memory pressure;
+        holds it without generating.
+    prompt_logprobs: N >= 0: ``RequestOutput.prompt_logprobs`` holds, per prompt token
+        after the first, its log-prob and the top-N (vLLM's shape). Those positions are
+        computed even where the prefix cache holds them. ``max_tokens=0``: prefill only. Held blocks may be dropped under memory pressure;
         a later ``extend`` then recomputes them (correctness never depends on the hold).
 
     All log-probs (and ``cumulative_logprob``) are log-softmax of the raw
@@ -94,6 +97,7 @@ class SamplingParams:
     bad_words: Sequence[str] | None = None
     include_stop_str_in_output: bool = False
     hold: bool = False
+    prompt_logprobs: int | None = None
     # Normalised views, filled by __post_init__.
     stop_list: list[str] = field(init=False, repr=False)
     # The bad words as token-id sequences, filled by the engine (it has the tokenizer).
@@ -125,9 +129,12 @@ class SamplingParams:
             bad("top_k", "must be -1 (disabled) or an integer >= 1")
         if not isinstance(self.hold, bool):
             bad("hold", "must be True or False")
-        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < (0 if self.hold else 1)):
+        if self.prompt_logprobs is not None and (not is_int(self.prompt_logprobs) or self.prompt_logprobs < 0):
+            bad("prompt_logprobs", "must be None or an integer >= 0 (top-N besides the actual token)")
+        prefill_only = self.hold or self.prompt_logprobs is not None
+        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < (0 if prefill_only else 1)):
             bad("max_tokens", "must be an integer >= 1 (or None: up to max_model_len; 0 only with "
-                "hold=True: prefill and hold)")
+                "hold=True or prompt_logprobs: prefill only)")
         if self.logprobs is not None and (not is_int(self.logprobs) or self.logprobs < 0):
             bad("logprobs", "must be None or an integer >= 0")
         if not is_int(self.n) or self.n < 1:
@@ -188,7 +195,7 @@ class SamplingParams:
             if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) and w.strip() for w in words):
                 bad("bad_words", "must be a list of non-empty strings")
             self.bad_words = list(words) or None
-        for name in ("top_k", "max_tokens", "logprobs", "seed", "min_tokens"):    # numpy ints -> int
+        for name in ("top_k", "max_tokens", "logprobs", "seed", "min_tokens", "prompt_logprobs"):    # numpy ints -> int
             v = getattr(self, name)
             if v is not None:
                 setattr(self, name, int(v))

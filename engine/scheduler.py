@@ -68,9 +68,11 @@ class Scheduler:
                     break
                 bm.extend(seq)
             else:
-                if not self._make_room(lambda: bm.can_allocate(seq)):
+                # a sequence that needs log-probs of given positions gets them computed
+                cap = None if seq.logprobs_from is None else seq.logprobs_from - 1
+                if not self._make_room(lambda: bm.can_allocate(seq, cap)):
                     break
-                bm.allocate(seq)
+                bm.allocate(seq, cap)
             num_tokens += len(seq) - seq.num_cached_tokens
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING

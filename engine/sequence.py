@@ -44,6 +44,10 @@ class Sequence:
         self.cumulative_logprob = 0.0
         # Opaque per-sequence state for the sampler (e.g. a torch.Generator).
         self.sampler_state: Any = None
+        # When set, the next prefill must report the log-probs of the tokens at positions
+        # [logprobs_from, len) (prompt_logprobs, LLM.score): it computes positions
+        # logprobs_from - 1 onwards (no prefix-cache reuse past that), then clears this.
+        self.logprobs_from: int | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)
