@@ -257,8 +257,8 @@ def test_bad_requests(client, llm, engine):
     assert _err(client.post("/v1/completions", json={"prompt": "x", "max_tokens": "many"}), 400)[
         "param"] == "max_tokens"
     _err(client.post("/v1/completions", json={"prompt": "x", "temperature": -1}), 400)
-    _err(client.post("/v1/completions", json={"prompt": "x", "n": 2}), 400)
-    _err(client.post("/v1/completions", json={"prompt": "x", "echo": True}), 400)
+    _err(client.post("/v1/completions", json={"prompt": "x", "n": 0}), 400)
+    _err(client.post("/v1/completions", json={"prompt": "x", "max_tokens": 0}), 400)   # 0 needs echo
     _err(client.post("/v1/completions", json={"prompt": ""}), 400)
     _err(client.post("/v1/completions", json={"prompt": [llm.config.vocab_size + 5]}), 400)
     _err(client.post("/v1/completions", json={"prompt": "x", "max_tokens": 100000}), 400)

@@ -141,7 +141,7 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
             raise APIError(404, f"the model {model!r} does not exist (served: {served_model_name!r})",
                            "not_found_error", "model", "model_not_found")
 
-    def sampling(req, max_tokens, logprobs) -> SamplingParams:
+    def sampling(req, max_tokens, logprobs, prompt_logprobs=None) -> SamplingParams:
         if max_tokens > max_tokens_cap:
             raise APIError(400, f"max_tokens={max_tokens} is over this server's cap of "
                                 f"{max_tokens_cap}", param="max_tokens")
@@ -155,7 +155,8 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
                                   logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
                                   ignore_eos=req.ignore_eos, min_tokens=req.min_tokens, min_p=req.min_p,
                                   bad_words=req.bad_words,
-                                  include_stop_str_in_output=req.include_stop_str_in_output, **knobs)
+                                  include_stop_str_in_output=req.include_stop_str_in_output, n=req.n,
+                                  prompt_logprobs=prompt_logprobs, **knobs)
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
@@ -225,6 +226,31 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
             off += len(tok)
         return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
 
+    def echo_part(out, want_logprobs: bool):
+        """(text, legacy log-probs or None) of an echoed prompt: the first token has no
+        log-prob, as in OpenAI's legacy completions."""
+        ids = out.prompt_token_ids
+        text = out.prompt if out.prompt is not None else (
+            tokenizer.decode(ids) if tokenizer is not None else "")
+        if not want_logprobs:
+            return text, None
+        toks, lps, tops, offs, off = [], [], [], [], 0
+        for j, tid in enumerate(ids):
+            d = out.prompt_logprobs[j] if out.prompt_logprobs is not None else None
+            tok = tokenizer.decode([tid]) if tokenizer is not None else str(tid)
+            toks.append(tok)
+            lps.append(None if d is None else d[tid].logprob)
+            tops.append(None if d is None else {(v.decoded_token if v.decoded_token is not None else str(k)):
+                                                v.logprob for k, v in d.items()})
+            offs.append(off)
+            off += len(tok)
+        return text, {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
+
+    def joined(a, b):
+        if a is None or b is None:
+            return a if b is None else b
+        return {k: a[k] + b[k] for k in a}
+
     def chat_logprobs(comp, start: int, top: bool):
         if comp.logprobs is None:
             return None
@@ -272,7 +298,13 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
         else:
             raise APIError(400, "prompt must be a non-empty string, list of strings, token-id list "
                                 "or list of token-id lists", param="prompt")
-        params = sampling(req, 16 if req.max_tokens is None else req.max_tokens, req.logprobs)
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        if max_tokens == 0 and not req.echo:
+            raise APIError(400, "max_tokens must be >= 1 (0 only with echo: the prompt's log-probs)",
+                           param="max_tokens")
+        prompt_lps = (req.logprobs or 0) if req.echo and (req.logprobs is not None or max_tokens == 0) else None
+        params = sampling(req, max_tokens, req.logprobs, prompt_lps)
+        n = req.n
         cid = new_id("cmpl")
         sub = prepare(prompts, params, cid)
         check_fits(sub, params.max_tokens)
@@ -293,35 +325,48 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
             choices, pt, ct = [], 0, 0
             for i in range(len(rids)):
                 out = finals[i]
-                c = out.outputs[0]
                 pt += len(out.prompt_token_ids)
-                ct += len(c.token_ids)
-                choices.append({"index": i, "text": c.text, "logprobs": legacy_logprobs(c, 0, 0),
-                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                head, head_lps = echo_part(out, req.logprobs is not None) if req.echo else ("", None)
+                for j, c in enumerate(out.outputs):        # n completions of prompt i
+                    ct += len(c.token_ids)
+                    choices.append({"index": i * n + j, "text": head + c.text,
+                                    "logprobs": joined(head_lps, legacy_logprobs(c, 0, len(head))),
+                                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
             return JSONResponse({"id": cid, "object": "text_completion", "created": created, "model": model,
                     "choices": choices, "usage": usage(pt, ct)})
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         async def stream():
-            sent_text = [0] * len(rids)
-            sent_tok = [0] * len(rids)
+            sent_text, sent_tok, echo_len, done = {}, {}, {}, set()
             pt = ct = 0
             prefix = sse_prefix({"id": cid, "object": "text_completion", "created": created, "model": model})
             async for i, out in outputs(sub):
-                c = out.outputs[0]
-                delta = c.text[sent_text[i]:]
-                if not delta and not out.finished:
-                    continue
-                choice = {"index": i, "text": delta,
-                          "logprobs": legacy_logprobs(c, sent_tok[i], sent_text[i]),
-                          "finish_reason": c.finish_reason if out.finished else None}
+                for j, c in enumerate(out.outputs):        # n completions of prompt i
+                    k = i * n + j
+                    if k in done:
+                        continue
+                    fin = c.finish_reason is not None
+                    head, head_lps = ("", None)
+                    if k not in sent_text:              # the first chunk of a choice echoes the prompt
+                        sent_text[k] = sent_tok[k] = 0
+                        if req.echo:
+                            head, head_lps = echo_part(out, req.logprobs is not None)
+                        echo_len[k] = len(head)
+                    delta = c.text[sent_text[k]:]
+                    if not delta and not head and not fin:
+                        continue
+                    choice = {"index": k, "text": head + delta,
+                              "logprobs": joined(head_lps, legacy_logprobs(c, sent_tok[k], echo_len[k] + sent_text[k])),
+                              "finish_reason": c.finish_reason if fin else None}
+                    if fin:
+                        choice["stop_reason"] = c.stop_reason
+                        ct += len(c.token_ids)
+                        done.add(k)
+                    sent_text[k], sent_tok[k] = len(c.text), len(c.token_ids)
+                    yield prefix + compact_json(choice) + "]}\n\n"
                 if out.finished:
-                    choice["stop_reason"] = c.stop_reason
                     pt += len(out.prompt_token_ids)
-                    ct += len(c.token_ids)
-                sent_text[i], sent_tok[i] = len(c.text), len(c.token_ids)
-                yield prefix + compact_json(choice) + "]}\n\n"
             if include_usage:
                 yield sse({"id": cid, "object": "text_completion", "created": created, "model": model,
                            "choices": [], "usage": usage(pt, ct)})
@@ -357,36 +402,40 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
                 return Response(status_code=499)   # nginx's 'client closed'; uvicorn drops it
             finally:
                 watcher.cancel()
-            c = final.outputs[0]
             return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": model,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
+                    "choices": [{"index": j, "message": {"role": "assistant", "content": c.text},
                                  "logprobs": chat_logprobs(c, 0, bool(top)) if req.logprobs else None,
-                                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}],
-                    "usage": usage(len(final.prompt_token_ids), len(c.token_ids))})
+                                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                                for j, c in enumerate(final.outputs)],
+                    "usage": usage(len(final.prompt_token_ids), sum(len(c.token_ids) for c in final.outputs))})
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         async def stream():
             head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
             prefix = sse_prefix(head)
-            yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                            "logprobs": None, "finish_reason": None}]})
-            sent_text = sent_tok = 0
+            yield sse({**head, "choices": [{"index": j, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None} for j in range(req.n)]})
+            sent_text, sent_tok, done = [0] * req.n, [0] * req.n, set()
             final = None
             async for _, out in outputs(sub):
-                c = out.outputs[0]
-                delta = c.text[sent_text:]
-                if not delta and not out.finished:
-                    continue
-                choice = {"index": 0, "delta": {"content": delta} if delta else {},
-                          "logprobs": chat_logprobs(c, sent_tok, bool(top)) if req.logprobs else None,
-                          "finish_reason": c.finish_reason if out.finished else None}
-                sent_text, sent_tok = len(c.text), len(c.token_ids)
                 final = out
-                yield prefix + compact_json(choice) + "]}\n\n"
+                for j, c in enumerate(out.outputs):        # n completions
+                    fin = c.finish_reason is not None
+                    delta = c.text[sent_text[j]:]
+                    if j in done or (not delta and not fin):
+                        continue
+                    choice = {"index": j, "delta": {"content": delta} if delta else {},
+                              "logprobs": chat_logprobs(c, sent_tok[j], bool(top)) if req.logprobs else None,
+                              "finish_reason": c.finish_reason if fin else None}
+                    sent_text[j], sent_tok[j] = len(c.text), len(c.token_ids)
+                    if fin:
+                        done.add(j)
+                    yield prefix + compact_json(choice) + "]}\n\n"
             if include_usage and final is not None:
                 yield sse({**head, "choices": [],
-                           "usage": usage(len(final.prompt_token_ids), len(final.outputs[0].token_ids))})
+                           "usage": usage(len(final.prompt_token_ids),
+                                          sum(len(c.token_ids) for c in final.outputs))})
             yield "data: [DONE]\n\n"
 
         return EventStream(stream(), watcher, on_close=lambda: engine.discard(sub), headers=SSE_HEADERS)

@@ -49,7 +49,7 @@ class _SamplingFields(_Lenient):
     top_k: StrictInt = -1
     stop: Optional[Union[StrictStr, List[StrictStr]]] = None
     seed: Optional[StrictInt] = None
-    n: StrictInt = Field(default=1, ge=1, le=1)
+    n: StrictInt = Field(default=1, ge=1, le=64)
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
     skip_special_tokens: StrictBool = True
@@ -70,7 +70,10 @@ TokenIds = List[StrictInt]
 
 class CompletionRequest(_SamplingFields):
     prompt: Union[StrictStr, List[StrictStr], TokenIds, List[TokenIds]]
-    echo: Literal[False] = False
+    # echo: the prompt comes back before the completion, with its log-probs when
+    # logprobs is set (max_tokens=0 then scores the prompt, as OpenAI's legacy API did)
+    echo: StrictBool = False
+    max_tokens: Optional[StrictInt] = Field(default=None, ge=0)
     logprobs: Optional[StrictInt] = Field(default=None, ge=0, le=20)
 
 
