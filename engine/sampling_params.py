@@ -98,6 +98,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     hold: bool = False
     prompt_logprobs: int | None = None
+    best_of: int | None = None
     # Normalised views, filled by __post_init__.
     stop_list: list[str] = field(init=False, repr=False)
     # The bad words as token-id sequences, filled by the engine (it has the tokenizer).
@@ -139,6 +140,9 @@ class SamplingParams:
             bad("logprobs", "must be None or an integer >= 0")
         if not is_int(self.n) or self.n < 1:
             bad("n", "must be an integer >= 1 (samples of the prompt)")
+        if self.best_of is not None and self.best_of != self.n:
+            bad("best_of", "is not supported (only None or equal to n): sample n and rerank "
+                "(examples/best_of_n.py)")
         if self.n > 1 and self.hold:
             bad("n", "cannot be > 1 with hold=True (hold one request, then LLM.fork it)")
         if self.seed is not None and not is_int(self.seed):

@@ -80,7 +80,7 @@ def test_samples_survive_preemption_and_abort_ends_them_all(ckpt):
 
 
 @pytest.mark.parametrize("kw, match", [(dict(n=0), "n"), (dict(n=2, hold=True), "hold"),
-                                       (dict(n=1.5), "n")])
+                                       (dict(n=1.5), "n"), (dict(n=2, best_of=4), "best_of")])
 def test_bad_n(kw, match):
     with pytest.raises(SamplingParamsError, match=match):
         SamplingParams(**kw)
