@@ -5,7 +5,8 @@
     outs = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=32))
 
 Besides ``generate`` it offers a step-level API for embedding the engine in
-an event loop: ``add_request``, ``step``, ``abort`` and ``stream``.
+an event loop: ``add_request``, ``step``, ``abort`` and ``stream``; and the
+per-request primitives of engine/request_api.py (``fork``, ``extend``, ``score``, ...).
 """
 from __future__ import annotations
 
@@ -26,16 +27,15 @@ from engine.model_loader import load_model, resolve_model_dir
 from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor
 from engine.prompt_logprobs import prefill_logprobs, wants_prefill_logprobs
-from engine.request_state import RequestState
+from engine.request_api import RequestAPI
 from engine.sampler import Sampler
 from engine.samples import expand_samples, last_per_request, needs_expansion
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.sequence import Sequence
 
 
 
-class LLM:
+class LLM(RequestAPI):
     """An inference engine over one Llama checkpoint.
 
     Args:
@@ -215,100 +215,6 @@ class LLM:
         kv_sizing.check_fits_one_sequence(blocks, self.block_size, self.max_model_len, report,
                                           util, per_block)
         return blocks
-
-    # ---- requests ------------------------------------------------------------
-    def get_tokenizer(self):
-        return self.tokenizer
-
-    def prepare_request(self, prompt, params: SamplingParams | None = None,
-                        request_id: str | None = None) -> RequestState:
-        """Validates and tokenizes one request without queueing it (``add_request``
-        is ``enqueue_request(prepare_request(...))``). Touches no engine state, so a
-        server can answer a bad request with an error before committing to it.
-        Raises ``InvalidRequestError`` (a ValueError)."""
-        self._check_alive()
-        text, ids = request_validation.prompt_ids(prompt, self.tokenizer, self.config.vocab_size,
-                                                  self.max_model_len)
-        params = request_validation.check_params(params if params is not None else SamplingParams(),
-                                                 self.config.vocab_size, self.tokenizer)
-        rid = str(next(self._ids)) if request_id is None else str(request_id)
-        if rid in self._requests:
-            raise InvalidRequestError(f"request_id {rid!r} is already running")
-        seq = Sequence(ids, rid, params)
-        if params.prompt_logprobs is not None:
-            seq.logprobs_from = 1
-        return RequestState(seq, text, self.tokenizer, self.eos_token_id, self.max_model_len)
-
-    def enqueue_request(self, req: RequestState) -> str:
-        """Queues a request from ``prepare_request``; returns its id."""
-        self._check_alive()
-        if req.request_id in self._requests:
-            raise InvalidRequestError(f"request_id {req.request_id!r} is already running")
-        self._requests[req.request_id] = req
-        self.scheduler.add(req.seq)
-        return req.request_id
-
-    def add_request(self, prompt, params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Queues one request; returns its id. Raises ``InvalidRequestError``
-        (a ValueError) before queueing anything if the request is invalid."""
-        return self.enqueue_request(self.prepare_request(prompt, params, request_id))
-
-    def abort(self, request_id: str) -> bool:
-        """Stops a request and frees its blocks (a held one's too). False if it is
-        neither running nor held."""
-        req = self._requests.get(str(request_id))
-        if req is None:
-            return self.release(request_id)
-        for member in req.group.members if req.group is not None else [req]:
-            if self._requests.pop(member.request_id, None) is not None:
-                self.scheduler.finish(member.seq, "abort")
-        return True
-
-    def extend(self, request_id: str, token_ids, params: SamplingParams | None = None) -> str:
-        """Continues a held request (``SamplingParams(hold=True)``, finished) with
-        ``token_ids`` (or text) appended: a new turn under the same id whose prompt is
-        everything so far; only what its kept KV does not cover is prefilled. See
-        engine/held.py."""
-        from engine.held import extend_request
-        with torch.inference_mode():
-            return extend_request(self, request_id, token_ids, params)
-
-    def release(self, request_id: str) -> bool:
-        """Frees a held request's KV blocks. False if it is not held."""
-        from engine.held import release_request
-        with torch.inference_mode():
-            return release_request(self, request_id)
-
-    def fork(self, request_id: str, n: int = 1, params: SamplingParams | None = None) -> list[str]:
-        """Between steps: ``n`` copies of a running request (same tokens, text, log-probs),
-        each continuing on its own under a new id (returned); they share its KV blocks.
-        ``params=None`` keeps its params and ``max_tokens`` budget; given ``params``, a
-        child uses them from here, ``max_tokens`` counting from here. Seeded generator
-        state, knob counts and processors' ``fork(parent_id, child_ids)`` hooks are
-        carried over. See engine/forking.py."""
-        from engine.forking import fork_request
-        with torch.inference_mode():        # the step's tensors (knob state, KV) are inference tensors
-            return fork_request(self, request_id, n, params)
-
-    def score(self, prompt, continuations, per_token: bool = False) -> list:
-        """Log-probability of each continuation (str or token ids) after ``prompt``: one
-        prefill of the prompt, shared, and one of each continuation; nothing generated.
-        Returns their sums, or with ``per_token`` each token's log-prob. See
-        engine/scoring.py."""
-        from engine.scoring import score
-        return score(self, prompt, continuations, per_token)
-
-    def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
-
-    def num_generated_tokens(self, request_id: str) -> int | None:
-        """Tokens sampled so far for a running request (None if it is not running).
-
-        Counts at once, also when async output processing delays the request's
-        text to the next step: a benchmark reads time-to-first-token here."""
-        req = self._requests.get(str(request_id))
-        return None if req is None else req.seq.num_generated_tokens
 
     # ---- stepping ------------------------------------------------------------
     def step(self):

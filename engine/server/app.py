@@ -33,6 +33,7 @@ from engine.server.async_engine import (AsyncEngine, EngineDeadError, EngineDrai
 from engine.server.asgi import (APIError, _document_raw_routes, _error_response, _LimitsMiddleware,
                                 _ServerApp, package_version)
 from engine.server.chat import ChatError, ChatRenderer, normalize_messages
+from engine.server.logprobs_format import chat_logprobs, echo_part, joined, legacy_logprobs
 from engine.server.protocol import (ChatCompletionRequest, CompletionRequest, new_id, now_s,
                                     unsupported_fields, usage)
 from engine.server.streaming import (ClientGone, EventStream, compact_json, sse, sse_prefix,
@@ -209,61 +210,6 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
             for r in left:
                 engine.abort(r)
 
-    def legacy_logprobs(comp, start: int, text_offset: int):
-        if comp.logprobs is None:
-            return None
-        toks, lps, tops, offs = [], [], [], []
-        off = text_offset
-        for tid, d in zip(comp.token_ids[start:], comp.logprobs[start:]):
-            lp = d.get(tid)
-            tok = (lp.decoded_token if lp is not None and lp.decoded_token is not None
-                   else (tokenizer.decode([tid]) if tokenizer is not None else str(tid)))
-            toks.append(tok)
-            lps.append(None if lp is None else lp.logprob)
-            tops.append({(v.decoded_token if v.decoded_token is not None else str(k)): v.logprob
-                         for k, v in d.items() if k != tid or v.rank is not None})
-            offs.append(off)
-            off += len(tok)
-        return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
-
-    def echo_part(out, want_logprobs: bool):
-        """(text, legacy log-probs or None) of an echoed prompt: the first token has no
-        log-prob, as in OpenAI's legacy completions."""
-        ids = out.prompt_token_ids
-        text = out.prompt if out.prompt is not None else (
-            tokenizer.decode(ids) if tokenizer is not None else "")
-        if not want_logprobs:
-            return text, None
-        toks, lps, tops, offs, off = [], [], [], [], 0
-        for j, tid in enumerate(ids):
-            d = out.prompt_logprobs[j] if out.prompt_logprobs is not None else None
-            tok = tokenizer.decode([tid]) if tokenizer is not None else str(tid)
-            toks.append(tok)
-            lps.append(None if d is None else d[tid].logprob)
-            tops.append(None if d is None else {(v.decoded_token if v.decoded_token is not None else str(k)):
-                                                v.logprob for k, v in d.items()})
-            offs.append(off)
-            off += len(tok)
-        return text, {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
-
-    def joined(a, b):
-        if a is None or b is None:
-            return a if b is None else b
-        return {k: a[k] + b[k] for k in a}
-
-    def chat_logprobs(comp, start: int, top: bool):
-        if comp.logprobs is None:
-            return None
-        content = []
-        for tid, d in zip(comp.token_ids[start:], comp.logprobs[start:]):
-            lp = d.get(tid)
-            tok = lp.decoded_token if lp is not None and lp.decoded_token is not None else str(tid)
-            entry = {"token": tok, "logprob": None if lp is None else lp.logprob, "bytes": list(tok.encode())}
-            entry["top_logprobs"] = [{"token": v.decoded_token if v.decoded_token is not None else str(k),
-                                      "logprob": v.logprob} for k, v in d.items()] if top else []
-            content.append(entry)
-        return {"content": content}
-
     # ---- routes -------------------------------------------------------------------------
     @app.get("/health")
     async def health():
@@ -326,11 +272,11 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
             for i in range(len(rids)):
                 out = finals[i]
                 pt += len(out.prompt_token_ids)
-                head, head_lps = echo_part(out, req.logprobs is not None) if req.echo else ("", None)
+                head, head_lps = echo_part(out, req.logprobs is not None, tokenizer) if req.echo else ("", None)
                 for j, c in enumerate(out.outputs):        # n completions of prompt i
                     ct += len(c.token_ids)
                     choices.append({"index": i * n + j, "text": head + c.text,
-                                    "logprobs": joined(head_lps, legacy_logprobs(c, 0, len(head))),
+                                    "logprobs": joined(head_lps, legacy_logprobs(c, 0, len(head), tokenizer)),
                                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
             return JSONResponse({"id": cid, "object": "text_completion", "created": created, "model": model,
                     "choices": choices, "usage": usage(pt, ct)})
@@ -351,13 +297,13 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
                     if k not in sent_text:              # the first chunk of a choice echoes the prompt
                         sent_text[k] = sent_tok[k] = 0
                         if req.echo:
-                            head, head_lps = echo_part(out, req.logprobs is not None)
+                            head, head_lps = echo_part(out, req.logprobs is not None, tokenizer)
                         echo_len[k] = len(head)
                     delta = c.text[sent_text[k]:]
                     if not delta and not head and not fin:
                         continue
                     choice = {"index": k, "text": head + delta,
-                              "logprobs": joined(head_lps, legacy_logprobs(c, sent_tok[k], echo_len[k] + sent_text[k])),
+                              "logprobs": joined(head_lps, legacy_logprobs(c, sent_tok[k], echo_len[k] + sent_text[k], tokenizer)),
                               "finish_reason": c.finish_reason if fin else None}
                     if fin:
                         choice["stop_reason"] = c.stop_reason

@@ -1,0 +1,108 @@
+"""The per-request half of ``LLM``'s API: queueing, aborting, and the decoding-research
+primitives (fork, hold / extend / release, score). ``LLM`` inherits it; it works on the
+engine's state (``_requests``, the scheduler, the block manager) that ``LLM`` builds."""
+from __future__ import annotations
+
+import torch
+
+from engine import request_validation
+from engine.errors import InvalidRequestError
+from engine.request_state import RequestState
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
+
+
+class RequestAPI:
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def prepare_request(self, prompt, params: SamplingParams | None = None,
+                        request_id: str | None = None) -> RequestState:
+        """Validates and tokenizes one request without queueing it (``add_request``
+        is ``enqueue_request(prepare_request(...))``). Touches no engine state, so a
+        server can answer a bad request with an error before committing to it.
+        Raises ``InvalidRequestError`` (a ValueError)."""
+        self._check_alive()
+        text, ids = request_validation.prompt_ids(prompt, self.tokenizer, self.config.vocab_size,
+                                                  self.max_model_len)
+        params = request_validation.check_params(params if params is not None else SamplingParams(),
+                                                 self.config.vocab_size, self.tokenizer)
+        rid = str(next(self._ids)) if request_id is None else str(request_id)
+        if rid in self._requests:
+            raise InvalidRequestError(f"request_id {rid!r} is already running")
+        seq = Sequence(ids, rid, params)
+        if params.prompt_logprobs is not None:
+            seq.logprobs_from = 1
+        return RequestState(seq, text, self.tokenizer, self.eos_token_id, self.max_model_len)
+
+    def enqueue_request(self, req: RequestState) -> str:
+        """Queues a request from ``prepare_request``; returns its id."""
+        self._check_alive()
+        if req.request_id in self._requests:
+            raise InvalidRequestError(f"request_id {req.request_id!r} is already running")
+        self._requests[req.request_id] = req
+        self.scheduler.add(req.seq)
+        return req.request_id
+
+    def add_request(self, prompt, params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queues one request; returns its id. Raises ``InvalidRequestError``
+        (a ValueError) before queueing anything if the request is invalid."""
+        return self.enqueue_request(self.prepare_request(prompt, params, request_id))
+
+    def abort(self, request_id: str) -> bool:
+        """Stops a request and frees its blocks (a held one's too). False if it is
+        neither running nor held."""
+        req = self._requests.get(str(request_id))
+        if req is None:
+            return self.release(request_id)
+        for member in req.group.members if req.group is not None else [req]:
+            if self._requests.pop(member.request_id, None) is not None:
+                self.scheduler.finish(member.seq, "abort")
+        return True
+
+    def extend(self, request_id: str, token_ids, params: SamplingParams | None = None) -> str:
+        """Continues a held request (``SamplingParams(hold=True)``, finished) with
+        ``token_ids`` (or text) appended: a new turn under the same id whose prompt is
+        everything so far; only what its kept KV does not cover is prefilled. See
+        engine/held.py."""
+        from engine.held import extend_request
+        with torch.inference_mode():
+            return extend_request(self, request_id, token_ids, params)
+
+    def release(self, request_id: str) -> bool:
+        """Frees a held request's KV blocks. False if it is not held."""
+        from engine.held import release_request
+        with torch.inference_mode():
+            return release_request(self, request_id)
+
+    def fork(self, request_id: str, n: int = 1, params: SamplingParams | None = None) -> list[str]:
+        """Between steps: ``n`` copies of a running request (same tokens, text, log-probs),
+        each continuing on its own under a new id (returned); they share its KV blocks.
+        ``params=None`` keeps its params and ``max_tokens`` budget; given ``params``, a
+        child uses them from here, ``max_tokens`` counting from here. Seeded generator
+        state, knob counts and processors' ``fork(parent_id, child_ids)`` hooks are
+        carried over. See engine/forking.py."""
+        from engine.forking import fork_request
+        with torch.inference_mode():        # the step's tensors (knob state, KV) are inference tensors
+            return fork_request(self, request_id, n, params)
+
+    def score(self, prompt, continuations, per_token: bool = False) -> list:
+        """Log-probability of each continuation (str or token ids) after ``prompt``: one
+        prefill of the prompt, shared, and one of each continuation; nothing generated.
+        Returns their sums, or with ``per_token`` each token's log-prob. See
+        engine/scoring.py."""
+        from engine.scoring import score
+        return score(self, prompt, continuations, per_token)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def num_generated_tokens(self, request_id: str) -> int | None:
+        """Tokens sampled so far for a running request (None if it is not running).
+
+        Counts at once, also when async output processing delays the request's
+        text to the next step: a benchmark reads time-to-first-token here."""
+        req = self._requests.get(str(request_id))
+        return None if req is None else req.seq.num_generated_tokens
+
