@@ -5,14 +5,18 @@ from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.sampling_params import SamplingParams, SamplingParamsError
 
 
+_LAZY = {"LLM": "engine.llm", "BeamSearchParams": "engine.beam_search",
+         "BeamSearchOutput": "engine.beam_search", "BeamSearchSequence": "engine.beam_search"}
+
+
 def __getattr__(name):
     # LLM pulls in torch; import it lazily so `engine.SamplingParams` stays light.
-    if name == "LLM":
-        from engine.llm import LLM
-        return LLM
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob",
+__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence", "RequestOutput", "CompletionOutput", "Logprob",
            "CheckpointError", "ConfigError", "InvalidRequestError", "PromptTooLongError",
            "SamplingParamsError", "RequestFailedError", "EngineDeadError"]

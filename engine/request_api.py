@@ -95,6 +95,13 @@ class RequestAPI:
         from engine.scoring import score
         return score(self, prompt, continuations, per_token)
 
+    def beam_search(self, prompts, params):
+        """HF's beam search (``num_beams=params.beam_width``, ``early_stopping=True``) on
+        shared KV; returns one ``BeamSearchOutput`` per prompt, its ``sequences`` best
+        first. See engine/beam_search.py."""
+        from engine.beam_search import beam_search
+        return beam_search(self, prompts, params)
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
