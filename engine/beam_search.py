@@ -188,9 +188,8 @@ def _continue(llm, parents: set[str], nxt, turn) -> list[str]:
     for rid, kids in children.items():
         rids = [rid] + (llm.fork(rid, n=len(kids) - 1) if len(kids) > 1 else [])
         for r, (t, beam) in zip(rids, kids):
-            llm._out.held[r].seq.token_ids[-1] = t      # the sampled token has no KV: replace it
             beam.rid = r
-            llm.extend(r, [], turn)
+            llm.extend(r, [t], turn, replace_last=True)     # the sampled token had no KV
             out.append(r)
     return out
 

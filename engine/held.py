@@ -12,6 +12,10 @@ count against the pool; under pressure the scheduler drops them (oldest first) b
 preempts anything running, and a later ``extend`` then recomputes them, prefix caching
 serving what it still holds. Correctness never depends on the hold.
 
+``replace_last=True`` drops the held request's last token first (the one its turn
+sampled, whose KV was never computed), so a search can continue with a token of its
+own choosing at no cost (``LLM.beam_search`` does).
+
 ``prompt_logprobs`` on an extended turn: the log-probs of the extension's tokens (the
 list has None for the context before it, and for its first token when the kept KV
 already covered the position before it: a prefill-only hold).
@@ -38,8 +42,11 @@ def held_state(llm, request_id: str, what: str):
     return req
 
 
-def extend_request(llm, request_id: str, token_ids, params=None) -> str:
-    """The engine side of ``LLM.extend`` (see the module docstring)."""
+def extend_request(llm, request_id: str, token_ids, params=None, replace_last: bool = False) -> str:
+    """The engine side of ``LLM.extend`` (see the module docstring). ``replace_last``:
+    the held request's last token (sampled at the end of its turn, its KV never
+    computed) is dropped first, so ``token_ids[0]`` takes its place: a search that
+    chose another continuation than the sampled one, at no cost."""
     llm._check_alive()
     rid = str(request_id)
     req = held_state(llm, rid, "extend")
@@ -59,13 +66,21 @@ def extend_request(llm, request_id: str, token_ids, params=None) -> str:
     params = request_validation.check_params(params if params is not None else req.params, vocab,
                                              llm.tokenizer)
     covered = llm.block_manager._num_tokens.get(seq.seq_id, 0) if seq.block_table else 0
+    if replace_last:
+        if not token_ids:
+            raise InvalidRequestError("extend: replace_last needs at least one token to put in its place")
+        if covered >= len(seq):
+            raise InvalidRequestError(f"extend: request {rid!r}'s last token is in its KV cache already "
+                                      "(a prefill-only hold); it cannot be replaced")
     if not token_ids and covered >= len(seq):
         raise InvalidRequestError(f"extend: request {rid!r} has nothing left to compute; give it tokens")
-    room = llm.max_model_len - len(seq) - len(token_ids)
+    room = llm.max_model_len - len(seq) - len(token_ids) + int(replace_last)
     if room < (0 if params.max_tokens == 0 else 1):
         raise InvalidRequestError(f"extend: {len(seq)} tokens held + {len(token_ids)} new leave no room "
                                   f"to generate within max_model_len={llm.max_model_len}")
     del llm._out.held[rid]
+    if replace_last:
+        seq.token_ids.pop()
     old_len = len(seq)
     seq.token_ids.extend(int(t) for t in token_ids)
     # prompt_logprobs of an extended turn: the extension's tokens (the first one too if

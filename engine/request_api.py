@@ -61,14 +61,16 @@ class RequestAPI:
                 self.scheduler.finish(member.seq, "abort")
         return True
 
-    def extend(self, request_id: str, token_ids, params: SamplingParams | None = None) -> str:
+    def extend(self, request_id: str, token_ids, params: SamplingParams | None = None,
+               replace_last: bool = False) -> str:
         """Continues a held request (``SamplingParams(hold=True)``, finished) with
         ``token_ids`` (or text) appended: a new turn under the same id whose prompt is
-        everything so far; only what its kept KV does not cover is prefilled. See
-        engine/held.py."""
+        everything so far; only what its kept KV does not cover is prefilled.
+        ``replace_last``: the token its last turn sampled (not in the KV yet) is dropped
+        first, and ``token_ids`` continue from the token before it. See engine/held.py."""
         from engine.held import extend_request
         with torch.inference_mode():
-            return extend_request(self, request_id, token_ids, params)
+            return extend_request(self, request_id, token_ids, params, replace_last)
 
     def release(self, request_id: str) -> bool:
         """Frees a held request's KV blocks. False if it is not held."""

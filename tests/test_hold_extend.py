@@ -123,3 +123,27 @@ def test_release_abort_and_bad_calls(ckpt):
     llm.extend(ids[2], [], SamplingParams(max_tokens=3, **GREEDY))   # go on from its last token
     assert len(finish_all(llm)[ids[2]].outputs[0].token_ids) == 3
     assert llm.block_manager.get_stats()["used"] == 0
+
+
+def test_replace_last_continues_with_another_token_than_the_sampled_one(ckpt, fresh):
+    path, cfg = ckpt
+    llm = make_llm(path, show_progress=False, block_size=4)
+    prompt = [1] + words(cfg, 21, 9)
+    rid = llm.add_request({"prompt_token_ids": prompt}, SamplingParams(max_tokens=3, hold=True, **GREEDY))
+    first = finish_all(llm)[rid].outputs[0].token_ids
+    chosen = (first[-1] + 7) % cfg.vocab_size
+    before = llm.scheduler.num_prefill_tokens
+    params = SamplingParams(max_tokens=5, **GREEDY)
+    llm.extend(rid, [chosen, 11], params, replace_last=True)
+    out = finish_all(llm)[rid]
+    assert llm.scheduler.num_prefill_tokens - before == 2            # the two new tokens only
+    context = prompt + first[:-1] + [chosen, 11]
+    assert out.prompt_token_ids == context
+    assert out.outputs[0].token_ids == fresh(context, params).token_ids
+    hold0 = llm.add_request({"prompt_token_ids": prompt}, SamplingParams(max_tokens=0, hold=True))
+    finish_all(llm)
+    with pytest.raises(InvalidRequestError, match="cannot be replaced"):
+        llm.extend(hold0, [5], params, replace_last=True)
+    with pytest.raises(InvalidRequestError, match="at least one token"):
+        llm.extend(hold0, [], params, replace_last=True)
+    llm.release(hold0)
