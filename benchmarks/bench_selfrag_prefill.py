@@ -4,10 +4,12 @@ positions that are new text (what a perfect KV reuse would prefill).
     python benchmarks/bench_selfrag_prefill.py [--model DIR] [--label NAME] [--passages 5]
 
 Short form: ``SelfRAG.answer`` (adaptive: the retrieval decision, then one branch per
-passage). Long form: ``SelfRAG.generate_long`` (beam width 2, depth 3). The new text is
-counted from the requests themselves: the question prompt once, each passage once per
-branch, each segment's generated text once. ``prefilled`` is the engine's count
-(``llm.scheduler.num_prefill_tokens``), so the difference is what was computed again.
+passage). Long form: ``SelfRAG.generate_long`` (beam width 2, depth 3, 40-token
+segments). The new text: the question prompt once and each branch's passage once
+(generated segments are decoded, not prefilled). ``prefilled`` is the engine's count
+(``llm.scheduler.num_prefill_tokens``), so the difference is what was computed again
+(at most one token per long-form child is new too: the last token of a segment that
+did not end in ``[Retrieval]``, sampled but not yet fed back).
 Writes benchmarks/results/selfrag_prefill_<label>.json.
 """
 from __future__ import annotations
@@ -50,13 +52,12 @@ def main() -> int:
             secs = time.perf_counter() - t0
             prompt = len(tok.encode(format_prompt(task_instruction(None, QUESTION, None))))
             passage_tokens = [len(tok.encode(format_passage(p), add_special_tokens=False)) for p in ps]
+            # new text: the prompt once and every branch's passage once (a branch after a
+            # segment that did not end in [Retrieval] also feeds that segment's last token)
             if form == "short":
-                new = prompt + sum(passage_tokens) + len(res.candidates) * 0
+                new = prompt + (sum(passage_tokens) if res.retrieved else 1)
             else:
-                segs = [n for n in res.tree if n["parent"] is not None]
-                new = prompt + sum(passage_tokens[n["passage"]] for n in segs)
-                new += sum(len(tok.encode(n["text"], add_special_tokens=False)) for n in segs
-                           if any(c["parent"] == n["id"] for c in res.tree))     # segments continued
+                new = prompt + sum(passage_tokens[n["passage"]] for n in res.tree if n["parent"] is not None)
             counts = dict(prefilled=llm.scheduler.num_prefill_tokens, new_text=new)
             if rep:
                 times.append(secs)

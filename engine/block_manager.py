@@ -428,31 +428,74 @@ class BlockManager:
         return copies
 
     # ----------------------------------------------------------------- extend
-    def can_extend(self, seq: Sequence) -> bool:
+    def _plan_extension(self, seq: Sequence, max_hit_tokens: int | None):
+        """(prefix-cache hit blocks from the block holding position ``covered`` on,
+        blocks to take from the pool, whether the private partial block gives way to
+        the first hit). A hit block holds the same tokens after the same prefix, so its
+        KV is what this sequence would compute; the last token is always computed."""
+        bs, n = self.block_size, len(seq)
+        table, covered = seq.block_table, self._num_tokens[seq.seq_id]
+        first = covered // bs
+        hits: list[int] = []
+        if self.enable_prefix_caching:
+            prev = _ROOT_HASH if first == 0 else self._blocks[table[first - 1]].hash
+            cap = (n - 1) // bs
+            if max_hit_tokens is not None:
+                cap = min(cap, max_hit_tokens // bs)
+            for i in range(first, cap):
+                if prev is None:
+                    break
+                tokens = self._block_tokens(seq, i)
+                h = compute_block_hash(prev, tokens)
+                b = self._lookup(h, tokens)
+                if b is None:
+                    break
+                hits.append(b)
+                prev = h
+        drop_partial = bool(hits) and len(table) > first
+        new = self.blocks_needed(n) - first - len(hits) - (len(table) - first if not hits else 0)
+        return hits, new, drop_partial
+
+    def can_extend(self, seq: Sequence, max_hit_tokens: int | None = None) -> bool:
         """Whether ``extend(seq)`` would succeed now."""
         self._check_live(seq, "extend")
-        return self.blocks_needed(len(seq)) - len(seq.block_table) <= self.num_free_blocks
+        hits, new, drop = self._plan_extension(seq, max_hit_tokens)
+        revived = sum(1 for b in hits if self._blocks[b].ref_count == 0)
+        return new <= self.num_free_blocks - revived + int(drop)
 
-    def extend(self, seq: Sequence) -> None:
+    def extend(self, seq: Sequence, max_hit_tokens: int | None = None) -> None:
         """A live ``seq`` (a held request) grew by several tokens at once: give it blocks
-        for all of them. Positions ``[covered, len(seq))`` (the tokens its KV does not
-        cover yet) must be computed by the prefill of this step: ``seq.num_cached_tokens``
-        is set to ``covered``. Blocks the new tokens fill up are registered in the
-        prefix cache, as at ``allocate``. Raises ``NoFreeBlocksError`` (state unchanged)
-        when the pool is short."""
+        for all of them. Full blocks of the new tokens found in the prefix cache are
+        shared, as at ``allocate`` (the first may replace the private block holding the
+        last covered positions); ``seq.num_cached_tokens`` is set to the end of the KV
+        it now has (at least the old covered count), and the prefill of this step must
+        compute the positions from there. Blocks the new tokens fill up are registered
+        in the prefix cache. ``max_hit_tokens`` caps the reuse as at ``allocate``.
+        Raises ``NoFreeBlocksError`` (state unchanged) when the pool is short."""
         self._check_live(seq, "extend")
+        hits, new, drop = self._plan_extension(seq, max_hit_tokens)
+        revived = sum(1 for b in hits if self._blocks[b].ref_count == 0)
+        if new > self.num_free_blocks - revived + int(drop):
+            raise NoFreeBlocksError(f"extend {seq!r}: need {new} new blocks, {self.num_free_blocks} available")
+        table, bs = seq.block_table, self.block_size
         covered = self._num_tokens[seq.seq_id]
-        need = self.blocks_needed(len(seq)) - len(seq.block_table)
-        if need > self.num_free_blocks:
-            raise NoFreeBlocksError(f"extend {seq!r}: need {need} new blocks, {self.num_free_blocks} available")
-        for _ in range(need):
-            seq.block_table.append(self._take_block())
+        first = covered // bs
+        for b in hits:                       # revive/share first, so taking cannot evict them
+            self._acquire_cached(b)
+        if drop:
+            self._release(table.pop(first))
+        table.extend(hits)
+        for _ in range(new):
+            table.append(self._take_block())
+        cached = max(covered, (first + len(hits)) * bs) if hits else covered
         self._num_tokens[seq.seq_id] = len(seq)
         if self.enable_prefix_caching:
-            for n in range(covered + 1, len(seq) + 1):
-                if n % self.block_size == 0:
+            self._hits += len(hits)
+            self._hit_tokens += max(0, cached - covered)
+            for n in range(cached + 1, len(seq) + 1):
+                if n % bs == 0:
                     self._register_filled(seq, n)
-        seq.num_cached_tokens = covered
+        seq.num_cached_tokens = cached
 
     # ------------------------------------------------------------------- free
     def free(self, seq: Sequence) -> None:

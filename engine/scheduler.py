@@ -63,13 +63,13 @@ class Scheduler:
             cost = len(seq)
             if admitted and num_tokens + cost > self.max_num_batched_tokens:
                 break
+            # a sequence that needs log-probs of given positions gets them computed
+            cap = None if seq.logprobs_from is None else seq.logprobs_from - 1
             if seq.block_table:             # a held request extended: its blocks are kept
-                if not self._make_room(lambda: bm.can_extend(seq)):
+                if not self._make_room(lambda: bm.can_extend(seq, cap)):
                     break
-                bm.extend(seq)
+                bm.extend(seq, cap)
             else:
-                # a sequence that needs log-probs of given positions gets them computed
-                cap = None if seq.logprobs_from is None else seq.logprobs_from - 1
                 if not self._make_room(lambda: bm.can_allocate(seq, cap)):
                     break
                 bm.allocate(seq, cap)

@@ -2,12 +2,13 @@
 beam-style segment decoding on top of ``engine.LLM``.
 
 Everything goes through the engine's public API: requests (``add_request`` /
-``step``), automatic prefix caching (the branches of one question share the
-prompt's KV blocks, and a long-form child shares its beam's blocks, so shared
-text is prefilled once), ``logits_processors`` (the reflection-token grammar)
-and ``logprob_token_ids`` (the ~16 reflection log-probs per step, never the
-vocabulary). It doubles as the model for custom decoding algorithms: see
-``examples/``.
+``step``), held requests that are forked and extended (``SamplingParams(hold=True)``,
+``LLM.fork``, ``LLM.extend``: the question prompt is prefilled once and each passage
+branch extends a copy of it; a long-form beam is held and each child extends a copy
+with its passage, so only new passages are prefilled), ``logits_processors`` (the
+reflection-token grammar) and ``logprob_token_ids`` (the ~16 reflection log-probs per
+step, never the vocabulary). It doubles as the model for custom decoding algorithms:
+see ``examples/``.
 
 Where this departs from the released Self-RAG code (documented choices):
 * retrieval rule: the paper's probability ratio by default; ``rule="reference"``
@@ -56,6 +57,12 @@ class _Branch:
     output: object = None            # the engine's CompletionOutput when done
     error: str | None = None         # the engine's message if this request failed
     extra: dict = field(default_factory=dict)
+    # Where its KV comes from: a held request (forked when several branches share it)
+    # extended with ``prompt_ids[len(its sequence):]``; None: a request of its own.
+    source: str | None = None
+    extension: list[int] | None = None
+    replace_last: bool = False       # the held request's sampled last token gives way
+    rid: str | None = None           # its engine request (held after it if params.hold)
 
 
 class SelfRAG:
@@ -78,25 +85,32 @@ class SelfRAG:
     # ---- engine access -------------------------------------------------------
     def _run(self, branches: list[_Branch], params: SamplingParams,
              constraint: ReflectionConstraint | None) -> None:
-        """Runs every branch as one batch of engine requests; fills ``.output``."""
+        """Runs every branch as one batch of engine requests; fills ``.output``. A
+        branch with a ``source`` extends a copy of that held request (forked once per
+        extra branch sharing it): only its extension is prefilled."""
         run = next(_run_ids)
         ids = {}
+
+        def start(rid, b):
+            if constraint is not None:
+                constraint.begin(rid, constraint.start_state_for_prompt(b.prompt_ids))
+            b.rid, ids[rid] = rid, b
         try:
+            shared: dict[str, list[_Branch]] = {}
+            for b in branches:
+                if b.source is not None:
+                    shared.setdefault(b.source, []).append(b)
+            for src, group in shared.items():
+                rids = [src] + (self.llm.fork(src, n=len(group) - 1) if len(group) > 1 else [])
+                for rid, b in zip(rids, group):
+                    start(rid, b)
+                    self.llm.extend(rid, b.extension, params, replace_last=b.replace_last)
             for i, b in enumerate(branches):
-                rid = self.llm.add_request({"prompt_token_ids": b.prompt_ids}, params,
-                                           request_id=f"selfrag-{run}-{i}")
-                if constraint is not None:
-                    constraint.begin(rid, constraint.start_state_for_prompt(b.prompt_ids))
-                ids[rid] = b
-            pending = set(ids)
-            while pending:
-                for out in self.llm.step():
-                    if out.finished and out.request_id in pending:
-                        ids[out.request_id].output = out.outputs[0]
-                        ids[out.request_id].error = out.error
-                        pending.discard(out.request_id)
-                if pending and not self.llm.has_unfinished_requests():
-                    raise RuntimeError(f"requests {sorted(pending)} were aborted")
+                if b.source is None:
+                    rid = self.llm.add_request({"prompt_token_ids": b.prompt_ids}, params,
+                                               request_id=f"selfrag-{run}-{i}")
+                    start(rid, b)
+            self._wait(ids)
         except BaseException:
             for rid in ids:
                 self.llm.abort(rid)
@@ -106,14 +120,43 @@ class SelfRAG:
                 for rid in ids:
                     constraint.forget(rid)
 
-    def _params(self, max_tokens: int, constrained: bool, mode: str, stop_ids=()):
+    def _wait(self, ids: dict) -> None:
+        pending = set(ids)
+        while pending:
+            for out in self.llm.step():
+                if out.finished and out.request_id in pending:
+                    ids[out.request_id].output = out.outputs[0]
+                    ids[out.request_id].error = out.error
+                    pending.discard(out.request_id)
+            if pending and not self.llm.has_unfinished_requests():
+                raise RuntimeError(f"requests {sorted(pending)} were aborted")
+
+    def _hold(self, prompts_ids: list[list[int]]) -> list[str]:
+        """Each prompt prefilled and held (``max_tokens=0``), for branches to extend."""
+        branches = [_Branch(ids, None, i) for i, ids in enumerate(prompts_ids)]
+        self._run(branches, SamplingParams(max_tokens=0, hold=True), None)
+        return [b.rid for b in branches]
+
+    def _release(self, rids) -> None:
+        for rid in rids:
+            self.llm.release(rid)            # False (nothing to do) once a branch extended it
+
+    @staticmethod
+    def _extending(ids: list[int], base: list[int], source: str, replace: bool, **kw) -> dict:
+        """A branch's source fields when ``ids`` continue ``base`` (the held request's
+        sequence; with ``replace``, all of it but its sampled last token)."""
+        if source is None or len(ids) <= len(base) or ids[:len(base)] != base:
+            return {}
+        return dict(source=source, extension=ids[len(base):], replace_last=replace, **kw)
+
+    def _params(self, max_tokens: int, constrained: bool, mode: str, stop_ids=(), hold: bool = False):
         constraint = (ReflectionConstraint(self.vocab, self.vocab_size, mode=mode)
                       if constrained else None)
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens,
                                 skip_special_tokens=False,
                                 logprob_token_ids=list(self.vocab.scored_ids),
                                 stop_token_ids=list(stop_ids) or None,
-                                logits_processors=[constraint] if constraint else None)
+                                logits_processors=[constraint] if constraint else None, hold=hold)
         return params, constraint
 
     def _encode(self, text: str) -> list[int]:
@@ -135,15 +178,22 @@ class SelfRAG:
     def retrieval_probabilities(self, prompts_ids: list[list[int]], rule: str = "paper"
                                 ) -> list[float]:
         """The retrieval score at the first response position of each prompt."""
+        return self._decide(prompts_ids, rule, hold=False)[0]
+
+    def _decide(self, prompts_ids, rule: str, hold: bool) -> tuple[list[float], list[str]]:
+        """(retrieval scores, request ids): with ``hold`` the decision requests stay held
+        (their one sampled token not computed), for the branches to extend."""
         v = self.vocab
-        params = SamplingParams(temperature=0.0, max_tokens=1,
+        params = SamplingParams(temperature=0.0, max_tokens=1, hold=hold,
                                 logprob_token_ids=[v.retrieval, v.no_retrieval])
         branches = [_Branch(ids, None, i) for i, ids in enumerate(prompts_ids)]
         self._run(branches, params, None)
         errors = [b.error for b in branches if b.error is not None]
         if errors:
+            self._release(b.rid for b in branches)
             raise RuntimeError(f"the retrieval decision failed: {errors[0]}")
-        return [retrieval_probability(b.output.logprobs[0], v, rule=rule) for b in branches]
+        return ([retrieval_probability(b.output.logprobs[0], v, rule=rule) for b in branches],
+                [b.rid for b in branches])
 
     def answer(self, question: str, passages=None, k: int = 10, task: str | None = None,
                **kw) -> Result:
@@ -180,29 +230,39 @@ class SelfRAG:
                    for i, q in enumerate(questions)]
         prompt_ids = [self._encode(p) for p in prompts]
         probs: list[float | None] = [None] * len(questions)
+        # Each question's prompt is prefilled once and held: by the retrieval decision
+        # (whose one sampled token its branches replace), or else by a prefill-only hold.
         if mode == "adaptive":
-            probs = self.retrieval_probabilities(prompt_ids, rule)
+            probs, sources = self._decide(prompt_ids, rule, hold=True)
             retrieve = [should_retrieve(p, threshold) for p in probs]
         else:
+            sources = self._hold(prompt_ids)
             retrieve = [mode == "always"] * len(questions)
-
-        branches, errors = [], {}
-        for i, q in enumerate(questions):
-            if retrieve[i]:
-                try:
-                    found = self._passages(q, None if passages is None else passages[i], k)
-                except RetrieverError as e:             # this question fails, the others go on
-                    errors[i] = f"question {i}: {e}"
-                    continue
-                for p in found:
-                    branches.append(_Branch(self._encode(prompts[i] + format_passage(p)), p, i))
-            else:
-                branches.append(_Branch(prompt_ids[i] + [self.vocab.no_retrieval], None, i))
-        # Constrained branches end at a [Retrieval] the model writes after its
-        # critique: short form has no next passage to insert (long form does).
-        params, constraint = self._params(max_tokens, constrained, mode,
-                                          stop_ids=[self.vocab.retrieval] if constrained else ())
-        self._run(branches, params, constraint)
+        replace = mode == "adaptive"
+        try:
+            branches, errors = [], {}
+            for i, q in enumerate(questions):
+                if retrieve[i]:
+                    try:
+                        found = self._passages(q, None if passages is None else passages[i], k)
+                    except RetrieverError as e:             # this question fails, the others go on
+                        errors[i] = f"question {i}: {e}"
+                        continue
+                    for p in found:
+                        ids = self._encode(prompts[i] + format_passage(p))
+                        branches.append(_Branch(ids, p, i, **self._extending(ids, prompt_ids[i], sources[i],
+                                                                              replace)))
+                else:
+                    ids = prompt_ids[i] + [self.vocab.no_retrieval]
+                    branches.append(_Branch(ids, None, i, **self._extending(ids, prompt_ids[i], sources[i],
+                                                                             replace)))
+            # Constrained branches end at a [Retrieval] the model writes after its
+            # critique: short form has no next passage to insert (long form does).
+            params, constraint = self._params(max_tokens, constrained, mode,
+                                              stop_ids=[self.vocab.retrieval] if constrained else ())
+            self._run(branches, params, constraint)
+        finally:
+            self._release(sources)
 
         for b in branches:
             if b.error is not None:
@@ -239,8 +299,9 @@ class SelfRAG:
         """Beam-style segment decoding (paper §3.3, long form).
 
         Each depth extends every live beam once per passage: the child prompt
-        is the beam's prompt and text so far plus ``[Retrieval]<paragraph>…``,
-        so its KV comes from the beam's cached blocks. A segment ends at the
+        is the beam's prompt and text so far plus ``[Retrieval]<paragraph>…``; the
+        beam is a held request, forked per passage and extended, so only the
+        passage is prefilled. A segment ends at the
         model's ``[Retrieval]`` token (kept), ``</s>`` or ``segment_tokens``.
         Children are scored like short-form branches; a path's score is the
         product (``beam_score="product"``, the released code's rule) or the sum
@@ -264,44 +325,60 @@ class SelfRAG:
                 "scores": None, "score": 1.0 if beam_score == "product" else 0.0,
                 "finished": False, "ctx_ids": self._encode(prompt), "segments": []}
         tree, beams, finished = [root], [root], []
-        params, constraint = self._params(segment_tokens, constrained, "always", stop_ids=[v.retrieval])
-        for depth in range(1, max_depth + 1):
-            branches = []
-            for beam in beams:
-                # The child continues the beam's own sequence (prompt, passages and
-                # segments so far), so prefix caching serves all of it from the
-                # beam's blocks. A trailing [Retrieval] is re-sent by format_passage.
-                ctx = beam["ctx_ids"]
-                if ctx[-1] == v.retrieval:
-                    ctx = ctx[:-1]
-                cands = base
-                if retrieve_per_segment and self.retriever is not None and beam["text"]:
-                    cands = list(self.retriever.retrieve(question + " " + beam["text"], k))
-                for i, p in enumerate(cands):
-                    ids = ctx + self.tokenizer.encode(format_passage(p), add_special_tokens=False)
-                    branches.append(_Branch(ids, p, beam["id"], extra={"index": i, "beam": beam}))
-            self._run(branches, params, constraint)
-            children = []
-            for b in branches:
-                out, beam = b.output, b.extra["beam"]
-                cand = self._candidate(b, w_rel, w_sup, w_use, use_seqscore)
-                seg = cand.scores.final
-                node = {"id": len(tree), "parent": beam["id"], "depth": depth,
-                        "passage": b.extra["index"], "text": out.text, "scores": cand.scores,
-                        "score": beam["score"] * seg if beam_score == "product" else beam["score"] + seg,
-                        "finished": bool(out.token_ids) and out.token_ids[-1] == v.eos,
-                        "ctx_ids": b.prompt_ids + list(out.token_ids),
-                        "segments": beam["segments"] + [(cand, b.extra["index"])]}
-                tree.append(node)
-                children.append(node)
-            children.sort(key=lambda n: n["score"], reverse=True)
-            kept = children[:beam_width]
-            for n in kept:
-                n["kept"] = True
-            finished += [n for n in kept if n["finished"]]
-            beams = [n for n in kept if not n["finished"]]
-            if not beams:
-                break
+        # Every beam is a held request: the root a prefill-only hold of the prompt, the
+        # others the finished segments (their last token sampled, not yet computed).
+        root["rid"] = self._hold([root["ctx_ids"]])[0]
+        params, constraint = self._params(segment_tokens, constrained, "always", stop_ids=[v.retrieval],
+                                          hold=True)
+        held = {root["rid"]}
+        try:
+            for depth in range(1, max_depth + 1):
+                branches = []
+                for beam in beams:
+                    # The child continues the beam's own sequence (prompt, passages and
+                    # segments so far) from a copy of its held request: only the passage
+                    # is prefilled. A trailing [Retrieval] is re-sent by format_passage.
+                    ctx, replace = beam["ctx_ids"], False
+                    if ctx[-1] == v.retrieval and beam["parent"] is not None:
+                        ctx, replace = ctx[:-1], True
+                    cands = base
+                    if retrieve_per_segment and self.retriever is not None and beam["text"]:
+                        cands = list(self.retriever.retrieve(question + " " + beam["text"], k))
+                    for i, p in enumerate(cands):
+                        ids = ctx + self.tokenizer.encode(format_passage(p), add_special_tokens=False)
+                        branches.append(_Branch(ids, p, beam["id"], extra={"index": i, "beam": beam},
+                                                **self._extending(ids, ctx, beam["rid"], replace)))
+                used = {b.source for b in branches if b.source is not None}
+                self._release(beam["rid"] for beam in beams if beam["rid"] not in used)
+                held -= {beam["rid"] for beam in beams}      # each used one becomes a child's
+                self._run(branches, params, constraint)
+                held |= {b.rid for b in branches}
+                children = []
+                for b in branches:
+                    out, beam = b.output, b.extra["beam"]
+                    cand = self._candidate(b, w_rel, w_sup, w_use, use_seqscore)
+                    seg = cand.scores.final
+                    node = {"id": len(tree), "parent": beam["id"], "depth": depth,
+                            "passage": b.extra["index"], "text": out.text, "scores": cand.scores,
+                            "score": beam["score"] * seg if beam_score == "product" else beam["score"] + seg,
+                            "finished": bool(out.token_ids) and out.token_ids[-1] == v.eos,
+                            "ctx_ids": b.prompt_ids + list(out.token_ids), "rid": b.rid,
+                            "segments": beam["segments"] + [(cand, b.extra["index"])]}
+                    tree.append(node)
+                    children.append(node)
+                children.sort(key=lambda n: n["score"], reverse=True)
+                kept = children[:beam_width]
+                for n in kept:
+                    n["kept"] = True
+                finished += [n for n in kept if n["finished"]]
+                beams = [n for n in kept if not n["finished"]]
+                dropped = {n["rid"] for n in children} - {n["rid"] for n in beams}
+                self._release(dropped)
+                held -= dropped
+                if not beams:
+                    break
+        finally:
+            self._release(held)
         pool = finished or beams or [root]
         best = max(pool, key=lambda n: n["score"])
         return Result(answer=self._cite(best["segments"]), retrieved=True, retrieval_prob=None,

@@ -457,7 +457,7 @@ def test_free_foreign_sequence_rejected():
 # ------------------------------------------------------------ stateful model
 COVERAGE = {"hits": 0, "same_step_shared_writes": 0, "fork_copies": 0, "evictable_consumed": 0,
             "preemptions": 0, "alloc_refused": 0, "forks_between_steps": 0,
-            "extends": 0}
+            "extends": 0, "extend_hits": 0}
 
 tokens_st = st.lists(st.integers(0, 1), min_size=1, max_size=10)
 
@@ -677,9 +677,13 @@ class BlockManagerMachine(RuleBasedStateMachine):
         before = snapshot(self.bm, [seq])
         if self.bm.can_extend(seq):
             self.bm.extend(seq)
-            assert seq.num_cached_tokens == covered
+            assert covered <= seq.num_cached_tokens <= len(seq) - 1
             assert len(seq.block_table) == self.bm.blocks_needed(len(seq))
-            self.pending[seq.seq_id] = (seq, list(range(covered, len(seq))))
+            hit = seq.block_table[covered // self.bs: seq.num_cached_tokens // self.bs]
+            if seq.num_cached_tokens > covered:
+                COVERAGE["extend_hits"] += 1
+                self.step_hits.update(hit)
+            self.pending[seq.seq_id] = (seq, list(range(seq.num_cached_tokens, len(seq))))
             COVERAGE["extends"] += 1
         else:
             with pytest.raises(NoFreeBlocksError):
@@ -800,7 +804,7 @@ def test_stateful_prefix_caching():
     assert COVERAGE["hits"] > 0
     assert COVERAGE["same_step_shared_writes"] > 0
     assert COVERAGE["fork_copies"] > 0 and COVERAGE["forks_between_steps"] > 0
-    assert COVERAGE["extends"] > 0
+    assert COVERAGE["extends"] > 0 and COVERAGE["extend_hits"] > 0
     assert COVERAGE["evictable_consumed"] > 0
     assert COVERAGE["preemptions"] > 0
     assert COVERAGE["alloc_refused"] > 0

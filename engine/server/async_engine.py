@@ -305,8 +305,8 @@ class Submission:
 
 class SyncLLMProxy:
     """An LLM-shaped object for blocking code in a worker thread (``SelfRAG``):
-    its ``add_request``/``step``/``abort``/``has_unfinished_requests`` go
-    through the shared engine, so its requests batch with everyone else's and
+    its ``add_request``/``step``/``abort``/``has_unfinished_requests`` (and ``fork``,
+    ``extend``, ``release`` of held requests) go through the shared engine, so its requests batch with everyone else's and
     ``step()`` returns only this proxy's outputs. Not thread-safe itself: one
     per worker."""
 
@@ -376,6 +376,35 @@ class SyncLLMProxy:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._mine)
+
+    # The decoding primitives run under the engine's lock, between its steps; a request
+    # that becomes active again (an extended one, a running request's fork) reports here.
+    def _route(self, rid: str) -> None:
+        self._engine._sinks[rid] = self._q.put
+        self._mine.add(rid)
+        self._engine._work.set()
+
+    def fork(self, request_id: str, n: int = 1, params=None) -> list[str]:
+        if self._cancelled is not None:
+            raise self._cancelled
+        with self._engine.lock:
+            kids = self._llm.fork(request_id, n, params)
+            for rid in kids:
+                if rid in self._llm._requests:        # a running parent's children run too
+                    self._route(rid)
+        return kids
+
+    def extend(self, request_id: str, token_ids, params=None, replace_last: bool = False) -> str:
+        if self._cancelled is not None:
+            raise self._cancelled
+        with self._engine.lock:
+            rid = self._llm.extend(request_id, token_ids, params, replace_last)
+            self._route(rid)
+        return rid
+
+    def release(self, request_id: str) -> bool:
+        with self._engine.lock:
+            return self._llm.release(request_id)
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = False):
         if isinstance(prompts, (str, dict)):
