@@ -97,6 +97,25 @@ class RequestAPI:
         from engine.scoring import score
         return score(self, prompt, continuations, per_token)
 
+    def wait(self, request_ids) -> dict:
+        """Steps the engine until the given requests finish; returns request id -> final
+        ``RequestOutput`` (a failed one with ``.error``). Other requests advance too;
+        their outputs are kept for the next ``step()``, as ``generate`` keeps them. Wait
+        for a request right after adding or extending it: one that finished before the
+        call is not seen (it raises once nothing is left to run)."""
+        ids = [str(r) for r in request_ids]
+        wanted, finals = set(ids), {}
+        while len(finals) < len(wanted):
+            if not self.scheduler.has_unfinished():
+                raise RuntimeError(f"wait: requests {sorted(wanted - set(finals))} are not running "
+                                   "(finished before this call, aborted or unknown)")
+            for out in self._step(finished_only=True):
+                if out.request_id in wanted:
+                    finals[out.request_id] = out
+                else:
+                    self._held[out.request_id] = out
+        return finals
+
     def beam_search(self, prompts, params):
         """HF's beam search (``num_beams=params.beam_width``, ``early_stopping=True``) on
         shared KV; returns one ``BeamSearchOutput`` per prompt, its ``sequences`` best

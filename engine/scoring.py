@@ -62,20 +62,12 @@ def _ids(llm, c, k: int) -> list[int]:
 
 
 def _run(llm, ids: list[str]) -> dict:
-    """Steps the engine until the requests ``ids`` finish (other requests' outputs are
-    kept for the next ``step()``, as ``generate`` does)."""
-    wanted, finals = set(ids), {}
+    """``llm.wait(ids)``, failing on a failed request and aborting the rest on any error."""
     try:
-        while len(finals) < len(ids):
-            if not llm.scheduler.has_unfinished():
-                raise RuntimeError(f"score: requests {sorted(wanted - set(finals))} were aborted")
-            for out in llm._step(finished_only=True):
-                if out.request_id in wanted:
-                    if out.error is not None:
-                        raise RequestFailedError(out.error)
-                    finals[out.request_id] = out
-                else:
-                    llm._held[out.request_id] = out
+        finals = llm.wait(ids)
+        for out in finals.values():
+            if out.error is not None:
+                raise RequestFailedError(out.error)
     except BaseException:
         for rid in ids:
             llm.abort(rid)

@@ -1,9 +1,10 @@
 """Best-of-n with Self-RAG's critique scores, on the engine's public API only.
 
-Samples n answers for one question and one passage (seeded, so reproducible),
+Samples n answers for one question and one passage with ``SamplingParams(n=...)`` (one
+prefill; the samples share its KV; sample i is seeded seed + i, so reproducible),
 reads the reflection-token log-probs the engine gathers at every step
-(``logprob_token_ids``), scores each answer like Self-RAG's short form and
-prints them best first.
+(``logprob_token_ids``), scores each answer like Self-RAG's short form and prints them
+best first.
 
     python examples/best_of_n.py [--model DIR] [--n 8] "question" "passage text"
 """
@@ -16,18 +17,14 @@ from selfrag.types import Passage
 from selfrag.vocab import ReflectionVocab
 
 
-def best_of_n(llm, question, passage, n=8, temperature=0.8, max_tokens=100):
+def best_of_n(llm, question, passage, n=8, temperature=0.8, max_tokens=100, seed=0):
     tok = llm.get_tokenizer()
     vocab = ReflectionVocab.from_tokenizer(tok)
     prompt = format_prompt(question) + format_passage(passage)
-    # One request per sample: the shared prompt is prefilled once (prefix caching).
-    params = [SamplingParams(temperature=temperature, top_p=0.95, max_tokens=max_tokens, seed=i,
-                             skip_special_tokens=False, logprob_token_ids=list(vocab.scored_ids))
-              for i in range(n)]
-    outs = llm.generate([prompt] * n, params, use_tqdm=False)
+    params = SamplingParams(n=n, seed=seed, temperature=temperature, top_p=0.95, max_tokens=max_tokens,
+                            skip_special_tokens=False, logprob_token_ids=list(vocab.scored_ids))
     scored = []
-    for out in outs:
-        c = out.outputs[0]
+    for c in llm.generate([prompt], params, use_tqdm=False)[0].outputs:
         s = score_candidate(c.token_ids, c.logprobs, c.cumulative_logprob, vocab)
         scored.append((s.final, s, c.text))
     return sorted(scored, key=lambda x: x[0], reverse=True)
@@ -38,7 +35,7 @@ def main():
     ap.add_argument("question", nargs="?", default="Can you tell me the difference between llamas and alpacas?")
     ap.add_argument("passage", nargs="?", default="Alpacas are considerably smaller than llamas and "
                     "were bred for their fiber, not as working animals.")
-    ap.add_argument("--model", default=None, help="checkpoint dir (default: the embedded random model)")
+    ap.add_argument("--model", default=None, help="checkpoint dir (default: the embedded model)")
     ap.add_argument("--n", type=int, default=8)
     args = ap.parse_args()
     if args.model is None:

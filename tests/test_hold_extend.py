@@ -147,3 +147,16 @@ def test_replace_last_continues_with_another_token_than_the_sampled_one(ckpt, fr
     with pytest.raises(InvalidRequestError, match="at least one token"):
         llm.extend(hold0, [], params, replace_last=True)
     llm.release(hold0)
+
+
+def test_wait_returns_the_given_requests_and_keeps_the_others_outputs(ckpt):
+    path, cfg = ckpt
+    llm = make_llm(path, show_progress=False, block_size=4)
+    a = llm.add_request({"prompt_token_ids": [1, 5, 6]}, SamplingParams(max_tokens=6, **GREEDY))
+    b = llm.add_request({"prompt_token_ids": [1, 7, 8]}, SamplingParams(max_tokens=2, **GREEDY))
+    got = llm.wait([a])
+    assert list(got) == [a] and got[a].finished and len(got[a].outputs[0].token_ids) == 6
+    kept = llm.step()                       # b finished during the wait: its output comes now
+    assert [o.request_id for o in kept] == [b] and len(kept[0].outputs[0].token_ids) == 2
+    with pytest.raises(RuntimeError, match="not running"):
+        llm.wait([a])
