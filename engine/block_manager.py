@@ -63,6 +63,7 @@ from array import array
 from collections import OrderedDict, deque
 from typing import Iterable
 
+from engine.draft_slots import DraftSlotsMixin
 from engine.sequence import Sequence
 
 __all__ = ["BlockManager", "NoFreeBlocksError", "compute_block_hash"]
@@ -108,7 +109,7 @@ class _Block:
         return f"_Block(id={self.block_id}, ref={self.ref_count}, hashed={self.hash is not None})"
 
 
-class BlockManager:
+class BlockManager(DraftSlotsMixin):
     """Allocates KV-cache blocks to sequences, with optional prefix caching.
 
     Args:
@@ -138,6 +139,7 @@ class BlockManager:
         # of tokens their block table was last sized for.
         self._seqs: dict[int, Sequence] = {}
         self._num_tokens: dict[int, int] = {}
+        self._drafts: dict[int, int] = {}          # seq_id -> draft slots reserved (engine/draft_slots.py)
         # Prefix-cache counters (blocks), updated by allocate only.
         self._queries = 0
         self._hits = 0
@@ -401,6 +403,8 @@ class BlockManager:
         (state unchanged) when no block is free for the copy.
         """
         self._check_live(parent, "fork")
+        if self._drafts.get(parent.seq_id):
+            raise ValueError(f"fork: {parent!r} has draft slots pending (settle them first)")
         covered = self._num_tokens[parent.seq_id]
         if covered not in (len(parent), len(parent) - 1):
             raise ValueError(f"fork: parent {parent!r} has {len(parent) - covered} tokens without KV "
@@ -513,6 +517,7 @@ class BlockManager:
                 del self._num_tokens[seq.seq_id]
             return
         self._check_live(seq, "free")
+        self._drafts.pop(seq.seq_id, None)
         for b in reversed(seq.block_table):
             self._release(b)
         # A new list, not clear(): the runner's persistent decode inputs tell a
@@ -593,7 +598,8 @@ class BlockManager:
         for sid, seq in self._seqs.items():
             assert seq.seq_id == sid
             table = seq.block_table
-            assert len(table) == self.blocks_needed(self._num_tokens[sid]), (seq, self._num_tokens[sid])
+            assert len(table) == self.blocks_needed(self._num_tokens[sid] + self._drafts.get(sid, 0)), (
+                seq, self._num_tokens[sid])
             assert self._num_tokens[sid] <= len(seq)
             assert len(set(table)) == len(table), f"block twice in table of {seq!r}"
             prev = _ROOT_HASH

@@ -457,7 +457,7 @@ def test_free_foreign_sequence_rejected():
 # ------------------------------------------------------------ stateful model
 COVERAGE = {"hits": 0, "same_step_shared_writes": 0, "fork_copies": 0, "evictable_consumed": 0,
             "preemptions": 0, "alloc_refused": 0, "forks_between_steps": 0,
-            "extends": 0, "extend_hits": 0}
+            "extends": 0, "extend_hits": 0, "speculations": 0, "rollbacks": 0}
 
 tokens_st = st.lists(st.integers(0, 1), min_size=1, max_size=10)
 
@@ -502,7 +502,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def _unscheduled(self):
         return [s for s in self.live if s.seq_id not in self.pending]
 
-    def _write(self, seq: Sequence, p: int) -> None:
+    def _write(self, seq: Sequence, p: int, content: tuple | None = None) -> None:
         bs, bm = self.bs, self.bm
         slot = bm.slot_mapping(seq, p, p + 1)[0]
         b = slot // bs
@@ -517,7 +517,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
                 assert other.block_table.index(b) == p // bs
                 assert other.token_ids[:p + 1] == seq.token_ids[:p + 1]
             COVERAGE["same_step_shared_writes"] += 1
-        self.cache[slot] = tuple(seq.token_ids[:p + 1])
+        self.cache[slot] = tuple(seq.token_ids[:p + 1]) if content is None else content
 
     def _allocate(self, seq: Sequence) -> bool:
         bm = self.bm
@@ -692,6 +692,50 @@ class BlockManagerMachine(RuleBasedStateMachine):
             self._free(seq)               # dropped under pressure: recomputed later
             self.waiting.append(seq)
 
+    @precondition(lambda self: any(s.seq_id not in self.pending for s in self.live))
+    @rule(data=st.data(), token=st.integers(0, 1), drafts=st.lists(st.integers(0, 1), min_size=1, max_size=5),
+          accepted=st.integers(0, 5), bonus=st.integers(0, 1))
+    def speculate(self, data, token, drafts, accepted, bonus):
+        """A verify step: the sampled token plus k drafts are computed (drafts in slots
+        reserved for them), ``accepted`` drafts and a bonus token are kept, the rest rolled
+        back; then the bonus gets its slot as a sampled token does."""
+        seq = data.draw(st.sampled_from(self._unscheduled()))
+        self.run_step()                           # the verify step is a step of its own
+        seq.append_token(token)
+        if not self.bm.can_append(seq):
+            self._free(seq)
+            self.waiting.append(seq)
+            return
+        self.bm.append_slot(seq)
+        k = len(drafts)
+        if not self.bm.can_reserve_drafts(seq, k):
+            self.pending[seq.seq_id] = (seq, [len(seq) - 1])     # a plain decode step instead
+            return
+        before = [b for b in seq.block_table]
+        self.bm.reserve_drafts(seq, k)
+        assert self.bm.num_drafts(seq) == k and seq.block_table[:len(before)] == before
+        for b in seq.block_table[len(before):]:
+            assert self.bm.ref_count(b) == 1 and not self.bm.is_cached(b)
+        n = len(seq)
+        self._write(seq, n - 1)
+        for j in range(k):                        # drafts go only into private blocks
+            self._write(seq, n + j, tuple(seq.token_ids) + tuple(drafts[:j + 1]))
+        for b in seq.block_table[(n - 1) // self.bs:]:
+            assert self.bm.ref_count(b) == 1 and not self.bm.is_cached(b) or b in before
+        a = min(accepted, k)
+        seq.token_ids += drafts[:a] + [bonus]
+        self.bm.settle_drafts(seq, a)
+        assert len(seq.block_table) == self.bm.blocks_needed(n + a)
+        COVERAGE["speculations"] += 1
+        if a < k:
+            COVERAGE["rollbacks"] += 1
+        if self.bm.can_append(seq):               # the bonus token's slot, next decode step
+            self.bm.append_slot(seq)
+            self.pending[seq.seq_id] = (seq, [len(seq) - 1])
+        else:
+            self._free(seq)
+            self.waiting.append(seq)
+
     @rule()
     def run_step(self):
         for seq, positions in self.pending.values():
@@ -805,6 +849,7 @@ def test_stateful_prefix_caching():
     assert COVERAGE["same_step_shared_writes"] > 0
     assert COVERAGE["fork_copies"] > 0 and COVERAGE["forks_between_steps"] > 0
     assert COVERAGE["extends"] > 0 and COVERAGE["extend_hits"] > 0
+    assert COVERAGE["speculations"] > 0 and COVERAGE["rollbacks"] > 0
     assert COVERAGE["evictable_consumed"] > 0
     assert COVERAGE["preemptions"] > 0
     assert COVERAGE["alloc_refused"] > 0
