@@ -70,8 +70,11 @@ class DraftSlotsMixin:
         new_covered = covered + accepted
         self._num_tokens[seq.seq_id] = new_covered
         keep = self.blocks_needed(new_covered)
-        while len(seq.block_table) > keep:
-            self._release(seq.block_table.pop())
+        if len(seq.block_table) > keep:
+            for b in reversed(seq.block_table[keep:]):
+                self._release(b)
+            # a new list: the decode inputs tell a shrunk table from a grown one by identity
+            seq.block_table = seq.block_table[:keep]
         if self.enable_prefix_caching:
             for n in range(covered + 1, new_covered + 1):
                 if n % self.block_size == 0:

@@ -71,6 +71,10 @@ class LLM(RequestAPI):
             ``model`` is a hub id ("selfrag/selfrag_llama2_7b"); also looked up:
             $HF_HUB_CACHE, $HF_HOME/hub. Nothing is ever downloaded.
         show_progress: progress bar while loading weights.
+        speculative_config: speculative decoding, vLLM's keys: ``{"method": "ngram",
+            "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}``
+            (or ``"method": "custom", "proposer": obj``); output identical to plain
+            decoding. See engine/speculative.py.
         enforce_eager: never use CUDA graphs. By default, on CUDA with the
             Triton kernels, decode steps replay CUDA graphs captured at start-up
             for batch buckets 1, 2, 4, ... up to max_num_seqs (capture time is
@@ -84,7 +88,8 @@ class LLM(RequestAPI):
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  enable_prefix_caching: bool = True, load_format: str = "auto", seed: int = 0,
                  kernel_backend: str = "auto", download_dir: str | None = None,
-                 show_progress: bool = True, enforce_eager: bool = False, **unused):
+                 show_progress: bool = True, enforce_eager: bool = False,
+                 speculative_config: dict | None = None, **unused):
         request_validation.check_vllm_kwargs(unused)
         request_validation.check_engine_args(
             model=model, tokenizer=tokenizer, download_dir=download_dir, max_num_seqs=max_num_seqs,
@@ -153,6 +158,8 @@ class LLM(RequestAPI):
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, self.max_num_batched_tokens)
         self.sampler = Sampler(self.model.device, seed)
+        from engine.speculative import Speculator
+        self.speculator = Speculator(speculative_config) if speculative_config is not None else None
         self.eos_token_id = (self.tokenizer.eos_token_id if self.tokenizer is not None
                              else _first(cfg.eos_token_id))
         self.sampler.eos_token_id = self.eos_token_id         # min_tokens masks it
@@ -265,6 +272,8 @@ class LLM(RequestAPI):
                 logits = self.model.compute_logits(hidden[last])
                 if needs_expansion(seqs):             # n > 1: the samples fork off here
                     seqs, logits = expand_samples(self, seqs, logits)
+            elif self.speculator is not None and (drafts := self.speculator.plan(self, seqs)):
+                return self._verify_step(seqs, drafts, finished_only, t0, t1)
             else:
                 step = self.decode_runner.prepare(seqs)
                 t2 = time.perf_counter()
@@ -303,6 +312,35 @@ class LLM(RequestAPI):
         st["wait"] += t6 - t5
         st["output"] += (t5 - t4) + (t7 - t6)
         self.num_steps += 1
+        return outputs
+
+    def _verify_step(self, seqs, drafts, finished_only: bool, t0: float, t1: float):
+        """A decode step that verifies drafts (engine/speculative.py): eager, through the
+        prefill path; each sequence appends its run of accepted tokens plus the bonus."""
+        outputs: list = []
+        try:
+            runs, failed = self.speculator.verify(self, seqs, drafts)
+            if self._out.async_output:
+                outputs = self._out.drain(finished_only)
+        except Exception as e:
+            self._dead = EngineDeadError(f"the engine failed in a verify step ({type(e).__name__}: {e}); "
+                                         "it cannot be used any more: build a new LLM")
+            raise self._dead from e
+        except BaseException:
+            self._held.update((o.request_id, o) for o in outputs)
+            self.scheduler.requeue(seqs)
+            raise
+        t2 = time.perf_counter()
+        self._out.process_runs(seqs, runs, failed, finished_only, outputs, self.block_manager)
+        for seq in seqs:
+            if seq.is_finished:
+                self.speculator.forget(seq)
+        self.step_times["schedule"] += t1 - t0
+        self.step_times["launch"] += t2 - t1
+        self.step_times["output"] += time.perf_counter() - t2
+        self.num_steps += 1
+        if len(outputs) > 1 and len({o.request_id for o in outputs}) < len(outputs):
+            outputs = last_per_request(outputs)
         return outputs
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True, chat_template: str | None = None,

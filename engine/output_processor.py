@@ -49,6 +49,37 @@ class OutputProcessor:
                 continue
             self.emit(req, reason, finished_only, outputs)
 
+    def process_runs(self, seqs, runs, failed: dict[int, str], finished_only: bool, outputs: list,
+                     block_manager) -> None:
+        """A verify step's results: per sequence a run of tokens (accepted drafts, then
+        the bonus), appended one at a time, each detokenized at once, so EOS, a stop id,
+        a stop string or the length limit ends the run exactly where plain decoding
+        would have stopped; then the sequence's draft slots are settled (the tokens
+        appended before the last are covered, the rest rolled back)."""
+        for i, (seq, (tokens, lps, drafted, accepted)) in enumerate(zip(seqs, runs)):
+            if seq.is_finished:
+                continue
+            req = self.requests[seq.request_id]
+            req.num_drafted += drafted
+            req.num_accepted += accepted
+            if i in failed:
+                self.fail(req, failed[i], outputs)
+                continue
+            reason, n = None, 0
+            try:
+                for tok, lp in zip(tokens, lps):
+                    n += 1
+                    reason = req.append_token(tok, lp)
+                    reason = req.detokenize() or reason
+                    if reason is not None:
+                        break
+            except Exception as e:  # noqa: BLE001
+                self.fail(req, f"processing its output raised {type(e).__name__}: {e}", outputs)
+                continue
+            if drafted:
+                block_manager.settle_drafts(seq, n - 1)
+            self.emit(req, reason, finished_only, outputs)
+
     def drain(self, finished_only: bool) -> list:
         """Detokenizes (and checks stop strings of) the requests whose text was
         deferred last step; returns their outputs."""

@@ -42,3 +42,6 @@ class RequestOutput:
     # SamplingParams.prompt_logprobs: None for the first prompt token (and for tokens
     # before an extension), then {token_id: Logprob} with the actual token and the top-N
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    # speculative decoding: drafts verified for this request, and how many were accepted
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0

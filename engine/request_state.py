@@ -29,6 +29,7 @@ class RequestState:
         self.logprobs = [] if self.params.wants_logprobs else None
         self.group = None                  # engine/samples.py's SampleGroup when n > 1
         self.prompt_logprobs = None        # engine/prompt_logprobs.py fills it
+        self.num_drafted = self.num_accepted = 0     # speculative decoding (engine/speculative.py)
         self._prompt_ids = seq.prompt_token_ids
         # append_token's per-token checks, precomputed (it runs for every token).
         p = self.params
@@ -167,5 +168,6 @@ class RequestState:
             return self.group.output()
         comp = self.completion()
         return RequestOutput(self.seq.request_id, self.prompt, self._prompt_ids, [comp],
-                             comp.finish_reason is not None, self.error, self.prompt_logprobs)
+                             comp.finish_reason is not None, self.error, self.prompt_logprobs,
+                             self.num_drafted, self.num_accepted)
 

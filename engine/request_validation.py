@@ -19,7 +19,6 @@ _UNSUPPORTED = {
     "tensor_parallel_size": lambda v: v != 1,
     "pipeline_parallel_size": lambda v: v != 1,
     "quantization": lambda v: v is not None,
-    "speculative_config": lambda v: v is not None,
     "cpu_offload_gb": lambda v: v not in (0, None),
 }
 # vLLM arguments that change nothing here: accepted, each with one warning per process.
@@ -37,7 +36,7 @@ def check_vllm_kwargs(kwargs: dict) -> None:
         refuse = _UNSUPPORTED.get(key)
         if refuse is not None and refuse(value):
             raise ValueError(f"LLM({key}={value!r}) is not supported by this engine (one GPU, "
-                             f"fp16/bf16/fp32 weights, no speculative decoding yet); leave {key} unset")
+                             f"fp16/bf16/fp32 weights); leave {key} unset")
         if key not in _HARMLESS:
             raise TypeError(f"LLM() got an unexpected keyword argument {key!r}")
         if key not in _warned:

@@ -1,0 +1,130 @@
+"""Speculative decoding: drafts verified in one forward pass, output identical to plain
+decoding.
+
+``LLM(..., speculative_config={"method": "ngram", "num_speculative_tokens": 4,
+"prompt_lookup_max": 4, "prompt_lookup_min": 1})`` (vLLM's keys; ``"method": "custom"``
+with ``"proposer": obj`` takes any engine/draft_proposers.py-style proposer).
+
+In a decode step, each eligible sequence gets up to k drafts from the proposer, KV slots
+for them (engine/draft_slots.py), and the step becomes a *verify* step: every sequence
+runs its last token, plus its drafts if it has any, over its cached context, through
+the prefill path (query length 1 + k; eager on CUDA for now). The sampler picks a token
+at every position as a plain step would; a sequence keeps the longest prefix of drafts
+equal to those picks, plus the pick after it (the bonus token), so the tokens are
+exactly plain decoding's, and so are their raw log-probs. The output processor appends
+them one by one (EOS, stop ids, stop strings and ``max_tokens`` cut the run where plain
+decoding would stop), then the block manager keeps the accepted slots and rolls back
+the rest.
+
+Eligible for now: greedy requests without logits processors or sampling knobs (the
+others decode plainly in the same step). Sequences whose drafts are rarely accepted back
+off: after a step that accepts nothing, a sequence waits ``2**misses`` steps (at most
+16) before it is offered drafts again, so text with nothing to copy is not slowed down.
+"""
+from __future__ import annotations
+
+from engine.draft_proposers import NgramProposer
+from engine.sampling_knobs import uses_knobs
+from engine.sequence import Sequence
+
+METHODS = ("ngram", "custom")
+
+
+class Speculator:
+    def __init__(self, config: dict):
+        if not isinstance(config, dict):
+            raise ValueError(f"speculative_config must be a dict, got {type(config).__name__}")
+        unknown = set(config) - {"method", "num_speculative_tokens", "prompt_lookup_max",
+                                 "prompt_lookup_min", "proposer"}
+        if unknown:
+            raise ValueError(f"speculative_config: unknown keys {sorted(unknown)}")
+        method = config.get("method", "ngram")
+        if method not in METHODS:
+            raise ValueError(f"speculative_config: method={method!r}; use one of {METHODS}")
+        k = config.get("num_speculative_tokens")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 16:
+            raise ValueError(f"speculative_config: num_speculative_tokens={k!r} must be an int in [1, 16]")
+        self.k = k
+        if method == "ngram":
+            self.proposer = NgramProposer(config.get("prompt_lookup_min", 1), config.get("prompt_lookup_max", 4))
+        else:
+            self.proposer = config.get("proposer")
+            if not callable(getattr(self.proposer, "propose", None)):
+                raise ValueError("speculative_config: method 'custom' needs a 'proposer' with propose(seq_id, "
+                                 "token_ids, k)")
+        self._wait: dict[int, tuple[int, int]] = {}      # seq_id -> (steps to skip, misses)
+        self.num_verify_steps = self.num_drafted = self.num_accepted = 0
+
+    @staticmethod
+    def eligible(seq: Sequence) -> bool:
+        p = seq.params
+        return p.greedy and not p.logits_processors and not uses_knobs(p)
+
+    def plan(self, llm, seqs: list[Sequence]) -> dict[int, list[int]]:
+        """Drafts per sequence index of a decode step, with their KV slots reserved."""
+        drafts, bm = {}, llm.block_manager
+        for i, seq in enumerate(seqs):
+            skip, misses = self._wait.get(seq.seq_id, (0, 0))
+            if skip:
+                self._wait[seq.seq_id] = (skip - 1, misses)
+                continue
+            req = llm._requests.get(seq.request_id)
+            if req is None or not self.eligible(seq):
+                continue
+            k = min(self.k, req._max_len - len(seq) - 1)     # drafts + the bonus fit the length limit
+            if k < 1:
+                continue
+            d = list(self.proposer.propose(seq.seq_id, seq.token_ids, k))[:k]
+            if d and bm.can_reserve_drafts(seq, len(d)):
+                bm.reserve_drafts(seq, len(d))
+                drafts[i] = d
+        return drafts
+
+    def verify(self, llm, seqs: list[Sequence], drafts: dict[int, list[int]]):
+        """The verify forward and the picks: (per sequence, its run of tokens and their
+        step log-probs; failed sequence index -> why)."""
+        saved = []
+        for i, seq in enumerate(seqs):           # each computes from its last token on
+            saved.append((seq.num_cached_tokens, len(seq)))
+            seq.num_cached_tokens = len(seq) - 1
+            seq.token_ids.extend(drafts.get(i, ()))
+        try:
+            input_ids, positions, meta, _ = llm.runner.prepare(seqs, True)
+        finally:
+            for seq, (cached, n) in zip(seqs, saved):
+                seq.num_cached_tokens = cached
+                del seq.token_ids[n:]
+        hidden = llm.model.forward(input_ids, positions, meta, llm.runner.kv_caches)
+        rows = [seq for i, seq in enumerate(seqs) for _ in range(1 + len(drafts.get(i, ())))]
+        logits = llm.model.compute_logits(hidden)                 # [rows, V]: every position
+        tokens, lps, failed_rows = llm.sampler.launch(logits, rows, llm.model.ops).wait()
+        runs, failed, r = [], {}, 0
+        for i, seq in enumerate(seqs):
+            d = drafts.get(i, [])
+            picks = tokens[r:r + len(d) + 1]
+            a = 0
+            while a < len(d) and d[a] == picks[a]:
+                a += 1
+            runs.append((picks[:a + 1], lps[r:r + a + 1], len(d), a))
+            why = next((failed_rows[j] for j in range(r, r + len(d) + 1) if j in failed_rows), None)
+            if why is not None:
+                failed[i] = why
+            r += len(d) + 1
+        self.num_verify_steps += 1
+        for i, (_, _, k, a) in enumerate(runs):
+            if k:
+                self._after(seqs[i], k, a)
+        return runs, failed
+
+    def _after(self, seq: Sequence, k: int, a: int) -> None:
+        self.num_drafted += k
+        self.num_accepted += a
+        skip, misses = self._wait.get(seq.seq_id, (0, 0))
+        misses = misses + 1 if a == 0 else 0
+        self._wait[seq.seq_id] = (min(2 ** misses, 16) if misses else 0, misses)
+
+    def forget(self, seq: Sequence) -> None:
+        self._wait.pop(seq.seq_id, None)
+        forget = getattr(self.proposer, "forget", None)
+        if callable(forget):
+            forget(seq.seq_id)

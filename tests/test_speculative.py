@@ -1,0 +1,158 @@
+"""Speculative decoding (engine/speculative.py): greedy output identical to plain
+decoding, token for token, with log-probs within the parity tolerance, whatever the
+drafts; the reference is the same engine without speculation. An oracle proposer (it
+knows the plain run's tokens and corrupts some) exercises full, partial and no
+acceptance; the n-gram proposer the real path."""
+from __future__ import annotations
+
+import pytest
+
+from engine import SamplingParams
+from tests.helpers import finish_all, make_checkpoint, make_llm, token_prompts
+from tests.test_engine_parity import VARIANTS
+
+
+class Oracle:
+    """Proposes the plain run's next tokens; every ``wrong``-th draft position is wrong."""
+
+    def __init__(self, futures: dict, wrong: int = 3):
+        self.futures, self.wrong, self.calls = futures, wrong, 0
+
+    def propose(self, seq_id, token_ids, k):
+        self.calls += 1
+        for prompt, full in self.futures.items():
+            if tuple(token_ids[:len(prompt)]) == prompt and list(token_ids) == full[:len(token_ids)]:
+                d = full[len(token_ids):len(token_ids) + k]
+                return [t if (self.calls + j) % self.wrong else (t + 1) % 7 for j, t in enumerate(d)]
+        return []
+
+
+def plain_and_spec(path, prompts, params, spec_config=None, oracle_wrong=3, **kw):
+    plain = make_llm(path, show_progress=False, block_size=4, **kw).generate(
+        [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    if spec_config is None:
+        # the oracle knows where plain greedy goes with no stop at all, so its drafts run
+        # past EOS, stop ids, stop strings and max_tokens
+        free = make_llm(path, show_progress=False).generate(
+            [{"prompt_token_ids": p} for p in prompts],
+            SamplingParams(temperature=0, max_tokens=48, ignore_eos=True), use_tqdm=False)
+        futures = {tuple(p): p + o.outputs[0].token_ids for p, o in zip(prompts, free)}
+        spec_config = {"method": "custom", "num_speculative_tokens": 4, "proposer": Oracle(futures, oracle_wrong)}
+    llm = make_llm(path, show_progress=False, block_size=4, speculative_config=spec_config, **kw)
+    spec = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return plain, spec, llm
+
+
+def assert_same(plain, spec):
+    for a, b in zip(plain, spec):
+        x, y = a.outputs[0], b.outputs[0]
+        assert y.token_ids == x.token_ids and y.text == x.text and y.finish_reason == x.finish_reason
+        assert y.cumulative_logprob == pytest.approx(x.cumulative_logprob, abs=1e-3)
+        if x.logprobs is not None:
+            for s, t in zip(x.logprobs, y.logprobs):
+                assert s.keys() == t.keys()
+                assert all(t[i].logprob == pytest.approx(s[i].logprob, abs=1e-4) for i in s)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_greedy_is_identical_on_every_parity_checkpoint(tmp_path, variant):
+    cfg = make_checkpoint(tmp_path, std=0.3, **VARIANTS[variant])
+    prompts = token_prompts(3, cfg.vocab_size, seed=len(variant), min_len=4, max_len=30)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
+    plain, spec, llm = plain_and_spec(str(tmp_path), prompts, params)
+    assert_same(plain, spec)
+    drafted = sum(o.num_draft_tokens for o in spec)
+    accepted = sum(o.num_accepted_tokens for o in spec)
+    assert drafted > 0 and 0 < accepted < drafted          # full, partial and rejected runs
+    assert llm.speculator.num_verify_steps < llm.num_steps or llm.num_steps < 24
+    assert llm.block_manager.get_stats()["used"] == 0
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("spec")
+    cfg = make_checkpoint(path, num_key_value_heads=2, std=0.3)
+    return str(path), cfg
+
+
+def test_stops_inside_an_accepted_run_cut_where_plain_decoding_stops(ckpt):
+    path, cfg = ckpt
+    prompts = token_prompts(4, cfg.vocab_size, seed=9, min_len=6, max_len=20)
+    probe = make_llm(path, show_progress=False).generate([{"prompt_token_ids": p} for p in prompts],
+                                                         SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+                                                         use_tqdm=False)
+    stop_id = probe[0].outputs[0].token_ids[7]          # a token the first run writes mid-way
+    for params in (SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_id]),
+                   SamplingParams(temperature=0, max_tokens=11, ignore_eos=True),
+                   SamplingParams(temperature=0, max_tokens=30)):
+        plain, spec, _ = plain_and_spec(path, prompts, params, oracle_wrong=50)
+        assert_same(plain, spec)
+        if params.stop_token_ids:
+            assert spec[0].outputs[0].token_ids[-1] == stop_id and len(spec[0].outputs[0].token_ids) == 8
+
+
+def test_a_stop_string_inside_an_accepted_run_cuts_the_text_as_plain_decoding_does():
+    from selfrag.default_model import default_model_dir
+    path = default_model_dir()
+    prompt = "### Instruction:\nWhat were alpacas bred for?\n\n### Response:\n"
+    free = make_llm(path, show_progress=False).generate([prompt], SamplingParams(temperature=0, max_tokens=40),
+                                                       use_tqdm=False)[0].outputs[0]
+    stop = free.text[12:16]                              # text the answer reaches mid-way
+    from engine.tokenizer import Tokenizer
+    ids = Tokenizer.from_pretrained(path).encode(prompt)
+    oracle = Oracle({tuple(ids): ids + free.token_ids}, wrong=50)
+    for params in (SamplingParams(temperature=0, max_tokens=40, stop=[stop]),
+                   SamplingParams(temperature=0, max_tokens=40, stop=[stop], include_stop_str_in_output=True)):
+        plain = make_llm(path, show_progress=False).generate([prompt], params, use_tqdm=False)
+        llm = make_llm(path, show_progress=False, speculative_config={
+            "method": "custom", "num_speculative_tokens": 4, "proposer": oracle})
+        spec = llm.generate([prompt], params, use_tqdm=False)
+        assert_same(plain, spec)
+        assert spec[0].outputs[0].stop_reason == stop and spec[0].num_accepted_tokens > 0
+
+
+def test_mixed_batches_preemption_and_prefix_caching_keep_plain_tokens(ckpt):
+    path, cfg = ckpt
+    prompts = token_prompts(5, cfg.vocab_size, seed=11, min_len=10, max_len=30)
+    prompts.append(prompts[0])                           # a prefix-cache hit
+    greedy = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    others = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logit_bias={5: 3.0}),
+              SamplingParams(temperature=0.9, seed=4, max_tokens=30, ignore_eos=True)]
+    params = [greedy, others[0], greedy, others[1], greedy, greedy]
+    for blocks in (200, 40):                              # roomy, then tight: preemption
+        plain, spec, llm = plain_and_spec(path, prompts, params, num_kv_blocks=blocks, max_model_len=64)
+        assert_same(plain, spec)
+        assert spec[1].num_draft_tokens == spec[3].num_draft_tokens == 0     # not eligible (yet)
+        if blocks == 40:
+            assert llm.scheduler.num_preemptions > 0
+        assert llm.block_manager.get_stats()["used"] == 0
+
+
+def test_ngram_drafts_on_repetitive_text_and_back_off_on_none(ckpt):
+    path, cfg = ckpt
+    loop = [1] + [11, 12, 13, 14, 15, 16] * 6
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    plain, spec, llm = plain_and_spec(path, [loop], params,
+                                      spec_config={"method": "ngram", "num_speculative_tokens": 4})
+    assert_same(plain, spec)
+
+    class Wrong:
+        def propose(self, seq_id, token_ids, k):
+            return [(token_ids[-1] + 1 + j) % cfg.vocab_size for j in range(k)]
+    plain, spec, llm = plain_and_spec(path, [loop], params, spec_config={
+        "method": "custom", "num_speculative_tokens": 4, "proposer": Wrong()})
+    assert_same(plain, spec)
+    # each miss doubles the wait before the next offer: few verify steps over 40 tokens
+    assert llm.speculator.num_verify_steps <= 8 and spec[0].num_accepted_tokens <= 1
+
+
+def test_bad_configs():
+    from engine.speculative import Speculator
+    for cfg, match in (({"method": "eagle", "num_speculative_tokens": 2}, "method"),
+                       ({"method": "ngram"}, "num_speculative_tokens"),
+                       ({"method": "ngram", "num_speculative_tokens": 2, "typo": 1}, "unknown"),
+                       ({"method": "custom", "num_speculative_tokens": 2}, "proposer"),
+                       ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 3,
+                         "prompt_lookup_max": 2}, "prompt_lookup")):
+        with pytest.raises(ValueError, match=match):
+            Speculator(cfg)
