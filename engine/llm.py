@@ -262,6 +262,7 @@ class LLM(RequestAPI):
             return self._out.drain(finished_only)   # idle: finish any deferred text
         t1 = time.perf_counter()
         outputs: list = []
+        runs = None
         try:
             if is_prefill:
                 input_ids, positions, meta, last = self.runner.prepare(seqs, True)
@@ -273,19 +274,23 @@ class LLM(RequestAPI):
                 if needs_expansion(seqs):             # n > 1: the samples fork off here
                     seqs, logits = expand_samples(self, seqs, logits)
             elif self.speculator is not None and (drafts := self.speculator.plan(self, seqs)):
-                return self._verify_step(seqs, drafts, finished_only, t0, t1)
+                # a verify step (engine/speculative.py): eager, through the prefill path
+                runs, failed = self.speculator.verify(self, seqs, drafts)
+                if self._out.async_output:
+                    outputs = self._out.drain(finished_only)
             else:
                 step = self.decode_runner.prepare(seqs)
                 t2 = time.perf_counter()
                 logits = self.decode_runner.launch(step)
-            t3 = time.perf_counter()
-            pending = self.sampler.launch(logits, seqs, self.model.ops)
-            t4 = time.perf_counter()
-            # While the device runs this step, finish the previous step's text.
-            if self._out.async_output:
-                outputs = self._out.drain(finished_only)
-            t5 = time.perf_counter()
-            tokens, lps, failed = pending.wait()    # the step's one device->host read
+            if runs is None:
+                t3 = time.perf_counter()
+                pending = self.sampler.launch(logits, seqs, self.model.ops)
+                t4 = time.perf_counter()
+                # While the device runs this step, finish the previous step's text.
+                if self._out.async_output:
+                    outputs = self._out.drain(finished_only)
+                t5 = time.perf_counter()
+                tokens, lps, failed = pending.wait()    # the step's one device->host read
         except Exception as e:
             # The engine's own failure (a device error, a bug): its state can no longer
             # be trusted, so every later call says so. (A request's own failure never
@@ -299,8 +304,12 @@ class LLM(RequestAPI):
             self._held.update((o.request_id, o) for o in outputs)
             self.scheduler.requeue(seqs)
             raise
+        if runs is not None:
+            return self._finish_verify(seqs, runs, failed, finished_only, outputs, t0, t1)
         t6 = time.perf_counter()
         self._out.process(seqs, tokens, lps, failed, finished_only, outputs)
+        if self.speculator is not None:
+            self.speculator.forget_finished(seqs)
         t7 = time.perf_counter()
         if len(outputs) > 1 and len({o.request_id for o in outputs}) < len(outputs):
             outputs = last_per_request(outputs)      # several samples of one request advanced
@@ -314,27 +323,12 @@ class LLM(RequestAPI):
         self.num_steps += 1
         return outputs
 
-    def _verify_step(self, seqs, drafts, finished_only: bool, t0: float, t1: float):
-        """A decode step that verifies drafts (engine/speculative.py): eager, through the
-        prefill path; each sequence appends its run of accepted tokens plus the bonus."""
-        outputs: list = []
-        try:
-            runs, failed = self.speculator.verify(self, seqs, drafts)
-            if self._out.async_output:
-                outputs = self._out.drain(finished_only)
-        except Exception as e:
-            self._dead = EngineDeadError(f"the engine failed in a verify step ({type(e).__name__}: {e}); "
-                                         "it cannot be used any more: build a new LLM")
-            raise self._dead from e
-        except BaseException:
-            self._held.update((o.request_id, o) for o in outputs)
-            self.scheduler.requeue(seqs)
-            raise
+    def _finish_verify(self, seqs, runs, failed, finished_only: bool, outputs: list, t0: float, t1: float):
+        """A verify step's outputs: each sequence appends its run of accepted tokens plus
+        the bonus (engine/speculative.py)."""
         t2 = time.perf_counter()
         self._out.process_runs(seqs, runs, failed, finished_only, outputs, self.block_manager)
-        for seq in seqs:
-            if seq.is_finished:
-                self.speculator.forget(seq)
+        self.speculator.forget_finished(seqs)
         self.step_times["schedule"] += t1 - t0
         self.step_times["launch"] += t2 - t1
         self.step_times["output"] += time.perf_counter() - t2

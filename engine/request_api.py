@@ -59,6 +59,8 @@ class RequestAPI:
         for member in req.group.members if req.group is not None else [req]:
             if self._requests.pop(member.request_id, None) is not None:
                 self.scheduler.finish(member.seq, "abort")
+                if self.speculator is not None:
+                    self.speculator.forget(member.seq)
         return True
 
     def extend(self, request_id: str, token_ids, params: SamplingParams | None = None,

@@ -123,6 +123,11 @@ class Speculator:
         misses = misses + 1 if a == 0 else 0
         self._wait[seq.seq_id] = (min(2 ** misses, 16) if misses else 0, misses)
 
+    def forget_finished(self, seqs) -> None:
+        for seq in seqs:
+            if seq.is_finished:
+                self.forget(seq)
+
     def forget(self, seq: Sequence) -> None:
         self._wait.pop(seq.seq_id, None)
         forget = getattr(self.proposer, "forget", None)

@@ -156,3 +156,15 @@ def test_bad_configs():
                          "prompt_lookup_max": 2}, "prompt_lookup")):
         with pytest.raises(ValueError, match=match):
             Speculator(cfg)
+
+
+def test_finished_and_aborted_sequences_leave_no_proposer_state(ckpt):
+    path, cfg = ckpt
+    llm = make_llm(path, show_progress=False, speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+    prompts = token_prompts(6, cfg.vocab_size, seed=2)
+    rids = [llm.add_request({"prompt_token_ids": p}, SamplingParams(temperature=0, max_tokens=8)) for p in prompts]
+    llm.step()
+    llm.step()
+    llm.abort(rids[0])
+    finish_all(llm)
+    assert llm.speculator.proposer._index == {} and llm.speculator._wait == {}
