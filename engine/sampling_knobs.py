@@ -206,9 +206,34 @@ class KnobState:
                 if m.banned_now or (m.multi and toks[-1] in m.multi_ends):
                     self._bad_word_suffixes(m, toks, n - n_prompt, dirty)
             if m.stops_masked and n - seq.num_prompt_tokens >= seq.params.min_tokens:
-                m.stops_masked = False                    # for good: outputs only grow
+                m.stops_masked = False                    # outputs only grow (but see rewind)
                 dirty.extend((m, t, m.cols[t]) for t in m.stops)
         return width
+
+    def rewind(self, seq, n: int, counted: list[int]) -> None:
+        """Undoes the counting of ``counted``, the tokens a verify step put at positions
+        ``n ...`` of ``seq`` while its drafts were sampled (engine/speculative.py); the
+        sequence's own tokens are ``seq.token_ids`` again. Masks are recomputed."""
+        row = self._row_of.get(seq.seq_id)
+        if row is None:
+            return
+        m, dirty = self._rows[row], []
+        if m.n_seen != n + len(counted):
+            raise ValueError(f"rewind: {seq!r} counted {m.n_seen} tokens, not {n} + {len(counted)}")
+        for t in counted:
+            e = m.cols[t]
+            e[1] -= 1.0
+            dirty.append((m, t, e))
+        m.n_seen = n
+        toks = seq.token_ids
+        if m.multi or m.banned_now:
+            self._bad_word_suffixes(m, toks, len(toks) - seq.num_prompt_tokens, dirty)
+        masked = bool(m.stops) and seq.num_generated_tokens < seq.params.min_tokens
+        if masked != m.stops_masked:
+            m.stops_masked = masked
+            dirty.extend((m, t, m.cols[t]) for t in m.stops)
+        self.flush()
+        self.write(0, dirty)
 
     def write(self, width: int, dirty: list) -> None:
         """The columns in ``dirty`` to the pooled tensor, in one copy (no batch is active)."""

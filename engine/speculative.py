@@ -16,15 +16,21 @@ them one by one (EOS, stop ids, stop strings and ``max_tokens`` cut the run wher
 decoding would stop), then the block manager keeps the accepted slots and rolls back
 the rest.
 
-Eligible for now: greedy requests without logits processors or sampling knobs (the
-others decode plainly in the same step). Sequences whose drafts are rarely accepted back
+Eligible for now: greedy requests (sampled ones decode plainly in the same step). Logits
+processors and the sampling knobs apply at every verified position as at a plain step:
+the sampler runs position by position, a sequence's tokens being its own plus the drafts
+before that position, then the knobs' counts of the drafts are undone. A processor may
+therefore see a request's output grow by several tokens within one step and then shrink
+back (a rewind): its result must depend only on the request id and the output it is
+given (``ReflectionConstraint`` re-derives its state from the output when it shrinks). Sequences whose drafts are rarely accepted back
 off: after a step that accepts nothing, a sequence waits ``2**misses`` steps (at most
 16) before it is offered drafts again, so text with nothing to copy is not slowed down.
 """
 from __future__ import annotations
 
+import torch
+
 from engine.draft_proposers import NgramProposer
-from engine.sampling_knobs import uses_knobs
 from engine.sequence import Sequence
 
 METHODS = ("ngram", "custom")
@@ -57,8 +63,7 @@ class Speculator:
 
     @staticmethod
     def eligible(seq: Sequence) -> bool:
-        p = seq.params
-        return p.greedy and not p.logits_processors and not uses_knobs(p)
+        return seq.params.greedy
 
     def plan(self, llm, seqs: list[Sequence]) -> dict[int, list[int]]:
         """Drafts per sequence index of a decode step, with their KV slots reserved."""
@@ -95,9 +100,8 @@ class Speculator:
                 seq.num_cached_tokens = cached
                 del seq.token_ids[n:]
         hidden = llm.model.forward(input_ids, positions, meta, llm.runner.kv_caches)
-        rows = [seq for i, seq in enumerate(seqs) for _ in range(1 + len(drafts.get(i, ())))]
         logits = llm.model.compute_logits(hidden)                 # [rows, V]: every position
-        tokens, lps, failed_rows = llm.sampler.launch(logits, rows, llm.model.ops).wait()
+        tokens, lps, failed_rows = self._pick(llm, seqs, drafts, logits)
         runs, failed, r = [], {}, 0
         for i, seq in enumerate(seqs):
             d = drafts.get(i, [])
@@ -115,6 +119,42 @@ class Speculator:
             if k:
                 self._after(seqs[i], k, a)
         return runs, failed
+
+    @staticmethod
+    def _pick(llm, seqs, drafts, logits):
+        """The sampler at every verified position, position by position: at position j
+        the rows of the sequences that reach it, each sequence's tokens being its own
+        plus its first j drafts, so logits processors (once per position, a request id
+        at most once per call) and the sampling knobs see what a plain step would. Then
+        the knobs' counts of the drafts are undone. (tokens, log-probs, failed) per row."""
+        starts, r = [], 0
+        for i in range(len(seqs)):
+            starts.append(r)
+            r += 1 + len(drafts.get(i, ()))
+        tokens, lps, failed = [None] * r, [None] * r, {}
+        lens = [len(s) for s in seqs]
+        try:
+            for j in range(1 + max(len(d) for d in drafts.values())):
+                group = [i for i in range(len(seqs)) if len(drafts.get(i, ())) >= j]
+                for i in group:
+                    if j:
+                        seqs[i].token_ids.append(drafts[i][j - 1])
+                rows = [starts[i] + j for i in group]
+                index = torch.tensor(rows, device=logits.device)
+                t, lp, bad = llm.sampler.launch(logits.index_select(0, index), [seqs[i] for i in group],
+                                                llm.model.ops).wait()
+                for g, row in enumerate(rows):
+                    tokens[row], lps[row] = t[g], lp[g]
+                    if g in bad:
+                        failed[row] = bad[g]
+        finally:
+            for seq, n in zip(seqs, lens):
+                del seq.token_ids[n:]
+            knobs = llm.sampler.knob_state
+            if knobs is not None:
+                for i, d in drafts.items():
+                    knobs.rewind(seqs[i], lens[i], list(d))
+        return tokens, lps, failed
 
     def _after(self, seq: Sequence, k: int, a: int) -> None:
         self.num_drafted += k

@@ -393,3 +393,20 @@ def test_fork_hook_copies_the_state_and_children_advance_alone(vocab, tok):
     assert ref.state_of("r") is proc.state_of("p.1")
     proc.forget("p.2")
     assert proc.state_of("p.2") is None and proc.state_of("p") is S.AFTER_SUPPORT
+
+
+def test_position_safe_under_a_rewind(vocab, tok):
+    """A verify step shows a request's output grown by several drafts, then the next step
+    a shorter one (drafts rejected): the state must be that of the output given, as a
+    fresh constraint computes it."""
+    text = tok.encode("Alpacas are small.", add_special_tokens=False)
+    full = [vocab.relevant, *text, vocab.fully, vocab.utility[3]]
+    proc = ReflectionConstraint(vocab, V)
+    proc.begin("r", S.AFTER_PARAGRAPH)
+    row = torch.zeros(1, V)
+    for cut in (1, 3, len(full), 2, len(full) - 1, 1, len(full)):     # grows, shrinks, grows
+        proc(row, ["r"], [full[:cut]])
+        ref = ReflectionConstraint(vocab, V)
+        ref.begin("r", S.AFTER_PARAGRAPH)
+        ref(row, ["r"], [full[:cut]])
+        assert proc.state_of("r") is ref.state_of("r"), cut

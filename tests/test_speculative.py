@@ -122,7 +122,8 @@ def test_mixed_batches_preemption_and_prefix_caching_keep_plain_tokens(ckpt):
     for blocks in (200, 40):                              # roomy, then tight: preemption
         plain, spec, llm = plain_and_spec(path, prompts, params, num_kv_blocks=blocks, max_model_len=64)
         assert_same(plain, spec)
-        assert spec[1].num_draft_tokens == spec[3].num_draft_tokens == 0     # not eligible (yet)
+        assert spec[3].num_draft_tokens == 0                  # sampled: not eligible (yet)
+        assert spec[1].num_draft_tokens > 0                   # a knob: verified position by position
         if blocks == 40:
             assert llm.scheduler.num_preemptions > 0
         assert llm.block_manager.get_stats()["used"] == 0
@@ -168,3 +169,53 @@ def test_finished_and_aborted_sequences_leave_no_proposer_state(ckpt):
     llm.abort(rids[0])
     finish_all(llm)
     assert llm.speculator.proposer._index == {} and llm.speculator._wait == {}
+
+
+@pytest.mark.parametrize("knobs", [dict(repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.3),
+                                   dict(logit_bias={3: 2.0, 9: -1.5}, min_tokens=10),
+                                   dict(bad_words_ids=[[11, 12]])])
+def test_knobs_and_processors_apply_at_every_verified_position(ckpt, knobs):
+    """Penalties, bias, min_tokens, a two-token bad word and a batched processor that
+    depends on the output length: each verified position sees what a plain step sees."""
+    path, cfg = ckpt
+    prompts = token_prompts(3, cfg.vocab_size, seed=21, min_len=8, max_len=25)
+    calls = []
+
+    def every_third(logits, request_ids, output_token_ids):     # bans token 7 after 3k tokens
+        calls.append(list(request_ids))
+        for row, out in enumerate(output_token_ids):
+            if len(out) % 3 == 0:
+                logits[row, 7] = float("-inf")
+        return logits
+    bad = knobs.pop("bad_words_ids", None)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=1,
+                            logits_processors=[every_third], **knobs)
+    if bad:
+        params.bad_words_token_ids = bad
+    plain, spec, llm = plain_and_spec(path, prompts, params, oracle_wrong=4)
+    assert_same(plain, spec)
+    assert sum(o.num_accepted_tokens for o in spec) > 0
+    assert all(len(set(c)) == len(c) for c in calls)         # a request id once per call
+
+
+def test_self_rag_answers_are_identical_with_speculation():
+    """The reflection grammar (a batched processor), 16 reflection log-probs per step, hold
+    / fork / extend branching: the trained miniature model's answers, token for token."""
+    from engine import LLM
+    from selfrag import Passage, SelfRAG
+    from selfrag.default_model import default_model_dir
+    passages = [Passage("Alpaca", "Alpacas were bred specifically for their fiber, which is soft and warm."),
+                Passage("Llama", "Llamas are used as pack animals by Andean cultures.")]
+    results = []
+    for spec in (None, {"method": "ngram", "num_speculative_tokens": 4}):
+        rag = SelfRAG(LLM(default_model_dir(), show_progress=False, speculative_config=spec))
+        short = rag.answer("What were alpacas bred for?", passages=passages, mode="always", max_tokens=40)
+        long = rag.generate_long("What were alpacas bred for?", passages=passages, beam_width=2, max_depth=2,
+                                 segment_tokens=20)
+        results.append((short, long, rag.llm))
+    (s0, l0, _), (s1, l1, llm) = results
+    assert [c.token_ids for c in s1.candidates] == [c.token_ids for c in s0.candidates]
+    assert [c.scores.final for c in s1.candidates] == pytest.approx([c.scores.final for c in s0.candidates],
+                                                                    abs=1e-4)
+    assert [n["text"] for n in l1.tree] == [n["text"] for n in l0.tree] and s1.answer == s0.answer
+    assert llm.speculator.num_drafted > 0
