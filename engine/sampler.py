@@ -49,8 +49,13 @@ class Sampler:
             seq.sampler_state = torch.Generator(device=self.device).manual_seed(seq.params.seed)
         return seq.sampler_state
 
-    def _sample_rows(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """Temperature / top-k / top-p sampling of rows [n, V] -> ids [n]."""
+    def _sample_rows(self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[int] | None = None
+                     ) -> torch.Tensor:
+        """Temperature / top-k / top-p sampling of rows [n, V] -> ids [n]. With ``drafts``
+        (a token per row, -1: none), speculative sampling: a row's draft is kept with
+        probability p(draft) under the row's distribution; else the row draws from that
+        distribution with the draft removed (renormalised), so the token is distributed
+        exactly as a plain draw (the draft is deterministic: q is one-hot)."""
         p: list[SamplingParams] = [s.params for s in seqs]
         temp = torch.tensor([x.temperature for x in p], device=logits.device).unsqueeze(1)
         probs = torch.softmax(logits / temp, dim=-1)
@@ -67,11 +72,22 @@ class Sampler:
             keep = (rank < k.unsqueeze(1)) & (before < top_p.unsqueeze(1))
             sorted_p = sorted_p * keep
             probs = torch.zeros_like(probs).scatter_(1, order, sorted_p)
+        accept = None
+        if drafts is not None and any(d >= 0 for d in drafts):
+            dev = logits.device
+            d = torch.tensor(drafts, device=dev)
+            has = d >= 0
+            col = d.clamp(min=0)[:, None]
+            p_draft = probs.gather(1, col).squeeze(1) / probs.sum(-1)
+            u = torch.cat([torch.rand(1, generator=self._seq_generator(seq), device=dev) for seq in seqs])
+            accept = has & (u < p_draft)
+            probs = probs.scatter(1, col, torch.where(has[:, None], 0.0, probs.gather(1, col)))
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p.
         noise = torch.empty_like(probs)
         for i, seq in enumerate(seqs):
             noise[i].exponential_(generator=self._seq_generator(seq))
-        return (probs / noise).argmax(dim=-1)
+        picks = (probs / noise).argmax(dim=-1)
+        return picks if accept is None else torch.where(accept, d, picks)
 
     def _plan(self, seqs: list[Sequence]) -> tuple[bool, list[int], list[int], list[int]]:
         """(any logits processors, greedy rows, rows wanting log-probs, rows using the
@@ -102,8 +118,12 @@ class Sampler:
         return self.launch(logits, seqs, ops).wait()
 
     @torch.no_grad()
-    def launch(self, logits: torch.Tensor, seqs: list[Sequence], ops) -> "PendingSample":
-        """Queues the step's sampling on the device; ``.wait()`` reads it back."""
+    def launch(self, logits: torch.Tensor, seqs: list[Sequence], ops, drafts: list[int] | None = None
+               ) -> "PendingSample":
+        """Queues the step's sampling on the device; ``.wait()`` reads it back. ``drafts``
+        (speculative decoding, a token per row or -1): sampled rows keep their draft
+        with the speculative-sampling rule (``_sample_rows``); greedy rows ignore it (the
+        verifier compares their argmax)."""
         B = logits.shape[0]
         raw = logits                      # the raw logits (the knobs restore what they change)
         procs, greedy, want, knobs = self._plan(seqs)
@@ -127,7 +147,8 @@ class Sampler:
                 tokens[g] = ops.greedy_argmax(logits[g])
             rest = sorted(set(range(B)) - set(greedy))
             r = torch.tensor(rest, device=logits.device)
-            tokens[r] = self._sample_rows(logits[r], [seqs[i] for i in rest])
+            tokens[r] = self._sample_rows(logits[r], [seqs[i] for i in rest],
+                                          None if drafts is None else [drafts[i] for i in rest])
         restore(raw, undo)                          # raw again, for the log-probs
         sampled_lp = ops.gather_logprobs(raw, tokens.unsqueeze(1)).squeeze(1)      # [B]
         parts = [tokens.double(), sampled_lp.double()]

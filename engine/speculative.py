@@ -16,7 +16,11 @@ them one by one (EOS, stop ids, stop strings and ``max_tokens`` cut the run wher
 decoding would stop), then the block manager keeps the accepted slots and rolls back
 the rest.
 
-Eligible for now: greedy requests (sampled ones decode plainly in the same step). Logits
+Sampled requests (temperature > 0) keep a draft with probability p(draft) under the
+distribution a plain step would sample from (after temperature, top-k/p, min-p, knobs and
+processors) and otherwise draw from it with the draft removed, which keeps the output
+distribution exact; a seeded request then draws from its generator in another order than
+plain decoding, so its tokens differ from a plain run's, token for token. Logits
 processors and the sampling knobs apply at every verified position as at a plain step:
 the sampler runs position by position, a sequence's tokens being its own plus the drafts
 before that position, then the knobs' counts of the drafts are undone. A processor may
@@ -63,7 +67,7 @@ class Speculator:
 
     @staticmethod
     def eligible(seq: Sequence) -> bool:
-        return seq.params.greedy
+        return True
 
     def plan(self, llm, seqs: list[Sequence]) -> dict[int, list[int]]:
         """Drafts per sequence index of a decode step, with their KV slots reserved."""
@@ -141,8 +145,9 @@ class Speculator:
                         seqs[i].token_ids.append(drafts[i][j - 1])
                 rows = [starts[i] + j for i in group]
                 index = torch.tensor(rows, device=logits.device)
+                here = [drafts[i][j] if j < len(drafts.get(i, ())) else -1 for i in group]
                 t, lp, bad = llm.sampler.launch(logits.index_select(0, index), [seqs[i] for i in group],
-                                                llm.model.ops).wait()
+                                                llm.model.ops, here).wait()
                 for g, row in enumerate(rows):
                     tokens[row], lps[row] = t[g], lp[g]
                     if g in bad:

@@ -6,6 +6,7 @@ acceptance; the n-gram proposer the real path."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from engine import SamplingParams
 from tests.helpers import finish_all, make_checkpoint, make_llm, token_prompts
@@ -122,7 +123,9 @@ def test_mixed_batches_preemption_and_prefix_caching_keep_plain_tokens(ckpt):
     for blocks in (200, 40):                              # roomy, then tight: preemption
         plain, spec, llm = plain_and_spec(path, prompts, params, num_kv_blocks=blocks, max_model_len=64)
         assert_same(plain, spec)
-        assert spec[3].num_draft_tokens == 0                  # sampled: not eligible (yet)
+        # the sampled request: the oracle knows only greedy continuations, so it gets no
+        # drafts here and its seeded tokens equal plain decoding's
+        assert spec[3].num_draft_tokens == 0
         assert spec[1].num_draft_tokens > 0                   # a knob: verified position by position
         if blocks == 40:
             assert llm.scheduler.num_preemptions > 0
@@ -219,3 +222,45 @@ def test_self_rag_answers_are_identical_with_speculation():
                                                                     abs=1e-4)
     assert [n["text"] for n in l1.tree] == [n["text"] for n in l0.tree] and s1.answer == s0.answer
     assert llm.speculator.num_drafted > 0
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.8)])
+def test_speculative_sampling_keeps_the_distribution(kw):
+    """A deterministic draft kept with probability p(draft), else a draw from p without
+    it: over many seeds the token is distributed as plain sampling's (chi-square on an
+    8-token vocabulary, the draft both likely and unlikely)."""
+    from engine.sampler import Sampler
+    from engine.sequence import Sequence
+    from kernels import ops as kernel_ops
+    ops = kernel_ops.get_ops("auto", "cpu")
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, 3.0]])
+    sampler = Sampler(torch.device("cpu"), 0)
+    # the distribution plain sampling draws from (the filters applied), by plain draws
+    n = 6000
+    for draft in (7, 2):
+        counts = torch.zeros(8)
+        plain = torch.zeros(8)
+        for i in range(n):
+            seq = Sequence([1], f"r{i}", SamplingParams(seed=i, **kw))
+            t, _, _ = sampler.launch(logits.clone(), [seq], ops, [draft]).wait()
+            counts[t[0]] += 1
+            seq = Sequence([1], f"p{i}", SamplingParams(seed=10 ** 6 + i, **kw))
+            t, _, _ = sampler.launch(logits.clone(), [seq], ops).wait()
+            plain[t[0]] += 1
+        seen = (counts + plain) > 0
+        expected = (counts + plain)[seen] / 2
+        chi2 = float((((counts[seen] - expected) ** 2 + (plain[seen] - expected) ** 2) / expected).sum())
+        assert chi2 < 30.0, (draft, counts.tolist(), plain.tolist())     # 7 dof: p < 1e-4 beyond 29.9
+        assert counts[draft] > 0
+
+
+def test_sampled_requests_speculate_and_finish_cleanly(ckpt):
+    path, cfg = ckpt
+    loop = [1] + [11, 12, 13, 14, 15, 16] * 6
+    llm = make_llm(path, show_progress=False, speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+    outs = llm.generate([{"prompt_token_ids": loop}] * 3,
+                        [SamplingParams(temperature=t, seed=s, max_tokens=30, ignore_eos=True, logprobs=0)
+                         for t, s in ((0.3, 1), (0.8, 2), (1.0, 3))], use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 30 and len(o.outputs[0].logprobs) == 30 for o in outs)
+    assert sum(o.num_draft_tokens for o in outs) > 0
+    assert llm.block_manager.get_stats()["used"] == 0 and not llm.has_unfinished_requests()
