@@ -99,6 +99,14 @@ class RequestAPI:
         from engine.scoring import score
         return score(self, prompt, continuations, per_token)
 
+    def enable_speculation(self, speculative_config: dict | None) -> None:
+        """Turns speculative decoding on (``LLM(speculative_config=...)``'s dict) or off
+        (None), between steps. See engine/speculative.py."""
+        from engine.speculative import Speculator
+        if self.block_manager._drafts:
+            raise RuntimeError("enable_speculation: a verify step is in progress")
+        self.speculator = Speculator(speculative_config) if speculative_config is not None else None
+
     def wait(self, request_ids) -> dict:
         """Steps the engine until the given requests finish; returns request id -> final
         ``RequestOutput`` (a failed one with ``.error``). Other requests advance too;

@@ -3,7 +3,11 @@ decoding.
 
 ``LLM(..., speculative_config={"method": "ngram", "num_speculative_tokens": 4,
 "prompt_lookup_max": 4, "prompt_lookup_min": 1})`` (vLLM's keys; ``"method": "custom"``
-with ``"proposer": obj`` takes any engine/draft_proposers.py-style proposer).
+with ``"proposer": obj`` takes any engine/draft_proposers.py-style proposer;
+``"grammar"`` drafts only the tokens the logits processors make certain). With any
+method, a token that a request's logits processor makes certain (``forced_token``, e.g.
+``<paragraph>`` after Self-RAG's ``[Retrieval]``) is drafted first; the proposer drafts
+when no token is forced.
 
 In a decode step, each eligible sequence gets up to k drafts from the proposer, KV slots
 for them (engine/draft_slots.py), and the step becomes a *verify* step: every sequence
@@ -37,7 +41,7 @@ import torch
 from engine.draft_proposers import NgramProposer
 from engine.sequence import Sequence
 
-METHODS = ("ngram", "custom")
+METHODS = ("ngram", "grammar", "custom")
 
 
 class Speculator:
@@ -57,6 +61,8 @@ class Speculator:
         self.k = k
         if method == "ngram":
             self.proposer = NgramProposer(config.get("prompt_lookup_min", 1), config.get("prompt_lookup_max", 4))
+        elif method == "grammar":
+            self.proposer = None
         else:
             self.proposer = config.get("proposer")
             if not callable(getattr(self.proposer, "propose", None)):
@@ -83,7 +89,9 @@ class Speculator:
             k = min(self.k, req._max_len - len(seq) - 1)     # drafts + the bonus fit the length limit
             if k < 1:
                 continue
-            d = list(self.proposer.propose(seq.seq_id, seq.token_ids, k))[:k]
+            d = self._forced(seq, k)
+            if not d and self.proposer is not None:
+                d = list(self.proposer.propose(seq.seq_id, seq.token_ids, k))[:k]
             if d and bm.can_reserve_drafts(seq, len(d)):
                 bm.reserve_drafts(seq, len(d))
                 drafts[i] = d
@@ -123,6 +131,23 @@ class Speculator:
             if k:
                 self._after(seqs[i], k, a)
         return runs, failed
+
+    @staticmethod
+    def _forced(seq: Sequence, k: int) -> list[int]:
+        """Grammar drafts: the tokens the request's logits processors make certain, as
+        long as one of them names one (a processor with ``forced_token(request_id,
+        output_token_ids) -> int | None``, e.g. ReflectionConstraint)."""
+        procs = [p for p in seq.params.logits_processors or () if callable(getattr(p, "forced_token", None))]
+        forced: list[int] = []
+        if not procs:
+            return forced
+        out = seq.output_token_ids
+        while len(forced) < k:
+            t = next((f for p in procs if (f := p.forced_token(seq.request_id, out + forced)) is not None), None)
+            if t is None:
+                break
+            forced.append(t)
+        return forced
 
     @staticmethod
     def _pick(llm, seqs, drafts, logits):

@@ -189,6 +189,17 @@ class ReflectionConstraint:
                 return s
         return State(start)
 
+    def forced_token(self, request_id: str, output_token_ids) -> int | None:
+        """The one token the grammar allows after ``output_token_ids`` (``<paragraph>``
+        after ``[Retrieval]``, ``</s>`` after a utility token, ...), or None. For
+        speculative decoding's grammar drafts; reads no tracking state."""
+        start = self._start.get(str(request_id), self.default_state)
+        state = self.state_after(output_token_ids, start)
+        if self.allows_text(state):
+            return None
+        ids = self.allowed_ids(state)
+        return ids[0] if len(ids) == 1 else None
+
     def start_state_for_prompt(self, prompt_token_ids) -> State:
         """Start state implied by a prompt's last id.
 

@@ -40,6 +40,8 @@ from selfrag.vocab import ReflectionVocab
 CLOSED_TASKS = ("fever", "pubhealth", "arc_c")
 MODES = ("adaptive", "always", "never")
 RULES = ("paper", "reference")
+SPECULATIVE_DEFAULTS = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2,
+                        "prompt_lookup_max": 4}
 _run_ids = itertools.count()
 
 
@@ -72,7 +74,12 @@ class SelfRAG:
     a call gets no ``passages``.
     """
 
-    def __init__(self, llm, retriever=None):
+    def __init__(self, llm, retriever=None, speculative: bool = False):
+        """``speculative``: turn on the engine's speculative decoding unless the LLM has it
+        (n-gram drafts from the passages in the prompt, 4 at a time, and the grammar's
+        forced tokens; the answers are unchanged)."""
+        if speculative and getattr(llm, "speculator", None) is None:
+            llm.enable_speculation(SPECULATIVE_DEFAULTS)
         tokenizer = llm.get_tokenizer()
         if tokenizer is None:
             raise ValueError("SelfRAG needs an LLM with a tokenizer (its reflection tokens)")

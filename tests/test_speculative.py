@@ -264,3 +264,33 @@ def test_sampled_requests_speculate_and_finish_cleanly(ckpt):
     assert all(len(o.outputs[0].token_ids) == 30 and len(o.outputs[0].logprobs) == 30 for o in outs)
     assert sum(o.num_draft_tokens for o in outs) > 0
     assert llm.block_manager.get_stats()["used"] == 0 and not llm.has_unfinished_requests()
+
+
+def test_grammar_drafts_and_the_self_rag_switch():
+    """Tokens the reflection grammar makes certain are drafted (and accepted: the model
+    writes what the grammar forces); SelfRAG(speculative=True) turns speculation on and
+    changes no answer."""
+    from engine import LLM
+    from selfrag import Passage, SelfRAG
+    from selfrag.constraints import ReflectionConstraint
+    from selfrag.default_model import default_model_dir
+    from selfrag.vocab import ReflectionVocab
+    passages = [Passage("Alpaca", "Alpacas were bred specifically for their fiber."),
+                Passage("Llama", "Llamas are used as pack animals.")]
+    plain = SelfRAG(LLM(default_model_dir(), show_progress=False))
+    ref = plain.answer("What were alpacas bred for?", passages=passages, mode="always", max_tokens=40)
+    grammar = SelfRAG(LLM(default_model_dir(), show_progress=False,
+                          speculative_config={"method": "grammar", "num_speculative_tokens": 2}))
+    got = grammar.answer("What were alpacas bred for?", passages=passages, mode="always", max_tokens=40)
+    assert [c.token_ids for c in got.candidates] == [c.token_ids for c in ref.candidates]
+    assert grammar.llm.speculator.num_accepted > 0          # e.g. </s> after a utility token
+    switched = SelfRAG(LLM(default_model_dir(), show_progress=False), speculative=True)
+    assert switched.llm.speculator is not None
+    again = switched.answer("What were alpacas bred for?", passages=passages, mode="always", max_tokens=40)
+    assert [c.token_ids for c in again.candidates] == [c.token_ids for c in ref.candidates]
+    v = ReflectionVocab.from_tokenizer(plain.tokenizer)
+    proc = ReflectionConstraint(v, plain.vocab_size, mode="always")
+    assert proc.forced_token("x", []) == v.retrieval                 # "always": [Retrieval] first
+    assert proc.forced_token("x", [v.retrieval]) == v.paragraph_open
+    assert proc.forced_token("x", [v.utility[2]]) == v.eos
+    assert proc.forced_token("x", [v.relevant, 500]) is None          # evidence text: free
