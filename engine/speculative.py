@@ -69,7 +69,8 @@ class Speculator:
                 raise ValueError("speculative_config: method 'custom' needs a 'proposer' with propose(seq_id, "
                                  "token_ids, k)")
         self._wait: dict[int, tuple[int, int]] = {}      # seq_id -> (steps to skip, misses)
-        self.num_verify_steps = self.num_drafted = self.num_accepted = 0
+        # verify steps; sequences that had drafts in one (summed over steps); drafts; accepted
+        self.num_verify_steps = self.num_speculating_rows = self.num_drafted = self.num_accepted = 0
 
     @staticmethod
     def eligible(seq: Sequence) -> bool:
@@ -187,6 +188,7 @@ class Speculator:
         return tokens, lps, failed
 
     def _after(self, seq: Sequence, k: int, a: int) -> None:
+        self.num_speculating_rows += 1
         self.num_drafted += k
         self.num_accepted += a
         skip, misses = self._wait.get(seq.seq_id, (0, 0))
