@@ -294,3 +294,33 @@ def test_grammar_drafts_and_the_self_rag_switch():
     assert proc.forced_token("x", [v.retrieval]) == v.paragraph_open
     assert proc.forced_token("x", [v.utility[2]]) == v.eos
     assert proc.forced_token("x", [v.relevant, 500]) is None          # evidence text: free
+
+
+def test_fork_n_hold_and_beam_search_with_speculation(ckpt):
+    """The primitives of issue 16 on a speculating engine give plain decoding's tokens."""
+    from engine import BeamSearchParams
+    path, cfg = ckpt
+    loop = [1] + [21, 22, 23, 24, 25] * 5
+    spec = {"method": "ngram", "num_speculative_tokens": 3}
+    greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    results = []
+    for config in (None, spec):
+        llm = make_llm(path, show_progress=False, block_size=4, speculative_config=config)
+        n = llm.generate([{"prompt_token_ids": loop}], SamplingParams(n=2, temperature=0, max_tokens=20,
+                                                                      ignore_eos=True), use_tqdm=False)[0]
+        rid = llm.add_request({"prompt_token_ids": loop}, greedy)
+        llm.step()
+        llm.step()
+        kid = llm.fork(rid)[0]
+        forked = finish_all(llm)
+        held = llm.add_request({"prompt_token_ids": loop}, SamplingParams(max_tokens=3, hold=True, **dict(
+            temperature=0, ignore_eos=True)))
+        first = finish_all(llm)[held].outputs[0].token_ids
+        llm.extend(held, [21, 22, 23], greedy)
+        extended = finish_all(llm)[held].outputs[0].token_ids
+        beams = llm.beam_search([{"prompt_token_ids": loop}], BeamSearchParams(beam_width=2, max_tokens=8))[0]
+        results.append(([c.token_ids for c in n.outputs], forked[rid].outputs[0].token_ids,
+                        forked[kid].outputs[0].token_ids, first, extended, [s.tokens for s in beams.sequences]))
+        assert llm.block_manager.get_stats()["used"] == 0
+    assert results[0] == results[1]
+    assert llm.speculator.num_accepted > 0
