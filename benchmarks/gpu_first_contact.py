@@ -19,6 +19,8 @@ each wrapped so that a failure is recorded and the rest still run):
             host split, bandwidth fraction, compiles after warm-up (must be 0), eager TPOT
   profile   torch.profiler of 3 eager steps and 3 graph replays: kernel us, idle gaps
   sweep     4, 16, 64, 256 sequences x 64 tokens, each after a same-shape warm-up
+  verify    a speculative verify step (k=4, oracle drafts) vs a plain decode step, batch 1
+            and 16 (target <= 1.15x at batch 1)
   micro     decode attention GB/s (graph split count vs live), prefill vs SDPA flash
   real      SmolLM2-135M in fp16 and bf16 vs the fp32 CPU reference, if the model is on the
             machine ($SELFRAG_REAL_MODEL): top-1 agreement, max chosen log-prob error
@@ -43,14 +45,14 @@ sys.path.insert(0, REPO)
 
 # (name, seconds a step needs at least on the GPU to be worth starting)
 STEPS = [("probe", 5), ("kernels", 40), ("ceilings", 15), ("engine", 60), ("graphs", 15),
-         ("decode", 15), ("profile", 10), ("sweep", 25), ("micro", 20), ("real", 30), ("knobs", 15),
+         ("decode", 15), ("profile", 10), ("sweep", 25), ("verify", 20), ("micro", 20), ("real", 30), ("knobs", 15),
          ("tests", 90)]
 DEADLINE_S = 330
 
 
 def _step_functions():
     from benchmarks.first_contact import (device_steps, engine_steps, kernel_checks, knobs_step,
-                                          real_model_step, trace_steps)
+                                          real_model_step, trace_steps, verify_step)
 
     def micro(ctx):
         engine_steps.release_engine(ctx)       # its KV pool holds most of the GPU
@@ -58,10 +60,11 @@ def _step_functions():
     return dict(probe=device_steps.probe, kernels=kernel_checks.run, ceilings=device_steps.ceilings,
                 engine=engine_steps.engine, graphs=engine_steps.graphs, decode=engine_steps.decode,
                 profile=trace_steps.profile, sweep=engine_steps.sweep, micro=micro,
-                real=real_model_step.real_model, knobs=knobs_step.knobs, tests=trace_steps.tests)
+                real=real_model_step.real_model, knobs=knobs_step.knobs, tests=trace_steps.tests,
+                verify=verify_step.verify)
 
 
-NEEDS_ENGINE = {"graphs", "decode", "profile", "sweep"}
+NEEDS_ENGINE = {"graphs", "decode", "profile", "sweep", "verify"}
 
 
 def main(argv=None) -> int:

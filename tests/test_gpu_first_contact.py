@@ -11,7 +11,7 @@ import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ["probe", "kernels", "ceilings", "engine", "graphs", "decode", "profile", "sweep", "micro", "real",
+STEPS = ["probe", "kernels", "ceilings", "engine", "graphs", "decode", "profile", "sweep", "verify", "micro", "real",
          "knobs", "tests"]
 
 
