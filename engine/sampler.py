@@ -118,17 +118,21 @@ class Sampler:
         return self.launch(logits, seqs, ops).wait()
 
     @torch.no_grad()
-    def launch(self, logits: torch.Tensor, seqs: list[Sequence], ops, drafts: list[int] | None = None
-               ) -> "PendingSample":
+    def launch(self, logits: torch.Tensor, seqs: list[Sequence], ops, drafts: list[int] | None = None,
+               processed: torch.Tensor | None = None, failed: dict[int, str] | None = None) -> "PendingSample":
         """Queues the step's sampling on the device; ``.wait()`` reads it back. ``drafts``
         (speculative decoding, a token per row or -1): sampled rows keep their draft
         with the speculative-sampling rule (``_sample_rows``); greedy rows ignore it (the
-        verifier compares their argmax)."""
+        verifier compares their argmax). ``processed``: the logits with every row's
+        processors already applied (a verify step applies them position by position),
+        ``failed`` the rows whose processor failed then."""
         B = logits.shape[0]
         raw = logits                      # the raw logits (the knobs restore what they change)
         procs, greedy, want, knobs = self._plan(seqs)
-        failed: dict[int, str] = {}
-        if procs:
+        failed = {} if failed is None else dict(failed)
+        if processed is not None:
+            logits = processed
+        elif procs:
             logits = apply_logits_processors(raw.clone(), seqs, failed)
         undo = None
         if knobs:

@@ -39,6 +39,8 @@ from __future__ import annotations
 import torch
 
 from engine.draft_proposers import NgramProposer
+from engine.logits_processors import apply_logits_processors
+from engine.sampling_knobs import uses_knobs
 from engine.sequence import Sequence
 
 METHODS = ("ngram", "grammar", "custom")
@@ -152,6 +154,49 @@ class Speculator:
 
     @staticmethod
     def _pick(llm, seqs, drafts, logits):
+        """The sampler at every verified position: (tokens, log-probs, failed) per row.
+        When no speculating sequence uses the sampling knobs, the processors run position
+        by position (``_processed``) and the sampler once over all rows; else the
+        sampler runs position by position (``_pick_by_position``)."""
+        if any(uses_knobs(seqs[i].params) for i in drafts):
+            return Speculator._pick_by_position(llm, seqs, drafts, logits)
+        rows = [seq for i, seq in enumerate(seqs) for _ in range(1 + len(drafts.get(i, ())))]
+        here = [t for i in range(len(seqs)) for t in list(drafts.get(i, ())) + [-1]]
+        failed: dict[int, str] = {}
+        processed = Speculator._processed(seqs, drafts, logits, failed)
+        return llm.sampler.launch(logits, rows, llm.model.ops, here, processed, failed).wait()
+
+    @staticmethod
+    def _processed(seqs, drafts, logits, failed: dict) -> torch.Tensor | None:
+        """The logits with each row's processors applied, position by position: at
+        position j over the rows of the sequences that reach it, each sequence's tokens
+        being its own plus its first j drafts (a request id at most once per call)."""
+        if not any(s.params.logits_processors for s in seqs):
+            return None
+        starts, r = [], 0
+        for i in range(len(seqs)):
+            starts.append(r)
+            r += 1 + len(drafts.get(i, ()))
+        processed, lens = logits.clone(), [len(s) for s in seqs]
+        try:
+            for j in range(1 + max(len(d) for d in drafts.values())):
+                group = [i for i in range(len(seqs)) if len(drafts.get(i, ())) >= j]
+                for i in group:
+                    if j:
+                        seqs[i].token_ids.append(drafts[i][j - 1])
+                rows = [starts[i] + j for i in group]
+                index = torch.tensor(rows, device=logits.device)
+                bad: dict[int, str] = {}
+                processed[index] = apply_logits_processors(processed.index_select(0, index),
+                                                           [seqs[i] for i in group], bad)
+                failed.update((rows[g], why) for g, why in bad.items())
+        finally:
+            for seq, n in zip(seqs, lens):
+                del seq.token_ids[n:]
+        return processed
+
+    @staticmethod
+    def _pick_by_position(llm, seqs, drafts, logits):
         """The sampler at every verified position, position by position: at position j
         the rows of the sequences that reach it, each sequence's tokens being its own
         plus its first j drafts, so logits processors (once per position, a request id
