@@ -167,46 +167,14 @@ class Speculator:
         return llm.sampler.launch(logits, rows, llm.model.ops, here, processed, failed).wait()
 
     @staticmethod
-    def _processed(seqs, drafts, logits, failed: dict) -> torch.Tensor | None:
-        """The logits with each row's processors applied, position by position: at
-        position j over the rows of the sequences that reach it, each sequence's tokens
-        being its own plus its first j drafts (a request id at most once per call)."""
-        if not any(s.params.logits_processors for s in seqs):
-            return None
+    def _positions(seqs, drafts):
+        """Yields, for each verified position j, (the sequences that reach it, their rows
+        in the step's logits), each of those sequences' tokens being its own plus its
+        first j drafts meanwhile (restored when the iteration ends)."""
         starts, r = [], 0
         for i in range(len(seqs)):
             starts.append(r)
             r += 1 + len(drafts.get(i, ()))
-        processed, lens = logits.clone(), [len(s) for s in seqs]
-        try:
-            for j in range(1 + max(len(d) for d in drafts.values())):
-                group = [i for i in range(len(seqs)) if len(drafts.get(i, ())) >= j]
-                for i in group:
-                    if j:
-                        seqs[i].token_ids.append(drafts[i][j - 1])
-                rows = [starts[i] + j for i in group]
-                index = torch.tensor(rows, device=logits.device)
-                bad: dict[int, str] = {}
-                processed[index] = apply_logits_processors(processed.index_select(0, index),
-                                                           [seqs[i] for i in group], bad)
-                failed.update((rows[g], why) for g, why in bad.items())
-        finally:
-            for seq, n in zip(seqs, lens):
-                del seq.token_ids[n:]
-        return processed
-
-    @staticmethod
-    def _pick_by_position(llm, seqs, drafts, logits):
-        """The sampler at every verified position, position by position: at position j
-        the rows of the sequences that reach it, each sequence's tokens being its own
-        plus its first j drafts, so logits processors (once per position, a request id
-        at most once per call) and the sampling knobs see what a plain step would. Then
-        the knobs' counts of the drafts are undone. (tokens, log-probs, failed) per row."""
-        starts, r = [], 0
-        for i in range(len(seqs)):
-            starts.append(r)
-            r += 1 + len(drafts.get(i, ()))
-        tokens, lps, failed = [None] * r, [None] * r, {}
         lens = [len(s) for s in seqs]
         try:
             for j in range(1 + max(len(d) for d in drafts.values())):
@@ -214,7 +182,41 @@ class Speculator:
                 for i in group:
                     if j:
                         seqs[i].token_ids.append(drafts[i][j - 1])
-                rows = [starts[i] + j for i in group]
+                yield j, group, [starts[i] + j for i in group]
+        finally:
+            for seq, n in zip(seqs, lens):
+                del seq.token_ids[n:]
+
+    @staticmethod
+    def _processed(seqs, drafts, logits, failed: dict) -> torch.Tensor | None:
+        """The logits with each row's processors applied, position by position (a
+        request id at most once per call)."""
+        if not any(s.params.logits_processors for s in seqs):
+            return None
+        processed = logits.clone()
+        positions = Speculator._positions(seqs, drafts)
+        try:
+            for _, group, rows in positions:
+                index = torch.tensor(rows, device=logits.device)
+                bad: dict[int, str] = {}
+                processed[index] = apply_logits_processors(processed.index_select(0, index),
+                                                           [seqs[i] for i in group], bad)
+                failed.update((rows[g], why) for g, why in bad.items())
+        finally:
+            positions.close()
+        return processed
+
+    @staticmethod
+    def _pick_by_position(llm, seqs, drafts, logits):
+        """The sampler position by position, so that the sampling knobs (and the
+        processors) see what a plain step would; then the knobs' counts of the drafts
+        are undone. (tokens, log-probs, failed) per row."""
+        n_rows = sum(1 + len(drafts.get(i, ())) for i in range(len(seqs)))
+        tokens, lps, failed = [None] * n_rows, [None] * n_rows, {}
+        lens = [len(s) for s in seqs]
+        positions = Speculator._positions(seqs, drafts)
+        try:
+            for j, group, rows in positions:
                 index = torch.tensor(rows, device=logits.device)
                 here = [drafts[i][j] if j < len(drafts.get(i, ())) else -1 for i in group]
                 t, lp, bad = llm.sampler.launch(logits.index_select(0, index), [seqs[i] for i in group],
@@ -224,8 +226,7 @@ class Speculator:
                     if g in bad:
                         failed[row] = bad[g]
         finally:
-            for seq, n in zip(seqs, lens):
-                del seq.token_ids[n:]
+            positions.close()                   # the sequences' own tokens again, then the rewind
             knobs = llm.sampler.knob_state
             if knobs is not None:
                 for i, d in drafts.items():
