@@ -29,7 +29,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import device_name, record, slug, write_json   # noqa: E402
 
-SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
+from selfrag.pipeline import SPECULATIVE_DEFAULTS as SPEC   # noqa: E402  (SelfRAG(speculative=True)'s)
 MODEL_CARD = ("Can you tell me the difference between llamas and alpacas?",
               "The alpaca (Lama pacos) is a species of South American camelid mammal. It is similar to, "
               "and often confused with, the llama. Alpacas are considerably smaller than llamas, and unlike "

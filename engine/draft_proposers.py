@@ -22,19 +22,28 @@ answers copy spans of the passage in their prompt, which is where this pays.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 
 class NgramProposer:
     """Prompt-lookup drafts from an index kept per sequence and updated with the tokens
     appended since the last call, so a step costs O(prompt_lookup_max) dictionary
     lookups whatever the context length."""
 
-    def __init__(self, prompt_lookup_min: int = 1, prompt_lookup_max: int = 4):
+    def __init__(self, prompt_lookup_min: int = 1, prompt_lookup_max: int = 4, shared: bool = False,
+                 shared_entries: int = 200_000):
         if not 1 <= prompt_lookup_min <= prompt_lookup_max:
             raise ValueError(f"prompt_lookup_min={prompt_lookup_min}, prompt_lookup_max={prompt_lookup_max}: "
                              "need 1 <= min <= max")
         self.lo, self.hi = prompt_lookup_min, prompt_lookup_max
         # seq_id -> (tokens indexed, {n: {n-gram: position right after its latest earlier end}})
         self._index: dict[int, tuple[int, dict]] = {}
+        self._tokens: dict[int, list[int]] = {}
+        # ``shared``: what finished sequences wrote also drafts for later ones (answers to
+        # similar prompts repeat phrases): {n: {n-gram: the tokens that followed}},
+        # oldest dropped first beyond ``shared_entries`` per n
+        self.shared = {n: OrderedDict() for n in range(self.lo, self.hi + 1)} if shared else None
+        self.shared_entries = shared_entries
 
     def _update(self, seq_id: int, toks: list[int]) -> dict:
         done, grams = self._index.get(seq_id, (0, None))
@@ -47,15 +56,32 @@ class NgramProposer:
                 if i + 1 >= n:
                     table[tuple(toks[i + 1 - n:i + 1])] = i + 1
         self._index[seq_id] = (len(toks), grams)
+        self._tokens[seq_id] = toks
         return grams
 
     def propose(self, seq_id: int, token_ids: list[int], k: int) -> list[int]:
         grams = self._update(seq_id, token_ids)
-        for n in range(min(self.hi, len(token_ids)), self.lo - 1, -1):
+        top = min(self.hi, len(token_ids))
+        for n in range(top, self.lo - 1, -1):
             start = grams[n].get(tuple(token_ids[len(token_ids) - n:]))
             if start is not None:
                 return list(token_ids[start:start + k])
+        if self.shared is not None:
+            for n in range(top, self.lo - 1, -1):
+                follow = self.shared[n].get(tuple(token_ids[len(token_ids) - n:]))
+                if follow:
+                    return list(follow[:k])
         return []
 
     def forget(self, seq_id: int) -> None:
-        self._index.pop(seq_id, None)
+        entry = self._index.pop(seq_id, None)
+        toks = self._tokens.pop(seq_id, None)
+        if self.shared is None or entry is None or toks is None:
+            return
+        for n, table in entry[1].items():          # latest occurrence wins, as in one sequence
+            shared = self.shared[n]
+            for gram, start in table.items():
+                shared[gram] = tuple(toks[start:start + 8])
+                shared.move_to_end(gram)
+            while len(shared) > self.shared_entries:
+                shared.popitem(last=False)

@@ -3,7 +3,8 @@ decoding.
 
 ``LLM(..., speculative_config={"method": "ngram", "num_speculative_tokens": 4,
 "prompt_lookup_max": 4, "prompt_lookup_min": 1})`` (vLLM's keys; ``"method": "custom"``
-with ``"proposer": obj`` takes any engine/draft_proposers.py-style proposer;
+with ``"proposer": obj`` takes any engine/draft_proposers.py-style proposer; our own key
+``"shared_lookup": True`` lets finished sequences' text draft for later ones;
 ``"grammar"`` drafts only the tokens the logits processors make certain). With any
 method, a token that a request's logits processor makes certain (``forced_token``, e.g.
 ``<paragraph>`` after Self-RAG's ``[Retrieval]``) is drafted first; the proposer drafts
@@ -51,7 +52,7 @@ class Speculator:
         if not isinstance(config, dict):
             raise ValueError(f"speculative_config must be a dict, got {type(config).__name__}")
         unknown = set(config) - {"method", "num_speculative_tokens", "prompt_lookup_max",
-                                 "prompt_lookup_min", "proposer"}
+                                 "prompt_lookup_min", "proposer", "shared_lookup"}
         if unknown:
             raise ValueError(f"speculative_config: unknown keys {sorted(unknown)}")
         method = config.get("method", "ngram")
@@ -62,7 +63,8 @@ class Speculator:
             raise ValueError(f"speculative_config: num_speculative_tokens={k!r} must be an int in [1, 16]")
         self.k = k
         if method == "ngram":
-            self.proposer = NgramProposer(config.get("prompt_lookup_min", 1), config.get("prompt_lookup_max", 4))
+            self.proposer = NgramProposer(config.get("prompt_lookup_min", 1), config.get("prompt_lookup_max", 4),
+                                          shared=bool(config.get("shared_lookup", False)))
         elif method == "grammar":
             self.proposer = None
         else:

@@ -36,3 +36,18 @@ def test_forget_and_bad_bounds():
     assert p.propose(1, [9, 9], 2) == [9]
     with pytest.raises(ValueError):
         NgramProposer(3, 2)
+
+
+def test_shared_lookup_drafts_from_finished_sequences():
+    """With ``shared``, what a finished sequence wrote drafts for another one whose own
+    text has no match; without it, nothing is proposed."""
+    for shared, want in ((True, [40, 41, 42]), (False, [])):
+        p = NgramProposer(2, 3, shared=shared)
+        p.propose(1, [9, 10, 11, 12, 40, 41, 42, 43], 3)
+        p.forget(1)
+        assert p.propose(2, [5, 6, 7, 11, 12], 3) == want
+        assert p.propose(3, [1, 2, 3, 4, 5], 3) == []
+    p = NgramProposer(1, 2, shared=True, shared_entries=2)
+    p.propose(1, [1, 2, 3, 4, 5, 6], 1)
+    p.forget(1)
+    assert all(len(t) <= 2 for t in p.shared.values())
