@@ -72,6 +72,13 @@ def test_diagonal_at_key_tile_edges(dtype):
     _check([p + q for p, q in zip(prefixes, q_lens)], q_lens, Hq=2, Hkv=1, D=16, bs=8, dtype=dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_verify_step_shapes(dtype):
+    # a speculative verify step: every sequence runs its last token plus 0-4 drafts (query
+    # lengths 1-5) over a long, ragged cached context (engine/speculative.py)
+    _check([300, 17, 129, 64, 5, 200], [5, 1, 3, 5, 2, 1], Hq=4, Hkv=2, D=32, bs=16, dtype=dtype)
+
+
 def test_mha_d64_long_prefix_fp16():
     # several unmasked key tiles before the diagonal (cached prefix of 90 + 2 query tiles)
     _check([211, 20], [121, 20], Hq=2, Hkv=2, D=64, bs=16, dtype=torch.float16)
