@@ -162,6 +162,10 @@ class BlockManager(DraftSlotsMixin):
         """Number of live sequences whose block table contains ``block_id``."""
         return self._blocks[block_id].ref_count
 
+    def num_covered(self, seq: Sequence) -> int:
+        """Leading tokens of ``seq`` with KV slots (0 when it holds no blocks)."""
+        return self._num_tokens.get(seq.seq_id, 0)
+
     def is_cached(self, block_id: int) -> bool:
         """Whether ``block_id`` is registered in the prefix-cache hash table."""
         blk = self._blocks[block_id]

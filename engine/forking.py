@@ -61,11 +61,9 @@ def fork_request(llm, request_id: str, n: int = 1, params=None) -> list[str]:
     parent = req.seq
     children = []
     for _ in range(n):
-        req.num_forks = getattr(req, "num_forks", 0) + 1
-        cid = f"{rid}.{req.num_forks}"
-        while cid in llm._requests or cid in out.held:
+        req.num_forks += 1
+        while (cid := f"{rid}.{req.num_forks}") in llm._requests or cid in out.held:
             req.num_forks += 1
-            cid = f"{rid}.{req.num_forks}"
         child = _child_sequence(parent, cid, params)
         if held:
             _hold_copy(llm, parent, child)

@@ -65,7 +65,7 @@ def extend_request(llm, request_id: str, token_ids, params=None, replace_last: b
         raise InvalidRequestError(f"extend: token ids {bad[:5]} are not in [0, {vocab})")
     params = request_validation.check_params(params if params is not None else req.params, vocab,
                                              llm.tokenizer)
-    covered = llm.block_manager._num_tokens.get(seq.seq_id, 0) if seq.block_table else 0
+    covered = llm.block_manager.num_covered(seq)
     if replace_last:
         if not token_ids:
             raise InvalidRequestError("extend: replace_last needs at least one token to put in its place")

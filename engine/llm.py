@@ -311,8 +311,7 @@ class LLM(RequestAPI):
         if self.speculator is not None:
             self.speculator.forget_finished(seqs)
         t7 = time.perf_counter()
-        if len(outputs) > 1 and len({o.request_id for o in outputs}) < len(outputs):
-            outputs = last_per_request(outputs)      # several samples of one request advanced
+        outputs = last_per_request(outputs)          # several samples of one request advanced
         st = self.step_times
         st["schedule"] += t1 - t0
         st["prepare"] += t2 - t1
@@ -333,9 +332,7 @@ class LLM(RequestAPI):
         self.step_times["launch"] += t2 - t1
         self.step_times["output"] += time.perf_counter() - t2
         self.num_steps += 1
-        if len(outputs) > 1 and len({o.request_id for o in outputs}) < len(outputs):
-            outputs = last_per_request(outputs)
-        return outputs
+        return last_per_request(outputs)
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True, chat_template: str | None = None,
              add_generation_prompt: bool = True, continue_final_message: bool = False):

@@ -103,8 +103,6 @@ class RequestAPI:
         """Turns speculative decoding on (``LLM(speculative_config=...)``'s dict) or off
         (None), between steps. See engine/speculative.py."""
         from engine.speculative import Speculator
-        if self.block_manager._drafts:
-            raise RuntimeError("enable_speculation: a verify step is in progress")
         self.speculator = Speculator(speculative_config) if speculative_config is not None else None
 
     def wait(self, request_ids) -> dict:

@@ -30,6 +30,7 @@ class RequestState:
         self.group = None                  # engine/samples.py's SampleGroup when n > 1
         self.prompt_logprobs = None        # engine/prompt_logprobs.py fills it
         self.num_drafted = self.num_accepted = 0     # speculative decoding (engine/speculative.py)
+        self.num_forks = 0                 # children made by LLM.fork (their ids count on)
         self._prompt_ids = seq.prompt_token_ids
         # append_token's per-token checks, precomputed (it runs for every token).
         p = self.params

@@ -81,7 +81,9 @@ def expand_samples(llm, seqs: list[Sequence], logits: torch.Tensor):
 
 def last_per_request(outputs: list) -> list:
     """One output per request id, the latest (a step may advance several samples of one
-    request), in the order of their latest."""
+    request), in the order of their latest; ``outputs`` itself when no id repeats."""
+    if len(outputs) < 2 or len({o.request_id for o in outputs}) == len(outputs):
+        return outputs
     seen, keep = set(), []
     for o in reversed(outputs):
         if o.request_id not in seen:

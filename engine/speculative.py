@@ -27,12 +27,14 @@ processors) and otherwise draw from it with the draft removed, which keeps the o
 distribution exact; a seeded request then draws from its generator in another order than
 plain decoding, so its tokens differ from a plain run's, token for token. Logits
 processors and the sampling knobs apply at every verified position as at a plain step:
-the sampler runs position by position, a sequence's tokens being its own plus the drafts
-before that position, then the knobs' counts of the drafts are undone. A processor may
-therefore see a request's output grow by several tokens within one step and then shrink
-back (a rewind): its result must depend only on the request id and the output it is
-given (``ReflectionConstraint`` re-derives its state from the output when it shrinks). Sequences whose drafts are rarely accepted back
-off: after a step that accepts nothing, a sequence waits ``2**misses`` steps (at most
+the processors (and, when a speculating request uses the knobs, the whole sampler) run
+position by position, a sequence's tokens being its own plus the drafts before that
+position; the knobs' counts of the drafts are undone after. A processor may therefore
+see a request's output grow by several tokens within one step and then shrink back (a
+rewind): its result must depend only on the request id and the output it is given
+(``ReflectionConstraint`` re-derives its state from the output when it shrinks).
+
+Sequences whose drafts are rarely accepted back off: after a step that accepts nothing, a sequence waits ``2**misses`` steps (at most
 16) before it is offered drafts again, so text with nothing to copy is not slowed down.
 """
 from __future__ import annotations
@@ -76,10 +78,6 @@ class Speculator:
         # verify steps; sequences that had drafts in one (summed over steps); drafts; accepted
         self.num_verify_steps = self.num_speculating_rows = self.num_drafted = self.num_accepted = 0
 
-    @staticmethod
-    def eligible(seq: Sequence) -> bool:
-        return True
-
     def plan(self, llm, seqs: list[Sequence]) -> dict[int, list[int]]:
         """Drafts per sequence index of a decode step, with their KV slots reserved."""
         drafts, bm = {}, llm.block_manager
@@ -89,7 +87,7 @@ class Speculator:
                 self._wait[seq.seq_id] = (skip - 1, misses)
                 continue
             req = llm._requests.get(seq.request_id)
-            if req is None or not self.eligible(seq):
+            if req is None:
                 continue
             k = min(self.k, req._max_len - len(seq) - 1)     # drafts + the bonus fit the length limit
             if k < 1:

@@ -151,12 +151,12 @@ class SelfRAG:
             self.llm.release(rid)            # False (nothing to do) once a branch extended it
 
     @staticmethod
-    def _extending(ids: list[int], base: list[int], source: str, replace: bool, **kw) -> dict:
+    def _extending(ids: list[int], base: list[int], source: str, replace: bool) -> dict:
         """A branch's source fields when ``ids`` continue ``base`` (the held request's
         sequence; with ``replace``, all of it but its sampled last token)."""
         if source is None or len(ids) <= len(base) or ids[:len(base)] != base:
             return {}
-        return dict(source=source, extension=ids[len(base):], replace_last=replace, **kw)
+        return dict(source=source, extension=ids[len(base):], replace_last=replace)
 
     def _params(self, max_tokens: int, constrained: bool, mode: str, stop_ids=(), hold: bool = False):
         constraint = (ReflectionConstraint(self.vocab, self.vocab_size, mode=mode)

@@ -519,6 +519,15 @@ class BlockManagerMachine(RuleBasedStateMachine):
             COVERAGE["same_step_shared_writes"] += 1
         self.cache[slot] = tuple(seq.token_ids[:p + 1]) if content is None else content
 
+    def _copy_block(self, src: int, dst: int) -> None:
+        """What the runner does for a fork's copy: block ``src``'s KV, slot by slot, into ``dst``."""
+        for k in range(self.bs):
+            if src * self.bs + k in self.cache:
+                self.cache[dst * self.bs + k] = self.cache[src * self.bs + k]
+            else:
+                self.cache.pop(dst * self.bs + k, None)
+        COVERAGE["fork_copies"] += 1
+
     def _allocate(self, seq: Sequence) -> bool:
         bm = self.bm
         before = snapshot(bm, [seq])
@@ -617,15 +626,10 @@ class BlockManagerMachine(RuleBasedStateMachine):
             assert child.num_cached_tokens == len(parent)
             partial = len(parent) % self.bs != 0
             assert len(copies) == int(partial)
-            for src, dst in copies:       # the runner copies block KV slot by slot
+            for src, dst in copies:
                 assert bm.ref_count(dst) == 1 and dst == child.block_table[-1]
                 assert src == parent.block_table[-1]
-                for k in range(self.bs):
-                    if src * self.bs + k in self.cache:
-                        self.cache[dst * self.bs + k] = self.cache[src * self.bs + k]
-                    else:
-                        self.cache.pop(dst * self.bs + k, None)
-                COVERAGE["fork_copies"] += 1
+                self._copy_block(src, dst)
             self.live.append(child)
         else:
             before = snapshot(bm, [parent, child])
@@ -646,12 +650,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
             if not self.bm.can_fork(parent):
                 break
             for src, dst in self.bm.fork(parent, child):
-                for k in range(self.bs):
-                    if src * self.bs + k in self.cache:
-                        self.cache[dst * self.bs + k] = self.cache[src * self.bs + k]
-                    else:
-                        self.cache.pop(dst * self.bs + k, None)
-                COVERAGE["fork_copies"] += 1
+                self._copy_block(src, dst)
             assert child.num_cached_tokens == len(parent) - 1
             self.live.append(child)
             family.append(child)
@@ -677,6 +676,25 @@ class BlockManagerMachine(RuleBasedStateMachine):
         twins = [s for s in self.live + self.dead if len(s) > covered and s.token_ids[:covered] == seq.token_ids]
         if twins and data.draw(st.booleans()):
             tokens = data.draw(st.sampled_from(twins)).token_ids[covered:covered + 8]
+        self._extend(seq, tokens)
+
+    @precondition(lambda self: any(len(s) > 2 for s in self.live + self.dead))
+    @rule(data=st.data())
+    def extend_a_cached_prefix(self, data):
+        """A new request holds a prefix of an earlier one, then is extended with the rest:
+        the earlier one's blocks (live, or evictable if it finished) serve the extension."""
+        src = data.draw(st.sampled_from([s for s in self.live + self.dead if len(s) > 2]))
+        cut = data.draw(st.integers(1, len(src) - 2))
+        tokens = list(src.token_ids)
+        seq = Sequence(tokens[:cut])
+        if not self._allocate(seq):
+            self.waiting.append(seq)
+            return
+        self.run_step()
+        self._extend(seq, tokens[cut:])
+
+    def _extend(self, seq: Sequence, tokens) -> None:
+        covered = len(seq)
         for t in tokens:
             seq.append_token(t)
         before = snapshot(self.bm, [seq])
