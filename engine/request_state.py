@@ -54,6 +54,7 @@ class RequestState:
         from engine.forking import clone_detokenizer
         c = copy.copy(self)
         c.seq, c.params = child, child.params
+        c.group, c.num_forks = None, 0        # a fork of one of n samples is a request of its own
         c.detok = clone_detokenizer(self.detok, self.tokenizer)
         if c.params.wants_logprobs:
             c.logprobs = list(self.logprobs) if self.logprobs is not None else [{}] * child.num_generated_tokens

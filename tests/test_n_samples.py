@@ -84,3 +84,22 @@ def test_samples_survive_preemption_and_abort_ends_them_all(ckpt):
 def test_bad_n(kw, match):
     with pytest.raises(SamplingParamsError, match=match):
         SamplingParams(**kw)
+
+
+def test_a_fork_of_one_sample_is_a_request_of_its_own(ckpt):
+    path, cfg = ckpt
+    prompt = token_prompts(1, cfg.vocab_size, seed=8)[0]
+    llm = make_llm(path, show_progress=False, block_size=4)
+    rid = llm.add_request({"prompt_token_ids": prompt},
+                          SamplingParams(temperature=0, n=2, max_tokens=6, ignore_eos=True))
+    llm.step()
+    llm.step()
+    (kid,) = llm.fork(f"{rid}#1")
+    finals = {}
+    while llm.has_unfinished_requests():
+        for out in llm.step():
+            if out.finished:
+                finals[out.request_id] = out
+    assert len(finals[rid].outputs) == 2 and len(finals[kid].outputs) == 1
+    assert finals[kid].outputs[0].token_ids == finals[rid].outputs[1].token_ids
+    assert llm.block_manager.get_stats()["used"] == 0
