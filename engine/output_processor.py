@@ -55,16 +55,18 @@ class OutputProcessor:
         the bonus), appended one at a time, each detokenized at once, so EOS, a stop id,
         a stop string or the length limit ends the run exactly where plain decoding
         would have stopped; then the sequence's draft slots are settled (the tokens
-        appended before the last are covered, the rest rolled back)."""
+        appended before the last are covered, the rest rolled back). A sequence in
+        ``failed`` appends its run but the last token, then fails."""
         for i, (seq, (tokens, lps, drafted, accepted)) in enumerate(zip(seqs, runs)):
             if seq.is_finished:
                 continue
             req = self.requests[seq.request_id]
             req.num_drafted += drafted
             req.num_accepted += accepted
+            # A processor failed at the run's last position: the tokens before it are
+            # plain decoding's (it emitted them in earlier steps), then the request fails.
             if i in failed:
-                self.fail(req, failed[i], outputs)
-                continue
+                tokens = tokens[:-1]
             reason, n = None, 0
             try:
                 for tok, lp in zip(tokens, lps):
@@ -75,6 +77,9 @@ class OutputProcessor:
                         break
             except Exception as e:  # noqa: BLE001
                 self.fail(req, f"processing its output raised {type(e).__name__}: {e}", outputs)
+                continue
+            if i in failed and reason is None:       # (a stop before it wins, as in plain decoding)
+                self.fail(req, failed[i], outputs)
                 continue
             if drafted:
                 block_manager.settle_drafts(seq, n - 1)

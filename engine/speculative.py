@@ -122,12 +122,14 @@ class Speculator:
             d = drafts.get(i, [])
             picks = tokens[r:r + len(d) + 1]
             a = 0
-            while a < len(d) and d[a] == picks[a]:
+            while a < len(d) and r + a not in failed_rows and d[a] == picks[a]:
                 a += 1
             runs.append((picks[:a + 1], lps[r:r + a + 1], len(d), a))
-            why = next((failed_rows[j] for j in range(r, r + len(d) + 1) if j in failed_rows), None)
-            if why is not None:
-                failed[i] = why
+            # A processor that failed at a rejected position was never reached by plain
+            # decoding; one at the accepted run's end (the bonus position) fails the
+            # request after the tokens before it (OutputProcessor.process_runs).
+            if r + a in failed_rows:
+                failed[i] = failed_rows[r + a]
             r += len(d) + 1
         self.num_verify_steps += 1
         for i, (_, _, k, a) in enumerate(runs):

@@ -201,6 +201,44 @@ def test_knobs_and_processors_apply_at_every_verified_position(ckpt, knobs):
     assert all(len(set(c)) == len(c) for c in calls)         # a request id once per call
 
 
+def test_a_processor_failing_only_at_a_rejected_draft_does_not_fail_the_request(ckpt):
+    """Plain decoding never calls the processor on a rejected draft, so its failure there
+    is not the request's; a failure where plain decoding does reach still fails it."""
+    path, cfg = ckpt
+    prompt = token_prompts(1, cfg.vocab_size, seed=5, min_len=10, max_len=12)[0]
+    free = make_llm(path, show_progress=False).generate(
+        [{"prompt_token_ids": prompt}], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+        use_tqdm=False)[0].outputs[0].token_ids
+    wrong = next(t for t in range(cfg.vocab_size) if t not in free)
+
+    class WrongSecond:                 # the right next token, then one plain decoding never picks
+        def propose(self, seq_id, token_ids, k):
+            n = len(token_ids) - len(prompt)
+            return [free[n], wrong] if n + 1 < len(free) else []
+
+    def allergic(logits, request_ids, output_token_ids):
+        for out in output_token_ids:
+            if out and out[-1] == wrong:
+                raise RuntimeError("saw the wrong token")
+        return logits
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logits_processors=[allergic])
+    plain, spec, llm = plain_and_spec(path, [prompt], params, spec_config={
+        "method": "custom", "num_speculative_tokens": 2, "proposer": WrongSecond()})
+    assert plain[0].error is None
+    assert_same(plain, spec)
+    assert spec[0].error is None and spec[0].num_accepted_tokens > 0
+
+    def fails_late(logits, request_ids, output_token_ids):    # plain decoding reaches 5 tokens
+        if any(len(out) == 5 for out in output_token_ids):
+            raise RuntimeError("five")
+        return logits
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logits_processors=[fails_late])
+    plain, spec, llm = plain_and_spec(path, [prompt], params)
+    assert plain[0].outputs[0].finish_reason == spec[0].outputs[0].finish_reason == "error"
+    assert "five" in plain[0].error and "five" in spec[0].error
+    assert spec[0].outputs[0].token_ids == plain[0].outputs[0].token_ids
+
+
 def test_self_rag_answers_are_identical_with_speculation():
     """The reflection grammar (a batched processor), 16 reflection log-probs per step, hold
     / fork / extend branching: the trained miniature model's answers, token for token."""
