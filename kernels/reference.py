@@ -138,23 +138,36 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     nblocks = (meta.max_context_len + bs - 1) // bs
     k = _gather_blocks(k_cache, meta.block_tables, nblocks)           # [B, Hkv, L, D]
     v = _gather_blocks(v_cache, meta.block_tables, nblocks)
-    dev = q.device
+    # The padding indices and the causal mask are the same for every layer of a step:
+    # built once: a Self-RAG verify step's forward (3 x 5 queries) 3.91 -> 3.79 ms on the
+    # CPU VM, paired median of 20.
+    layout = meta.scratch.get("prefill_layout")
+    if layout is None:
+        layout = meta.scratch["prefill_layout"] = _padded_layout(qsl, q_lens, ctx, Qm, nblocks * bs, q.device)
+    rows, mask, keep = layout
     if B == 1:
         qp = q.transpose(0, 1).unsqueeze(0)                            # [1, Hq, T, D]
-    else:   # pad each sequence's queries to Qm rows (repeating its first row)
-        rows = [r for a, n in zip(qsl, q_lens) for r in list(range(a, a + n)) + [a] * (Qm - n)]
-        qp = q.index_select(0, torch.tensor(rows, device=dev)).view(B, Qm, Hq, D).transpose(1, 2)
-    # query j of sequence i sits at position ctx_i - q_len_i + j and sees keys <= it
-    start = torch.tensor([c - n for c, n in zip(ctx, q_lens)], device=dev)
-    qpos = start.unsqueeze(1) + torch.arange(Qm, device=dev)                       # [B, Qm]
-    mask = torch.arange(nblocks * bs, device=dev)[None, None, :] <= qpos[:, :, None]  # [B, Qm, L]
-    o = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask.unsqueeze(1), scale=scale,
+    else:   # each sequence's queries padded to Qm rows
+        qp = q.index_select(0, rows).view(B, Qm, Hq, D).transpose(1, 2)
+    o = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask, scale=scale,
                                        enable_gqa=Hq != Hkv)            # [B, Hq, Qm, D]
     o = o.transpose(1, 2)                                              # [B, Qm, Hq, D]
     if B == 1:
         return o[0]
+    return o.reshape(B * Qm, Hq, D).index_select(0, keep)
+
+
+def _padded_layout(qsl: list, q_lens: list, ctx: list, Qm: int, L: int, dev):
+    """(rows [B*Qm]: the packed query each padded row copies, repeating a sequence's
+    first row as padding; mask [B, 1, Qm, L]: causal over the cached prefix; keep [T]:
+    the padded rows that are real queries)."""
+    rows = [r for a, n in zip(qsl, q_lens) for r in list(range(a, a + n)) + [a] * (Qm - n)]
+    # query j of sequence i sits at position ctx_i - q_len_i + j and sees keys <= it
+    start = torch.tensor([c - n for c, n in zip(ctx, q_lens)], device=dev)
+    qpos = start.unsqueeze(1) + torch.arange(Qm, device=dev)                       # [B, Qm]
+    mask = torch.arange(L, device=dev)[None, None, :] <= qpos[:, :, None]            # [B, Qm, L]
     keep = [i * Qm + j for i, n in enumerate(q_lens) for j in range(n)]
-    return o.reshape(B * Qm, Hq, D).index_select(0, torch.tensor(keep, device=dev))
+    return (torch.tensor(rows, device=dev), mask.unsqueeze(1), torch.tensor(keep, device=dev))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
