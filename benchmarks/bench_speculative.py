@@ -13,8 +13,9 @@ Cases (greedy; n-gram + grammar drafts, 4 at a time, ``SelfRAG(speculative=True)
 
 Per case: generated tokens, verify steps, drafts proposed and accepted, tokens per
 verify step (accepted drafts plus the bonus, per sequence that speculated), target
-forward passes per generated token, and the wall-clock speedup (plain seconds /
-speculative seconds, the faster of 3 runs each, after a warm-up). Targets (issue 18):
+forward passes per generated token, and the wall-clock speedup: the median over
+``--pairs`` alternated plain/speculative runs of plain seconds / speculative seconds
+(after a warm-up of each), with its range. Targets (issue 18):
 Self-RAG short, batch 1: >= 2.0 tokens per verify step and >= 1.5x; no repeats >= 0.95x.
 Writes benchmarks/results/speculative_<device>.json and .png.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -82,21 +84,33 @@ def workloads(model, args):
             "model_card_b1": card, "no_repeats_b1": no_repeats}
 
 
-def measure(model, device, fn, spec, reps=3):
+def run_once(model, device, fn, spec):
     from engine import LLM
-    best, stats = None, None
-    for rep in range(reps + 1):
-        llm = LLM(model, device=device, show_progress=False, speculative_config=SPEC if spec else None)
-        t = time.perf_counter()
-        tokens = fn(llm)
-        secs = time.perf_counter() - t
-        if rep and (best is None or secs < best):
-            best = secs
-            s = llm.speculator
-            stats = dict(tokens=tokens, steps=llm.num_steps,
-                         verify_steps=s.num_verify_steps if s else 0, drafted=s.num_drafted if s else 0,
-                         accepted=s.num_accepted if s else 0, speculating_rows=s.num_speculating_rows if s else 0)
-    return best, stats
+    llm = LLM(model, device=device, show_progress=False, speculative_config=SPEC if spec else None)
+    t = time.perf_counter()
+    tokens = fn(llm)
+    secs = time.perf_counter() - t
+    s = llm.speculator
+    return secs, dict(tokens=tokens, steps=llm.num_steps,
+                      verify_steps=s.num_verify_steps if s else 0, drafted=s.num_drafted if s else 0,
+                      accepted=s.num_accepted if s else 0, speculating_rows=s.num_speculating_rows if s else 0)
+
+
+def measure_pairs(model, device, fn, pairs):
+    """Plain and speculative runs alternated (after one warm-up of each): this VM's speed
+    drifts by 10-40% within a minute, which a plain-then-speculative order would book as a
+    speedup or a slowdown. Returns the per-pair ratios, the medians of each side's
+    seconds, and the (deterministic) counts of each side."""
+    run_once(model, device, fn, False)
+    run_once(model, device, fn, True)
+    plain_s, spec_s = [], []
+    for _ in range(pairs):
+        p, plain = run_once(model, device, fn, False)
+        s, spec = run_once(model, device, fn, True)
+        plain_s.append(p)
+        spec_s.append(s)
+    ratios = sorted(p / s for p, s in zip(plain_s, spec_s))
+    return ratios, statistics.median(plain_s), statistics.median(spec_s), plain, spec
 
 
 def main() -> int:
@@ -104,22 +118,27 @@ def main() -> int:
     ap.add_argument("--model", default=None)
     ap.add_argument("--questions", type=int, default=8)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--pairs", type=int, default=7, help="alternated plain/speculative runs per case")
+    ap.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
     args = ap.parse_args()
     from selfrag.default_model import default_model_dir
     model = args.model or default_model_dir()
     rows = []
     for name, fn in workloads(model, args).items():
-        plain_s, plain = measure(model, args.device, fn, False)
-        spec_s, spec = measure(model, args.device, fn, True)
+        if args.cases and name not in args.cases.split(","):
+            continue
+        ratios, plain_s, spec_s, plain, spec = measure_pairs(model, args.device, fn, args.pairs)
         rows_spec = max(spec["speculating_rows"], 1)
-        row = dict(case=name, plain_s=plain_s, spec_s=spec_s, speedup=plain_s / spec_s,
+        row = dict(case=name, plain_s=plain_s, spec_s=spec_s, speedup=statistics.median(ratios),
+                   speedup_min=ratios[0], speedup_max=ratios[-1], pairs=len(ratios),
                    tokens_per_verify_row=(spec["accepted"] + spec["speculating_rows"]) / rows_spec,
                    accepted_per_verify_row=spec["accepted"] / rows_spec,
                    drafted=spec["drafted"], accepted=spec["accepted"], verify_steps=spec["verify_steps"],
                    forward_passes_per_token_plain=plain["steps"] / max(plain["tokens"], 1),
                    forward_passes_per_token_spec=spec["steps"] / max(spec["tokens"], 1))
         rows.append(row)
-        print(f"{name:18s} plain {plain_s:6.3f} s, speculative {spec_s:6.3f} s ({row['speedup']:.2f}x); "
+        print(f"{name:18s} plain {plain_s:6.3f} s, speculative {spec_s:6.3f} s: {row['speedup']:.2f}x "
+              f"(median of {len(ratios)} pairs; {ratios[0]:.2f}-{ratios[-1]:.2f}); "
               f"{row['tokens_per_verify_row']:.2f} tokens per verify row, {spec['accepted']}/{spec['drafted']} "
               f"drafts accepted; steps per step-token {row['forward_passes_per_token_plain']:.2f} -> "
               f"{row['forward_passes_per_token_spec']:.2f}")
@@ -137,9 +156,12 @@ def _plot(rows, path):
     import matplotlib.pyplot as plt
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     names = [r["case"] for r in rows]
-    a.bar(names, [r["speedup"] for r in rows], color="tab:blue")
+    sp = [r["speedup"] for r in rows]
+    a.bar(names, sp, color="tab:blue",
+          yerr=[[v - r["speedup_min"] for v, r in zip(sp, rows)], [r["speedup_max"] - v for v, r in zip(sp, rows)]],
+          capsize=3)
     a.axhline(1.0, color="gray", lw=0.8)
-    a.set_ylabel("wall-clock speedup vs plain")
+    a.set_ylabel("speedup vs plain (median, range)")
     b.bar(names, [r["tokens_per_verify_row"] for r in rows], color="tab:green")
     b.set_ylabel("tokens per verify row")
     for ax in (a, b):
