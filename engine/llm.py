@@ -75,6 +75,10 @@ class LLM(RequestAPI):
             "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}``
             (or ``"method": "custom", "proposer": obj``); output identical to plain
             decoding. See engine/speculative.py.
+        quantization: None (the model dtype), or "int8": weight-only int8 with
+            activations in the model dtype (W8A16), quantized per output channel as
+            the ordinary checkpoint loads (engine/int8_weights.py); other values
+            (vLLM's "awq", "gptq", ...) raise ValueError.
         enforce_eager: never use CUDA graphs. By default, on CUDA with the
             Triton kernels, decode steps replay CUDA graphs captured at start-up
             for batch buckets 1, 2, 4, ... up to max_num_seqs (capture time is
@@ -89,7 +93,7 @@ class LLM(RequestAPI):
                  enable_prefix_caching: bool = True, load_format: str = "auto", seed: int = 0,
                  kernel_backend: str = "auto", download_dir: str | None = None,
                  show_progress: bool = True, enforce_eager: bool = False,
-                 speculative_config: dict | None = None, **unused):
+                 speculative_config: dict | None = None, quantization: str | None = None, **unused):
         request_validation.check_vllm_kwargs(unused)
         request_validation.check_engine_args(
             model=model, tokenizer=tokenizer, download_dir=download_dir, max_num_seqs=max_num_seqs,
@@ -108,7 +112,8 @@ class LLM(RequestAPI):
         t_start = time.perf_counter()
         self.model, self.config = load_model(model, dtype=dtype, device=device,
                                              load_format=load_format, seed=seed,
-                                             progress=show_progress, kernel_backend=kernel_backend)
+                                             progress=show_progress, kernel_backend=kernel_backend,
+                                             quantization=quantization)
         cfg = self.config
         self.startup["load_s"] = time.perf_counter() - t_start
         self.tokenizer = None

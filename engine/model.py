@@ -14,6 +14,7 @@ import re
 import torch
 
 from engine.config import ModelConfig
+from engine.int8_weights import Int8Weight, check_quantization
 from kernels.metadata import AttentionMetadata
 from kernels.ops import Ops
 from kernels.reference import rope_cos_sin
@@ -22,27 +23,33 @@ _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)$")
 
 
 class LlamaLayer:
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                 quantization: str | None = None):
         H, D, I = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
         Hq, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
         e = dict(dtype=dtype, device=device)
+
+        def matrix(N: int, K: int):          # int8 matrices: engine/int8_weights.py
+            return torch.empty(N, K, **e) if quantization is None else Int8Weight.empty(N, K, device)
         self.input_norm = torch.empty(H, **e)                       # [H]
-        self.qkv = torch.empty((Hq + 2 * Hkv) * D, H, **e)          # [(Hq+2Hkv)D, H]
-        self.o = torch.empty(H, Hq * D, **e)                        # [H, Hq D]
+        self.qkv = matrix((Hq + 2 * Hkv) * D, H)                    # [(Hq+2Hkv)D, H]
+        self.o = matrix(H, Hq * D)                                  # [H, Hq D]
         self.post_norm = torch.empty(H, **e)                        # [H]
-        self.gate_up = torch.empty(2 * I, H, **e)                   # [2I, H]
-        self.down = torch.empty(H, I, **e)                          # [H, I]
+        self.gate_up = matrix(2 * I, H)                             # [2I, H]
+        self.down = matrix(H, I)                                    # [H, I]
 
 
 class LlamaModel:
     """Weights plus ``forward``. Build with ``LlamaModel(cfg, dtype, device)``,
     then fill through ``load_hf_tensor`` (checkpoint) or ``init_random``."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, ops: Ops):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, ops: Ops,
+                 quantization: str | None = None):
         self.cfg, self.dtype, self.device, self.ops = cfg, dtype, device, ops
+        self.quantization = check_quantization(quantization)
         e = dict(dtype=dtype, device=device)
         self.embed = torch.empty(cfg.vocab_size, cfg.hidden_size, **e)          # [V, H]
-        self.layers = [LlamaLayer(cfg, dtype, device) for _ in range(cfg.num_hidden_layers)]
+        self.layers = [LlamaLayer(cfg, dtype, device, quantization) for _ in range(cfg.num_hidden_layers)]
         self.final_norm = torch.empty(cfg.hidden_size, **e)                     # [H]
         self.lm_head = (self.embed if cfg.tie_word_embeddings
                         else torch.empty(cfg.vocab_size, cfg.hidden_size, **e))  # [V, H]
@@ -68,23 +75,31 @@ class LlamaModel:
             raise KeyError(name)
         layer, rest = self.layers[int(m.group(1))], m.group(2)
         q, kv, inter = self.q_size, self.kv_size, self.cfg.intermediate_size
+
+        def rows(w, a, b=None):
+            return w.rows(a, b) if isinstance(w, Int8Weight) else w[a:b]
         return {
             "input_layernorm.weight": lambda: layer.input_norm,
             "post_attention_layernorm.weight": lambda: layer.post_norm,
-            "self_attn.q_proj.weight": lambda: layer.qkv[:q],
-            "self_attn.k_proj.weight": lambda: layer.qkv[q:q + kv],
-            "self_attn.v_proj.weight": lambda: layer.qkv[q + kv:],
+            "self_attn.q_proj.weight": lambda: rows(layer.qkv, 0, q),
+            "self_attn.k_proj.weight": lambda: rows(layer.qkv, q, q + kv),
+            "self_attn.v_proj.weight": lambda: rows(layer.qkv, q + kv),
             "self_attn.o_proj.weight": lambda: layer.o,
-            "mlp.gate_proj.weight": lambda: layer.gate_up[:inter],
-            "mlp.up_proj.weight": lambda: layer.gate_up[inter:],
+            "mlp.gate_proj.weight": lambda: rows(layer.gate_up, 0, inter),
+            "mlp.up_proj.weight": lambda: rows(layer.gate_up, inter),
             "mlp.down_proj.weight": lambda: layer.down,
         }[rest]()
 
     def load_hf_tensor(self, name: str, tensor: torch.Tensor) -> None:
-        """Copies one checkpoint tensor (any float dtype, on CPU) into place."""
+        """Copies one checkpoint tensor (any float dtype, on CPU) into place; a matrix of
+        an int8 model is quantized from the checkpoint's own values, on the device, one
+        tensor at a time (only that tensor is ever there in full precision)."""
         target = self._target(name)
         assert target.shape == tensor.shape, (name, target.shape, tensor.shape)
-        target.copy_(tensor)
+        if isinstance(target, Int8Weight):
+            self.ops.quantize_int8(tensor.to(self.device), target.qweight, target.scales)
+        else:
+            target.copy_(tensor)
 
     @torch.no_grad()
     def init_random(self, seed: int = 0, std: float = 0.02) -> None:
@@ -97,14 +112,20 @@ class LlamaModel:
             layer.post_norm.fill_(1.0)
         self.final_norm.fill_(1.0)
         for m in mats:
-            m.normal_(0.0, std, generator=g)
+            if isinstance(m, Int8Weight):   # the fp model's draw (same seed, same order), quantized
+                w = torch.empty(m.shape, dtype=self.dtype, device=self.device).normal_(0.0, std, generator=g)
+                self.ops.quantize_int8(w, m.qweight, m.scales)
+                del w
+            else:
+                m.normal_(0.0, std, generator=g)
 
     def num_bytes(self) -> int:
         tensors = [self.embed, self.final_norm] + \
             ([] if self.lm_head is self.embed else [self.lm_head])
         for layer in self.layers:
             tensors += list(vars(layer).values())
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.num_bytes() if isinstance(t, Int8Weight) else t.numel() * t.element_size()
+                   for t in tensors)
 
     # ---- forward -------------------------------------------------------------
     @torch.no_grad()
@@ -128,18 +149,24 @@ class LlamaModel:
                 x = ops.rms_norm(h, layer.input_norm, eps)
             else:
                 x, residual = ops.fused_add_rms_norm(h, residual, layer.input_norm, eps)
-            qkv = x @ layer.qkv.t()                                 # [T, (Hq+2Hkv)D]
+            qkv = self._linear(x, layer.qkv)                        # [T, (Hq+2Hkv)D]
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = q.reshape(-1, cfg.num_attention_heads, D)           # [T, Hq, D]
             k = k.reshape(-1, cfg.num_key_value_heads, D)           # [T, Hkv, D]
             v = v.reshape(-1, cfg.num_key_value_heads, D)
             ops.rope_and_write_kv(q, k, v, cos, sin, k_cache, v_cache, meta.slot_mapping)
             attn = attention(q, k_cache, v_cache, meta, self.scale)  # [T, Hq, D]
-            h = attn.reshape(-1, self.q_size) @ layer.o.t()          # [T, H]
+            h = self._linear(attn.reshape(-1, self.q_size), layer.o)  # [T, H]
             x, residual = ops.fused_add_rms_norm(h, residual, layer.post_norm, eps)
-            h = ops.silu_and_mul(x @ layer.gate_up.t()) @ layer.down.t()   # [T, H]
+            h = self._linear(ops.silu_and_mul(self._linear(x, layer.gate_up)), layer.down)   # [T, H]
         out, _ = ops.fused_add_rms_norm(h, residual, self.final_norm, eps)
         return out
+
+    def _linear(self, x: torch.Tensor, w) -> torch.Tensor:
+        """x [T, K] @ w.T: cuBLAS/BLAS for a plain matrix, ``ops.w8a16_linear`` for int8."""
+        if isinstance(w, Int8Weight):
+            return self.ops.w8a16_linear(x, w.qweight, w.scales)
+        return x @ w.t()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> logits [N, V] in fp32 (HF also upcasts logits)."""

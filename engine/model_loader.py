@@ -12,6 +12,7 @@ import torch
 
 from engine.checkpoint import load_weights
 from engine.config import ModelConfig
+from engine.int8_weights import check_quantization
 from engine.model import LlamaModel
 from kernels.ops import get_ops
 
@@ -88,8 +89,8 @@ def resolve_model_dir(model: str, download_dir: str | None = None) -> str | None
 
 def load_model(model: str, dtype: str | torch.dtype = "auto", device=None,
                load_format: str = "auto", seed: int = 0, progress: bool = True,
-               kernel_backend: str = "auto", download_dir: str | None = None
-               ) -> tuple[LlamaModel, ModelConfig]:
+               kernel_backend: str = "auto", download_dir: str | None = None,
+               quantization: str | None = None) -> tuple[LlamaModel, ModelConfig]:
     """Returns ``(model, config)``.
 
     model: a checkpoint directory (or a hub id already in the local cache,
@@ -98,7 +99,10 @@ def load_model(model: str, dtype: str | torch.dtype = "auto", device=None,
         "selfrag-13b").
     load_format: "auto"/"safetensors" reads the weights; "dummy" makes seeded
         random weights of the config's shape.
+    quantization: None, or "int8" (weight-only, quantized as the weights stream in:
+        engine/int8_weights.py).
     """
+    check_quantization(quantization)
     if load_format not in ("auto", "safetensors", "dummy"):
         raise ValueError(f"load_format={load_format!r}: use 'auto', 'safetensors' or 'dummy'")
     local = resolve_model_dir(model, download_dir)
@@ -111,7 +115,7 @@ def load_model(model: str, dtype: str | torch.dtype = "auto", device=None,
     cfg = ModelConfig.from_pretrained(model)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, cfg, dev)
-    llama = LlamaModel(cfg, dt, dev, get_ops(kernel_backend, dev.type))
+    llama = LlamaModel(cfg, dt, dev, get_ops(kernel_backend, dev.type), quantization)
     if load_format == "dummy":
         llama.init_random(seed)
     else:

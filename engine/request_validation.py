@@ -18,7 +18,6 @@ from engine.sampling_params import SamplingParams, is_int, is_real
 _UNSUPPORTED = {
     "tensor_parallel_size": lambda v: v != 1,
     "pipeline_parallel_size": lambda v: v != 1,
-    "quantization": lambda v: v is not None,
     "cpu_offload_gb": lambda v: v not in (0, None),
 }
 # vLLM arguments that change nothing here: accepted, each with one warning per process.

@@ -3,7 +3,8 @@
 Every hot op the model calls goes through an :class:`Ops` object picked by
 backend. ``torch`` is the pure-PyTorch reference (``kernels.reference``),
 which runs everywhere; the Triton kernels plug in behind the same names and
-signatures. Matmuls are not ops here: they stay in cuBLAS/BLAS via torch.
+signatures. Matmuls of plain weights are not ops here: they stay in cuBLAS/BLAS via
+torch; those of int8 weights are (``w8a16_linear``).
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ OP_NAMES = (
     "decode_attention",    # (q [B,Hq,D], k_cache, v_cache, meta, scale) -> [B,Hq,D]
     "greedy_argmax",       # (logits [N,V]) -> [N]
     "gather_logprobs",     # (logits [N,V], ids [N,K]) -> [N,K]
+    "quantize_int8",       # (w [N,K] float, qweight [N,K] int8 out, scales [N] fp32 out) -> None
+    "w8a16_linear",        # (x [M,K], qweight [N,K] int8, scales [N] fp32) -> [M,N] in x's dtype
 )
 
 BACKENDS = ("auto", "torch", "triton")

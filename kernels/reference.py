@@ -202,3 +202,23 @@ def gather_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tens
     """log_softmax(logits [N, V]) at token_ids [N, K] -> [N, K] fp32."""
     lse = torch.logsumexp(logits.float(), dim=-1, keepdim=True)
     return logits.float().gather(1, token_ids) - lse
+
+
+def quantize_int8(w: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> None:
+    """The int8 weight format's definition (kernels/triton/w8a16.py): w [N, K] float ->
+    qweight [N, K] int8 and scales [N] fp32, in place. Per output row n:
+    scales[n] = max|w[n]| / 127 (fp32), qweight = sign(y) * floor(|y| + 1/2) with
+    y = w[n] / scales[n] (an all-zero row: scale 0, values 0)."""
+    wf = w.float()
+    s = wf.abs().amax(dim=1) / 127.0                                        # [N]
+    y = wf / torch.where(s == 0, torch.ones_like(s), s)[:, None]
+    q = torch.floor(y.abs() + 0.5).clamp(max=127.0)
+    qweight.copy_(torch.where(y < 0, -q, q).to(torch.int8))
+    scales.copy_(s)
+
+
+def w8a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ (qweight [N, K] * scales[:, None]).T -> [M, N] in x's dtype, computed in
+    fp32: exact to the quantized weights up to fp32 rounding (slow: it converts the
+    int8 weight to fp32 on every call; the CPU path for tests and quality checks)."""
+    return ((x.float() @ qweight.float().t()) * scales).to(x.dtype)

@@ -9,7 +9,8 @@ kernel lists it in do_not_specialize (or, for a pointer, do_not_specialize_on_al
 The test records the arguments of every kernel launch while the real engine (Triton
 backend, tiny random model) serves different batches: 1 prompt, then 4 prompts of
 different lengths (one re-using a cached prefix; one asking for log-probs), then a
-one-block prompt, each with decode steps at growing contexts. Direct launcher calls add
+one-block prompt, each with decode steps at growing contexts; then an int8 engine loads and
+serves 1 and 4 prompts. Direct launcher calls add
 what a tiny CPU engine never varies (decode's num_splits and block-table width, a
 misaligned slot view). Checked, per launch kernel:
   * every int argument whose key differs between launches is in do_not_specialize, and
@@ -48,7 +49,8 @@ except ImportError:          # a Triton without it: the documented rule below
 LAUNCH_KERNEL_NAMES = {
     "_decode_split_kernel", "_decode_reduce_kernel", "_prefill_attention_kernel",
     "_argmax_kernel", "_logprobs_kernel", "_rms_norm_kernel", "_fused_add_rms_norm_kernel",
-    "_silu_and_mul_kernel", "_rope_write_kv_kernel"}
+    "_silu_and_mul_kernel", "_rope_write_kv_kernel", "_quantize_rows_kernel", "_w8a16_gemv_kernel",
+    "_splitk_reduce_kernel", "_dequantize_kernel"}
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
         torch.int32: "*i32", torch.int64: "*i64"}
 
@@ -228,6 +230,12 @@ def recorded(tmp_path_factory):
             _decode_case(ctx, width, ns)
         for offset in (0, 1, 2):
             _rope_case(offset)
+        # int8 weights: quantized at load, then decode at 1 and 4 rows (the split-K GEMV),
+        # and a 77-token prefill (dequantize, then the matmul)
+        q8 = make_llm(str(path), kernel_backend="triton", show_progress=False, max_model_len=128,
+                      block_size=8, dtype="auto", quantization="int8")
+        q8.generate([{"prompt_token_ids": first}], greedy, use_tqdm=False)
+        q8.generate([{"prompt_token_ids": p} for p in batch], greedy, use_tqdm=False)
     return launches, prefills
 
 

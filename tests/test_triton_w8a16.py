@@ -1,0 +1,151 @@
+"""The int8 weight kernels (kernels/triton/w8a16.py) vs the PyTorch references, in
+Triton's interpreter on CPU (compiled on a GPU).
+
+Tolerances: quantization is bit-exact (fp32 math, IEEE division, the same rounding
+rule). The decode GEMV (M <= 16) multiplies int8 values, exact in fp16/bf16, by the
+activations and sums in fp32 like the reference, so only the summation order differs:
+fp32 outputs within 1e-5 relative, fp16 within an fp16 ulp of the output. The M > 16
+path dequantizes to the activation dtype first (one rounding of each weight to fp16),
+so it is held to fp16's relative precision. bf16 dots run only on a GPU (the
+interpreter's bf16 tl.dot is wrong).
+"""
+import pytest
+import torch
+from tests.helpers import DEVICE
+
+from kernels import reference as R
+from kernels.triton import w8a16
+from kernels.triton.common import SHAPES
+
+
+def _w(N, K, seed=0, dtype=torch.float16, scale=0.02):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(N, K, generator=g) * scale).to(dtype).to(DEVICE)
+
+
+def _quantized(N, K, seed=0):
+    q = torch.empty(N, K, dtype=torch.int8, device=DEVICE)
+    s = torch.empty(N, dtype=torch.float32, device=DEVICE)
+    R.quantize_int8(_w(N, K, seed), q, s)
+    return q, s
+
+
+def test_reference_quantization_by_hand():
+    w = torch.tensor([[0.5, -1.27, 0.0, 0.005], [0.0, 0.0, 0.0, 0.0], [2.54, 1.27, -0.0127, 0.00635]])
+    q = torch.empty(3, 4, dtype=torch.int8)
+    s = torch.empty(3)
+    R.quantize_int8(w, q, s)
+    # row 0: scale 1.27 / 127 = 0.01 -> 50, -127, 0, 0.5 (rounds away from zero) -> 1
+    assert torch.allclose(s, torch.tensor([0.01, 0.0, 0.02]))
+    assert q.tolist() == [[50, -127, 0, 1], [0, 0, 0, 0], [127, 64, -1, 0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("N,K", [(1, 1), (7, 100), (33, 1030), (64, 4096), (16, 11008)])
+def test_quantize_is_bit_exact(dtype, N, K):
+    """Odd shapes and rows of the 7B's real widths (K = 4096, 11008), zero rows and ties."""
+    w = _w(N, K, seed=N + K, dtype=dtype)
+    if N > 3:
+        w[2] = 0
+        w[3, :4] = torch.tensor([1.27, 0.005, -0.005, 0.015], dtype=dtype)   # exact halves of 0.01
+    q1 = torch.empty(N, K, dtype=torch.int8, device=DEVICE)
+    s1 = torch.empty(N, device=DEVICE)
+    q2, s2 = torch.full_like(q1, 99), torch.full_like(s1, -1.0)
+    R.quantize_int8(w, q1, s1)
+    w8a16.quantize_int8(w, q2, s2)
+    assert torch.equal(s1, s2) and torch.equal(q1, q2)
+    assert (q1.abs().amax(1)[s1 > 0] == 127).all()
+
+
+def test_quantize_into_row_views_of_a_fused_matrix():
+    """q/k/v land in rows of one qkv matrix: each quantized on its own rows."""
+    q = torch.zeros(48, 64, dtype=torch.int8, device=DEVICE)
+    s = torch.zeros(48, device=DEVICE)
+    parts = [_w(16, 64, seed=i) for i in range(3)]
+    for i, p in enumerate(parts):
+        w8a16.quantize_int8(p, q[16 * i:16 * (i + 1)], s[16 * i:16 * (i + 1)])
+    q_ref, s_ref = torch.empty_like(q), torch.empty_like(s)
+    R.quantize_int8(torch.cat(parts), q_ref, s_ref)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+
+
+def _check_linear(M, N, K, dtype, split=None, seed=0):
+    q, s = _quantized(N, K, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)
+    ref = R.w8a16_linear(x, q, s).float()
+    out = w8a16.w8a16_linear(x, q, s, split=split)
+    assert out.dtype == dtype and out.shape == (M, N)
+    exact = (x.float() @ q.float().t()) * s            # the unrounded fp32 result
+    if dtype == torch.float32:
+        tol = 1e-5 * exact.abs().max().item() + 1e-6
+    elif M <= w8a16.MAX_GEMV_ROWS:
+        tol = exact.abs().max().item() * 2 ** -10      # an fp16 ulp at the largest output
+    else:
+        tol = exact.abs().max().item() * 2 ** -8       # + the dequantized weights' fp16 rounding
+    assert (out.float() - ref).abs().max().item() <= tol
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("M,N,K", [(1, 1, 16), (1, 37, 100), (3, 64, 1030), (16, 100, 257), (5, 130, 520)])
+def test_gemv_odd_shapes_every_split(dtype, M, N, K):
+    block_k = w8a16._gemv_config(N, K, dtype)[1]
+    steps = -(-K // block_k)
+    for split in sorted({None, 1, steps, max(1, steps // 2)}, key=str):
+        _check_linear(M, N, K, dtype, split)
+
+
+@pytest.mark.parametrize("M", [17, 40])
+def test_more_than_16_rows_dequantize_then_matmul(M):
+    _check_linear(M, 96, 200, torch.float16)
+    _check_linear(M, 96, 200, torch.float32)
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 4096, 4096), (16, 4096, 11008)])
+def test_gemv_real_7b_shapes(M, N, K):
+    """o_proj at batch 1 (split 8) and down_proj at 16 rows (split 9): the launcher's own
+    choice of split on the real shapes."""
+    assert w8a16._gemv_config(N, K, torch.float16)[2] > 1
+    _check_linear(M, N, K, torch.float16)
+
+
+def test_split_is_deterministic_and_same_across_splits():
+    q, s = _quantized(64, 1030, seed=3)
+    x = torch.randn(4, 1030, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    a = w8a16.w8a16_linear(x, q, s)
+    assert torch.equal(a, w8a16.w8a16_linear(x, q, s))
+    assert torch.allclose(a, w8a16.w8a16_linear(x, q, s, split=1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="bf16 tl.dot: GPU check only")
+def test_gemv_bf16():
+    _check_linear(4, 4096, 4096, torch.bfloat16)
+
+
+def test_bad_inputs_name_the_tensor():
+    q, s = _quantized(8, 32)
+    x = torch.randn(2, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="qweight must be a 2-D int8"):
+        w8a16.w8a16_linear(x, q.float(), s)
+    with pytest.raises(ValueError, match="scales must be an fp32 tensor"):
+        w8a16.w8a16_linear(x, q, s[:4])
+    with pytest.raises(ValueError, match="x has 31 columns"):
+        w8a16.w8a16_linear(x[:, :31], q, s)
+    with pytest.raises(ValueError, match="w has shape"):
+        w8a16.quantize_int8(torch.randn(8, 31, device=DEVICE), q, s)
+    with pytest.raises(ValueError, match="split=99"):
+        w8a16.w8a16_linear(x, q, s, split=99)
+
+
+def test_compile_specs_match_launcher_choices():
+    shape = next(s for s in SHAPES if s.name == "selfrag-7b")
+    specs = w8a16.compile_specs(shape)
+    gemv = {sp.name: sp for sp in specs if sp.name.startswith("w8a16_gemv")}
+    for name, (N, K) in w8a16.weight_shapes(shape).items():
+        block_n, block_k, split, _, _ = w8a16._gemv_config(N, K, torch.float16)
+        c = next(sp.constexprs for sp in gemv.values()
+                 if sp.constexprs["SPLIT_K"] == (split > 1) and sp.constexprs["BLOCK_K"] == block_k)
+        assert c["BLOCK_N"] == block_n
+    assert {sp.name for sp in specs} >= {"w8a16_splitk_reduce", "w8a16_dequantize", "quantize_int8[fp16]",
+                                          "quantize_int8[bf16]"}
