@@ -8,6 +8,8 @@
   head_dim 128, fp16. GB/s of K/V read, against the naive PyTorch paged
   reference (``kernels.reference.decode_attention``) and as a fraction of the
   device-to-device copy bandwidth measured in the same run.
+* W8A16 GEMV (benchmarks/kernels_w8a16.py): int8 weights on the 7B's five weight
+  shapes at M = 1, 4, 16, GB/s against cuBLAS's fp16 matmul in the same run.
 
 Writes benchmarks/results/kernels_<device>.json (and $OUT) and a PNG.
 ``--dry-run`` runs the same code paths at tiny sizes on CPU (Triton's
@@ -169,9 +171,12 @@ def main():
     for hkv in (H, max(1, H // 4)):
         decode += bench_decode(dev, batches, contexts, H, hkv, D, dtype, triton_ops, copy_bw,
                                naive_cap=(4 << 30) if dev == "cuda" else (1 << 30))
+    from benchmarks.kernels_w8a16 import ROWS, SHAPES_7B, bench_w8a16
+    w8 = bench_w8a16(dev, [("dry", 96, 160), ("dry_k", 64, 300)] if args.dry_run else SHAPES_7B,
+                     (1, 4) if args.dry_run else ROWS, dtype, copy_bw, timeit)
     name = "kernels_dryrun" if args.dry_run else "kernels_" + slug(device_name(dev))
     payload = record(device=device_name(dev), dtype=str(dtype).replace("torch.", ""),
-                     copy_bandwidth_gb_per_s=copy_bw / 1e9, prefill=prefill, decode=decode)
+                     copy_bandwidth_gb_per_s=copy_bw / 1e9, prefill=prefill, decode=decode, w8a16=w8)
     for p in write_json(name + ".json", payload, to_out=False):   # gpu_check embeds it
         print("wrote", p)
     png = plot(prefill, decode, os.path.join(RESULTS, name + ".png"))

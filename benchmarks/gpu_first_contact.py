@@ -21,6 +21,8 @@ each wrapped so that a failure is recorded and the rest still run):
   sweep     4, 16, 64, 256 sequences x 64 tokens, each after a same-shape warm-up
   verify    a speculative verify step (k=4, oracle drafts) vs a plain decode step, batch 1
             and 16 (target <= 1.15x at batch 1)
+  int8      an int8 7B engine (W8A16) vs the fp16 one, batch-1 decode (target >= 1.6x); it
+            frees the fp16 engine
   micro     decode attention GB/s (graph split count vs live), prefill vs SDPA flash
   real      SmolLM2-135M in fp16 and bf16 vs the fp32 CPU reference, if the model is on the
             machine ($SELFRAG_REAL_MODEL): top-1 agreement, max chosen log-prob error
@@ -45,13 +47,14 @@ sys.path.insert(0, REPO)
 
 # (name, seconds a step needs at least on the GPU to be worth starting)
 STEPS = [("probe", 5), ("kernels", 40), ("ceilings", 15), ("engine", 60), ("graphs", 15),
-         ("decode", 15), ("profile", 10), ("sweep", 25), ("verify", 20), ("micro", 20), ("real", 30), ("knobs", 15),
+         ("decode", 15), ("profile", 10), ("sweep", 25), ("verify", 20), ("int8", 90), ("micro", 20), ("real", 30),
+         ("knobs", 15),
          ("tests", 90)]
 DEADLINE_S = 330
 
 
 def _step_functions():
-    from benchmarks.first_contact import (device_steps, engine_steps, kernel_checks, knobs_step,
+    from benchmarks.first_contact import (device_steps, engine_steps, int8_step, kernel_checks, knobs_step,
                                           real_model_step, trace_steps, verify_step)
 
     def micro(ctx):
@@ -61,10 +64,10 @@ def _step_functions():
                 engine=engine_steps.engine, graphs=engine_steps.graphs, decode=engine_steps.decode,
                 profile=trace_steps.profile, sweep=engine_steps.sweep, micro=micro,
                 real=real_model_step.real_model, knobs=knobs_step.knobs, tests=trace_steps.tests,
-                verify=verify_step.verify)
+                verify=verify_step.verify, int8=int8_step.int8)
 
 
-NEEDS_ENGINE = {"graphs", "decode", "profile", "sweep", "verify"}
+NEEDS_ENGINE = {"graphs", "decode", "profile", "sweep", "verify", "int8"}
 
 
 def main(argv=None) -> int:

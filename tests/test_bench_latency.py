@@ -67,7 +67,7 @@ def dry_run(tmp_path_factory):
     path = str(out / "latency_dryrun_test.json")
     env = {**os.environ, "PYTHONPATH": REPO, "OUT": str(out)}
     p = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "bench_latency.py"),
-                        "--dry-run", "--out", path, "--max-seconds", "120"],
+                        "--dry-run", "--out", path, "--max-seconds", "120", "--quantization", "int8"],
                        cwd=REPO, env=env, text=True, capture_output=True, timeout=120)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     with open(path) as f:
@@ -83,7 +83,7 @@ def test_dry_run_has_every_stage(dry_run):
     assert data["profile"] == "dry" and data["errors"] == {} and data["notes"] == []
     stages = {r["stage"] for r in data["records"]}
     assert stages == {"latency", "sweep", "throughput", "hf_latency", "hf_throughput",
-                      "hf_static_latency"}
+                      "hf_static_latency", "int8"}
     assert sorted(r["batch_size"] for r in data["records"] if r["stage"] == "sweep") == [1, 4, 16]
     for key in COMMON:
         assert key in data["copy"]
@@ -136,6 +136,16 @@ def test_dry_run_values_are_sane(dry_run):
     hf_tp = by["hf_throughput"][0]
     assert _positive(hf_tp["output_tokens_per_s"]) and _positive(hf_tp["speedup_vs_hf"])
     assert hf_tp["output_tokens"] == tp["output_tokens"]
+    # --quantization int8: both weight formats at batch 1 and 16, int8's bytes the smaller
+    q = {(r["weights"], r["batch_size"]): r for r in by["int8"]}
+    assert set(q) == {("float32", 1), ("float32", 16), ("int8", 1), ("int8", 16)}
+    for (w, b), r in q.items():
+        assert _positive(r["decode_tokens_per_s"]) and _positive(r["bandwidth_fraction"])
+        assert math.isclose(r["bandwidth_fraction"], r["bytes_per_decode_step"] / (r["tpot_ms"] / 1e3) / bw)
+        if w == "int8":
+            assert math.isclose(r["speedup_vs_float32"],
+                                r["decode_tokens_per_s"] / q[("float32", b)]["decode_tokens_per_s"])
+    assert q[("int8", 1)]["weight_bytes"] < q[("float32", 1)]["weight_bytes"] == data["weight_bytes"]
 
 
 def test_dry_run_png(dry_run):

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ["probe", "kernels", "ceilings", "engine", "graphs", "decode", "profile", "sweep", "verify", "micro", "real",
-         "knobs", "tests"]
+STEPS = ["probe", "kernels", "ceilings", "engine", "graphs", "decode", "profile", "sweep", "verify", "int8", "micro",
+         "real", "knobs", "tests"]
 
 
 def _run(tmp_path, *args, timeout=300):
@@ -50,7 +50,7 @@ def test_dry_run_runs_every_step(dry):
     assert r["kernels"]["all_ok"] and len(r["kernels"]["cases"]) >= 14
     assert {c["case"].split("[")[0] for c in r["kernels"]["cases"]} >= {
         "rms_norm", "fused_add_rms_norm", "silu_and_mul", "rope_and_write_kv", "prefill", "decode",
-        "greedy_argmax", "gather_logprobs"}
+        "greedy_argmax", "gather_logprobs", "quantize_int8", "w8a16_linear"}
     assert r["ceilings"]["copy"]["gb_per_s"] > 0 and set(r["ceilings"]["gemv"]) == {
         "qkv", "o", "gate_up", "down", "lm_head"}
     assert r["graphs"]["graph_vs_eager_same_splits"]["identical_tokens"]
@@ -61,6 +61,7 @@ def test_dry_run_runs_every_step(dry):
         sum(v for k, v in d["step_split_ms"].items() if k != "wait"))
     assert [row["batch"] for row in r["sweep"]["rows"]] == [2, 4]
     assert r["micro"]["decode"] and r["micro"]["prefill"]
+    assert r["int8"]["int8_weight_bytes"] < r["int8"]["fp16_weight_bytes"] and r["int8"]["speedup"] > 0
     assert r["knobs"]["plain_ms"] > 0 and r["knobs"]["knobs_ms"] > 0
     if "skipped" not in r["real"]:      # fp32 on the CPU against the fp32 reference: exact picks
         res = r["real"]["results"]["float32"]

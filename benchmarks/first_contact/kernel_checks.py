@@ -184,6 +184,27 @@ def run(ctx) -> dict:
                          lambda m=meta, q=q, kc=kc, vc=vc: R.decode_attention(
                              f32(q), f32(kc), f32(vc), dataclasses.replace(m, scratch={}), D ** -0.5),
                          cmp)
+        # ---- int8 weights: quantize (bit-exact) and the matmuls at decode and prefill rows
+        for N, Kd in ((H, H), (H, I)) if not ctx.dry else ((H, I),):
+            w8 = chk.randn(N, Kd, dtype=dt, scale=0.02)
+
+            def quant(w8=w8):
+                q, sc = torch.empty(w8.shape, dtype=torch.int8, device=dev), torch.empty(w8.shape[0], device=dev)
+                K.quantize_int8(w8, q, sc)
+                return q, sc
+
+            def quant_ref(w8=w8):
+                q, sc = torch.empty(w8.shape, dtype=torch.int8, device=dev), torch.empty(w8.shape[0], device=dev)
+                R.quantize_int8(w8, q, sc)
+                return q, sc
+            chk.case(f"quantize_int8[{N}x{Kd}]", dt, quant, quant_ref, lambda o, r: {
+                "exact": dict(rel_l2=0.0 if torch.equal(o[0], r[0]) and torch.equal(o[1], r[1]) else 1.0,
+                              max_abs=float((o[0].int() - r[0].int()).abs().max()), finite=True)})
+            q8, s8 = quant_ref()
+            for M in (1, 16, T):
+                xm = chk.randn(M, Kd, dtype=dt)
+                chk.case(f"w8a16_linear[M={M},{N}x{Kd}]", dt, lambda xm=xm, q8=q8, s8=s8: K.w8a16_linear(xm, q8, s8),
+                         lambda xm=xm, q8=q8, s8=s8: R.w8a16_linear(f32(xm), q8, s8), lambda o, r: {"out": _err(o, r)})
     # ---- sampling helpers on fp32 logits (what compute_logits returns)
     logits = chk.randn(7, V, scale=3.0)
     logits[2, V // 3] = logits[2].max() + 1          # a clear winner late in a row

@@ -1,0 +1,58 @@
+"""First-contact step ``int8``: one int8 7B engine (``quantization="int8"``, the shared
+fp16 dummy weights' draw quantized at load) against the shared fp16 engine, batch-1
+decode, in the same run. The fp16 engine is timed first, then freed (its KV pool holds
+most of the GPU); the int8 engine is built with 16 sequences at most (few graphs to
+capture) to stay near 90 s. Target (issue 19): int8 batch-1 tokens/s >= 1.6x fp16's."""
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def _tpot(ctx, llm, prompt, new):
+    from engine import SamplingParams
+    sp = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+    rid = llm.add_request({"prompt_token_ids": prompt}, sp)
+    llm.step()                                     # the prefill
+    times, tokens = [], []
+    while llm.has_unfinished_requests():
+        ctx.sync()
+        t = time.perf_counter()
+        for o in llm.step():
+            if o.request_id == rid and o.finished:
+                tokens = list(o.outputs[0].token_ids)
+        ctx.sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), tokens
+
+
+def int8(ctx) -> dict:
+    from benchmarks.first_contact.engine_steps import rand_prompts, release_engine, sizes
+    from engine import LLM
+    fp = ctx.shared["llm"]
+    S = sizes(ctx.dry)
+    V = fp.config.vocab_size
+    new = 8 if ctx.dry else 64
+    warm, prompt = rand_prompts(2, S["prompt"], V, seed=90)
+    _tpot(ctx, fp, warm, new)                                           # warm-up, same shapes
+    t16, tok16 = _tpot(ctx, fp, prompt, new)
+    W16, model_dir = fp.model.num_bytes(), fp.model_dir
+    kw = dict(dtype="float32", device="cpu", kernel_backend="torch") if ctx.dry else \
+        dict(dtype="float16", device="cuda")
+    release_engine(ctx)
+    t = time.perf_counter()
+    q8 = LLM(model_dir, load_format="dummy", max_num_seqs=2 if ctx.dry else 16, skip_tokenizer_init=True,
+             show_progress=False, quantization="int8", **kw)
+    build_s = time.perf_counter() - t
+    _tpot(ctx, q8, warm, new)
+    t8, tok8 = _tpot(ctx, q8, prompt, new)
+    same = next((i for i, (a, b) in enumerate(zip(tok16, tok8)) if a != b), min(len(tok16), len(tok8)))
+    out = dict(fp16_tpot_ms=t16 * 1e3, int8_tpot_ms=t8 * 1e3, fp16_tokens_per_s=1 / t16, int8_tokens_per_s=1 / t8,
+               speedup=t16 / t8, fp16_weight_bytes=W16, int8_weight_bytes=q8.model.num_bytes(),
+               int8_build_s=build_s, cuda_graphs=q8.cuda_graphs, leading_tokens_equal_to_fp16=same,
+               target_speedup_ge_1_6=t16 / t8 >= 1.6)
+    ctx.log(f"   batch 1: fp16 {t16 * 1e3:.2f} ms/token, int8 {t8 * 1e3:.2f} ms/token ({t16 / t8:.2f}x; "
+            f"weights {W16 / 1e9:.2f} -> {out['int8_weight_bytes'] / 1e9:.2f} GB), built in {build_s:.1f} s, "
+            f"first {same} greedy tokens equal to fp16's")
+    del q8
+    return dict(out, failures=[])
