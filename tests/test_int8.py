@@ -124,3 +124,52 @@ def test_unimplemented_quantizations_are_clear_errors(tmp_path, value):
     make_checkpoint(tmp_path)
     with pytest.raises(ValueError, match=r"quantization=.*is not supported.*'int8'"):
         make_llm(str(tmp_path), show_progress=False, quantization=value)
+
+
+def test_padded_graph_buffers_give_the_eager_int8_tokens(tmp_path):
+    """What a CUDA graph replays, run eagerly on CPU: the Triton int8 GEMV over the
+    padded static decode buffers (padding rows included) gives the eager tokens."""
+    from engine.cuda_graphs import DecodeRunner
+    cfg = make_checkpoint(tmp_path, num_key_value_heads=2)
+    prompts = token_prompts(3, cfg.vocab_size, seed=8)
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    eager = make_llm(str(tmp_path), show_progress=False, quantization="int8", block_size=8, max_model_len=128)
+    want = [o.outputs[0].token_ids for o in eager.generate([{"prompt_token_ids": p} for p in prompts], sp,
+                                                           use_tqdm=False)]
+    llm = make_llm(str(tmp_path), show_progress=False, quantization="int8", block_size=8, max_model_len=128,
+                   max_num_seqs=6, kernel_backend="triton")
+    llm.decode_runner = DecodeRunner(llm.model, llm.runner.kv_caches, 8, 6, 128, num_splits=lambda b: 2,
+                                     pad_to_buckets=True)
+    got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], sp,
+                                                        use_tqdm=False)]
+    assert got == want
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs and GPU memory: GPU check only")
+def test_cuda_graphs_and_streaming_load_on_the_gpu(tmp_path):
+    """Graph replay gives the eager int8 tokens; loading never holds the model in full
+    precision on the GPU (peak: the int8 model plus about one fp32 tensor)."""
+    cfg = make_checkpoint(tmp_path, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                          num_attention_heads=8, num_key_value_heads=8)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    from engine.model_loader import load_model
+    model, _ = load_model(str(tmp_path), dtype="float16", device="cuda", progress=False, quantization="int8")
+    peak = torch.cuda.max_memory_allocated() - base
+    largest = max(2 * cfg.intermediate_size * cfg.hidden_size, cfg.vocab_size * cfg.hidden_size) * 4
+    per_layer = sum(n * k for n, k in [(3 * 512, 512), (512, 512), (2 * 1536, 512), (512, 1536)])
+    fp_bytes = per_layer * cfg.num_hidden_layers * 2          # the layers' matrices in fp16
+    assert peak <= model.num_bytes() + 2 * largest and peak < fp_bytes, (peak, model.num_bytes())
+    del model
+    prompts = token_prompts(4, cfg.vocab_size, seed=9)
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    outs = []
+    for eager in (True, False):
+        llm = make_llm(str(tmp_path), show_progress=False, quantization="int8", dtype=torch.float16,
+                       enforce_eager=eager)
+        assert llm.cuda_graphs["enabled"] != eager
+        outs.append([o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                                                  sp, use_tqdm=False)])
+        del llm
+    assert outs[0] == outs[1]
