@@ -111,6 +111,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                    choices=["auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16", "half"],
                    help="weights/compute dtype (auto: fp32 on CPU, the checkpoint's dtype on GPU)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
+    p.add_argument("--quantization", default=None, choices=["int8"],
+                   help="int8: weight-only int8, quantized as the checkpoint loads (default: none)")
 
 
 # ---------------------------------------------------------------- generate
@@ -152,7 +154,7 @@ def _generate(args: argparse.Namespace, path: str, params) -> int:
     from engine.llm import LLM
     from selfrag.demo import printable
 
-    llm = LLM(path, dtype=args.dtype, device=args.device, max_num_seqs=1,
+    llm = LLM(path, dtype=args.dtype, device=args.device, max_num_seqs=1, quantization=args.quantization,
               show_progress=args.model is not None and sys.stderr.isatty())
     if llm.tokenizer is None:
         raise CLIError(f"--model {path}: no tokenizer.model or tokenizer.json in that directory, cannot "
@@ -229,7 +231,7 @@ def _load_rag(args: argparse.Namespace, path: str, retriever):
     from engine.llm import LLM
     from selfrag.pipeline import SelfRAG
 
-    llm = LLM(path, dtype=args.dtype, device=args.device,
+    llm = LLM(path, dtype=args.dtype, device=args.device, quantization=args.quantization,
               show_progress=args.model is not None and sys.stderr.isatty())
     if llm.tokenizer is None:
         raise CLIError(f"--model {path}: no tokenizer.model in that directory (Self-RAG needs its "

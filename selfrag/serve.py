@@ -179,6 +179,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--no-prefix-caching", action="store_true",
                      help="do not share KV blocks of identical prompt prefixes")
     eng.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
+    eng.add_argument("--quantization", default=None, choices=["int8"],
+                     help="int8: weight-only int8, quantized as the checkpoint loads (default: none)")
 
 
 def _bind(host: str, port: int):
@@ -250,7 +252,7 @@ def run_serve(args: argparse.Namespace) -> int:
                   max_model_len=args.max_model_len, num_kv_blocks=args.num_kv_blocks,
                   gpu_memory_utilization=args.gpu_memory_utilization, kernel_backend=args.kernel_backend,
                   enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
-                  show_progress=sys.stderr.isatty())
+                  quantization=args.quantization, show_progress=sys.stderr.isatty())
         name = args.served_model_name or os.path.basename(os.path.normpath(path))
         rag = selfrag_routes() if llm.get_tokenizer() is not None else None
         from selfrag.prompts import render_chat
@@ -265,7 +267,9 @@ def run_serve(args: argparse.Namespace) -> int:
         gc.freeze()
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
-        print(f"selfrag serve: model {name!r} on http://{shown}:{port}/v1 "
+        weights = str(llm.model.dtype).replace("torch.", "") + (f", {args.quantization} weights"
+                                                                 if args.quantization else "")
+        print(f"selfrag serve: model {name!r} ({weights}) on http://{shown}:{port}/v1 "
               f"(auth: {'Bearer key' if args.api_key else 'none'})", file=sys.stderr, flush=True)
         make_server(app, host, port, args.graceful_timeout, access_log=args.access_log).run(sockets=[sock])
     finally:

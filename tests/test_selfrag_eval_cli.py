@@ -458,3 +458,20 @@ def test_cli_generate_applies_the_selfrag_template_unless_raw(env_cache, capsys)
         assert main(["generate", "--device", "cpu", "--max-tokens", "2", "What is an alpaca?", *extra]) == 0
         counts.append(int(re.search(r"prompt (\d+) tokens", capsys.readouterr().err).group(1)))
     assert counts == [len(tok.encode(format_prompt("What is an alpaca?"))), len(tok.encode("What is an alpaca?"))]
+
+
+def test_cli_quantization_flag_reaches_the_engine(env_cache, capsys, monkeypatch):
+    """--quantization int8 builds an int8 engine; anything else is refused by argparse."""
+    import engine.llm as llm_mod
+    from selfrag.cli import main
+    seen = []
+    real = llm_mod.LLM.__init__
+
+    def spy(self, *a, **kw):
+        seen.append(kw.get("quantization"))
+        real(self, *a, **kw)
+    monkeypatch.setattr(llm_mod.LLM, "__init__", spy)
+    assert main(["generate", "--device", "cpu", "--max-tokens", "2", "--quantization", "int8", "Hi"]) == 0
+    assert seen == ["int8"]
+    assert _exit_code(lambda: main(["generate", "--quantization", "awq", "Hi"])) == 2
+    assert "invalid choice: 'awq'" in capsys.readouterr().err

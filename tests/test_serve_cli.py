@@ -36,6 +36,7 @@ def _url_of(p, timeout=60.0) -> str:
         lines.append(line)
         m = re.search(r"on (http://\S+)/v1", line)
         if m:
+            p.url_line = line
             return m.group(1)
     raise AssertionError("no URL line")
 
@@ -71,7 +72,7 @@ def test_a_busy_port_is_reported_before_the_model_loads():
 
 def test_port_0_prints_the_real_port_and_engine_flags_reach_the_engine():
     p = _serve("--port", "0", "--max-model-len", "256", "--max-num-seqs", "3", "--num-kv-blocks", "40",
-               "--no-prefix-caching", "--access-log", "--dtype", "float32",
+               "--no-prefix-caching", "--access-log", "--dtype", "float32", "--quantization", "int8",
                env={"SELFRAG_API_KEY": "from-env"})
     try:
         url = _url_of(p)
@@ -80,12 +81,16 @@ def test_port_0_prints_the_real_port_and_engine_flags_reach_the_engine():
         assert httpx.get(url + "/v1/models").status_code == 401               # the env key is on
         r = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer from-env"})
         assert r.status_code == 200 and r.json()["data"][0]["max_model_len"] == 256
+        r = httpx.post(url + "/v1/completions", headers={"Authorization": "Bearer from-env"},
+                       json={"model": r.json()["data"][0]["id"], "prompt": "Hi", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
         metrics = httpx.get(url + "/metrics").text
         assert re.search(r"^selfrag:kv_blocks_total 40(\.0)?$", metrics, re.M), metrics[:2000]
     finally:
         _stop(p)
     logged = p.stdout.read() + p.stderr.read()          # uvicorn's access log goes to stdout
     assert '"GET /v1/models HTTP/1.1" 200' in logged                         # --access-log
+    assert "(float32, int8 weights)" in p.url_line                          # --quantization
 
 
 def test_every_serve_flag_has_help_text():
