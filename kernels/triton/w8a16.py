@@ -137,20 +137,22 @@ def _gemv_config(N: int, K: int, dtype) -> tuple[int, int, int, int, int]:
 
     BLOCK_K = 128: a warp reads 128 contiguous int8 bytes of a weight row per load, and
     the [64, 128] int8 tile (8 KiB) plus its fp16 copy fit in registers at 4 warps.
-    BLOCK_N = 64 output channels per program. fp32 activations (CPU-made models on a
-    GPU; tests) take BLOCK_K = 64 to keep the converted tile in registers. The split
+    BLOCK_N = 64 output channels per program. Offline compile: 244 registers on sm_90,
+    255 on sm_80, no spills (BLOCK_N 128 spills on sm_80). fp32 activations (CPU-made
+    models on a GPU; tests) take BLOCK_K = 64 and 8 warps: at 4 warps that tile spills
+    (2352 bytes on sm_80), at 8 it does not. The split
     is the smallest that reaches ``_TARGET_PROGRAMS`` programs, with whole BLOCK_K
     steps per split: on the 7B, qkv (12288 x 4096) splits 3 ways, o (4096 x 4096) 8,
     gate_up (22016 x 4096) 2, down (4096 x 11008) 9. Chosen, not measured (no GPU).
     """
     block_n = 64
-    block_k = 64 if dtype == torch.float32 else 128
+    block_k, warps = (64, 8) if dtype == torch.float32 else (128, 4)
     k_steps = triton.cdiv(K, block_k)
     want = triton.cdiv(_TARGET_PROGRAMS, triton.cdiv(N, block_n))
     split = max(1, min(want, k_steps))
     per = triton.cdiv(k_steps, split) * block_k
     split = triton.cdiv(K, per)
-    return block_n, block_k, split, per, 4
+    return block_n, block_k, split, per, warps
 
 
 def _check_weight(qweight: torch.Tensor, scales: torch.Tensor, name: str = "qweight") -> tuple[int, int]:
@@ -247,24 +249,29 @@ def weight_shapes(shape: ModelShape) -> dict[str, tuple[int, int]]:
 
 
 def compile_specs(shape: ModelShape) -> list[CompileSpec]:
-    """Every configuration the launchers pick for ``shape``'s matrices."""
+    """Every configuration the launchers pick for ``shape``'s matrices (plus, with the
+    fp16 shapes, the fp32-activation GEMV the GPU tests run)."""
     dt = _TORCH[shape.dtype]
     p = _TL[dt]
     i32 = "i32"
     specs, seen = [], set()
-    for name, (N, K) in weight_shapes(shape).items():
-        block_n, block_k, split, _, warps = _gemv_config(N, K, dt)
-        key = (block_n, block_k, split > 1)
+    mats = [(name, N, K, dt) for name, (N, K) in weight_shapes(shape).items()]
+    if dt == torch.float16:
+        mats += [(f"{name},fp32", N, K, torch.float32) for name, (N, K) in weight_shapes(shape).items()]
+    for name, N, K, mdt in mats:
+        pm = _TL[mdt]
+        block_n, block_k, split, _, warps = _gemv_config(N, K, mdt)
+        key = (block_n, block_k, split > 1, mdt)
         if key in seen:
             continue
         seen.add(key)
-        sig = {"x_ptr": p, "w_ptr": "*i8", "s_ptr": "*fp32", "out_ptr": p, "part_ptr": "*fp32" if split > 1 else p,
+        sig = {"x_ptr": pm, "w_ptr": "*i8", "s_ptr": "*fp32", "out_ptr": pm, "part_ptr": "*fp32" if split > 1 else pm,
                "M": i32, "N": i32, "K": i32, "stride_x": i32, "stride_w": i32, "stride_out": i32,
                "K_PER_SPLIT": i32, "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "SPLIT_K": "constexpr",
                "DOT_PRECISION": "constexpr"}
         specs.append(CompileSpec(_w8a16_gemv_kernel, f"w8a16_gemv[{name}]", sig,
                                  {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split > 1,
-                                  "DOT_PRECISION": "ieee" if dt == torch.float32 else "tf32"}, warps, 2))
+                                  "DOT_PRECISION": "ieee" if mdt == torch.float32 else "tf32"}, warps, 2))
     specs.append(CompileSpec(_splitk_reduce_kernel, "w8a16_splitk_reduce",
                              {"part_ptr": "*fp32", "s_ptr": "*fp32", "out_ptr": p, "M": i32, "N": i32,
                               "stride_out": i32, "SPLIT": i32, "BLOCK": "constexpr"},
