@@ -1,12 +1,12 @@
-"""bench_kernels.py's W8A16 part: the int8 GEMV (kernels/triton/w8a16.py) on the 7B's
+"""bench_kernels.py's W8A16 part: the int8 split-K kernel (kernels/triton/w8a16.py) on the 7B's
 five weight shapes at M = 1, 4 and 16 rows, against cuBLAS's fp16 matmul of the same
 shape measured in the same run.
 
 GB/s counts the bytes each must move at least: the weight (int8 + fp32 scales, or
 fp16), the activations read and the output written. ``aggregate_m1``: the five shapes'
 bytes over their summed times at M = 1, a decode step's mix, also as a fraction of the
-device-to-device copy bandwidth (issue 19's target: >= 0.75). M = 16 with int8 weights
-is still the GEMV; above 16 rows the launcher dequantizes and calls cuBLAS.
+device-to-device copy bandwidth (issue 19's target: >= 0.75). All three row counts run
+the split-K kernel (16-row tiles); above 256 rows the launcher dequantizes and calls cuBLAS.
 """
 from __future__ import annotations
 

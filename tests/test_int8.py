@@ -106,7 +106,8 @@ def test_dummy_int8_weights_are_the_dummy_fp_weights_quantized(tmp_path):
 
 def test_triton_kernels_give_the_reference_int8_tokens(tmp_path):
     """The whole int8 engine on the Triton backend (interpreter on CPU): decode steps run
-    the split-K GEMV, a 20-token prompt the dequantize-then-matmul path."""
+    the split-K kernel in 16-row tiles, the two 20-24-token prompts (one prefill) in
+    64-row tiles. (The dequantize path of longer prefills: tests/test_triton_w8a16.py.)"""
     cfg = make_checkpoint(tmp_path, num_key_value_heads=2)
     prompts = token_prompts(2, cfg.vocab_size, seed=4, min_len=20, max_len=24)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)

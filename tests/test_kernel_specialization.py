@@ -36,7 +36,7 @@ from tests.helpers import DEVICE, make_checkpoint, make_llm
 import kernels.triton as kernel_pkg
 from engine import SamplingParams
 from kernels.metadata import AttentionMetadata
-from kernels.triton import decode_attention, rope_kv, sampling
+from kernels.triton import decode_attention, rope_kv, sampling, w8a16
 from kernels.triton.common import (compiled_variant_count, kernel_name, launch_kernels,
                                    no_align_names, no_specialize_names, not_compiled)
 
@@ -49,7 +49,7 @@ except ImportError:          # a Triton without it: the documented rule below
 LAUNCH_KERNEL_NAMES = {
     "_decode_split_kernel", "_decode_reduce_kernel", "_prefill_attention_kernel",
     "_argmax_kernel", "_logprobs_kernel", "_rms_norm_kernel", "_fused_add_rms_norm_kernel",
-    "_silu_and_mul_kernel", "_rope_write_kv_kernel", "_quantize_rows_kernel", "_w8a16_gemv_kernel",
+    "_silu_and_mul_kernel", "_rope_write_kv_kernel", "_quantize_rows_kernel", "_w8a16_matmul_kernel",
     "_splitk_reduce_kernel", "_dequantize_kernel"}
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
         torch.int32: "*i32", torch.int64: "*i64"}
@@ -230,12 +230,17 @@ def recorded(tmp_path_factory):
             _decode_case(ctx, width, ns)
         for offset in (0, 1, 2):
             _rope_case(offset)
-        # int8 weights: quantized at load, then decode at 1 and 4 rows (the split-K GEMV),
-        # and a 77-token prefill (dequantize, then the matmul)
+        # int8 weights: quantized at load, then decode at 1 and 4 rows and a 77-token
+        # prefill (the split-K matmul kernel)
         q8 = make_llm(str(path), kernel_backend="triton", show_progress=False, max_model_len=128,
                       block_size=8, dtype="auto", quantization="int8")
         q8.generate([{"prompt_token_ids": first}], greedy, use_tqdm=False)
         q8.generate([{"prompt_token_ids": p} for p in batch], greedy, use_tqdm=False)
+        # a prefill of more than 256 rows (dequantize, then the matmul): past this model's
+        # max_model_len, so straight through the launcher
+        layer = q8.model.layers[0]
+        for rows in (300, 257):
+            w8a16.w8a16_linear(torch.randn(rows, 64, device=DEVICE), layer.o.qweight, layer.o.scales)
     return launches, prefills
 
 

@@ -2,9 +2,9 @@
 Triton's interpreter on CPU (compiled on a GPU).
 
 Tolerances: quantization is bit-exact (fp32 math, IEEE division, the same rounding
-rule). The decode GEMV (M <= 16) multiplies int8 values, exact in fp16/bf16, by the
+rule). The split-K kernel (M <= 256) multiplies int8 values, exact in fp16/bf16, by the
 activations and sums in fp32 like the reference, so only the summation order differs:
-fp32 outputs within 1e-5 relative, fp16 within an fp16 ulp of the output. The M > 16
+fp32 outputs within 1e-5 relative, fp16 within an fp16 ulp of the output. The M > 256
 path dequantizes to the activation dtype first (one rounding of each weight to fp16),
 so it is held to fp16's relative precision. bf16 dots run only on a GPU (the
 interpreter's bf16 tl.dot is wrong).
@@ -79,7 +79,7 @@ def _check_linear(M, N, K, dtype, split=None, seed=0):
     exact = (x.float() @ q.float().t()) * s            # the unrounded fp32 result
     if dtype == torch.float32:
         tol = 1e-5 * exact.abs().max().item() + 1e-6
-    elif M <= w8a16.MAX_GEMV_ROWS:
+    elif M <= w8a16.MAX_KERNEL_ROWS:
         tol = exact.abs().max().item() * 2 ** -10      # an fp16 ulp at the largest output
     else:
         tol = exact.abs().max().item() * 2 ** -8       # + the dequantized weights' fp16 rounding
@@ -88,25 +88,27 @@ def _check_linear(M, N, K, dtype, split=None, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("M,N,K", [(1, 1, 16), (1, 37, 100), (3, 64, 1030), (16, 100, 257), (5, 130, 520)])
-def test_gemv_odd_shapes_every_split(dtype, M, N, K):
-    block_k = w8a16._gemv_config(N, K, dtype)[1]
+@pytest.mark.parametrize("M,N,K", [(1, 1, 16), (1, 37, 100), (3, 64, 1030), (16, 100, 257), (5, 130, 520),
+                                   (17, 70, 300), (40, 64, 200), (100, 96, 130)])
+def test_kernel_odd_shapes_every_tile_and_split(dtype, M, N, K):
+    """Row tiles of 16, 32 and 64 (several of them at M = 100), ragged edges everywhere."""
+    block_k = w8a16._matmul_config(M, N, K, dtype)[2]
     steps = -(-K // block_k)
     for split in sorted({None, 1, steps, max(1, steps // 2)}, key=str):
         _check_linear(M, N, K, dtype, split)
 
 
-@pytest.mark.parametrize("M", [17, 40])
-def test_more_than_16_rows_dequantize_then_matmul(M):
+@pytest.mark.parametrize("M", [257, 300])
+def test_more_than_256_rows_dequantize_then_matmul(M):
     _check_linear(M, 96, 200, torch.float16)
     _check_linear(M, 96, 200, torch.float32)
 
 
-@pytest.mark.parametrize("M,N,K", [(1, 4096, 4096), (16, 4096, 11008)])
-def test_gemv_real_7b_shapes(M, N, K):
-    """o_proj at batch 1 (split 8) and down_proj at 16 rows (split 9): the launcher's own
-    choice of split on the real shapes."""
-    assert w8a16._gemv_config(N, K, torch.float16)[2] > 1
+@pytest.mark.parametrize("M,N,K", [(1, 4096, 4096), (16, 4096, 11008), (64, 4096, 4096)])
+def test_kernel_real_7b_shapes(M, N, K):
+    """o_proj at batch 1 (split 8), down_proj at 16 rows (split 9) and o_proj at 64 rows:
+    the launcher's own tiles and splits on the real shapes."""
+    assert w8a16._matmul_config(M, N, K, torch.float16)[3] > 1
     _check_linear(M, N, K, torch.float16)
 
 
@@ -119,7 +121,7 @@ def test_split_is_deterministic_and_same_across_splits():
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="bf16 tl.dot: GPU check only")
-def test_gemv_bf16():
+def test_kernel_bf16():
     _check_linear(4, 4096, 4096, torch.bfloat16)
 
 
@@ -141,11 +143,12 @@ def test_bad_inputs_name_the_tensor():
 def test_compile_specs_match_launcher_choices():
     shape = next(s for s in SHAPES if s.name == "selfrag-7b")
     specs = w8a16.compile_specs(shape)
-    gemv = {sp.name: sp for sp in specs if sp.name.startswith("w8a16_gemv")}
-    for name, (N, K) in w8a16.weight_shapes(shape).items():
-        block_n, block_k, split, _, _ = w8a16._gemv_config(N, K, torch.float16)
-        c = next(sp.constexprs for sp in gemv.values()
-                 if sp.constexprs["SPLIT_K"] == (split > 1) and sp.constexprs["BLOCK_K"] == block_k)
-        assert c["BLOCK_N"] == block_n
+    have = {(sp.signature["x_ptr"], tuple(sp.constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K")),
+             sp.num_warps) for sp in specs if sp.name.startswith("w8a16_matmul")}
+    for dt, ptr in ((torch.float16, "*fp16"), (torch.float32, "*fp32")):
+        for name, (N, K) in w8a16.weight_shapes(shape).items():
+            for M in range(1, w8a16.MAX_KERNEL_ROWS + 1):       # every row count a launch can have
+                bm, bn, bk, split, _, warps = w8a16._matmul_config(M, N, K, dt)
+                assert (ptr, (bm, bn, bk, split > 1), warps) in have, (name, M, dt)
     assert {sp.name for sp in specs} >= {"w8a16_splitk_reduce", "w8a16_dequantize", "quantize_int8[fp16]",
                                           "quantize_int8[bf16]"}

@@ -15,24 +15,27 @@ Kernels:
 * ``_quantize_rows_kernel``: one program per row: the row's absmax, then its int8 values.
   fp32 math with IEEE division (``div_rn``), so the scales and the values are bit-exact
   against the reference.
-* ``_w8a16_gemv_kernel`` (decode, M <= 16 rows): a [16, BLOCK_K] activation tile times
-  a [BLOCK_N, BLOCK_K] int8 weight tile converted to the activation dtype in registers
-  (int8 values are exact in fp16 and bf16), accumulated in fp32 by ``tl.dot``. At batch 1
-  the step is bound by reading the weights, so the grid must cover every SM: N/BLOCK_N
-  output tiles alone are too few for the 4096-row matrices (64 tiles of 64 rows for
-  ~132 SMs), so K is split too (split-K). Split partials go to an fp32 scratch
-  [SPLIT, M, N] and ``_splitk_reduce_kernel`` sums them in a fixed order (no atomics:
-  the same input gives the same bits on every run, which greedy decoding relies on) and
-  applies the scales.
-* ``_dequantize_kernel`` (prefill, M > 16): the weight dequantized to the activation
-  dtype into a temporary [N, K] buffer, then cuBLAS. At M in the hundreds a step is
-  compute-bound and cuBLAS is the fastest matmul there is; the dequantize pass reads
-  1 byte and writes 2 per weight once per step. The buffer (the largest quantized
+* ``_w8a16_matmul_kernel`` (decode batches, M <= 256 rows): a [BLOCK_M, BLOCK_K]
+  activation tile times a [BLOCK_N, BLOCK_K] int8 weight tile converted to the
+  activation dtype in registers (int8 values are exact in fp16 and bf16), accumulated in
+  fp32 by ``tl.dot`` (16 rows at least: batch 1 pads to 16). At batch 1 the step is bound
+  by reading the weights, so the grid must cover every SM: N/BLOCK_N output tiles alone
+  are too few for the 4096-row matrices (64 tiles of 64 rows for ~132 SMs), so K is
+  split too (split-K). Split partials go to an fp32 scratch [SPLIT, M, N] and
+  ``_splitk_reduce_kernel`` sums them in a fixed order (no atomics: the same input gives
+  the same bits on every run, which greedy decoding relies on) and applies the scales.
+  Row tiles are the fastest grid axis, so a weight tile read for one row tile is still
+  in L2 for the next: a batch of 64 reads the weights from DRAM about once, where a
+  dequantized copy would move 5 bytes per weight (1 read, 2 written, 2 read again).
+* ``_dequantize_kernel`` (prefill, M > 256): the weight dequantized to the activation
+  dtype into a temporary [N, K] buffer, then cuBLAS. At M in the hundreds and more a
+  step is compute-bound and cuBLAS is the fastest matmul there is; the dequantize pass
+  reads 1 byte and writes 2 per weight once per step. The buffer (the largest quantized
   matrix: gate_up, 22016 x 4096 fp16 = 180 MB on the 7B) is a plain allocation of the
   forward, so ``kv_sizing``'s profile run counts it.
 
 Block sizes are chosen, not measured: no GPU was lent while this was written (see
-``_gemv_config``). The offline gate compiles each for sm_80 and sm_90 with no spills.
+``_TILES``). The offline gate compiles each for sm_80 and sm_90 with no spills.
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ import triton.language as tl
 
 from kernels.triton.common import CompileSpec, ModelShape
 
-MAX_GEMV_ROWS = 16          # tl.dot needs 16 rows: the decode kernel pads M up to 16
+MAX_KERNEL_ROWS = 256       # above: dequantize, then cuBLAS (prefill)
 
 
 @triton.jit
@@ -66,31 +69,34 @@ def _quantize_rows_kernel(w_ptr, q_ptr, s_ptr, K, stride_w, stride_q, BLOCK_K: t
 
 
 # M (the step's row count) changes every step: not specialized. Everything else is a
-# model constant.
+# model constant. Grid: (row tiles, column tiles, K splits). Row tiles vary fastest, so
+# the programs that read one weight tile for different rows run side by side and the
+# later ones find it in L2.
 @triton.jit(do_not_specialize=["M"])
-def _w8a16_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, M, N, K, stride_x, stride_w, stride_out,
-                       K_PER_SPLIT, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_m = tl.arange(0, 16)
+def _w8a16_matmul_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, M, N, K, stride_x, stride_w, stride_out,
+                       K_PER_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
     n_ok = offs_n < N
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_w
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_x
-    acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_lo = pid_k * K_PER_SPLIT
     for k0 in range(k_lo, k_lo + K_PER_SPLIT, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
-        x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)   # [16, BK]
+        x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)   # [BM, BK]
         w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)     # [BN, BK] i8
-        acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT_PRECISION)              # [16, BN]
+        acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT_PRECISION)              # [BM, BN]
     if not SPLIT_K:
         s = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
         out = acc * s[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_out + offs_n[None, :],
+        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_out + offs_n[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
     else:
         part = part_ptr + (pid_k * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
@@ -132,27 +138,35 @@ _DEQUANT_BLOCK = 1024
 _REDUCE_BLOCK = 1024
 
 
-def _gemv_config(N: int, K: int, dtype) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, split, K per split, num_warps) for an [N, K] weight.
+# (rows up to, BLOCK_M, BLOCK_N, BLOCK_K, num_warps) per activation dtype: the largest
+# tiles that compile with no spills for sm_80 and sm_90 (offline, registers sm_80/sm_90):
+#   fp16/bf16  16 x 64 x 128, 8 warps: 239/205   (4 warps: spills 72 B on sm_80)
+#              32 x 64 x 64,  8 warps: 161/160   (x 128: spills 192 B at 4 warps, 8 B in bf16 at 8)
+#              64 x 64 x 64,  8 warps: 200/169   (BLOCK_K 128: spills 136 B)
+#   fp32       16 x 64 x 64 and 32 x 64 x 32 (beyond 32 rows too), 8 warps (64 x 64 x 32
+#              spills 24 B on sm_90 under Triton 3.9, 64 x 64 x 64 2568 B on sm_80)
+# BLOCK_K 128 at M <= 16: a warp reads 128 contiguous bytes of a weight row per load.
+_TILES = {"half": ((16, 16, 64, 128, 8), (32, 32, 64, 64, 8), (MAX_KERNEL_ROWS, 64, 64, 64, 8)),
+          "fp32": ((16, 16, 64, 64, 8), (MAX_KERNEL_ROWS, 32, 64, 32, 8))}
 
-    BLOCK_K = 128: a warp reads 128 contiguous int8 bytes of a weight row per load, and
-    the [64, 128] int8 tile (8 KiB) plus its fp16 copy fit in registers at 4 warps.
-    BLOCK_N = 64 output channels per program. Offline compile: 244 registers on sm_90,
-    255 on sm_80, no spills (BLOCK_N 128 spills on sm_80). fp32 activations (CPU-made
-    models on a GPU; tests) take BLOCK_K = 64 and 8 warps: at 4 warps that tile spills
-    (2352 bytes on sm_80), at 8 it does not. The split
-    is the smallest that reaches ``_TARGET_PROGRAMS`` programs, with whole BLOCK_K
-    steps per split: on the 7B, qkv (12288 x 4096) splits 3 ways, o (4096 x 4096) 8,
-    gate_up (22016 x 4096) 2, down (4096 x 11008) 9. Chosen, not measured (no GPU).
+
+def _matmul_config(M: int, N: int, K: int, dtype) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, split, K per split, num_warps) for M rows of an [N, K]
+    weight (M <= MAX_KERNEL_ROWS).
+
+    The split is the smallest that reaches ``_TARGET_PROGRAMS`` programs with row tiles x
+    column tiles x splits, in whole BLOCK_K steps: at batch 1 on the 7B, qkv (12288 x
+    4096) splits 3 ways, o (4096 x 4096) 8, gate_up (22016 x 4096) 2, down (4096 x 11008)
+    9. Chosen, not measured (no GPU).
     """
-    block_n = 64
-    block_k, warps = (64, 8) if dtype == torch.float32 else (128, 4)
+    tiles = _TILES["fp32" if dtype == torch.float32 else "half"]
+    _, block_m, block_n, block_k, warps = next(t for t in tiles if M <= t[0])
     k_steps = triton.cdiv(K, block_k)
-    want = triton.cdiv(_TARGET_PROGRAMS, triton.cdiv(N, block_n))
-    split = max(1, min(want, k_steps))
+    tiles_mn = triton.cdiv(max(M, 1), block_m) * triton.cdiv(N, block_n)
+    split = max(1, min(triton.cdiv(_TARGET_PROGRAMS, tiles_mn), k_steps))
     per = triton.cdiv(k_steps, split) * block_k
     split = triton.cdiv(K, per)
-    return block_n, block_k, split, per, warps
+    return block_m, block_n, block_k, split, per, warps
 
 
 def _check_weight(qweight: torch.Tensor, scales: torch.Tensor, name: str = "qweight") -> tuple[int, int]:
@@ -194,8 +208,8 @@ def quantize_int8(w: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) 
 def w8a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                  split: int | None = None) -> torch.Tensor:
     """x [M, K] (fp16 / bf16 / fp32) @ (qweight [N, K] int8 * scales [N, 1]).T -> [M, N]
-    in x's dtype. M <= 16: the split-K GEMV (``split`` overrides its split count, for
-    tests); larger M: dequantize, then cuBLAS."""
+    in x's dtype. M <= MAX_KERNEL_ROWS (decode batches): the split-K kernel (``split``
+    overrides its split count, for tests); more rows (prefill): dequantize, then cuBLAS."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in _FLOATS:
         raise ValueError(f"x must be a 2-D fp16/bf16/fp32 tensor [M, K], got "
                          f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
@@ -206,7 +220,7 @@ def w8a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if x.device != qweight.device or x.device != scales.device:
         raise ValueError(f"x ({x.device}), qweight ({qweight.device}) and scales ({scales.device}) "
                          "must be on one device")
-    if M > MAX_GEMV_ROWS:
+    if M > MAX_KERNEL_ROWS:
         w = dequantize_int8(qweight, scales, x.dtype)
         return x @ w.t()
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
@@ -214,7 +228,7 @@ def w8a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         return out
     if x.stride(1) != 1:
         x = x.contiguous()
-    block_n, block_k, n_split, per, warps = _gemv_config(N, K, x.dtype)
+    block_m, block_n, block_k, n_split, per, warps = _matmul_config(M, N, K, x.dtype)
     if split is not None:
         if not 1 <= split <= triton.cdiv(K, block_k):
             raise ValueError(f"split={split} must be in [1, {triton.cdiv(K, block_k)}]")
@@ -222,9 +236,10 @@ def w8a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         n_split = triton.cdiv(K, per)
     part = torch.empty(n_split, M, N, dtype=torch.float32, device=x.device) if n_split > 1 else out
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
-    _w8a16_gemv_kernel[(triton.cdiv(N, block_n), n_split)](
+    _w8a16_matmul_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n), n_split)](
         x, qweight, scales, out, part, M, N, K, x.stride(0), qweight.stride(0), out.stride(0), per,
-        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=n_split > 1, DOT_PRECISION=prec, num_warps=warps)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=n_split > 1, DOT_PRECISION=prec,
+        num_warps=warps)
     if n_split > 1:
         _splitk_reduce_kernel[(M, triton.cdiv(N, _REDUCE_BLOCK))](
             part, scales, out, M, N, out.stride(0), n_split, BLOCK=_REDUCE_BLOCK, num_warps=4)
@@ -248,6 +263,11 @@ def weight_shapes(shape: ModelShape) -> dict[str, tuple[int, int]]:
             "gate_up": (2 * I, H), "down": (H, I)}
 
 
+# Row counts whose configurations cover every one the launcher can pick (each tier's
+# smallest and largest M: the split only shrinks as M grows).
+_SPEC_ROWS = (1, 16, 17, 32, 33, 64, 65, 128, 129, 256)
+
+
 def compile_specs(shape: ModelShape) -> list[CompileSpec]:
     """Every configuration the launchers pick for ``shape``'s matrices (plus, with the
     fp16 shapes, the fp32-activation GEMV the GPU tests run)."""
@@ -260,18 +280,21 @@ def compile_specs(shape: ModelShape) -> list[CompileSpec]:
         mats += [(f"{name},fp32", N, K, torch.float32) for name, (N, K) in weight_shapes(shape).items()]
     for name, N, K, mdt in mats:
         pm = _TL[mdt]
-        block_n, block_k, split, _, warps = _gemv_config(N, K, mdt)
-        key = (block_n, block_k, split > 1, mdt)
-        if key in seen:
-            continue
-        seen.add(key)
-        sig = {"x_ptr": pm, "w_ptr": "*i8", "s_ptr": "*fp32", "out_ptr": pm, "part_ptr": "*fp32" if split > 1 else pm,
-               "M": i32, "N": i32, "K": i32, "stride_x": i32, "stride_w": i32, "stride_out": i32,
-               "K_PER_SPLIT": i32, "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "SPLIT_K": "constexpr",
-               "DOT_PRECISION": "constexpr"}
-        specs.append(CompileSpec(_w8a16_gemv_kernel, f"w8a16_gemv[{name}]", sig,
-                                 {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split > 1,
-                                  "DOT_PRECISION": "ieee" if mdt == torch.float32 else "tf32"}, warps, 2))
+        for M in _SPEC_ROWS:
+            block_m, block_n, block_k, split, _, warps = _matmul_config(M, N, K, mdt)
+            key = (block_m, block_n, block_k, split > 1, mdt)
+            if key in seen:
+                continue
+            seen.add(key)
+            sig = {"x_ptr": pm, "w_ptr": "*i8", "s_ptr": "*fp32", "out_ptr": pm,
+                   "part_ptr": "*fp32" if split > 1 else pm, "M": i32, "N": i32, "K": i32, "stride_x": i32,
+                   "stride_w": i32, "stride_out": i32, "K_PER_SPLIT": i32, "BLOCK_M": "constexpr",
+                   "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "SPLIT_K": "constexpr",
+                   "DOT_PRECISION": "constexpr"}
+            specs.append(CompileSpec(_w8a16_matmul_kernel, f"w8a16_matmul[{name},M<={M}]", sig,
+                                     {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
+                                      "SPLIT_K": split > 1,
+                                      "DOT_PRECISION": "ieee" if mdt == torch.float32 else "tf32"}, warps, 2))
     specs.append(CompileSpec(_splitk_reduce_kernel, "w8a16_splitk_reduce",
                              {"part_ptr": "*fp32", "s_ptr": "*fp32", "out_ptr": p, "M": i32, "N": i32,
                               "stride_out": i32, "SPLIT": i32, "BLOCK": "constexpr"},
