@@ -1,5 +1,5 @@
-"""What int8 weights (``LLM(..., quantization="int8")``) cost in accuracy, measured on the
-CPU reference path against the unquantized fp32 model, in the same run.
+"""What 8-bit weights (``LLM(..., quantization="int8" | "fp8")``) cost in accuracy, measured
+on the CPU reference path against the unquantized fp32 model, in the same run.
 
     python benchmarks/bench_int8_quality.py [--model DIR] [--texts 128] [--eval 80]
 
@@ -7,8 +7,8 @@ Text: held-out generator output of the miniature Self-RAG model: examples that
 ``selfrag.training.examples.generate`` writes about ``heldout_world`` (entities never
 seen in training), in the training format.
 
-Per variant (``int8``: the engine's; ``int8+lm_head``: the engine's plus an lm_head
-quantized the same way by this script, to decide whether the engine should):
+Per variant (``int8`` and ``fp8``: the engine's; ``int8+lm_head``: the engine's int8 plus
+an lm_head quantized the same way by this script, to decide whether the engine should):
 
 * teacher-forced top-1 agreement: over each text's first 128 tokens after the prompt,
   the share of positions where the variant's argmax equals fp32's;
@@ -134,11 +134,12 @@ def main(argv=None) -> int:
     fp = LLM(path, device="cpu", dtype="float32", show_progress=False)
     q8 = LLM(path, device="cpu", dtype="float32", show_progress=False, quantization="int8")
     q8h = LLM(path, device="cpu", dtype="float32", show_progress=False, quantization="int8")
+    f8 = LLM(path, device="cpu", dtype="float32", show_progress=False, quantization="fp8")
     quantize_lm_head(q8h.model)
     texts = held_out_texts(fp.tokenizer, args.texts)
     match_fp = popqa_match(fp, args.eval)
     rows = []
-    for name, llm in (("int8", q8), ("int8+lm_head", q8h)):
+    for name, llm in (("int8", q8), ("fp8", f8), ("int8+lm_head", q8h)):
         row = dict(variant=name, **compare(fp.model, llm.model, texts), **greedy_prefix(fp, llm, texts),
                    popqa_match=popqa_match(llm, args.eval), popqa_match_fp32=match_fp,
                    weight_bytes=llm.model.num_bytes(), weight_bytes_fp32=fp.model.num_bytes())

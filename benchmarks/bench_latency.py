@@ -29,9 +29,9 @@ Stages (``--stages``, default all; the copy bandwidth is always measured):
               the throughput workload in left-padded batches, and the static
               cache + torch.compile (cache_implementation="static") at batch 1;
               errors are recorded, not raised. Ratios: speedup_vs_hf.
-  int8        only with ``--quantization int8`` (benchmarks/latency_int8.py): decode
-              at batch 1 and 16 on the run's engine, then on an int8 engine of the
-              same dummy weights; tok/s, effective bandwidth, int8's speedup.
+  quantized   only with ``--quantization int8|fp8`` (benchmarks/latency_quantized.py):
+              decode at batch 1 and 16 on the run's engine, then on an 8-bit engine of
+              the same dummy weights; tok/s, effective bandwidth, the 8-bit speedup.
 
 Profiles: CUDA present -> the 7B shape in fp16 (the sizes above); no CUDA ->
 the embedded default model's shape in fp32 on CPU (``--quick``: smaller);
@@ -68,7 +68,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import device_name, record, slug, write_json  # noqa: E402
 
-STAGES = ("latency", "sweep", "throughput", "hf", "int8")   # int8: only with --quantization int8
+STAGES = ("latency", "sweep", "throughput", "hf", "quantized")   # quantized: only with --quantization
 
 # A tiny GQA config for the dry run (CPU, fp32).
 DRY_CONFIG = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
@@ -82,25 +82,25 @@ PROFILES = {
     "gpu": dict(model="selfrag-7b", device="cuda", dtype="float16", copy_mib=1024, copy_repeat=10,
                 prompt_len=128, output_len=256, batch_sizes=[1, 4, 16, 64, 256], sweep_output_len=128,
                 num_requests=256, tp_in=(100, 1024), tp_out=(100, 1024), hf_batch=32,
-                hf_requests=256, need=dict(latency=20, sweep=30, throughput=40, hf=45, int8=60),
+                hf_requests=256, need=dict(latency=20, sweep=30, throughput=40, hf=45, quantized=60),
                 static_need=150),
     "gpu_quick": dict(model="selfrag-7b", device="cuda", dtype="float16", copy_mib=1024, copy_repeat=5,
                       prompt_len=128, output_len=128, batch_sizes=[1, 4, 16, 64, 256],
                       sweep_output_len=32, num_requests=64, tp_in=(100, 1024), tp_out=(100, 512),
-                      hf_batch=32, hf_requests=32, need=dict(latency=20, sweep=30, throughput=30, hf=45, int8=60),
+                      hf_batch=32, hf_requests=32, need=dict(latency=20, sweep=30, throughput=30, hf=45, quantized=60),
                       static_need=150),
     "cpu": dict(model="default", device="cpu", dtype="float32", copy_mib=256, copy_repeat=7,
                 prompt_len=128, output_len=64, batch_sizes=[1, 4, 16, 64], sweep_output_len=32,
                 num_requests=32, tp_in=(16, 256), tp_out=(16, 128), hf_batch=8, hf_requests=32,
-                need=dict(latency=5, sweep=10, throughput=10, hf=15, int8=10), static_need=15),
+                need=dict(latency=5, sweep=10, throughput=10, hf=15, quantized=10), static_need=15),
     "quick": dict(model="default", device="cpu", dtype="float32", copy_mib=64, copy_repeat=5,
                   prompt_len=64, output_len=32, batch_sizes=[1, 4, 16], sweep_output_len=16,
                   num_requests=16, tp_in=(16, 128), tp_out=(8, 64), hf_batch=8, hf_requests=16,
-                  need=dict(latency=2, sweep=5, throughput=5, hf=5, int8=5), static_need=5),
+                  need=dict(latency=2, sweep=5, throughput=5, hf=5, quantized=5), static_need=5),
     "dry": dict(model="dry", device="cpu", dtype="float32", copy_mib=8, copy_repeat=3,
                 prompt_len=16, output_len=8, batch_sizes=[1, 4, 16], sweep_output_len=4,
                 num_requests=8, tp_in=(8, 32), tp_out=(4, 16), hf_batch=4, hf_requests=8,
-                need=dict(latency=1, sweep=1, throughput=1, hf=1, int8=1), static_need=1),
+                need=dict(latency=1, sweep=1, throughput=1, hf=1, quantized=1), static_need=1),
 }
 
 
@@ -604,8 +604,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="smaller everything")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--stages", default=",".join(STAGES[:-1]), help=f"subset of {','.join(STAGES)}")
-    ap.add_argument("--quantization", choices=["int8"], default=None,
-                    help="add the int8 stage: int8 weights vs the model dtype at batch 1 and 16, same run")
+    ap.add_argument("--quantization", choices=["int8", "fp8"], default=None,
+                    help="add the quantized stage: 8-bit weights vs the model dtype at batch 1 and 16, same run")
     ap.add_argument("--max-seconds", type=float, default=540.0,
                     help="budget: later parts are shrunk or skipped rather than overrun it")
     ap.add_argument("--model", help="config dir or built-in name (default per profile)")
@@ -624,8 +624,8 @@ def main(argv=None):
     budget = Budget(args.max_seconds)
 
     stages = [s for s in args.stages.split(",") if s]
-    if args.quantization and "int8" not in stages:
-        stages.append("int8")
+    if args.quantization and "quantized" not in stages:
+        stages.append("quantized")
     bad = [s for s in stages if s not in STAGES]
     if bad:
         ap.error(f"unknown stage(s) {bad}; choose from {STAGES}")
@@ -754,9 +754,9 @@ def main(argv=None):
                                          prompt, eng_tokens, emit)
                 payload["notes"] += notes
                 payload["errors"].update(errors)
-            elif st == "int8":
-                from benchmarks.latency_int8 import stage_int8
-                recs.extend(stage_int8(holder, build, P, base, bw, kvt, sync,
+            elif st == "quantized":
+                from benchmarks.latency_quantized import stage_quantized
+                recs.extend(stage_quantized(holder, build, args.quantization or "int8", P, base, bw, kvt, sync,
                                        (run_steps, rand_prompts, decode_bytes_per_step, record)))
         except Exception as e:  # noqa: BLE001  -- record, go on with the next stage
             import traceback

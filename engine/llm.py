@@ -77,7 +77,7 @@ class LLM(RequestAPI):
             decoding. See engine/speculative.py.
         quantization: None (the model dtype), or "int8": weight-only int8 with
             activations in the model dtype (W8A16), quantized per output channel as
-            the ordinary checkpoint loads (engine/int8_weights.py); other values
+            the ordinary checkpoint loads (engine/quantized_weights.py); other values
             (vLLM's "awq", "gptq", ...) raise ValueError.
         enforce_eager: never use CUDA graphs. By default, on CUDA with the
             Triton kernels, decode steps replay CUDA graphs captured at start-up

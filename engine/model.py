@@ -14,7 +14,7 @@ import re
 import torch
 
 from engine.config import ModelConfig
-from engine.int8_weights import Int8Weight, check_quantization
+from engine.quantized_weights import QuantizedWeight, check_quantization
 from kernels.metadata import AttentionMetadata
 from kernels.ops import Ops
 from kernels.reference import rope_cos_sin
@@ -29,8 +29,9 @@ class LlamaLayer:
         Hq, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
         e = dict(dtype=dtype, device=device)
 
-        def matrix(N: int, K: int):          # int8 matrices: engine/int8_weights.py
-            return torch.empty(N, K, **e) if quantization is None else Int8Weight.empty(N, K, device)
+        def matrix(N: int, K: int):          # 8-bit matrices: engine/quantized_weights.py
+            return torch.empty(N, K, **e) if quantization is None else QuantizedWeight.empty(N, K, device,
+                                                                                            quantization)
         self.input_norm = torch.empty(H, **e)                       # [H]
         self.qkv = matrix((Hq + 2 * Hkv) * D, H)                    # [(Hq+2Hkv)D, H]
         self.o = matrix(H, Hq * D)                                  # [H, Hq D]
@@ -77,7 +78,7 @@ class LlamaModel:
         q, kv, inter = self.q_size, self.kv_size, self.cfg.intermediate_size
 
         def rows(w, a, b=None):
-            return w.rows(a, b) if isinstance(w, Int8Weight) else w[a:b]
+            return w.rows(a, b) if isinstance(w, QuantizedWeight) else w[a:b]
         return {
             "input_layernorm.weight": lambda: layer.input_norm,
             "post_attention_layernorm.weight": lambda: layer.post_norm,
@@ -96,8 +97,8 @@ class LlamaModel:
         tensor at a time (only that tensor is ever there in full precision)."""
         target = self._target(name)
         assert target.shape == tensor.shape, (name, target.shape, tensor.shape)
-        if isinstance(target, Int8Weight):
-            self.ops.quantize_int8(tensor.to(self.device), target.qweight, target.scales)
+        if isinstance(target, QuantizedWeight):
+            self._quantize(tensor.to(self.device), target)
         else:
             target.copy_(tensor)
 
@@ -112,9 +113,9 @@ class LlamaModel:
             layer.post_norm.fill_(1.0)
         self.final_norm.fill_(1.0)
         for m in mats:
-            if isinstance(m, Int8Weight):   # the fp model's draw (same seed, same order), quantized
+            if isinstance(m, QuantizedWeight):   # the fp model's draw (same seed, same order), quantized
                 w = torch.empty(m.shape, dtype=self.dtype, device=self.device).normal_(0.0, std, generator=g)
-                self.ops.quantize_int8(w, m.qweight, m.scales)
+                self._quantize(w, m)
                 del w
             else:
                 m.normal_(0.0, std, generator=g)
@@ -124,7 +125,7 @@ class LlamaModel:
             ([] if self.lm_head is self.embed else [self.lm_head])
         for layer in self.layers:
             tensors += list(vars(layer).values())
-        return sum(t.num_bytes() if isinstance(t, Int8Weight) else t.numel() * t.element_size()
+        return sum(t.num_bytes() if isinstance(t, QuantizedWeight) else t.numel() * t.element_size()
                    for t in tensors)
 
     # ---- forward -------------------------------------------------------------
@@ -162,9 +163,13 @@ class LlamaModel:
         out, _ = ops.fused_add_rms_norm(h, residual, self.final_norm, eps)
         return out
 
+    def _quantize(self, w: torch.Tensor, target: QuantizedWeight) -> None:
+        quantize = self.ops.quantize_fp8 if target.format == "fp8" else self.ops.quantize_int8
+        quantize(w, target.qweight, target.scales)
+
     def _linear(self, x: torch.Tensor, w) -> torch.Tensor:
-        """x [T, K] @ w.T: cuBLAS/BLAS for a plain matrix, ``ops.w8a16_linear`` for int8."""
-        if isinstance(w, Int8Weight):
+        """x [T, K] @ w.T: cuBLAS/BLAS for a plain matrix, ``ops.w8a16_linear`` for 8-bit ones."""
+        if isinstance(w, QuantizedWeight):
             return self.ops.w8a16_linear(x, w.qweight, w.scales)
         return x @ w.t()
 

@@ -12,7 +12,7 @@ import torch
 
 from engine.checkpoint import load_weights
 from engine.config import ModelConfig
-from engine.int8_weights import check_quantization
+from engine.quantized_weights import check_device, check_quantization
 from engine.model import LlamaModel
 from kernels.ops import get_ops
 
@@ -99,8 +99,8 @@ def load_model(model: str, dtype: str | torch.dtype = "auto", device=None,
         "selfrag-13b").
     load_format: "auto"/"safetensors" reads the weights; "dummy" makes seeded
         random weights of the config's shape.
-    quantization: None, or "int8" (weight-only, quantized as the weights stream in:
-        engine/int8_weights.py).
+    quantization: None, "int8" or "fp8" (weight-only, quantized as the weights stream in:
+        engine/quantized_weights.py).
     """
     check_quantization(quantization)
     if load_format not in ("auto", "safetensors", "dummy"):
@@ -115,6 +115,7 @@ def load_model(model: str, dtype: str | torch.dtype = "auto", device=None,
     cfg = ModelConfig.from_pretrained(model)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, cfg, dev)
+    check_device(quantization, dev)
     llama = LlamaModel(cfg, dt, dev, get_ops(kernel_backend, dev.type), quantization)
     if load_format == "dummy":
         llama.init_random(seed)

@@ -22,7 +22,8 @@ OP_NAMES = (
     "greedy_argmax",       # (logits [N,V]) -> [N]
     "gather_logprobs",     # (logits [N,V], ids [N,K]) -> [N,K]
     "quantize_int8",       # (w [N,K] float, qweight [N,K] int8 out, scales [N] fp32 out) -> None
-    "w8a16_linear",        # (x [M,K], qweight [N,K] int8, scales [N] fp32) -> [M,N] in x's dtype
+    "quantize_fp8",        # (w [N,K] float, qweight [N,K] float8_e4m3fn out, scales [N] fp32 out) -> None
+    "w8a16_linear",        # (x [M,K], qweight [N,K] int8 or fp8, scales [N] fp32) -> [M,N] in x's dtype
 )
 
 BACKENDS = ("auto", "torch", "triton")

@@ -218,7 +218,22 @@ def quantize_int8(w: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) 
 
 
 def w8a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ (qweight [N, K] * scales[:, None]).T -> [M, N] in x's dtype, computed in
+    """x [M, K] @ (qweight [N, K] (int8 or fp8 e4m3) * scales[:, None]).T -> [M, N] in x's dtype, computed in
     fp32: exact to the quantized weights up to fp32 rounding (slow: it converts the
     int8 weight to fp32 on every call; the CPU path for tests and quality checks)."""
     return ((x.float() @ qweight.float().t()) * scales).to(x.dtype)
+
+
+FP8_MAX = 448.0                 # the largest finite float8 e4m3fn
+
+
+def quantize_fp8(w: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> None:
+    """The fp8 weight format: w [N, K] float -> qweight [N, K] float8_e4m3fn and scales [N]
+    fp32, in place. Per output row n: scales[n] = max|w[n]| / 448 (fp32), qweight =
+    w[n] / scales[n] rounded to the nearest e4m3 value (ties to even; an all-zero row:
+    scale 0, values 0). Also the CUDA path: the elementwise torch ops run on the GPU."""
+    wf = w.float()
+    s = wf.abs().amax(dim=1) / FP8_MAX                                      # [N]
+    y = wf / torch.where(s == 0, torch.ones_like(s), s)[:, None]
+    qweight.copy_(y.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
+    scales.copy_(s)

@@ -8,7 +8,8 @@ without a GPU and report registers, shared memory and register spills.
 Where the configurations come from: every module in ``kernels/triton/`` that
 defines ``compile_specs(shape) -> list[CompileSpec]`` (see
 ``kernels/triton/common.py``), called for every shape in ``SHAPES``. Identical
-(kernel, signature, constexprs, num_warps, num_stages) are compiled once. A
+(kernel, signature, constexprs, num_warps, num_stages) are compiled once; a spec with
+``min_arch`` (the FP8 ones: 89) only for the targets at or above it. A
 module that fails to import, or whose ``compile_specs`` raises, is a failed row,
 not a crash. ``--module a.b`` (repeatable) replaces discovery (the tests use it).
 
@@ -589,7 +590,9 @@ def main(argv=None) -> int:
     shapes = [dataclasses.replace(s, dtype=dt) for s in shapes for dt in ("fp16", "bf16")]
     modules = args.module or discover_modules()
     jobs, failures = collect(modules, shapes, args.all, args.kernel)
-    items = [(job, arch) for job in jobs for arch in args.targets]
+    # a spec with min_arch (FP8) is compiled only for the targets that have its instructions
+    items = [(job, arch) for job in jobs for arch in args.targets
+             if getattr(job.spec, "min_arch", None) is None or arch >= job.spec.min_arch]
     print(f"triton {triton.__version__}: {len(jobs)} unique spec(s) from {len(modules)} module(s) "
           f"x {len(args.targets)} target(s), {len(shapes)} shape(s), {args.jobs} worker(s)",
           flush=True)

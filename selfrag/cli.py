@@ -111,8 +111,9 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                    choices=["auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16", "half"],
                    help="weights/compute dtype (auto: fp32 on CPU, the checkpoint's dtype on GPU)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
-    p.add_argument("--quantization", default=None, choices=["int8"],
-                   help="int8: weight-only int8, quantized as the checkpoint loads (default: none)")
+    p.add_argument("--quantization", default=None, choices=["int8", "fp8"],
+                   help="weight-only 8-bit weights, quantized as the checkpoint loads (fp8: sm_89+ "
+                        "GPUs or CPU; default: none)")
 
 
 # ---------------------------------------------------------------- generate

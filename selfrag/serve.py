@@ -179,8 +179,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--no-prefix-caching", action="store_true",
                      help="do not share KV blocks of identical prompt prefixes")
     eng.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
-    eng.add_argument("--quantization", default=None, choices=["int8"],
-                     help="int8: weight-only int8, quantized as the checkpoint loads (default: none)")
+    eng.add_argument("--quantization", default=None, choices=["int8", "fp8"],
+                     help="weight-only 8-bit weights, quantized as the checkpoint loads (fp8: sm_89+ "
+                          "GPUs or CPU; default: none)")
 
 
 def _bind(host: str, port: int):

@@ -83,7 +83,7 @@ def test_dry_run_has_every_stage(dry_run):
     assert data["profile"] == "dry" and data["errors"] == {} and data["notes"] == []
     stages = {r["stage"] for r in data["records"]}
     assert stages == {"latency", "sweep", "throughput", "hf_latency", "hf_throughput",
-                      "hf_static_latency", "int8"}
+                      "hf_static_latency", "quantized"}
     assert sorted(r["batch_size"] for r in data["records"] if r["stage"] == "sweep") == [1, 4, 16]
     for key in COMMON:
         assert key in data["copy"]
@@ -137,7 +137,7 @@ def test_dry_run_values_are_sane(dry_run):
     assert _positive(hf_tp["output_tokens_per_s"]) and _positive(hf_tp["speedup_vs_hf"])
     assert hf_tp["output_tokens"] == tp["output_tokens"]
     # --quantization int8: both weight formats at batch 1 and 16, int8's bytes the smaller
-    q = {(r["weights"], r["batch_size"]): r for r in by["int8"]}
+    q = {(r["weights"], r["batch_size"]): r for r in by["quantized"]}
     assert set(q) == {("float32", 1), ("float32", 16), ("int8", 1), ("int8", 16)}
     for (w, b), r in q.items():
         assert _positive(r["decode_tokens_per_s"]) and _positive(r["bandwidth_fraction"])

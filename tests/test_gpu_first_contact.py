@@ -62,6 +62,7 @@ def test_dry_run_runs_every_step(dry):
     assert [row["batch"] for row in r["sweep"]["rows"]] == [2, 4]
     assert r["micro"]["decode"] and r["micro"]["prefill"]
     assert r["int8"]["int8_weight_bytes"] < r["int8"]["fp16_weight_bytes"] and r["int8"]["speedup"] > 0
+    assert r["int8"]["fp8_speedup"] > 0
     assert r["knobs"]["plain_ms"] > 0 and r["knobs"]["knobs_ms"] > 0
     if "skipped" not in r["real"]:      # fp32 on the CPU against the fp32 reference: exact picks
         res = r["real"]["results"]["float32"]

@@ -9,6 +9,8 @@ path dequantizes to the activation dtype first (one rounding of each weight to f
 so it is held to fp16's relative precision. bf16 dots run only on a GPU (the
 interpreter's bf16 tl.dot is wrong).
 """
+import itertools
+
 import pytest
 import torch
 from tests.helpers import DEVICE
@@ -23,10 +25,10 @@ def _w(N, K, seed=0, dtype=torch.float16, scale=0.02):
     return (torch.randn(N, K, generator=g) * scale).to(dtype).to(DEVICE)
 
 
-def _quantized(N, K, seed=0):
-    q = torch.empty(N, K, dtype=torch.int8, device=DEVICE)
+def _quantized(N, K, seed=0, fmt="int8"):
+    q = torch.empty(N, K, dtype=torch.int8 if fmt == "int8" else torch.float8_e4m3fn, device=DEVICE)
     s = torch.empty(N, dtype=torch.float32, device=DEVICE)
-    R.quantize_int8(_w(N, K, seed), q, s)
+    (R.quantize_int8 if fmt == "int8" else R.quantize_fp8)(_w(N, K, seed), q, s)
     return q, s
 
 
@@ -69,8 +71,8 @@ def test_quantize_into_row_views_of_a_fused_matrix():
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
 
 
-def _check_linear(M, N, K, dtype, split=None, seed=0):
-    q, s = _quantized(N, K, seed)
+def _check_linear(M, N, K, dtype, split=None, seed=0, fmt="int8"):
+    q, s = _quantized(N, K, seed, fmt)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)
     ref = R.w8a16_linear(x, q, s).float()
@@ -143,12 +145,50 @@ def test_bad_inputs_name_the_tensor():
 def test_compile_specs_match_launcher_choices():
     shape = next(s for s in SHAPES if s.name == "selfrag-7b")
     specs = w8a16.compile_specs(shape)
-    have = {(sp.signature["x_ptr"], tuple(sp.constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K")),
-             sp.num_warps) for sp in specs if sp.name.startswith("w8a16_matmul")}
-    for dt, ptr in ((torch.float16, "*fp16"), (torch.float32, "*fp32")):
+    have = {(sp.signature["x_ptr"], sp.signature["w_ptr"],
+             tuple(sp.constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K")), sp.num_warps)
+            for sp in specs if sp.name.startswith("w8a16_matmul")}
+    for (dt, ptr), wptr in itertools.product(((torch.float16, "*fp16"), (torch.float32, "*fp32")), ("*i8", "*fp8e4nv")):
         for name, (N, K) in w8a16.weight_shapes(shape).items():
             for M in range(1, w8a16.MAX_KERNEL_ROWS + 1):       # every row count a launch can have
                 bm, bn, bk, split, _, warps = w8a16._matmul_config(M, N, K, dt)
-                assert (ptr, (bm, bn, bk, split > 1), warps) in have, (name, M, dt)
-    assert {sp.name for sp in specs} >= {"w8a16_splitk_reduce", "w8a16_dequantize", "quantize_int8[fp16]",
-                                          "quantize_int8[bf16]"}
+                assert (ptr, wptr, (bm, bn, bk, split > 1), warps) in have, (name, M, dt, wptr)
+    assert {sp.name for sp in specs} >= {"w8a16_splitk_reduce", "w8a16_dequantize", "w8a16_dequantize[fp8]",
+                                          "quantize_int8[fp16]", "quantize_int8[bf16]"}
+
+
+# ---------------------------------------------------------------- fp8 (e4m3) weights
+def test_reference_fp8_quantization_by_hand():
+    w = torch.tensor([[4.48, -1.0, 0.0, 0.01], [0.0, 0.0, 0.0, 0.0]])
+    q = torch.empty(2, 4, dtype=torch.float8_e4m3fn)
+    s = torch.empty(2)
+    R.quantize_fp8(w, q, s)
+    # row 0: scale 4.48 / 448 = 0.01 -> 448, -100 (e4m3 spacing 8 above 64: 96 or 104 -> 96,
+    # ties to even), 0, 1
+    assert torch.allclose(s, torch.tensor([0.01, 0.0]))
+    assert q.float().tolist() == [[448.0, -96.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]]
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 37, 100), (5, 130, 520), (40, 64, 200), (300, 96, 130)])
+def test_fp8_weights_through_the_same_kernels(M, N, K):
+    """e4m3 weights converted in registers (the interpreter converts fp8 as the GPU does);
+    M = 300 dequantizes them for the matmul."""
+    for dtype in (torch.float16, torch.float32):
+        _check_linear(M, N, K, dtype, fmt="fp8")
+
+
+def test_fp8_real_7b_shape():
+    _check_linear(1, 4096, 4096, torch.float16, fmt="fp8")
+
+
+def test_fp8_kernels_are_built_only_for_sm89_and_newer():
+    shape = next(s for s in SHAPES if s.name == "selfrag-7b")
+    fp8 = [sp for sp in w8a16.compile_specs(shape) if "*fp8e4nv" in sp.signature.values()]
+    assert fp8 and all(sp.min_arch == 89 for sp in fp8)
+    assert all(sp.min_arch is None for sp in w8a16.compile_specs(shape) if sp not in fp8)
+
+
+def test_quantize_int8_refuses_an_fp8_target():
+    q = torch.empty(4, 8, dtype=torch.float8_e4m3fn, device=DEVICE)
+    with pytest.raises(ValueError, match="quantize_fp8"):
+        w8a16.quantize_int8(torch.randn(4, 8, device=DEVICE), q, torch.empty(4, device=DEVICE))

@@ -205,6 +205,16 @@ def run(ctx) -> dict:
                 xm = chk.randn(M, Kd, dtype=dt)
                 chk.case(f"w8a16_linear[M={M},{N}x{Kd}]", dt, lambda xm=xm, q8=q8, s8=s8: K.w8a16_linear(xm, q8, s8),
                          lambda xm=xm, q8=q8, s8=s8: R.w8a16_linear(f32(xm), q8, s8), lambda o, r: {"out": _err(o, r)})
+            if ctx.dry or torch.cuda.get_device_capability() >= (8, 9):     # fp8 (e4m3) weights
+                f8 = torch.empty(w8.shape, dtype=torch.float8_e4m3fn, device=dev)
+                sf8 = torch.empty(w8.shape[0], device=dev)
+                R.quantize_fp8(w8, f8, sf8)
+                for M in (1, T):
+                    xm = chk.randn(M, Kd, dtype=dt)
+                    chk.case(f"w8a16_linear[fp8,M={M},{N}x{Kd}]", dt,
+                             lambda xm=xm, f8=f8, sf8=sf8: K.w8a16_linear(xm, f8, sf8),
+                             lambda xm=xm, f8=f8, sf8=sf8: R.w8a16_linear(f32(xm), f8, sf8),
+                             lambda o, r: {"out": _err(o, r)})
     # ---- sampling helpers on fp32 logits (what compute_logits returns)
     logits = chk.randn(7, V, scale=3.0)
     logits[2, V // 3] = logits[2].max() + 1          # a clear winner late in a row

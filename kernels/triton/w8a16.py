@@ -8,7 +8,10 @@ features x in features, as HF stores it) becomes ``qweight`` [N, K] int8 and ``s
     qweight[n, k] = sign(y) * floor(|y| + 1/2),  y = W[n, k] / scales[n]   (in [-127, 127])
 
 so W ~= qweight * scales[:, None], and x @ W.T = (x @ qweight.T) * scales: the scale is
-applied once per output, after the K-sum.
+applied once per output, after the K-sum. fp8 weights (``quantize_fp8`` in the
+reference, e4m3 with scales max|W[n]| / 448) go through the same matmul and dequantize
+kernels, whose loads convert whichever 8-bit type they read; their compiled variants
+need sm_89+ (``min_arch``), and their quantization is elementwise torch (exact as is).
 
 Kernels:
 
@@ -91,7 +94,7 @@ def _w8a16_matmul_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, M, N, K, stride
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)   # [BM, BK]
-        w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)     # [BN, BK] i8
+        w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)   # [BN, BK] 8-bit
         acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT_PRECISION)              # [BM, BN]
     if not SPLIT_K:
         s = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
@@ -120,12 +123,13 @@ def _dequantize_kernel(q_ptr, s_ptr, w_ptr, K, stride_q, stride_w, BLOCK_K: tl.c
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     ok = offs < K
-    q = tl.load(q_ptr + row * stride_q + offs, mask=ok, other=0).to(tl.float32)
+    q = tl.load(q_ptr + row * stride_q + offs, mask=ok, other=0.0).to(tl.float32)
     s = tl.load(s_ptr + row)
     tl.store(w_ptr + row * stride_w + offs, (q * s).to(w_ptr.dtype.element_ty), mask=ok)
 
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_WEIGHTS = {torch.int8: "*i8", torch.float8_e4m3fn: "*fp8e4nv"}     # 8-bit weight storage
 _TL = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 _TORCH = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Programs the GEMV grid aims for: 4 per SM of an H100/H200 (132 SMs), so every SM has
@@ -170,8 +174,8 @@ def _matmul_config(M: int, N: int, K: int, dtype) -> tuple[int, int, int, int, i
 
 
 def _check_weight(qweight: torch.Tensor, scales: torch.Tensor, name: str = "qweight") -> tuple[int, int]:
-    if not isinstance(qweight, torch.Tensor) or qweight.dim() != 2 or qweight.dtype != torch.int8:
-        raise ValueError(f"{name} must be a 2-D int8 tensor [N, K], got "
+    if not isinstance(qweight, torch.Tensor) or qweight.dim() != 2 or qweight.dtype not in _WEIGHTS:
+        raise ValueError(f"{name} must be a 2-D int8 or float8_e4m3fn tensor [N, K], got "
                          f"{getattr(qweight, 'dtype', type(qweight).__name__)} {tuple(getattr(qweight, 'shape', ()))}")
     N, K = qweight.shape
     if qweight.stride(1) != 1:
@@ -191,6 +195,8 @@ def quantize_int8(w: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) 
         raise ValueError(f"w must be a 2-D fp16/bf16/fp32 tensor, got "
                          f"{getattr(w, 'dtype', type(w).__name__)} {tuple(getattr(w, 'shape', ()))}")
     N, K = _check_weight(qweight, scales)
+    if qweight.dtype != torch.int8:
+        raise ValueError(f"qweight must be int8 for quantize_int8, got {qweight.dtype} (fp8: quantize_fp8)")
     if tuple(w.shape) != (N, K):
         raise ValueError(f"w has shape {tuple(w.shape)} but qweight {tuple(qweight.shape)}")
     if w.stride(1) != 1 and K > 1:
@@ -278,30 +284,34 @@ def compile_specs(shape: ModelShape) -> list[CompileSpec]:
     mats = [(name, N, K, dt) for name, (N, K) in weight_shapes(shape).items()]
     if dt == torch.float16:
         mats += [(f"{name},fp32", N, K, torch.float32) for name, (N, K) in weight_shapes(shape).items()]
-    for name, N, K, mdt in mats:
-        pm = _TL[mdt]
-        for M in _SPEC_ROWS:
-            block_m, block_n, block_k, split, _, warps = _matmul_config(M, N, K, mdt)
-            key = (block_m, block_n, block_k, split > 1, mdt)
-            if key in seen:
-                continue
-            seen.add(key)
-            sig = {"x_ptr": pm, "w_ptr": "*i8", "s_ptr": "*fp32", "out_ptr": pm,
-                   "part_ptr": "*fp32" if split > 1 else pm, "M": i32, "N": i32, "K": i32, "stride_x": i32,
-                   "stride_w": i32, "stride_out": i32, "K_PER_SPLIT": i32, "BLOCK_M": "constexpr",
-                   "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "SPLIT_K": "constexpr",
-                   "DOT_PRECISION": "constexpr"}
-            specs.append(CompileSpec(_w8a16_matmul_kernel, f"w8a16_matmul[{name},M<={M}]", sig,
-                                     {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                                      "SPLIT_K": split > 1,
-                                      "DOT_PRECISION": "ieee" if mdt == torch.float32 else "tf32"}, warps, 2))
+    # fp8 weights: the same kernels reading e4m3, built only for sm_89+ (min_arch)
+    for wname, wptr, min_arch in (("", "*i8", None), ("fp8,", "*fp8e4nv", 89)):
+        for name, N, K, mdt in mats:
+            pm = _TL[mdt]
+            for M in _SPEC_ROWS:
+                block_m, block_n, block_k, split, _, warps = _matmul_config(M, N, K, mdt)
+                key = (wptr, block_m, block_n, block_k, split > 1, mdt)
+                if key in seen:
+                    continue
+                seen.add(key)
+                sig = {"x_ptr": pm, "w_ptr": wptr, "s_ptr": "*fp32", "out_ptr": pm,
+                       "part_ptr": "*fp32" if split > 1 else pm, "M": i32, "N": i32, "K": i32, "stride_x": i32,
+                       "stride_w": i32, "stride_out": i32, "K_PER_SPLIT": i32, "BLOCK_M": "constexpr",
+                       "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "SPLIT_K": "constexpr",
+                       "DOT_PRECISION": "constexpr"}
+                specs.append(CompileSpec(_w8a16_matmul_kernel, f"w8a16_matmul[{wname}{name},M<={M}]", sig,
+                                         {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
+                                          "SPLIT_K": split > 1,
+                                          "DOT_PRECISION": "ieee" if mdt == torch.float32 else "tf32"}, warps, 2,
+                                         min_arch=min_arch))
+        specs.append(CompileSpec(_dequantize_kernel, f"w8a16_dequantize{'[fp8]' if min_arch else ''}",
+                                 {"q_ptr": wptr, "s_ptr": "*fp32", "w_ptr": p, "K": i32, "stride_q": i32,
+                                  "stride_w": i32, "BLOCK_K": "constexpr"}, {"BLOCK_K": _DEQUANT_BLOCK}, 4, 2,
+                                 min_arch=min_arch))
     specs.append(CompileSpec(_splitk_reduce_kernel, "w8a16_splitk_reduce",
                              {"part_ptr": "*fp32", "s_ptr": "*fp32", "out_ptr": p, "M": i32, "N": i32,
                               "stride_out": i32, "SPLIT": i32, "BLOCK": "constexpr"},
                              {"BLOCK": _REDUCE_BLOCK}, 4, 2))
-    specs.append(CompileSpec(_dequantize_kernel, "w8a16_dequantize",
-                             {"q_ptr": "*i8", "s_ptr": "*fp32", "w_ptr": p, "K": i32, "stride_q": i32,
-                              "stride_w": i32, "BLOCK_K": "constexpr"}, {"BLOCK_K": _DEQUANT_BLOCK}, 4, 2))
     for src in ("*fp16", "*bf16", "*fp32"):
         K = max(shape.hidden_size, shape.intermediate_size)
         specs.append(CompileSpec(_quantize_rows_kernel, f"quantize_int8[{src[1:]}]",

@@ -1,4 +1,4 @@
-"""``LLM(..., quantization="int8")``: the engine with weight-only int8 matrices against
+"""``LLM(..., quantization="int8" / "fp8")``: the engine with weight-only 8-bit matrices against
 HF transformers running the same quantized weights (dequantized by this test's own
 code, from the format's written definition), on the reference backend and on the
 Triton kernels (interpreter on CPU)."""
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine import SamplingParams
-from engine.int8_weights import Int8Weight
+from engine.quantized_weights import QuantizedWeight
 from tests.helpers import DEVICE, hf_greedy, hf_model, make_checkpoint, make_llm, token_prompts
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -23,7 +23,15 @@ def fake_quantize(w: torch.Tensor) -> torch.Tensor:
     return (q * s[:, None]).float()
 
 
-def hf_int8(path):
+def fake_quantize_fp8(w: torch.Tensor) -> torch.Tensor:
+    """Per-output-row scale max|w| / 448, values rounded to float8 e4m3 (torch's cast:
+    nearest, ties to even), back to fp32."""
+    s = w.float().abs().max(dim=1).values / 448.0
+    safe = torch.where(s == 0, torch.ones_like(s), s)
+    return (w.float() / safe[:, None]).to(torch.float8_e4m3fn).float() * s[:, None]
+
+
+def hf_int8(path, quantize=fake_quantize):
     hf = hf_model(path)
     with torch.no_grad():
         for layer in hf.model.layers:
@@ -31,7 +39,7 @@ def hf_int8(path):
                 for name in LINEARS:
                     lin = getattr(mod, name, None)
                     if lin is not None:
-                        lin.weight.copy_(fake_quantize(lin.weight))
+                        lin.weight.copy_(quantize(lin.weight))
     return hf
 
 
@@ -68,7 +76,7 @@ def test_int8_matrices_and_their_bytes(tmp_path):
     for layer in q.model.layers:
         for name in ("qkv", "o", "gate_up", "down"):
             w = getattr(layer, name)
-            assert isinstance(w, Int8Weight) and w.qweight.dtype == torch.int8
+            assert isinstance(w, QuantizedWeight) and w.qweight.dtype == torch.int8
     assert f.model.num_bytes() - q.model.num_bytes() == cfg.num_hidden_layers * (per_layer_fp - per_layer_int8)
     assert q.model.embed.dtype == q.model.lm_head.dtype == torch.float32     # not quantized
 
@@ -120,10 +128,10 @@ def test_triton_kernels_give_the_reference_int8_tokens(tmp_path):
         [o.outputs[0].cumulative_logprob for o in a], abs=1e-3)
 
 
-@pytest.mark.parametrize("value", ["awq", "gptq", "fp8", "INT8", 8])
+@pytest.mark.parametrize("value", ["awq", "gptq", "FP8", "INT8", 8])
 def test_unimplemented_quantizations_are_clear_errors(tmp_path, value):
     make_checkpoint(tmp_path)
-    with pytest.raises(ValueError, match=r"quantization=.*is not supported.*'int8'"):
+    with pytest.raises(ValueError, match=r"quantization=.*is not supported.*'int8', 'fp8'"):
         make_llm(str(tmp_path), show_progress=False, quantization=value)
 
 
@@ -174,3 +182,38 @@ def test_cuda_graphs_and_streaming_load_on_the_gpu(tmp_path):
                                                                   sp, use_tqdm=False)])
         del llm
     assert outs[0] == outs[1]
+
+
+def test_fp8_greedy_matches_hf_on_the_same_quantized_weights(tmp_path):
+    cfg = make_checkpoint(tmp_path, num_key_value_heads=2, std=0.1)
+    prompts = token_prompts(3, cfg.vocab_size, seed=17, min_len=4, max_len=30)
+    llm = make_llm(str(tmp_path), show_progress=False, quantization="fp8", block_size=8)
+    assert llm.model.layers[0].qkv.qweight.dtype == torch.float8_e4m3fn
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1), use_tqdm=False)
+    hf = hf_int8(tmp_path, fake_quantize_fp8)
+    for p, o in zip(prompts, outs):
+        ref, rows = hf_greedy(hf, p, 12)
+        assert o.outputs[0].token_ids == ref
+        assert o.outputs[0].logprobs[5][ref[5]].logprob == pytest.approx(float(rows[5][ref[5]]), abs=1e-3)
+    x = torch.tensor([prompts[0]], device=DEVICE)
+    assert not torch.allclose(hf(x).logits, hf_int8(tmp_path)(x).logits, atol=1e-4)    # not int8's
+
+
+def test_fp8_triton_kernels_give_the_reference_tokens(tmp_path):
+    cfg = make_checkpoint(tmp_path, num_key_value_heads=2)
+    prompts = token_prompts(2, cfg.vocab_size, seed=5, min_len=8, max_len=12)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    runs = [make_llm(str(tmp_path), show_progress=False, quantization="fp8", kernel_backend=b).generate(
+        [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False) for b in ("torch", "triton")]
+    assert [o.outputs[0].token_ids for o in runs[0]] == [o.outputs[0].token_ids for o in runs[1]]
+
+
+def test_fp8_on_a_gpu_older_than_sm89_is_refused(monkeypatch):
+    from engine.quantized_weights import check_device
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ValueError, match=r"compute capability 8.9 or newer.*8\.0.*'int8'"):
+        check_device("fp8", torch.device("cuda"))
+    check_device("int8", torch.device("cuda"))          # int8 runs on sm_80
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    check_device("fp8", torch.device("cuda"))
