@@ -75,10 +75,11 @@ class LLM(RequestAPI):
             "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}``
             (or ``"method": "custom", "proposer": obj``); output identical to plain
             decoding. See engine/speculative.py.
-        quantization: None (the model dtype), or "int8": weight-only int8 with
+        quantization: None (the model dtype), "int8": weight-only int8 with
             activations in the model dtype (W8A16), quantized per output channel as
-            the ordinary checkpoint loads (engine/quantized_weights.py); other values
-            (vLLM's "awq", "gptq", ...) raise ValueError.
+            the ordinary checkpoint loads (engine/quantized_weights.py), or "fp8": the
+            same with e4m3 weights (sm_89+ GPUs, or CPU); other values (vLLM's "awq",
+            "gptq", ...) raise ValueError.
         enforce_eager: never use CUDA graphs. By default, on CUDA with the
             Triton kernels, decode steps replay CUDA graphs captured at start-up
             for batch buckets 1, 2, 4, ... up to max_num_seqs (capture time is
