@@ -19,8 +19,8 @@ Kernels:
   fp32 math with IEEE division (``div_rn``), so the scales and the values are bit-exact
   against the reference.
 * ``_w8a16_matmul_kernel`` (decode batches, M <= 256 rows): a [BLOCK_M, BLOCK_K]
-  activation tile times a [BLOCK_N, BLOCK_K] int8 weight tile converted to the
-  activation dtype in registers (int8 values are exact in fp16 and bf16), accumulated in
+  activation tile times a [BLOCK_N, BLOCK_K] 8-bit weight tile converted to the
+  activation dtype in registers (int8 and e4m3 values are exact in fp16), accumulated in
   fp32 by ``tl.dot`` (16 rows at least: batch 1 pads to 16). At batch 1 the step is bound
   by reading the weights, so the grid must cover every SM: N/BLOCK_N output tiles alone
   are too few for the 4096-row matrices (64 tiles of 64 rows for ~132 SMs), so K is
@@ -28,8 +28,9 @@ Kernels:
   ``_splitk_reduce_kernel`` sums them in a fixed order (no atomics: the same input gives
   the same bits on every run, which greedy decoding relies on) and applies the scales.
   Row tiles are the fastest grid axis, so a weight tile read for one row tile is still
-  in L2 for the next: a batch of 64 reads the weights from DRAM about once, where a
-  dequantized copy would move 5 bytes per weight (1 read, 2 written, 2 read again).
+  in L2 for the next: a batch of 64 should read the weights from DRAM about once (not
+  measured), where a dequantized copy moves 5 bytes per weight (1 read, 2 written, 2
+  read again).
 * ``_dequantize_kernel`` (prefill, M > 256): the weight dequantized to the activation
   dtype into a temporary [N, K] buffer, then cuBLAS. At M in the hundreds and more a
   step is compute-bound and cuBLAS is the fastest matmul there is; the dequantize pass
@@ -38,7 +39,7 @@ Kernels:
   forward, so ``kv_sizing``'s profile run counts it.
 
 Block sizes are chosen, not measured: no GPU was lent while this was written (see
-``_TILES``). The offline gate compiles each for sm_80 and sm_90 with no spills.
+``_TILES``). The offline gate compiles each for sm_80 and sm_90 (fp8: sm_90) with no spills.
 """
 from __future__ import annotations
 
@@ -132,7 +133,7 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _WEIGHTS = {torch.int8: "*i8", torch.float8_e4m3fn: "*fp8e4nv"}     # 8-bit weight storage
 _TL = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 _TORCH = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-# Programs the GEMV grid aims for: 4 per SM of an H100/H200 (132 SMs), so every SM has
+# Programs the matmul grid aims for: 4 per SM of an H100/H200 (132 SMs), so every SM has
 # loads in flight while others wait on memory. Fixed rather than read from the device, so
 # the split (and so the bits of the result) is the same on every GPU and in the
 # interpreter.
