@@ -93,7 +93,7 @@ class LlamaModel:
 
     def load_hf_tensor(self, name: str, tensor: torch.Tensor) -> None:
         """Copies one checkpoint tensor (any float dtype, on CPU) into place; a matrix of
-        an int8 model is quantized from the checkpoint's own values, on the device, one
+        an 8-bit model is quantized from the checkpoint's own values, on the device, one
         tensor at a time (only that tensor is ever there in full precision)."""
         target = self._target(name)
         assert target.shape == tensor.shape, (name, target.shape, tensor.shape)
