@@ -362,3 +362,29 @@ def test_fork_n_hold_and_beam_search_with_speculation(ckpt):
         assert llm.block_manager.get_stats()["used"] == 0
     assert results[0] == results[1]
     assert llm.speculator.num_accepted > 0
+
+
+def test_disable_by_batch_size_decodes_large_batches_plainly(ckpt):
+    """vLLM's key: steps of more than n sequences run plain; smaller ones verify."""
+    path, cfg = ckpt
+    prompts = token_prompts(3, cfg.vocab_size, seed=31, min_len=6, max_len=12)
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (4, 24, 24)]
+    free = make_llm(path, show_progress=False).generate(
+        [{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=48, ignore_eos=True),
+        use_tqdm=False)
+    futures = {tuple(p): p + o.outputs[0].token_ids for p, o in zip(prompts, free)}
+    config = {"method": "custom", "num_speculative_tokens": 4, "proposer": Oracle(futures, 99),
+              "disable_by_batch_size": 2}
+    plain = make_llm(path, show_progress=False, block_size=4).generate(
+        [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    llm = make_llm(path, show_progress=False, block_size=4, speculative_config=config)
+    sizes = []
+    real = llm.speculator.verify
+    llm.speculator.verify = lambda llm_, seqs, drafts: sizes.append(len(seqs)) or real(llm_, seqs, drafts)
+    spec = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert_same(plain, spec)
+    assert sizes and max(sizes) <= 2                # verify steps only once the batch shrank to 2
+    assert llm.num_steps > len(sizes) + 3           # the 3-sequence steps decoded plainly
+    with pytest.raises(ValueError, match="disable_by_batch_size"):
+        make_llm(path, show_progress=False, speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                                                               "disable_by_batch_size": 0})
