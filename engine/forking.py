@@ -30,6 +30,7 @@ import torch
 
 from engine import request_validation
 from engine.errors import InvalidRequestError
+from engine.sampling_params import is_int
 from engine.sequence import Sequence, SequenceStatus
 
 
@@ -45,7 +46,7 @@ def fork_request(llm, request_id: str, n: int = 1, params=None) -> list[str]:
     if req is None:
         raise InvalidRequestError(f"fork: request {rid!r} is neither running nor held (unknown, "
                                   "finished without hold=True, released or aborted)")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not is_int(n) or n < 1:
         raise InvalidRequestError(f"fork: n={n!r} must be an int >= 1")
     if params is not None:
         params = request_validation.check_params(params, llm.config.vocab_size, llm.tokenizer)

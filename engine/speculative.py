@@ -46,6 +46,7 @@ import torch
 
 from engine.draft_proposers import NgramProposer
 from engine.logits_processors import apply_logits_processors
+from engine.sampling_params import is_int
 from engine.sampling_knobs import uses_knobs
 from engine.sequence import Sequence
 
@@ -64,13 +65,13 @@ class Speculator:
         if method not in METHODS:
             raise ValueError(f"speculative_config: method={method!r}; use one of {METHODS}")
         k = config.get("num_speculative_tokens")
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 16:
+        if not is_int(k) or not 1 <= k <= 16:
             raise ValueError(f"speculative_config: num_speculative_tokens={k!r} must be an int in [1, 16]")
-        self.k = k
+        self.k = int(k)
         cap = config.get("disable_by_batch_size")
-        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        if cap is not None and (not is_int(cap) or cap < 1):
             raise ValueError(f"speculative_config: disable_by_batch_size={cap!r} must be an int >= 1 or None")
-        self.disable_by_batch_size = cap
+        self.disable_by_batch_size = None if cap is None else int(cap)
         if method == "ngram":
             self.proposer = NgramProposer(config.get("prompt_lookup_min", 1), config.get("prompt_lookup_max", 4),
                                           shared=bool(config.get("shared_lookup", False)))

@@ -7,27 +7,19 @@ With more than 60 s left on an sm_89+ GPU (or in the dry run), an fp8 engine is 
 the same way after it."""
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 
 import torch
 
+from benchmarks.first_contact.verify_step import timed_steps
+
 
 def _tpot(ctx, llm, prompt, new):
-    from engine import SamplingParams
-    sp = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
-    rid = llm.add_request({"prompt_token_ids": prompt}, sp)
-    llm.step()                                     # the prefill
-    times, tokens = [], []
-    while llm.has_unfinished_requests():
-        ctx.sync()
-        t = time.perf_counter()
-        for o in llm.step():
-            if o.request_id == rid and o.finished:
-                tokens = list(o.outputs[0].token_ids)
-        ctx.sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), tokens
+    """(median seconds of a decode step, the generated tokens) of one greedy request."""
+    times, outs = timed_steps(ctx, llm, [prompt], new)
+    return statistics.median(times), list(next(iter(outs.values())).outputs[0].token_ids)
 
 
 def int8(ctx) -> dict:
@@ -44,12 +36,21 @@ def int8(ctx) -> dict:
     kw = dict(dtype="float32", device="cpu", kernel_backend="torch") if ctx.dry else \
         dict(dtype="float16", device="cuda")
     release_engine(ctx)
-    t = time.perf_counter()
-    q8 = LLM(model_dir, load_format="dummy", max_num_seqs=2 if ctx.dry else 16, skip_tokenizer_init=True,
-             show_progress=False, quantization="int8", **kw)
-    build_s = time.perf_counter() - t
-    _tpot(ctx, q8, warm, new)
-    t8, tok8 = _tpot(ctx, q8, prompt, new)
+
+    def timed_engine(quantization):
+        """(median decode step, its tokens, build seconds, the engine) of a fresh 8-bit engine
+        (the previous engine's KV pool returned to the driver first: the new one sizes its
+        own from free memory)."""
+        gc.collect()
+        if ctx.cuda:
+            torch.cuda.empty_cache()
+        t = time.perf_counter()
+        llm = LLM(model_dir, load_format="dummy", max_num_seqs=2 if ctx.dry else 16, skip_tokenizer_init=True,
+                  show_progress=False, quantization=quantization, **kw)
+        build_s = time.perf_counter() - t
+        _tpot(ctx, llm, warm, new)                                      # warm-up, same shapes
+        return (*_tpot(ctx, llm, prompt, new), build_s, llm)
+    t8, tok8, build_s, q8 = timed_engine("int8")
     same = next((i for i, (a, b) in enumerate(zip(tok16, tok8)) if a != b), min(len(tok16), len(tok8)))
     out = dict(fp16_tpot_ms=t16 * 1e3, int8_tpot_ms=t8 * 1e3, fp16_tokens_per_s=1 / t16, int8_tokens_per_s=1 / t8,
                speedup=t16 / t8, fp16_weight_bytes=W16, int8_weight_bytes=q8.model.num_bytes(),
@@ -60,12 +61,8 @@ def int8(ctx) -> dict:
             f"first {same} greedy tokens equal to fp16's")
     del q8
     if ctx.dry or (ctx.cuda and torch.cuda.get_device_capability() >= (8, 9) and ctx.left() > 60):
-        release_engine(ctx)
-        f8 = LLM(model_dir, load_format="dummy", max_num_seqs=2 if ctx.dry else 16, skip_tokenizer_init=True,
-                 show_progress=False, quantization="fp8", **kw)
-        _tpot(ctx, f8, warm, new)
-        tf8, _ = _tpot(ctx, f8, prompt, new)
+        tf8, _, _, f8 = timed_engine("fp8")
+        del f8
         out.update(fp8_tpot_ms=tf8 * 1e3, fp8_tokens_per_s=1 / tf8, fp8_speedup=t16 / tf8)
         ctx.log(f"   batch 1: fp8 {tf8 * 1e3:.2f} ms/token ({t16 / tf8:.2f}x fp16)")
-        del f8
     return dict(out, failures=[])

@@ -21,7 +21,9 @@ class _Oracle:
         return []
 
 
-def _steps(ctx, llm, prompts, new):
+def timed_steps(ctx, llm, prompts, new):
+    """The prompts through step(): (each step's seconds after the prefill, finished
+    outputs by request id)."""
     from engine import SamplingParams
     sp = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
     for p in prompts:
@@ -48,13 +50,13 @@ def verify(ctx) -> dict:
     out, failures = {}, []
     for batch in ((1, 2) if ctx.dry else (1, 16)):
         prompts = rand_prompts(batch, P, V, seed=70 + batch)
-        _steps(ctx, llm, prompts, new)                                    # warm-up, same shapes
-        plain, outs = _steps(ctx, llm, prompts, new)
+        timed_steps(ctx, llm, prompts, new)                                    # warm-up, same shapes
+        plain, outs = timed_steps(ctx, llm, prompts, new)
         futures = [p + outs[r].outputs[0].token_ids for p, r in zip(prompts, sorted(outs, key=int))]
         llm.enable_speculation({"method": "custom", "num_speculative_tokens": 4, "proposer": _Oracle(futures)})
         try:
-            _steps(ctx, llm, prompts, new)                                # warm-up of the verify shapes
-            spec, souts = _steps(ctx, llm, prompts, new)
+            timed_steps(ctx, llm, prompts, new)                                # warm-up of the verify shapes
+            spec, souts = timed_steps(ctx, llm, prompts, new)
         finally:
             llm.enable_speculation(None)
         same = all(souts[a].outputs[0].token_ids == outs[b].outputs[0].token_ids
