@@ -210,7 +210,11 @@ def quantize_int8(w: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) 
     scales[n] = max|w[n]| / 127 (fp32), qweight = sign(y) * floor(|y| + 1/2) with
     y = w[n] / scales[n] (an all-zero row: scale 0, values 0)."""
     wf = w.float()
-    s = wf.abs().amax(dim=1) / 127.0                                        # [N]
+    amax = wf.abs().amax(dim=1)                                             # [N]
+    # A tensor divisor: CUDA torch divides by a Python scalar as a multiply by its
+    # reciprocal (not IEEE division; CPU torch divides exactly), which gives another
+    # scale on ~4.5% of rows.
+    s = amax / torch.full_like(amax, 127.0)
     y = wf / torch.where(s == 0, torch.ones_like(s), s)[:, None]
     q = torch.floor(y.abs() + 0.5).clamp(max=127.0)
     qweight.copy_(torch.where(y < 0, -q, q).to(torch.int8))
@@ -233,7 +237,8 @@ def quantize_fp8(w: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -
     w[n] / scales[n] rounded to the nearest e4m3 value (ties to even; an all-zero row:
     scale 0, values 0). Also the CUDA path: the elementwise torch ops run on the GPU."""
     wf = w.float()
-    s = wf.abs().amax(dim=1) / FP8_MAX                                      # [N]
+    amax = wf.abs().amax(dim=1)                                             # [N]
+    s = amax / torch.full_like(amax, FP8_MAX)          # IEEE on CUDA too (see quantize_int8)
     y = wf / torch.where(s == 0, torch.ones_like(s), s)[:, None]
     qweight.copy_(y.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
     scales.copy_(s)

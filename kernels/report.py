@@ -33,6 +33,10 @@ prints ``REG:n STACK:n SHARED:n LOCAL:n CONSTANT[0]:n ...``.
     (OutOfResources); the report applies the same check per target, since the
     compile itself does not. The static bytes are in the JSON (static_smem).
 
+A spec marked ``exact`` (its tests compare with ``torch.equal``) also fails when its
+PTX holds an approximate division (``div.approx.f32``: what a plain fp32 ``/`` compiles
+to; the interpreter divides exactly, so only the compile can show it).
+
 Exit status: 0 only if nothing failed and nothing spilled; 1 otherwise; 2 for
 a bad command line or a missing toolchain. The last line is always
 ``compiled N / failed F / spilling S``.
@@ -80,6 +84,15 @@ SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 # --------------------------------------------------------------------------------------
 
 _FUNC_RE = re.compile(r"^\s*Function\s+([^\s:]+)\s*:\s*$")
+# Approximate fp32 division in PTX: what a plain `/` in a Triton kernel becomes on the GPU
+# (div.approx.f32 under Triton 3.6 and 3.9; div.full.f32 and rcp.approx in other lowerings).
+# The interpreter divides exactly, so a bit-exact test on CPU cannot see it.
+APPROX_DIVISION_RE = re.compile(r"\b(div\.approx\.[a-z0-9.]+|div\.full\.[a-z0-9.]+|rcp\.approx\.[a-z0-9.]+)")
+
+
+def approximate_divisions(ptx: str) -> list[str]:
+    """The distinct approximate-division instructions in ``ptx``."""
+    return sorted(set(APPROX_DIVISION_RE.findall(ptx)))
 _FIELD_RE = re.compile(r"([A-Z_]+(?:\[\d+\])?):(\d+)")
 
 
@@ -388,7 +401,12 @@ def compile_one(job: Job, arch: int) -> dict:
                    smem=dyn, stack=res.get("STACK", 0),
                    local=res.get("LOCAL", 0), spill_bytes=spill_bytes(res))
         limit = SMEM_LIMIT.get(arch)
-        if limit is not None and row["smem"] > limit:
+        approx = approximate_divisions(k.asm.get("ptx", "")) if getattr(spec, "exact", False) else []
+        if approx:
+            row["status"] = "failed"
+            row["error"] = (f"approximate division {approx} in a kernel that must be bit-exact against "
+                            "its reference: use tl.math.div_rn")
+        elif limit is not None and row["smem"] > limit:
             row["status"] = "failed"
             row["error"] = (f"shared memory {row['smem']} B > sm_{arch} per-block limit {limit} B "
                             f"(a launch raises OutOfResources)")

@@ -85,6 +85,18 @@ def _example_smem_hog(a_ptr, b_ptr, c_ptr, K, BM: tl.constexpr, BN: tl.constexpr
     tl.store(c_ptr + rm[:, None] * BN + rn[None, :], acc)
 
 
+@triton.jit
+def _example_division(x_ptr, out_ptr, BLOCK: tl.constexpr, ROUNDED: tl.constexpr):
+    # fp32 x / 127: a plain `/` compiles to div.approx.f32, div_rn to IEEE division.
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs)
+    if ROUNDED:
+        y = tl.math.div_rn(x, tl.zeros([BLOCK], dtype=tl.float32) + 127.0)
+    else:
+        y = x / 127.0
+    tl.store(out_ptr + offs, y)
+
+
 def compile_specs(shape) -> list[CompileSpec]:
     """Same specs for every shape: the report must compile each once (dedupe)."""
     return [
@@ -102,6 +114,12 @@ def compile_specs(shape) -> list[CompileSpec]:
                     {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32", "K": "i32",
                      "BM": "constexpr", "BN": "constexpr", "BK": "constexpr"},
                     {"BM": 128, "BN": 128, "BK": 128}, num_warps=8, num_stages=6, production=False),
+        CompileSpec(_example_division, "example_exact_division",
+                    {"x_ptr": "*fp32", "out_ptr": "*fp32", "BLOCK": "constexpr", "ROUNDED": "constexpr"},
+                    {"BLOCK": 128, "ROUNDED": True}, num_warps=4, num_stages=1, production=False, exact=True),
+        CompileSpec(_example_division, "example_inexact_division",
+                    {"x_ptr": "*fp32", "out_ptr": "*fp32", "BLOCK": "constexpr", "ROUNDED": "constexpr"},
+                    {"BLOCK": 128, "ROUNDED": False}, num_warps=4, num_stages=1, production=False, exact=True),
     ]
 
 
@@ -164,9 +182,14 @@ def test_report_on_example_kernels_flags_spills_failures_and_broken_modules(tmp_
     assert hog["sm_90"]["smem"] > report.SMEM_LIMIT[80] and hog["sm_90"]["status"] == "ok"
     (broken,) = by["<import>"]
     assert broken["status"] == "failed" and "_no_such_kernel_module" in broken["error"]
+    # an `exact` kernel: IEEE division compiles clean, a plain `/` is refused
+    assert [row["status"] for row in by["example_exact_division"]] == ["ok", "ok"]
+    for row in by["example_inexact_division"]:
+        assert row["status"] == "failed" and "div.approx.f32" in row["error"], row
+    assert len(by["example_inexact_division"]) == 2
 
     last = r.stdout.strip().splitlines()[-1]
-    assert last == "compiled 5 / failed 4 / spilling 2", r.stdout[-3000:]
+    assert last == "compiled 7 / failed 6 / spilling 2", r.stdout[-3000:]
     assert "SPILL: test_kernel_report: example_register_hungry" in r.stdout
 
 
@@ -269,7 +292,7 @@ def test_kernel_filter_and_dedupe():
     assert [j.spec.name for j in jobs] == ["example_register_hungry"]
     jobs, _ = report.collect([THIS_MODULE], SHAPES[:1], include_all=True,
                              kernel_filter="test_kernel_report")          # module name
-    assert len(jobs) == 4
+    assert len(jobs) == 6
 
 
 class _FakeFn:

@@ -13,22 +13,25 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def fake_quantize(w: torch.Tensor) -> torch.Tensor:
-    """Symmetric per-output-row int8, rounded half away from zero, back to fp32 (the
-    format as the README states it, written out independently of kernels/)."""
-    w = w.double()
+    """Symmetric per-output-row int8, rounded half away from zero, back to fp32 on w's
+    device (the format as the README states it, written out independently of kernels/).
+    Computed on the CPU, whose division is IEEE on every machine: CUDA torch divides by a
+    Python scalar as a multiply by its reciprocal, another scale on ~4.5% of rows."""
+    dev, w = w.device, w.detach().cpu().double()
     s = (w.abs().max(dim=1).values.float() / 127.0).double()      # the scale is an fp32 number
     safe = torch.where(s == 0, torch.ones_like(s), s)
     y = (w / safe[:, None]).float().double()
     q = torch.sign(y) * torch.clamp(torch.floor(y.abs() + 0.5), max=127)
-    return (q * s[:, None]).float()
+    return (q * s[:, None]).float().to(dev)
 
 
 def fake_quantize_fp8(w: torch.Tensor) -> torch.Tensor:
     """Per-output-row scale max|w| / 448, values rounded to float8 e4m3 (torch's cast:
-    nearest, ties to even), back to fp32."""
-    s = w.float().abs().max(dim=1).values / 448.0
+    nearest, ties to even), back to fp32 on w's device (computed on the CPU, as above)."""
+    dev, w = w.device, w.detach().cpu().float()
+    s = w.abs().max(dim=1).values / 448.0
     safe = torch.where(s == 0, torch.ones_like(s), s)
-    return (w.float() / safe[:, None]).to(torch.float8_e4m3fn).float() * s[:, None]
+    return ((w / safe[:, None]).to(torch.float8_e4m3fn).float() * s[:, None]).to(dev)
 
 
 def hf_int8(path, quantize=fake_quantize):

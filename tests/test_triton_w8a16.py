@@ -59,6 +59,36 @@ def test_quantize_is_bit_exact(dtype, N, K):
     assert (q1.abs().amax(1)[s1 > 0] == 127).all()
 
 
+def _rows_where_reciprocal_differs(divisor: float, n: int = 64):
+    """(row maxima, their IEEE quotients by ``divisor``) for rows where multiplying by the
+    rounded reciprocal (what CUDA torch does for a Python-scalar divisor, and close to
+    the approximate division a plain Triton `/` compiles to) gives another fp32 number."""
+    import numpy as np
+    a = (np.random.default_rng(0).random(20000) * 0.1 + 1e-3).astype(np.float32)
+    exact = a / np.float32(divisor)
+    differ = exact != a * (np.float32(1.0) / np.float32(divisor))
+    assert differ.mean() > 0.02                 # the hazard is real (int8: ~4.5% of rows)
+    return torch.from_numpy(a[differ][:n]), torch.from_numpy(exact[differ][:n])
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_scales_are_ieee_quotients_on_every_device(fmt):
+    """The scales are max|w| / 127 (fp8: / 448) correctly rounded, on the rows where a
+    multiply by the reciprocal would round otherwise: the reference, the Triton kernel
+    and the CPU all agree bit for bit (on CUDA too, where the GPU check runs this)."""
+    amax, want = _rows_where_reciprocal_differs(127.0 if fmt == "int8" else 448.0)
+    w = torch.zeros(len(amax), 40)
+    w[:, 7], w[:, 30] = amax, -0.5 * amax
+    w = w.to(DEVICE)
+    qdt = torch.int8 if fmt == "int8" else torch.float8_e4m3fn
+    fns = [R.quantize_int8, w8a16.quantize_int8] if fmt == "int8" else [R.quantize_fp8]
+    for quantize in fns:
+        q, s = torch.empty(w.shape, dtype=qdt, device=DEVICE), torch.empty(len(amax), device=DEVICE)
+        quantize(w, q, s)
+        assert torch.equal(s.cpu(), want), quantize
+        assert (q.float()[:, 7] == (127.0 if fmt == "int8" else 448.0)).all()
+
+
 def test_quantize_into_row_views_of_a_fused_matrix():
     """q/k/v land in rows of one qkv matrix: each quantized on its own rows."""
     q = torch.zeros(48, 64, dtype=torch.int8, device=DEVICE)

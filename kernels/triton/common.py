@@ -65,6 +65,9 @@ class CompileSpec:
     # The oldest GPU architecture it is built for (None: every target). FP8 kernels say
     # 89: fp8 conversions do not exist below sm_89, so the report skips sm_80 for them.
     min_arch: int | None = None
+    # Bit-exact against its reference (tests compare with torch.equal): the report fails a
+    # compile whose PTX holds an approximate division (a plain `/` on fp32: use div_rn).
+    exact: bool = False
 
     def config_str(self) -> str:
         parts = [f"{k}={v}" for k, v in self.constexprs.items()]

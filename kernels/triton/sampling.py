@@ -181,7 +181,7 @@ def compile_specs(shape: ModelShape) -> list[CompileSpec]:
         specs.append(CompileSpec(
             _argmax_kernel, f"greedy_argmax{tag}",
             {"logits_ptr": p, "out_ptr": "*i64", "V": "i32", "stride_row": "i32",
-             "BLOCK": "constexpr"}, {"BLOCK": block}, num_warps, 2, prod))
+             "BLOCK": "constexpr"}, {"BLOCK": block}, num_warps, 2, prod, exact=True))
         specs.append(CompileSpec(
             _logprobs_kernel, f"gather_logprobs{tag}",
             {"logits_ptr": p, "ids_ptr": "*i64", "out_ptr": "*fp32", "V": "i32", "K": "i32",

@@ -60,7 +60,10 @@ def _quantize_rows_kernel(w_ptr, q_ptr, s_ptr, K, stride_w, stride_q, BLOCK_K: t
         offs = k0 + tl.arange(0, BLOCK_K)
         w = tl.load(w_ptr + row * stride_w + offs, mask=offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(w))
-    scale = tl.max(amax, axis=0) / 127.0
+    # IEEE division (div_rn) for the scale too: a plain `/` compiles to an approximate fp32
+    # division on the GPU, which the interpreter and CPU torch never show; a scale one ulp
+    # off changes the rounding of values near a half.
+    scale = tl.math.div_rn(tl.max(amax, axis=0), 127.0)
     div = tl.where(scale == 0.0, 1.0, scale)
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
@@ -318,5 +321,6 @@ def compile_specs(shape: ModelShape) -> list[CompileSpec]:
         specs.append(CompileSpec(_quantize_rows_kernel, f"quantize_int8[{src[1:]}]",
                                  {"w_ptr": src, "q_ptr": "*i8", "s_ptr": "*fp32", "K": i32, "stride_w": i32,
                                   "stride_q": i32, "BLOCK_K": "constexpr"},
-                                 {"BLOCK_K": min(_QUANT_BLOCK, triton.next_power_of_2(max(K, 16)))}, 4, 2))
+                                 {"BLOCK_K": min(_QUANT_BLOCK, triton.next_power_of_2(max(K, 16)))}, 4, 2,
+                                 exact=True))
     return specs
