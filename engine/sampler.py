@@ -14,10 +14,12 @@ floats per row at the end.
 """
 from __future__ import annotations
 
+import array
 from dataclasses import dataclass
 
 import torch
 
+from engine.host_to_device import HostToDevice
 from engine.logits_processors import apply_logits_processors, row_status, status_message
 from engine.sampling_knobs import KnobState, apply_knobs, min_p_filter, restore, uses_knobs
 from engine.sampling_params import SamplingParams
@@ -41,6 +43,17 @@ class Sampler:
         self._plan_val = (False, [], [], [])
         self.eos_token_id: int | None = None       # what min_tokens masks (the LLM sets it)
         self.knob_state: KnobState | None = None   # made at the first request that needs it
+        # The step's small per-row tensors (temperatures, row indices, ...) go up through
+        # pinned staging buffers, queued: a pageable copy would wait for the forward pass.
+        self.upload = HostToDevice(device)
+
+    def _ints(self, values) -> torch.Tensor:
+        """int64 [len(values)] on the device, queued (no host wait)."""
+        return self.upload.send(array.array("q", values))[0]
+
+    def _floats(self, values) -> torch.Tensor:
+        """float32 [len(values)] on the device, queued (no host wait)."""
+        return self.upload.send(array.array("f", values))[0]
 
     def _seq_generator(self, seq: Sequence) -> torch.Generator:
         if seq.params.seed is None:
@@ -57,15 +70,15 @@ class Sampler:
         distribution with the draft removed (renormalised), so the token is distributed
         exactly as a plain draw (the draft is deterministic: q is one-hot)."""
         p: list[SamplingParams] = [s.params for s in seqs]
-        temp = torch.tensor([x.temperature for x in p], device=logits.device).unsqueeze(1)
+        temp = self._floats([x.temperature for x in p]).unsqueeze(1)
         probs = torch.softmax(logits / temp, dim=-1)
         if any(x.min_p > 0 for x in p):
-            probs = min_p_filter(probs, torch.tensor([x.min_p for x in p], device=logits.device)[:, None])
+            probs = min_p_filter(probs, self._floats([x.min_p for x in p])[:, None])
         if any(x.top_k > 0 or x.top_p < 1 for x in p):
             sorted_p, order = probs.sort(dim=-1, descending=True)
             V = logits.shape[1]
-            k = torch.tensor([x.top_k if x.top_k > 0 else V for x in p], device=logits.device)
-            top_p = torch.tensor([x.top_p for x in p], device=logits.device)
+            k = self._ints([x.top_k if x.top_k > 0 else V for x in p])
+            top_p = self._floats([x.top_p for x in p])
             rank = torch.arange(V, device=logits.device).unsqueeze(0)
             # keep a token if it is within top-k and the mass before it is < top_p
             before = sorted_p.cumsum(-1) - sorted_p
@@ -75,7 +88,7 @@ class Sampler:
         accept = None
         if drafts is not None and any(d >= 0 for d in drafts):
             dev = logits.device
-            d = torch.tensor(drafts, device=dev)
+            d = self._ints(drafts)
             has = d >= 0
             col = d.clamp(min=0)[:, None]
             p_draft = probs.gather(1, col).squeeze(1) / probs.sum(-1)
@@ -147,10 +160,10 @@ class Sampler:
         else:
             tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
             if greedy:
-                g = torch.tensor(greedy, device=logits.device)
+                g = self._ints(greedy)
                 tokens[g] = ops.greedy_argmax(logits[g])
             rest = sorted(set(range(B)) - set(greedy))
-            r = torch.tensor(rest, device=logits.device)
+            r = self._ints(rest)
             tokens[r] = self._sample_rows(logits[r], [seqs[i] for i in rest],
                                           None if drafts is None else [drafts[i] for i in rest])
         restore(raw, undo)                          # raw again, for the log-probs
@@ -165,8 +178,7 @@ class Sampler:
             parts.append(row_status(logits).double())
         return PendingSample(torch.cat(parts), B, want, K, failed, has_status=procs)
 
-    @staticmethod
-    def _logprob_entries(raw: torch.Tensor, tokens: torch.Tensor, rows: list[int],
+    def _logprob_entries(self, raw: torch.Tensor, tokens: torch.Tensor, rows: list[int],
                          seqs: list[Sequence], ops):
         """For the requesting rows, on the device: ids [n, K] (sampled, then
         top-N, then the requested ids; short rows padded by repeating their
@@ -175,7 +187,7 @@ class Sampler:
         rank = 1 + number of tokens with a strictly larger raw logit.
         """
         dev = raw.device
-        r = torch.tensor(rows, device=dev)
+        r = self._ints(rows)
         sub = raw[r]                                                   # [n, V]
         sampled = tokens[r].unsqueeze(1)                               # [n, 1]
         params = [seqs[i].params for i in rows]
@@ -184,12 +196,12 @@ class Sampler:
         cols = [sampled]
         if top_n:
             top = sub.topk(top_n, dim=-1).indices                      # [n, top_n]
-            keep = torch.arange(top_n, device=dev) < torch.tensor(
-                [p.logprobs or 0 for p in params], device=dev).unsqueeze(1)
+            keep = torch.arange(top_n, device=dev) < self._ints([p.logprobs or 0 for p in params]).unsqueeze(1)
             cols.append(torch.where(keep, top, sampled))
         if n_req:
-            req = torch.tensor([list(p.logprob_token_ids or ()) + [-1] * (n_req - len(p.logprob_token_ids or ()))
-                                for p in params], device=dev)
+            req = self._ints([t for p in params for t in (list(p.logprob_token_ids or ())
+                                                          + [-1] * (n_req - len(p.logprob_token_ids or ())))]
+                             ).view(len(params), n_req)
             cols.append(torch.where(req >= 0, req, sampled))
         ids = torch.cat(cols, dim=1)                                   # [n, K]
         lps = ops.gather_logprobs(sub, ids)                            # [n, K]

@@ -42,6 +42,8 @@ import math
 
 import torch
 
+from engine.host_to_device import HostToDevice
+
 TOK, BIAS, R, C = range(4)               # per column, in KnobState.cols[row, col]
 MAX_TOKEN = 2 ** 24                      # token ids are stored exactly as float32 below this
 STOP, BANNED, BANNED_NOW = 1, 2, 4       # _Row column flags
@@ -80,11 +82,11 @@ class _Batch:
     step by step while the batch is the same sequences (a decode batch usually is), so a
     step neither gathers the pooled rows nor recomputes the positions."""
 
-    def __init__(self, key, pairs, rows, srows, V, cap, device):
+    def __init__(self, key, pairs, rows, srows, V, cap, upload: HostToDevice):
         self.key, self.pairs, self.rows, self.cap = key, pairs, rows, cap
         self.base = [r * V for r in rows]
-        self.base_t = torch.tensor(self.base, device=device)[:, None]
-        self.srows_t = torch.tensor(srows, device=device)
+        base_t, self.srows_t = upload.send(array.array("q", self.base), array.array("q", srows))
+        self.base_t = base_t[:, None]
         self.vals = self.flat = None
 
 
@@ -94,25 +96,26 @@ class KnobState:
 
     def __init__(self, device: torch.device):
         self.device = device
+        # Every host-to-device copy goes through pinned staging buffers, queued without
+        # waiting (a pageable copy would wait for the step's forward pass to finish).
+        self.upload = HostToDevice(device)
+        (self._pad_row,) = self.upload.send(array.array("f", [0.0, 0.0, 1.0, 0.0]))   # a logit unchanged
         self.cols = torch.zeros(0, 256, 4, dtype=torch.float32, device=device)
         self._row_of: dict[int, int] = {}          # seq_id -> row
         self._rows: dict[int, _Row] = {}           # row -> host mirror
         self._free: list[int] = []
         self.batch: _Batch | None = None          # the decode batch's working copy
 
-    def _pad_value(self, pad: int) -> torch.Tensor:
-        return torch.tensor([pad, 0.0, 1.0, 0.0], device=self.device)   # rewrites its logit unchanged
-
     def _grow(self, rows: int = 0, cols: int = 0) -> None:
         r, c, _ = self.cols.shape
         if rows > r:
             self._free.extend(range(r, rows))
-            self.cols = torch.cat([self.cols, self._pad_value(0).expand(rows - r, c, 4)])
+            self.cols = torch.cat([self.cols, self._pad_row.expand(rows - r, c, 4)])
         if cols > c:
             r = self.cols.shape[0]
-            pads = torch.tensor([self._rows[i].pad if i in self._rows else 0 for i in range(r)],
-                                dtype=torch.float32, device=self.device)
-            more = self._pad_value(0).repeat(r, cols - c, 1)
+            (pads,) = self.upload.send(array.array("f", [self._rows[i].pad if i in self._rows else 0
+                                                         for i in range(r)]))
+            more = self._pad_row.repeat(r, cols - c, 1)
             more[:, :, TOK] = pads[:, None]
             self.cols = torch.cat([self.cols, more], dim=1)
 
@@ -135,7 +138,8 @@ class KnobState:
         """A row for ``seq``, all pads, with the columns its params fix registered."""
         m = _Row(seq, eos_id)
         row = self._new_row(seq, m)
-        self.cols[row] = self._pad_value(m.pad)
+        self.cols[row] = self._pad_row
+        self.cols[row, :, TOK] = m.pad
         p = seq.params
         for t, b in (p.logit_bias or {}).items():
             self._column(m, int(t), dirty)[3] = float(b)
@@ -245,14 +249,10 @@ class KnobState:
         for m, t, e in dirty:                     # flat column; token, bias, r, c
             at.append(m.row * ncol + e[0])
             vals.extend(m.values(t, e))
-        at_t, vals_t = self._to_device(at, vals)
-        self.cols.view(-1, 4).index_copy_(0, at_t, vals_t.view(-1, 4))
-
-    def _to_device(self, *arrays):
         # from arrays: a list of floats is 4x slower to turn into a tensor, and each torch
         # op costs ~25 us here on the 2-core CPU VM, so there are few of them
-        out = [torch.frombuffer(a, dtype=torch.int64 if a.typecode == "q" else torch.float32) for a in arrays]
-        return [t.to(self.device) for t in out] if self.device.type != "cpu" else out
+        at_t, vals_t = self.upload.send(at, vals)
+        self.cols.view(-1, 4).index_copy_(0, at_t, vals_t.view(-1, 4))
 
     def begin_batch(self, seqs, rows: list[int], eos_id, V: int) -> "_Batch":
         """Registers a new batch's sequences and gathers their rows into a working copy
@@ -260,7 +260,7 @@ class KnobState:
         kseqs = [seqs[i] for i in rows]
         srows, width = self.update(kseqs, eos_id)
         b = _Batch(list(seqs), [(s, self._rows[r]) for s, r in zip(kseqs, srows)], rows, srows, V,
-                   cap=-(-width // 32) * 32, device=self.device)
+                   cap=-(-width // 32) * 32, upload=self.upload)
         if b.cap > self.cols.shape[1]:
             self._grow(cols=b.cap)
         b.vals = self.cols[:, :b.cap].index_select(0, b.srows_t)                  # [n, cap, 4]
@@ -289,7 +289,7 @@ class KnobState:
             at.append(m.pos * cap + e[0])
             pos.append(base[m.pos] + t)
             vals.extend(m.values(t, e))
-        at_t, vals_t, pos_t = self._to_device(at, vals, pos)
+        at_t, vals_t, pos_t = self.upload.send(at, vals, pos)          # one copy, queued
         b.vals.view(-1, 4).index_copy_(0, at_t, vals_t.view(-1, 4))
         b.flat.view(-1).index_copy_(0, at_t, pos_t)
         return b

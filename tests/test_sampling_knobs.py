@@ -303,11 +303,25 @@ def dense_knobs(logits, seq, eos_id):
     return x
 
 
-def test_apply_knobs_equals_a_dense_reference_step_by_step_and_restores_the_raw_logits():
+class _DoneEvent:
+    def record(self):
+        pass
+
+    def query(self):
+        return True
+
+    def synchronize(self):
+        pass
+
+
+@pytest.mark.parametrize("staged", [False, True])
+def test_apply_knobs_equals_a_dense_reference_step_by_step_and_restores_the_raw_logits(staged):
     """A batch mixing rows with and without knobs, over steps that switch min_tokens' mask
     off, match and unmatch a two-token bad word, repeat tokens, emit a row's pad token and
     outgrow the batch's working copy; then a fork continues with a copy of its parent's
-    state, in a new batch."""
+    state, in a new batch. ``staged``: every host array goes through the packed staging
+    buffers as on CUDA (a clone stands in for the copy)."""
+    from engine.host_to_device import HostToDevice
     from engine.sampling_knobs import KnobState, apply_knobs, restore, uses_knobs
     from engine.sequence import Sequence
     V, eos = 50, 2
@@ -318,6 +332,8 @@ def test_apply_knobs_equals_a_dense_reference_step_by_step_and_restores_the_raw_
             Sequence([0, 12, 13], "b", SamplingParams(repetition_penalty=0.8, logit_bias={13: -1.0})),
             Sequence(list(range(2, 32)), "c", SamplingParams(frequency_penalty=0.5))]
     state = KnobState(torch.device("cpu"))
+    if staged:
+        state.upload = HostToDevice("cpu", staged=True, copy=lambda src: src.clone(), make_event=_DoneEvent)
     gen = torch.Generator().manual_seed(3)
     rows = [i for i, s in enumerate(seqs) if uses_knobs(s.params)]
     # row c: 30 columns; then 0 and 1 (its pad token, twice over) and new tokens that
@@ -347,6 +363,7 @@ def test_apply_knobs_equals_a_dense_reference_step_by_step_and_restores_the_raw_
     assert torch.equal(logits[0], dense_knobs(raw[0], child, eos))
     assert torch.equal(logits[1], dense_knobs(raw[1], seqs[0], eos))
     assert logits[0, 12] != float("-inf") and logits[1, 12] == float("-inf")
+    assert state.upload.num_copies > 0 if staged else state.upload.num_copies == 0
 
 
 def test_knob_rows_are_reused_after_finish():
