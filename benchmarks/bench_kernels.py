@@ -9,7 +9,9 @@
   reference (``kernels.reference.decode_attention``) and as a fraction of the
   device-to-device copy bandwidth measured in the same run.
 * W8A16 GEMV (benchmarks/kernels_w8a16.py): int8 weights on the 7B's five weight
-  shapes at M = 1, 4, 16, GB/s against cuBLAS's fp16 matmul in the same run.
+  shapes at M = 1, 4, 16, GB/s against cuBLAS's fp16 matmul in the same run, both timed
+  as CUDA-graph replays over weight copies spanning more than 4x the L2
+  (benchmarks/device_timing.py).
 
 Writes benchmarks/results/kernels_<device>.json (and $OUT) and a PNG.
 ``--dry-run`` runs the same code paths at tiny sizes on CPU (Triton's
@@ -173,7 +175,7 @@ def main():
                                naive_cap=(4 << 30) if dev == "cuda" else (1 << 30))
     from benchmarks.kernels_w8a16 import ROWS, SHAPES_7B, bench_w8a16
     w8 = bench_w8a16(dev, [("dry", 96, 160), ("dry_k", 64, 300)] if args.dry_run else SHAPES_7B,
-                     (1, 4) if args.dry_run else ROWS, dtype, copy_bw, timeit)
+                     (1, 4) if args.dry_run else ROWS, dtype, copy_bw)
     name = "kernels_dryrun" if args.dry_run else "kernels_" + slug(device_name(dev))
     payload = record(device=device_name(dev), dtype=str(dtype).replace("torch.", ""),
                      copy_bandwidth_gb_per_s=copy_bw / 1e9, prefill=prefill, decode=decode, w8a16=w8)
