@@ -11,7 +11,8 @@ each wrapped so that a failure is recorded and the rest still run):
   probe     versions, SMs, memory, optional packages, kernels compiled (not interpreted)
   kernels   every Triton kernel at the 7B shape vs kernels/reference.py, fp16 and bf16:
             error, seconds to first compile, host us per launch
-  ceilings  copy bandwidth; cuBLAS M=1 GEMV bandwidth of the 5 weight shapes, L2 flushed
+  ceilings  copy bandwidth; cuBLAS M=1 GEMV bandwidth of the 5 weight shapes, as graph
+            replays over weight copies spanning > 4x the L2 (benchmarks/device_timing.py)
   engine    one 7B dummy engine (fp16), built once: start-up phases, KV sizing, memory,
             whether CUDA graphs were captured
   graphs    graph replay vs eager on that engine: identical greedy tokens and log-probs
@@ -21,13 +22,13 @@ each wrapped so that a failure is recorded and the rest still run):
   sweep     4, 16, 64, 256 sequences x 64 tokens, each after a same-shape warm-up
   verify    a speculative verify step (k=4, oracle drafts) vs a plain decode step, batch 1
             and 16 (target <= 1.15x at batch 1)
-  int8      an int8 7B engine (W8A16) vs the fp16 one, batch-1 decode (target >= 1.6x); it
-            frees the fp16 engine
+  int8      an int8 7B engine (W8A16) vs the fp16 one, batch-1 decode (target >= 1.6x), then
+            fp8 on sm_89+; each engine is built after the one before is freed
   micro     decode attention GB/s (graph split count vs live), prefill vs SDPA flash
-  real      SmolLM2-135M in fp16 and bf16 vs the fp32 CPU reference, if the model is on the
-            machine ($SELFRAG_REAL_MODEL): top-1 agreement, max chosen log-prob error
+  real      the embedded miniature Self-RAG model (trained, in the repository) in fp16 and
+            bf16 vs HF's fp32 CPU reference: top-1 agreement, max chosen log-prob error
   knobs     the sampler with every sampling knob on 64 rows vs plain (target <= 1.3x)
-  tests     if 90 s remain: the CUDA test subset (kernels, graphs, parity with HF)
+  tests     if 90 s remain: every test that skips without CUDA, then the kernel tests compiled
 
 Writes benchmarks/results/first_contact_<device>.json after every step (and into $OUT
 when set), plus first_contact.log (flushed as it goes), first_contact_profile.txt,
@@ -45,11 +46,23 @@ import tempfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-# (name, seconds a step needs at least on the GPU to be worth starting)
-STEPS = [("probe", 5), ("kernels", 40), ("ceilings", 15), ("engine", 60), ("graphs", 15),
-         ("decode", 15), ("profile", 10), ("sweep", 25), ("verify", 20), ("int8", 90), ("micro", 20), ("real", 30),
-         ("knobs", 15),
-         ("tests", 90)]
+# (name, seconds left below which the step is skipped, seconds it is expected to take on
+# an H200). Expected: measured where a run measured it (the H200 check of 2026-11-30, fresh
+# machine, `first_contact_h200.json`), else estimated, with the arithmetic:
+#   kernels  18 s for 30 compiled variants (~0.6 s each); the 8-bit cases add ~24 variants
+#   ceilings 0.2 s eager; the graphs over ~1.2 GB of weight copies add ~2 s
+#   verify   4 runs x 40 steps x ~5 ms at batch 1 and 16, plus the verify shapes' compiles
+#   int8     two 7B engines (int8, fp8): dummy weights quantized on the GPU (~2 s), KV
+#            profile and graphs compiling ~10 variants each (~6 s), 2 x 64 timed steps
+#   real     HF fp32 on the CPU (~3 s), fp16 and bf16 engines of the miniature model
+#            compiling ~15 variants each (~9 s)
+#   tests    95.6 s for the last 8 files of CUDA_TESTS; the first three ~55 s (~60 more
+#            compiles of odd shapes and the 8-bit engine tests)
+# Sum: 280 s of the 330 s deadline (tests/test_gpu_first_contact.py keeps it under 300).
+STEPS = [("probe", 5, 5), ("kernels", 40, 32), ("ceilings", 15, 3), ("engine", 60, 2), ("graphs", 15, 2),
+         ("decode", 15, 5), ("profile", 10, 6), ("sweep", 25, 5), ("verify", 20, 10), ("int8", 90, 30),
+         ("micro", 20, 2), ("real", 30, 25), ("knobs", 15, 3),
+         ("tests", 90, 150)]
 DEADLINE_S = 330
 
 
@@ -58,7 +71,7 @@ def _step_functions():
                                           real_model_step, trace_steps, verify_step)
 
     def micro(ctx):
-        engine_steps.release_engine(ctx)       # its KV pool holds most of the GPU
+        ctx.release_engine()                   # its KV pool holds most of the GPU
         return device_steps.micro(ctx)
     return dict(probe=device_steps.probe, kernels=kernel_checks.run, ceilings=device_steps.ceilings,
                 engine=engine_steps.engine, graphs=engine_steps.graphs, decode=engine_steps.decode,
@@ -73,12 +86,12 @@ NEEDS_ENGINE = {"graphs", "decode", "profile", "sweep", "verify", "int8"}
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", help="comma-separated subset, in any order (run in the order above): "
-                                    + ",".join(n for n, _ in STEPS))
+                                    + ",".join(n for n, _, _ in STEPS))
     ap.add_argument("--dry-run", action="store_true", help="every step on CPU at tiny shapes")
     ap.add_argument("--deadline", type=float, default=DEADLINE_S,
                     help=f"seconds from start after which nothing new starts (default {DEADLINE_S})")
     args = ap.parse_args(argv)
-    names = [n for n, _ in STEPS]
+    names = [n for n, _, _ in STEPS]
     chosen = names if not args.steps else [s.strip() for s in args.steps.split(",") if s.strip()]
     bad = [s for s in chosen if s not in names]
     if bad:
@@ -111,7 +124,7 @@ def main(argv=None) -> int:
     ctx.log(f"first contact on {dname}: steps {ctx.payload['steps_chosen']}, deadline {args.deadline:.0f} s; "
             f"log and extra files in {ctx.log_dir}")
     fns = _step_functions()
-    need = dict(STEPS)
+    need = {n: need_s for n, need_s, _ in STEPS}
     for n in names:
         if n in chosen:
             run_step(ctx, n, fns[n], 1 if args.dry_run else need[n])

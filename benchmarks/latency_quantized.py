@@ -65,6 +65,7 @@ def stage_quantized(holder, build, quantization, P, base, bw, kvt, sync, helpers
                                bandwidth_fraction=step_bytes / tpot / bw, engine_build_s=build_s))
             print(f"  quantized stage: {name:8s} batch {b:3d}: {tpot * 1e3:8.2f} ms/token {tok_s:9.1f} tok/s, "
                   f"{step_bytes / tpot / 1e9:8.1f} GB/s ({step_bytes / tpot / bw:.2f} of copy)", flush=True)
+        del llm          # the holder's is the only reference left: the next build frees it first
     base_name = next(n for n, _ in tps if n != quantization)
     for r in rows:
         if r["weights"] == quantization:

@@ -168,3 +168,29 @@ def test_budget_skips_with_a_note(tmp_path):
     assert data["records"] == []
     assert any("latency skipped" in n for n in data["notes"])
     assert any("sweep skipped" in n for n in data["notes"])
+
+
+def test_quantized_stage_frees_each_engine_before_building_the_next():
+    """Each engine sizes its KV pool from the memory free at its start: the 8-bit engine must
+    not be built while the run's engine is still referenced (by the holder or a local)."""
+    import weakref
+
+    from benchmarks.latency_quantized import stage_quantized
+    alive_at_build, refs = [], []
+
+    class Engine:
+        def __init__(self, quant):
+            self.config = type("C", (), {"vocab_size": 100})()
+            self.model = type("M", (), {"num_bytes": lambda s: 10 if quant else 20, "dtype": "torch.float16"})()
+
+    def build(quant):
+        alive_at_build.append(sum(r() is not None for r in refs))
+        e = Engine(quant)
+        refs.append(weakref.ref(e))
+        return e
+    holder = {"llm": build(None)}
+    helpers = (lambda llm, prompts, n, sync: dict(t_end=2.0, t_all=1.0, decode_steps=4),
+               lambda b, n, vocab, seed: [[1] * n] * b, lambda W, kvt, b, ctx: W + b, lambda **kw: kw)
+    rows = stage_quantized(holder, build, "int8", dict(prompt_len=8, sweep_output_len=4), {}, 1.0, 1, None, helpers)
+    assert alive_at_build == [0, 0]
+    assert [r["weights"] for r in rows] == ["float16", "float16", "int8", "int8"]

@@ -10,6 +10,7 @@ benchmarks/results/, so a kill at any moment loses at most the step in flight.
 """
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import statistics
@@ -17,13 +18,17 @@ import sys
 import time
 import traceback
 
+from benchmarks import device_timing
 from benchmarks.common import RESULTS, record
 
 T0 = time.perf_counter()            # the deadline counts from the script's start
 
 
-class StepTimeout(Exception):
-    """A step ran past its share of the deadline (the soft alarm)."""
+class StepTimeout(BaseException):
+    """A step ran past its share of the deadline (the soft alarm). A BaseException, as
+    KeyboardInterrupt is: the alarm can fire anywhere, and the engine turns any Exception
+    inside ``llm.step()`` into an ``EngineDeadError`` (or a failed request, inside a logits
+    processor or the detokenizer), which would have been recorded as "error"."""
 
 
 class Context:
@@ -70,56 +75,42 @@ class Context:
         """Path of an extra file (profile, PNG, test log): $OUT when set, else the log dir."""
         return os.path.join(self.out_dir or self.log_dir, filename)
 
-    # ---- timing ------------------------------------------------------------------
+    # ---- timing (benchmarks/device_timing.py) -------------------------------------
     def time_graphed(self, fns: list, reps: int = 20) -> list[float]:
-        """Seconds per call of each of ``fns`` as a decode step runs them: all captured in
-        one CUDA graph, whose replays are timed with events and divided by len(fns). Timing
-        single eager calls measured the launcher's host cost instead (the first H200 check:
-        ~170 us for an 8 us kernel). Give each fn its own inputs, together several times the
-        L2, so that replays stream from memory. On CPU: time_device over the fns in turn."""
-        import torch
-        if not self.cuda:
-            return [t / len(fns) for t in self.time_device(lambda: [f() for f in fns], reps)]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):                  # compiles and allocations happen here
-            for f in fns:
-                f()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for f in fns:
-                f()
-        return [t / len(fns) for t in self.time_device(graph.replay, reps)]
+        """Seconds per call of ``fns`` as a decode step runs them: back to back in one CUDA
+        graph, replays timed with events. Give each fn its own inputs, together more than
+        4x the L2 (``device_timing.rotating_copies``), so that replays stream from memory."""
+        return device_timing.time_graphed(fns, self.device, reps)
 
     def sync(self) -> None:
-        if self.cuda:
-            import torch
-            torch.cuda.synchronize()
+        device_timing.sync(self.device)
 
-    def time_device(self, fn, reps: int = 20, warmup: int = 3, flush=None) -> list[float]:
-        """Seconds of ``fn`` per call (CUDA events on GPU, perf_counter on CPU), after
-        ``warmup`` untimed calls; ``flush()`` (untimed) runs before each call."""
+    def time_device(self, fn, reps: int = 20, warmup: int = 3) -> list[float]:
+        """Seconds of each call of ``fn`` (CUDA events on GPU, perf_counter on CPU)."""
+        return device_timing.time_calls(fn, self.device, reps, warmup)
+
+    # ---- engines -----------------------------------------------------------------
+    def release_engine(self) -> None:
+        """Drops the shared engine (its KV pool holds most of the GPU) and returns its
+        memory to the driver. A step that holds an engine in a local drops it first."""
+        self.shared.pop("llm", None)
+        free_device_memory(self)
+
+    def new_engine(self, model, **kw):
+        """An ``engine.LLM``, built only after every earlier engine is gone: each sizes its
+        KV pool from the memory free at its start, so an engine left alive (132.5 GB on the
+        H200) leaves the next one 0 blocks. The caller must hold no engine itself."""
+        from engine import LLM
+        self.release_engine()
+        return LLM(model, **kw)
+
+
+def free_device_memory(ctx) -> None:
+    """Collects what only the cycle collector frees, then hands cached blocks back."""
+    gc.collect()
+    if ctx.cuda:
         import torch
-        for _ in range(warmup):
-            fn()
-        self.sync()
-        out = []
-        for _ in range(reps):
-            if flush is not None:
-                flush()
-            if self.cuda:
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                out.append(a.elapsed_time(b) / 1e3)
-            else:
-                t = time.perf_counter()
-                fn()
-                out.append(time.perf_counter() - t)
-        return out
+        torch.cuda.empty_cache()
 
 
 def summary(xs: list[float], scale: float = 1.0) -> dict:

@@ -43,7 +43,6 @@ def rand_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 
 def engine(ctx) -> dict:
-    from engine import LLM
     S = sizes(ctx.dry)
     if ctx.dry:
         model = tempfile.mkdtemp(prefix="first_contact_")
@@ -53,8 +52,8 @@ def engine(ctx) -> dict:
     else:
         model, kw = "selfrag-7b", dict(dtype="float16", device="cuda")
     t = time.perf_counter()
-    llm = LLM(model, load_format="dummy", max_num_seqs=S["max_num_seqs"], skip_tokenizer_init=True,
-              show_progress=False, **kw)
+    llm = ctx.new_engine(model, load_format="dummy", max_num_seqs=S["max_num_seqs"], skip_tokenizer_init=True,
+                         show_progress=False, **kw)
     build_s = time.perf_counter() - t
     ctx.shared["llm"] = llm
     m = llm.model
@@ -272,12 +271,3 @@ def _plot(ctx, rows) -> str | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return os.path.basename(path)
-
-
-def release_engine(ctx) -> None:
-    """Frees the engine (its KV pool holds most of the GPU) before steps that need memory."""
-    if ctx.shared.pop("llm", None) is not None:
-        import gc
-        gc.collect()
-        if ctx.cuda:
-            torch.cuda.empty_cache()

@@ -7,7 +7,6 @@ With more than 60 s left on an sm_89+ GPU (or in the dry run), an fp8 engine is 
 the same way after it."""
 from __future__ import annotations
 
-import gc
 import statistics
 import time
 
@@ -23,30 +22,26 @@ def _tpot(ctx, llm, prompt, new):
 
 
 def int8(ctx) -> dict:
-    from benchmarks.first_contact.engine_steps import rand_prompts, release_engine, sizes
-    from engine import LLM
-    fp = ctx.shared["llm"]
+    from benchmarks.first_contact.engine_steps import rand_prompts, sizes
     S = sizes(ctx.dry)
-    V = fp.config.vocab_size
     new = 8 if ctx.dry else 64
+    fp = ctx.shared["llm"]
+    V = fp.config.vocab_size
     warm, prompt = rand_prompts(2, S["prompt"], V, seed=90)
     _tpot(ctx, fp, warm, new)                                           # warm-up, same shapes
     t16, tok16 = _tpot(ctx, fp, prompt, new)
     W16, model_dir = fp.model.num_bytes(), fp.model_dir
+    del fp                       # this step's reference: new_engine frees the shared one
     kw = dict(dtype="float32", device="cpu", kernel_backend="torch") if ctx.dry else \
         dict(dtype="float16", device="cuda")
-    release_engine(ctx)
 
     def timed_engine(quantization):
-        """(median decode step, its tokens, build seconds, the engine) of a fresh 8-bit engine
-        (the previous engine's KV pool returned to the driver first: the new one sizes its
-        own from free memory)."""
-        gc.collect()
-        if ctx.cuda:
-            torch.cuda.empty_cache()
+        """(median decode step, its tokens, build seconds, the engine) of a fresh 8-bit
+        engine, built after every earlier one is freed (it sizes its KV pool from what is
+        free then)."""
         t = time.perf_counter()
-        llm = LLM(model_dir, load_format="dummy", max_num_seqs=2 if ctx.dry else 16, skip_tokenizer_init=True,
-                  show_progress=False, quantization=quantization, **kw)
+        llm = ctx.new_engine(model_dir, load_format="dummy", max_num_seqs=2 if ctx.dry else 16,
+                             skip_tokenizer_init=True, show_progress=False, quantization=quantization, **kw)
         build_s = time.perf_counter() - t
         _tpot(ctx, llm, warm, new)                                      # warm-up, same shapes
         return (*_tpot(ctx, llm, prompt, new), build_s, llm)
@@ -59,7 +54,7 @@ def int8(ctx) -> dict:
     ctx.log(f"   batch 1: fp16 {t16 * 1e3:.2f} ms/token, int8 {t8 * 1e3:.2f} ms/token ({t16 / t8:.2f}x; "
             f"weights {W16 / 1e9:.2f} -> {out['int8_weight_bytes'] / 1e9:.2f} GB), built in {build_s:.1f} s, "
             f"first {same} greedy tokens equal to fp16's")
-    del q8
+    del q8                        # freed before the fp8 engine sizes its pool
     if ctx.dry or (ctx.cuda and torch.cuda.get_device_capability() >= (8, 9) and ctx.left() > 60):
         tf8, _, _, f8 = timed_engine("fp8")
         del f8
