@@ -6,7 +6,7 @@ the step just launched, which ends the overlap of host work (detokenizing the la
 step) with the device. A copy from page-locked (pinned) memory with
 ``non_blocking=True`` is queued like a kernel and returns at once.
 
-``HostToDevice.send(a, b, ...)`` packs ``array.array``s (typecodes ``q``, ``l``, ``i``,
+``HostToDevice.send(a, b, ...)`` packs ``array.array``s (typecodes ``q``, ``i``,
 ``f``, ``d``) into one pinned staging buffer, each at an 8-byte-aligned offset, queues
 ONE copy, and returns device tensors viewing that copy (int64 / int32 / float32 /
 float64 by typecode), to be used by work queued after it on the same stream.
@@ -27,7 +27,7 @@ import array
 
 import torch
 
-_DTYPES = {"q": torch.int64, "l": torch.int64, "i": torch.int32, "f": torch.float32, "d": torch.float64}
+_DTYPES = {"q": torch.int64, "i": torch.int32, "f": torch.float32, "d": torch.float64}
 _ALIGN = 8
 
 
