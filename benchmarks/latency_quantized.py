@@ -1,6 +1,6 @@
 """bench_latency.py's ``quantized`` stage (``--quantization int8`` or ``fp8``): 8-bit
 weights side by side with the model dtype, in the same run, on the same dummy weights
-(the 8-bit engine's are the fp16 draw quantized: engine/quantized_weights.py).
+(the 8-bit engine's are the fp16 draw quantized: engine/model/quantized_weights.py).
 
 Decode at batch 1 and 16 (prompt ``prompt_len``, ``sweep_output_len`` new tokens, after
 a warm-up at the same shapes), first on the run's engine, then (once that engine is

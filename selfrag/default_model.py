@@ -41,8 +41,8 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import INDEX_NAME, random_state_dict, save_checkpoint, shard_file_name
-from engine.config import ModelConfig
+from engine.model.checkpoint import INDEX_NAME, random_state_dict, save_checkpoint, shard_file_name
+from engine.model.config import ModelConfig
 from selfrag.default_tokenizer import build_tokenizer
 from selfrag.tokens import ADDED_TOKENS, CTRL_TOKENS, PAD
 

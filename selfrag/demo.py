@@ -29,7 +29,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import TextIO
 
-from engine.sampling_params import SamplingParams
+from engine.sampling.params import SamplingParams
 from selfrag.tokens import PARAGRAPH_END, PARAGRAPH_START, RETRIEVAL
 
 MODEL_CARD_URL = "https://huggingface.co/selfrag/selfrag_llama2_7b"

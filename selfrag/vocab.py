@@ -4,7 +4,7 @@ Nothing here hard-codes an id: ``ReflectionVocab.from_tokenizer`` looks every
 string of ``selfrag.tokens`` up with ``convert_tokens_to_ids`` and checks the
 answer (a Llama tokenizer maps unknown strings to ``<unk>`` instead of failing,
 so an id equal to the unk id, or one that does not map back to the same
-string, means the tokenizer lacks the token).  Works with ``engine.tokenizer.
+string, means the tokenizer lacks the token).  Works with ``engine.tokenizer.sentencepiece_tokenizer.
 Tokenizer`` and with Hugging Face tokenizers alike.
 """
 

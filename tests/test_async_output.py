@@ -3,7 +3,7 @@ checks run while the next step computes. It must change nothing users see."""
 import pytest
 
 from engine import SamplingParams
-from engine.tokenizer import Tokenizer
+from engine.tokenizer.sentencepiece_tokenizer import Tokenizer
 from selfrag.default_tokenizer import build_tokenizer
 from tests.helpers import make_checkpoint, make_llm
 

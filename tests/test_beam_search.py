@@ -1,4 +1,4 @@
-"""LLM.beam_search (engine/beam_search.py) against HF transformers'
+"""LLM.beam_search (engine/sampling/beam_search.py) against HF transformers'
 ``generate(num_beams=w, do_sample=False, early_stopping=True, length_penalty=...,
 num_return_sequences=w)``: the same sequences, best first, and the same scores
 (``sequences_scores``), for widths 1-4, several lengths and length penalties, on

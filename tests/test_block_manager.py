@@ -1,4 +1,4 @@
-"""Tests for engine.block_manager: hand-computed unit tests + a stateful model.
+"""Tests for engine.core.block_manager: hand-computed unit tests + a stateful model.
 
 The stateful test keeps a SIMULATED KV cache and plays the model runner:
 whatever the manager says is cached must really hold the right data, and
@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition, rule,
                                  run_state_machine_as_test)
 
-import engine.block_manager as bm_mod
-from engine.block_manager import BlockManager, NoFreeBlocksError
-from engine.sequence import Sequence
+import engine.core.block_manager as bm_mod
+from engine.core.block_manager import BlockManager, NoFreeBlocksError
+from engine.core.sequence import Sequence
 
 
 def S(tokens):

@@ -1,4 +1,4 @@
-"""Tests for engine.config / engine.checkpoint (tiny configs, CPU only)."""
+"""Tests for engine.model.config / engine.model.checkpoint (tiny configs, CPU only)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import shutil
 import pytest
 import torch
 
-from engine.checkpoint import (
+from engine.model.checkpoint import (
     INDEX_NAME,
     find_weight_files,
     load_weights,
     random_state_dict,
     save_checkpoint,
 )
-from engine.config import BUILTIN_CONFIGS, ModelConfig
+from engine.model.config import BUILTIN_CONFIGS, ModelConfig
 from engine.errors import CheckpointError, ConfigError
 
 transformers = pytest.importorskip("transformers")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from engine import SamplingParams
-from engine.cuda_graphs import DecodeRunner, graph_buckets, pick_bucket
+from engine.worker.cuda_graphs import DecodeRunner, graph_buckets, pick_bucket
 from tests.helpers import DEVICE, make_checkpoint, make_llm, token_prompts
 
 
@@ -72,7 +72,7 @@ def test_graph_status_is_recorded_and_printed(monkeypatch, capsys):
     switched off say why. (CUDA is faked: the runner's buffers stay on the CPU.)"""
     from types import SimpleNamespace
 
-    import engine.cuda_graphs as cg
+    import engine.worker.cuda_graphs as cg
     import kernels.triton.decode_attention as da
     fake = SimpleNamespace(device=SimpleNamespace(type="cuda"), ops=SimpleNamespace(name="triton"),
                            cfg=SimpleNamespace(num_key_value_heads=2))

@@ -1,4 +1,4 @@
-"""Persistent decode inputs (engine/decode_inputs.py) against inputs built from scratch.
+"""Persistent decode inputs (engine/worker/decode_inputs.py) against inputs built from scratch.
 
 The reference is the plain construction the engine used before: for each sequence of
 a decode batch, position len-1, its last token, slot table[p // bs] * bs + p % bs,
@@ -13,9 +13,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.block_manager import BlockManager
-from engine.decode_inputs import DecodeInputs
-from engine.sequence import Sequence
+from engine.core.block_manager import BlockManager
+from engine.worker.decode_inputs import DecodeInputs
+from engine.core.sequence import Sequence
 from tests.helpers import DEVICE
 
 BS, MAX_BLOCKS, ROWS, NUM_BLOCKS = 4, 8, 6, 40

@@ -89,7 +89,7 @@ def test_transformers_loads_it(model_dir):
 def test_reflection_tokens_are_single_ids_in_prompts(model_dir):
     from transformers import AutoTokenizer
 
-    from engine.tokenizer import Tokenizer
+    from engine.tokenizer.sentencepiece_tokenizer import Tokenizer
     from selfrag.demo import DEMO_PROMPTS
 
     hf = AutoTokenizer.from_pretrained(model_dir)

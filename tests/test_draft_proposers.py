@@ -1,10 +1,10 @@
-"""engine/draft_proposers.py against a brute-force prompt lookup."""
+"""engine/spec_decode/proposers.py against a brute-force prompt lookup."""
 from __future__ import annotations
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from engine.draft_proposers import NgramProposer
+from engine.spec_decode.proposers import NgramProposer
 
 
 def brute(toks, k, lo, hi):

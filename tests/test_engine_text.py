@@ -6,7 +6,7 @@ import pytest
 
 from engine import (CheckpointError, InvalidRequestError, PromptTooLongError, SamplingParams,
                     SamplingParamsError)
-from engine.tokenizer import Tokenizer
+from engine.tokenizer.sentencepiece_tokenizer import Tokenizer
 from selfrag.default_tokenizer import build_tokenizer
 from tests.helpers import make_llm, make_checkpoint
 
@@ -47,7 +47,7 @@ GREEDY = dict(temperature=0, ignore_eos=True)
 
 def no_byte_tokens(logits, request_ids, output_token_ids):
     # Random weights emit malformed UTF-8 byte runs, where HF's decode replaces
-    # whole runs (see engine/detokenizer.py); keep this comparison to clean text.
+    # whole runs (see engine/tokenizer/detokenizer.py); keep this comparison to clean text.
     logits[:, 3:259] = float("-inf")
     return logits
 
@@ -208,7 +208,7 @@ def test_hub_id_resolves_to_local_snapshot(model_dir, tmp_path):
 
 def test_dummy_weights_from_config_dir_or_builtin(tmp_path):
     import json
-    from engine.config import ModelConfig
+    from engine.model.config import ModelConfig
     from tests.helpers import BASE
     # built-in names give the real shapes (the 7B itself is loaded in the GPU benchmarks)
     cfg = ModelConfig.from_pretrained("selfrag-7b")

@@ -1,4 +1,4 @@
-"""LLM.fork (engine/forking.py): children continue exactly as their parent would, share
+"""LLM.fork (engine/core/forking.py): children continue exactly as their parent would, share
 its KV, survive preemption, and carry the per-request state over. References: the
 parent's own continuation, and a fresh request whose prompt is the parent's sequence."""
 from __future__ import annotations

@@ -15,8 +15,8 @@ from gguf import GGMLQuantizationType as Q                      # noqa: E402
 from gguf.quants import dequantize as gguf_dequantize, quantize  # noqa: E402
 
 from engine.errors import CheckpointError                       # noqa: E402
-from engine.gguf_convert import convert                          # noqa: E402
-from engine.gguf_quants import dequantize, permute_qk, unpermute_qk  # noqa: E402
+from engine.model.gguf.convert import convert                          # noqa: E402
+from engine.model.gguf.quants import dequantize, permute_qk, unpermute_qk  # noqa: E402
 
 
 @pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1"])
@@ -156,8 +156,8 @@ def _write_gguf(path, tok, sd, types, arch="llama", tok_model="gpt2", pre="smoll
 
 
 def _tiny_state_dict(vocab):
-    from engine.checkpoint import random_state_dict
-    from engine.config import ModelConfig
+    from engine.model.checkpoint import random_state_dict
+    from engine.model.config import ModelConfig
     cfg = ModelConfig.from_dict(dict(vocab_size=vocab, hidden_size=TINY["hidden"],
                                      intermediate_size=TINY["inter"], num_hidden_layers=TINY["layers"],
                                      num_attention_heads=TINY["heads"], num_key_value_heads=TINY["kv"],

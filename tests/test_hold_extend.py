@@ -1,5 +1,5 @@
 """SamplingParams(hold=True), LLM.extend / release, and forks of held requests
-(engine/held.py). The reference for every extended turn: a fresh request whose prompt is
+(engine/core/held.py). The reference for every extended turn: a fresh request whose prompt is
 the whole sequence, on an engine that never held anything. The cost: prefilled
 positions as the scheduler counts them."""
 from __future__ import annotations

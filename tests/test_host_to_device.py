@@ -1,4 +1,4 @@
-"""engine/host_to_device.py: per-step host arrays to the device in one queued copy from
+"""engine/utils/host_to_device.py: per-step host arrays to the device in one queued copy from
 pinned memory, and the rule that a staging buffer is never rewritten before its copy
 has completed. On CPU a simulated DMA engine (copies that read their source only when
 they complete) shows the hazard; the GPU check runs the same on CUDA with the copies held
@@ -8,7 +8,7 @@ import array
 import pytest
 import torch
 
-from engine.host_to_device import HostToDevice
+from engine.utils.host_to_device import HostToDevice
 from tests.helpers import DEVICE
 
 cuda_only = pytest.mark.skipif(DEVICE != "cuda", reason="pinned memory and CUDA events: GPU check only")
@@ -128,9 +128,9 @@ def test_pinned_buffers_survive_copies_queued_behind_a_busy_gpu():
 def test_sampling_knobs_on_cuda_equal_the_cpu():
     """The knob state on CUDA (every copy staged and queued) gives the CPU's logits bit for
     bit over steps that grow rows, switch masks and outgrow the working copy."""
-    from engine.sampling_knobs import KnobState, apply_knobs, restore
-    from engine.sampling_params import SamplingParams
-    from engine.sequence import Sequence
+    from engine.sampling.knobs import KnobState, apply_knobs, restore
+    from engine.sampling.params import SamplingParams
+    from engine.core.sequence import Sequence
     V, eos = 64, 2
     knobs = SamplingParams(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.25,
                            min_tokens=2, stop_token_ids=[9], logit_bias={5: 1.5, 0: -2.0})
@@ -155,8 +155,8 @@ def test_sampling_knobs_on_cuda_equal_the_cpu():
 
 
 def _mixed_batch():
-    from engine.sampling_params import SamplingParams
-    from engine.sequence import Sequence
+    from engine.sampling.params import SamplingParams
+    from engine.core.sequence import Sequence
     params = [SamplingParams(temperature=0, repetition_penalty=1.2, logit_bias={3: 2.0}, min_tokens=1, logprobs=2),
               SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, seed=4, presence_penalty=0.3),
               SamplingParams(temperature=1.0, logprob_token_ids=[5, 6], frequency_penalty=0.2)]
@@ -167,7 +167,7 @@ def test_the_sampler_staged_gives_the_unstaged_tokens_and_logprobs():
     """Every per-step tensor of a mixed batch (greedy and sampled rows, knobs, filters,
     log-probs) through the packed staging path as on CUDA (a clone for the copy): the same
     tokens and log-prob entries as the direct path."""
-    from engine.sampler import Sampler
+    from engine.sampling.sampler import Sampler
     from kernels import ops as kernel_ops
     ops = kernel_ops.get_ops("torch", "cpu")
     runs = []
@@ -194,7 +194,7 @@ def test_a_sampling_step_queues_without_synchronizing():
     top-k/top-p/min-p and log-probs: after a warm-up step, nothing in it synchronizes
     with the device (torch's sync debug mode raises on any synchronizing call); only
     ``wait()`` reads back."""
-    from engine.sampler import Sampler
+    from engine.sampling.sampler import Sampler
     from kernels import ops as kernel_ops
     ops = kernel_ops.get_ops("auto", "cuda")
     V = 512

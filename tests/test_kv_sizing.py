@@ -1,4 +1,4 @@
-"""Default KV-cache sizing (engine/kv_sizing.py), on CPU: the arithmetic with
+"""Default KV-cache sizing (engine/worker/kv_sizing.py), on CPU: the arithmetic with
 fake memory reports, the CPU rule, and the profile run's dummy batches."""
 import json
 import os
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from engine import LLM
-from engine import kv_sizing as ks
-from engine.config import ModelConfig
-from engine.model_runner import ModelRunner
-from engine.sequence import Sequence
+from engine.worker import kv_sizing as ks
+from engine.model.config import ModelConfig
+from engine.worker.model_runner import ModelRunner
+from engine.core.sequence import Sequence
 from tests.helpers import BASE
 
 GiB, MiB = 1 << 30, 1 << 20
@@ -309,7 +309,7 @@ def _rss() -> int:
 def test_cpu_pool_costs_rss_only_for_what_is_written():
     """The CPU KV pool is zero, and its pages are committed when first written:
     a 1 GiB pool adds (far) less than 64 MiB of RSS; writing 32 MiB adds about that."""
-    from engine.model_runner import lazy_zeros
+    from engine.worker.model_runner import lazy_zeros
     before = _rss()
     pool = lazy_zeros((16, 2, 4096, 16, 128), torch.float32)       # 1 GiB
     assert pool.shape == (16, 2, 4096, 16, 128) and pool.is_contiguous()

@@ -1,11 +1,11 @@
-"""SamplingParams(n=k) (engine/samples.py): one prefill, k samples sharing its KV. The
+"""SamplingParams(n=k) (engine/core/samples.py): one prefill, k samples sharing its KV. The
 reference for sample i: a separate n=1 request with seed + i."""
 from __future__ import annotations
 
 import pytest
 
 from engine import SamplingParams
-from engine.sampling_params import SamplingParamsError
+from engine.sampling.params import SamplingParamsError
 from tests.helpers import make_checkpoint, make_llm, token_prompts
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine import SamplingParams
-from engine.quantized_weights import QuantizedWeight
+from engine.model.quantized_weights import QuantizedWeight
 from tests.helpers import DEVICE, hf_greedy, hf_model, make_checkpoint, make_llm, token_prompts
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -104,7 +104,7 @@ def test_each_checkpoint_tensor_is_quantized_on_its_own_rows(tmp_path):
 def test_dummy_int8_weights_are_the_dummy_fp_weights_quantized(tmp_path):
     """load_format="dummy" (the GPU benchmarks' 7B): int8 is the fp model's draw quantized,
     so int8-vs-fp16 timings compare the same model."""
-    from engine.model_loader import load_model
+    from engine.model.loader import load_model
     make_checkpoint(tmp_path)
     fp, _ = load_model(str(tmp_path), load_format="dummy", seed=3, device=DEVICE, progress=False)
     q, _ = load_model(str(tmp_path), load_format="dummy", seed=3, device=DEVICE, progress=False,
@@ -141,7 +141,7 @@ def test_unimplemented_quantizations_are_clear_errors(tmp_path, value):
 def test_padded_graph_buffers_give_the_eager_int8_tokens(tmp_path):
     """What a CUDA graph replays, run eagerly on CPU: the Triton int8 GEMV over the
     padded static decode buffers (padding rows included) gives the eager tokens."""
-    from engine.cuda_graphs import DecodeRunner
+    from engine.worker.cuda_graphs import DecodeRunner
     cfg = make_checkpoint(tmp_path, num_key_value_heads=2)
     prompts = token_prompts(3, cfg.vocab_size, seed=8)
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -166,7 +166,7 @@ def test_cuda_graphs_and_streaming_load_on_the_gpu(tmp_path):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    from engine.model_loader import load_model
+    from engine.model.loader import load_model
     model, _ = load_model(str(tmp_path), dtype="float16", device="cuda", progress=False, quantization="int8")
     peak = torch.cuda.max_memory_allocated() - base
     largest = max(2 * cfg.intermediate_size * cfg.hidden_size, cfg.vocab_size * cfg.hidden_size) * 4
@@ -213,7 +213,7 @@ def test_fp8_triton_kernels_give_the_reference_tokens(tmp_path):
 
 
 def test_fp8_on_a_gpu_older_than_sm89_is_refused(monkeypatch):
-    from engine.quantized_weights import check_device
+    from engine.model.quantized_weights import check_device
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     with pytest.raises(ValueError, match=r"compute capability 8.9 or newer.*8\.0.*'int8'"):
         check_device("fp8", torch.device("cuda"))

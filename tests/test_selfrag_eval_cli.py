@@ -449,7 +449,7 @@ def test_cli_ask_says_when_adaptive_retrieval_skipped_the_passages(env_cache, tm
 def test_cli_generate_applies_the_selfrag_template_unless_raw(env_cache, capsys):
     import re
 
-    from engine.tokenizer import Tokenizer
+    from engine.tokenizer.sentencepiece_tokenizer import Tokenizer
     from selfrag.cli import main
     from selfrag.prompts import format_prompt
     tok = Tokenizer.from_pretrained(dm.default_model_dir())

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from engine.outputs import Logprob
-from engine.tokenizer import AddedToken, Tokenizer
+from engine.tokenizer.sentencepiece_tokenizer import AddedToken, Tokenizer
 from selfrag import tokens as T
 from selfrag.default_model import random_model_dir
 from selfrag.prompts import (format_passage, format_prompt, normalize_closed_answer, postprocess_answer,

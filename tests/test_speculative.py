@@ -1,4 +1,4 @@
-"""Speculative decoding (engine/speculative.py): greedy output identical to plain
+"""Speculative decoding (engine/spec_decode/speculator.py): greedy output identical to plain
 decoding, token for token, with log-probs within the parity tolerance, whatever the
 drafts; the reference is the same engine without speculation. An oracle proposer (it
 knows the plain run's tokens and corrupts some) exercises full, partial and no
@@ -99,7 +99,7 @@ def test_a_stop_string_inside_an_accepted_run_cuts_the_text_as_plain_decoding_do
     free = make_llm(path, show_progress=False).generate([prompt], SamplingParams(temperature=0, max_tokens=40),
                                                        use_tqdm=False)[0].outputs[0]
     stop = free.text[12:16]                              # text the answer reaches mid-way
-    from engine.tokenizer import Tokenizer
+    from engine.tokenizer.sentencepiece_tokenizer import Tokenizer
     ids = Tokenizer.from_pretrained(path).encode(prompt)
     oracle = Oracle({tuple(ids): ids + free.token_ids}, wrong=50)
     for params in (SamplingParams(temperature=0, max_tokens=40, stop=[stop]),
@@ -151,7 +151,7 @@ def test_ngram_drafts_on_repetitive_text_and_back_off_on_none(ckpt):
 
 
 def test_bad_configs():
-    from engine.speculative import Speculator
+    from engine.spec_decode.speculator import Speculator
     for cfg, match in (({"method": "eagle", "num_speculative_tokens": 2}, "method"),
                        ({"method": "ngram"}, "num_speculative_tokens"),
                        ({"method": "ngram", "num_speculative_tokens": 2, "typo": 1}, "unknown"),
@@ -267,8 +267,8 @@ def test_speculative_sampling_keeps_the_distribution(kw):
     """A deterministic draft kept with probability p(draft), else a draw from p without
     it: over many seeds the token is distributed as plain sampling's (chi-square on an
     8-token vocabulary, the draft both likely and unlikely)."""
-    from engine.sampler import Sampler
-    from engine.sequence import Sequence
+    from engine.sampling.sampler import Sampler
+    from engine.core.sequence import Sequence
     from kernels import ops as kernel_ops
     ops = kernel_ops.get_ops("auto", "cpu")
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, 3.0]])

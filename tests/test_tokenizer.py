@@ -1,4 +1,4 @@
-"""engine.tokenizer / engine.detokenizer against transformers' AutoTokenizer.
+"""engine.tokenizer.sentencepiece_tokenizer / engine.tokenizer.detokenizer against transformers' AutoTokenizer.
 
 Every expected value comes from ``AutoTokenizer.from_pretrained`` on the same
 directory (built by ``selfrag.default_tokenizer.build_tokenizer``), never from
@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.detokenizer import IncrementalDetokenizer
+from engine.tokenizer.detokenizer import IncrementalDetokenizer
 from engine.errors import CheckpointError
-from engine.tokenizer import Tokenizer
+from engine.tokenizer.sentencepiece_tokenizer import Tokenizer
 from selfrag.default_tokenizer import DEFAULT_CORPUS, build_tokenizer
 from selfrag.tokens import ADDED_TOKENS, ADDITIONAL_SPECIAL_TOKENS
 
@@ -204,7 +204,7 @@ def test_build_is_deterministic(tmp_path, tok_dirs):
 
 def test_engine_has_no_selfrag_strings():
     root = Path(__file__).resolve().parents[1] / "engine"
-    for path in (root / "tokenizer.py", root / "detokenizer.py"):
+    for path in (root / "tokenizer" / "sentencepiece_tokenizer.py", root / "tokenizer" / "detokenizer.py"):
         src = path.read_text(encoding="utf-8")
         for tok in ADDED_TOKENS[:-1]:
             assert tok not in src, (path, tok)

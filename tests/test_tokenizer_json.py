@@ -9,10 +9,10 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from engine.chat_template import conversation_prompts, load_chat_template
-from engine.detokenizer import make_detokenizer
+from engine.tokenizer.chat_template import conversation_prompts, load_chat_template
+from engine.tokenizer.detokenizer import make_detokenizer
 from engine.errors import CheckpointError
-from engine.tokenizer_json import JsonTokenizer
+from engine.tokenizer.tokenizer_json import JsonTokenizer
 from tests import smollm2
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -132,7 +132,7 @@ def test_chat_template_equals_apply_chat_template(pair):
 
 
 def test_bad_messages_are_named(tiny_dir):
-    from engine.chat_template import ChatTemplateError
+    from engine.tokenizer.chat_template import ChatTemplateError
     tok = JsonTokenizer.from_pretrained(tiny_dir)
     for bad, match in (([], "non-empty list"), ([{"role": "user"}], "message 0: needs a str 'role'"),
                        ([[{"role": "user", "content": "a"}], []], "conversation 1 must be")):

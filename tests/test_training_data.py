@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from engine.tokenizer import Tokenizer
+from engine.tokenizer.sentencepiece_tokenizer import Tokenizer
 from selfrag import tokens as T
 from selfrag.constraints import ReflectionConstraint
 from selfrag.default_model import random_model_dir

@@ -75,7 +75,7 @@ def test_diagonal_at_key_tile_edges(dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_verify_step_shapes(dtype):
     # a speculative verify step: every sequence runs its last token plus 0-4 drafts (query
-    # lengths 1-5) over a long, ragged cached context (engine/speculative.py)
+    # lengths 1-5) over a long, ragged cached context (engine/spec_decode/speculator.py)
     _check([300, 17, 129, 64, 5, 200], [5, 1, 3, 5, 2, 1], Hq=4, Hkv=2, D=32, bs=16, dtype=dtype)
 
 

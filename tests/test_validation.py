@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from engine import CheckpointError, InvalidRequestError, SamplingParams, SamplingParamsError
-from engine import request_validation
+from engine.core import request_validation
 from tests.helpers import make_checkpoint, make_llm
 
 BAD_PARAMS = [

@@ -81,7 +81,7 @@ def engine(ctx) -> dict:
 def _eager_runner(llm, same_as_graphs: bool):
     """An eager DecodeRunner on the engine's model and KV cache; ``same_as_graphs``: padded
     to the graph buckets with the graphs' fixed split counts (bit-identical work)."""
-    from engine.cuda_graphs import DecodeRunner
+    from engine.worker.cuda_graphs import DecodeRunner
     g = llm.decode_runner
     return DecodeRunner(llm.model, llm.runner.kv_caches, llm.block_size, llm.max_num_seqs,
                         llm.max_model_len, num_splits=g.num_splits if same_as_graphs else None,

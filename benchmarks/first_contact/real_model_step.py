@@ -63,7 +63,7 @@ def _reference(path: str, prompts, new: int, eos: int):
 
 def real_model(ctx) -> dict:
     from engine import SamplingParams
-    from engine.tokenizer import Tokenizer
+    from engine.tokenizer.sentencepiece_tokenizer import Tokenizer
     path = _model_path()
     new = 8 if ctx.dry else 48
     tokenizer = Tokenizer.from_pretrained(path)

@@ -27,7 +27,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
                       "(or pip install fastapi uvicorn)") from e
 
 from engine.errors import InvalidRequestError
-from engine.sampling_params import SamplingParams
+from engine.sampling.params import SamplingParams
 from engine.server.async_engine import (AsyncEngine, EngineDeadError, EngineDrainingError,
                                         QueueFullError)
 from engine.server.asgi import (APIError, _document_raw_routes, _error_response, _LimitsMiddleware,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from engine.chat_template import ChatTemplateError, conversation_prompts, load_chat_template
+from engine.tokenizer.chat_template import ChatTemplateError, conversation_prompts, load_chat_template
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 

@@ -164,9 +164,9 @@ def train(out_dir: str | os.PathLike, recipe: dict | None = None, progress: bool
     from tqdm import tqdm
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from engine.checkpoint import save_checkpoint
-    from engine.config import ModelConfig
-    from engine.tokenizer import Tokenizer
+    from engine.model.checkpoint import save_checkpoint
+    from engine.model.config import ModelConfig
+    from engine.tokenizer.sentencepiece_tokenizer import Tokenizer
     from selfrag.training.data import training_world
     from selfrag.training.examples import generate
 

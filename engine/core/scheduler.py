@@ -1,0 +1,167 @@
+"""Continuous-batching scheduler. Plain Python, no torch.
+
+Each ``schedule()`` call picks one step's work:
+
+* **Prefill first.** Waiting sequences (new, or preempted ones coming back)
+  are admitted in FIFO order while there is room: at most ``max_num_seqs``
+  running, at most ``max_num_batched_tokens`` new tokens in the step (the
+  first prefill of a step is always admitted, so a long prompt cannot starve),
+  and KV blocks for the whole sequence. If any were admitted, the step is a
+  prefill of those sequences only.
+* **Otherwise decode** every running sequence by one token. When the pool has
+  no block for a sequence's next token, the most recently admitted running
+  sequence is preempted: its blocks are freed and it goes back to the front of
+  the queue, to be recomputed (prefix caching usually makes that cheap) and
+  resumed with the tokens it had. Nothing is lost or duplicated. Before anything
+  running is preempted (or a waiting request refused), the blocks of finished requests
+  held for a later ``extend`` (``SamplingParams.hold``) are dropped, oldest first. (When the pool
+  has a block for every sequence that needs one, ``BlockManager.append_slots``
+  does the whole step in one pass: no preemption can happen.)
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from engine.core.block_manager import BlockManager
+from engine.core.sequence import Sequence, SequenceStatus
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 8192):
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        # Finished requests that keep their KV blocks (SamplingParams.hold), oldest first;
+        # their blocks are dropped under pressure before anything running is preempted.
+        self.held: dict[int, Sequence] = {}
+        self.num_preemptions = 0
+        self.num_held_dropped = 0
+        self.num_prefill_tokens = 0          # positions computed by prefill steps
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> tuple[list[Sequence], bool]:
+        """Returns (sequences to run, is_prefill). Empty when idle."""
+        bm = self.block_manager
+        admitted: list[Sequence] = []
+        num_tokens = 0
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            # New tokens this seq would compute; cache hits are a bonus, not counted.
+            cost = len(seq)
+            if admitted and num_tokens + cost > self.max_num_batched_tokens:
+                break
+            # a sequence that needs log-probs of given positions gets them computed
+            cap = None if seq.logprobs_from is None else seq.logprobs_from - 1
+            if seq.block_table:             # a held request extended: its blocks are kept
+                if not self._make_room(lambda: bm.can_extend(seq, cap)):
+                    break
+                bm.extend(seq, cap)
+            else:
+                if not self._make_room(lambda: bm.can_allocate(seq, cap)):
+                    break
+                bm.allocate(seq, cap)
+            num_tokens += len(seq) - seq.num_cached_tokens
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            admitted.append(seq)
+        if admitted:
+            self.num_prefill_tokens += num_tokens
+            return admitted, True
+
+        if bm.append_slots(self.running):           # the pool covers every new block
+            return list(self.running), False
+        while self.held:                            # held blocks go before anything running
+            self._drop_oldest_held()
+            if bm.append_slots(self.running):
+                return list(self.running), False
+        scheduled: list[Sequence] = []
+        queue = self.running
+        self.running = []
+        while queue:
+            seq = queue.pop(0)
+            while not bm.can_append(seq):
+                if queue:
+                    self._preempt(queue.pop())      # youngest first
+                else:
+                    self._preempt(seq)
+                    break
+            else:
+                bm.append_slot(seq)
+                scheduled.append(seq)
+        self.running = list(scheduled)   # finish() edits running while callers iterate
+        return scheduled, False
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def requeue(self, seqs: list[Sequence]) -> None:
+        """Puts a batch whose step failed back at the front of the queue, blocks
+        freed, to be recomputed: nothing is lost."""
+        for seq in reversed(seqs):
+            if seq in self.running:
+                self.running.remove(seq)
+            self._preempt(seq)
+        self.num_preemptions -= len(seqs)
+        # Blocks registered in the prefix cache this step were never written:
+        # drop every unreferenced cached block so no later prompt can hit them.
+        self.block_manager.reset_prefix_cache()
+
+    def finish(self, seq: Sequence, reason: str, hold: bool = False) -> None:
+        """Marks ``seq`` finished and frees its blocks (also for aborts), or with
+        ``hold`` keeps them (``SamplingParams.hold``)."""
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        if hold and seq.block_table:
+            self.held[seq.seq_id] = seq
+        else:
+            self.release(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def hold(self, seq: Sequence) -> None:
+        """Registers a finished sequence that already holds blocks (a fork of a held one)."""
+        if seq.block_table:
+            self.held[seq.seq_id] = seq
+
+    def release(self, seq: Sequence) -> None:
+        """Frees a (held or finishing) sequence's blocks."""
+        self.held.pop(seq.seq_id, None)
+        self.block_manager.free(seq)
+
+    def resume(self, seq: Sequence) -> None:
+        """Queues a held sequence that was extended; it keeps its blocks (if they were not
+        dropped) and its next prefill computes only what they do not cover."""
+        self.held.pop(seq.seq_id, None)
+        self.add(seq)
+
+    def _drop_oldest_held(self) -> None:
+        seq = next(iter(self.held.values()))
+        self.release(seq)
+        self.num_held_dropped += 1
+
+    def _make_room(self, fits) -> bool:
+        """Whether ``fits()`` holds, after dropping held blocks (oldest first) if needed."""
+        while not fits():
+            if not self.held:
+                return False
+            self._drop_oldest_held()
+        return True

@@ -1,0 +1,1 @@
+"""GGUF import: the quantized formats' decoders and the converter to the HF safetensors layout."""

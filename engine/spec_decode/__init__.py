@@ -1,0 +1,1 @@
+"""Speculative decoding: the speculator (verify steps) and the draft proposers."""

@@ -1,0 +1,1 @@
+"""Small device helpers shared across the engine."""
