@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # The GPU machines have no registry: gpu-check runs on their own python.
 GPU_PY ?= python3
 
-.PHONY: demo test test-real-weights bench gpu-check gpu-check-full venv clean train-miniature eval-miniature
+.PHONY: demo test lint test-real-weights bench gpu-check gpu-check-full venv clean train-miniature eval-miniature
 
 $(RUNTIME_STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ demo: $(RUNTIME_STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(ARGS)
+
+# ruff (pyflakes, pycodestyle errors, import order; pyproject.toml) over the whole repository,
+# and import-linter's architecture contracts (layers, the kernels boundary). .ci/run calls it.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 # The real-weight parity tests alone (SmolLM2-135M; the first run fetches 93 MB).
 test-real-weights: $(STAMP)

@@ -32,7 +32,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import record, write_json   # noqa: E402
+from benchmarks.common import record, write_json  # noqa: E402
 
 CONTINUATION = 128
 

@@ -167,7 +167,8 @@ def child_main(args) -> None:
 # ----------------------------------------------------------------------------- parent
 def git_commit() -> str | None:
     try:
-        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                           timeout=10)
         return r.stdout.strip() or None if r.returncode == 0 else None
     except Exception:
         return None
@@ -256,7 +257,8 @@ def main(argv=None) -> int:
     print(f"target={args.target} device={device_desc} dtype={args.dtype}")
     print(f"  seconds            {result['seconds']:.3f}")
     print(f"  GB/s               {result['gb_per_s']:.2f}  (checkpoint bytes / s, warm page cache)")
-    print(f"  peak RSS           {peak / 1e9:.3f} GB  (baseline before load {best['rss_before_load_bytes'] / 1e9:.3f} GB)")
+    print(f"  peak RSS           {peak / 1e9:.3f} GB  "
+          f"(baseline before load {best['rss_before_load_bytes'] / 1e9:.3f} GB)")
     print(f"  peak RSS / model   {result['peak_rss_over_model_size']:.2f}  "
           f"(excluding baseline: {result['peak_rss_minus_baseline_over_model_size']:.2f})")
     if "cuda_max_memory_allocated_bytes" in result:

@@ -21,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import device_name, record, slug, write_json   # noqa: E402
+from benchmarks.common import device_name, record, slug, write_json  # noqa: E402
 
 
 def run(llm, prompts_params) -> tuple[int, float]:

@@ -19,7 +19,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import device_name, record, write_json   # noqa: E402
+from benchmarks.common import device_name, record, write_json  # noqa: E402
 
 QUESTIONS = ["What is the capital of France?", "Can you tell me the difference between llamas and alpacas?",
              "Why is the sky blue?", "Write a haiku about the sea.", "What is 12 times 7?",

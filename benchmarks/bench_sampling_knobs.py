@@ -3,8 +3,8 @@
     python benchmarks/bench_sampling_knobs.py [--rows 64] [--vocab 32016] [--device cpu|cuda]
 
 Random fp32 logits [rows, vocab], 250 tokens seen per row at the start; the same batch
-of sequences every step, each appending its sampled token, as in decode. Two comparisons: plain greedy against greedy with
-repetition/presence/frequency penalties, logit_bias (8 ids), min_tokens and bad_words
+of sequences every step, each appending its sampled token, as in decode. Two comparisons:
+plain greedy against greedy with repetition/presence/frequency penalties, logit_bias (8 ids), min_tokens and bad_words
 (3 sequences) on every row; the same with sampling (temperature 0.8, top_p 0.9) on both
 sides. The two batches are timed alternately, and the ratio reported is the median of
 the paired ratios (this 2-core VM's timings drift by 2x between runs). Target: knobs
@@ -22,7 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import device_name, record, slug, write_json   # noqa: E402
+from benchmarks.common import device_name, record, slug, write_json  # noqa: E402
 
 
 def make_seqs(rows, vocab, params, gen):

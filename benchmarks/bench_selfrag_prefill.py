@@ -20,8 +20,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench_selfrag import QUESTION, passages   # noqa: E402
-from benchmarks.common import record, write_json          # noqa: E402
+from benchmarks.bench_selfrag import QUESTION, passages  # noqa: E402
+from benchmarks.common import record, write_json  # noqa: E402
 
 
 def main() -> int:

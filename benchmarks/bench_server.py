@@ -271,6 +271,7 @@ def main(argv=None) -> int:
     client_cls = http_client_factory(args.client)
 
     import torch
+
     from engine import LLM
     from selfrag.default_model import default_model_dir
     threads = 1 if args.model is None else torch.get_num_threads()
@@ -297,7 +298,8 @@ def main(argv=None) -> int:
             proc.kill()
 
     rows = []
-    print(f"{'clients':>7} {'mode':>10} {'req/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}  (ms)")
+    print(f"{'clients':>7} {'mode':>10} {'req/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
+          f"{'ITL p99':>8}  (ms)")
     for c in levels:
         for mode, res in (("in-process", inproc[c]), ("http", http[c])):
             rows.append({"clients": c, "mode": mode, **res})

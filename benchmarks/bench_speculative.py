@@ -29,9 +29,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import device_name, record, slug, write_json   # noqa: E402
+from benchmarks.common import device_name, record, slug, write_json  # noqa: E402
+from selfrag.pipeline import SPECULATIVE_DEFAULTS as SPEC  # noqa: E402  (SelfRAG(speculative=True)'s)
 
-from selfrag.pipeline import SPECULATIVE_DEFAULTS as SPEC   # noqa: E402  (SelfRAG(speculative=True)'s)
 MODEL_CARD = ("Can you tell me the difference between llamas and alpacas?",
               "The alpaca (Lama pacos) is a species of South American camelid mammal. It is similar to, "
               "and often confused with, the llama. Alpacas are considerably smaller than llamas, and unlike "

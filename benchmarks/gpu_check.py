@@ -184,6 +184,7 @@ def decode_7b(dry: bool):
     from engine import LLM, SamplingParams
     if dry:
         import tempfile
+
         from tests.helpers import BASE
         d = tempfile.mkdtemp()
         with open(os.path.join(d, "config.json"), "w") as f:

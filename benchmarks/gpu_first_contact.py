@@ -67,8 +67,16 @@ DEADLINE_S = 330
 
 
 def _step_functions():
-    from benchmarks.first_contact import (device_steps, engine_steps, int8_step, kernel_checks, knobs_step,
-                                          real_model_step, trace_steps, verify_step)
+    from benchmarks.first_contact import (
+        device_steps,
+        engine_steps,
+        int8_step,
+        kernel_checks,
+        knobs_step,
+        real_model_step,
+        trace_steps,
+        verify_step,
+    )
 
     def micro(ctx):
         ctx.release_engine()                   # its KV pool holds most of the GPU

@@ -1,9 +1,14 @@
 """A Llama-2 inference engine with a paged KV cache and a vLLM-shaped API."""
-from engine.errors import (CheckpointError, ConfigError, EngineDeadError, InvalidRequestError,
-                           PromptTooLongError, RequestFailedError)
+from engine.errors import (
+    CheckpointError,
+    ConfigError,
+    EngineDeadError,
+    InvalidRequestError,
+    PromptTooLongError,
+    RequestFailedError,
+)
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.sampling.params import SamplingParams, SamplingParamsError
-
 
 _LAZY = {"LLM": "engine.llm", "BeamSearchParams": "engine.sampling.beam_search",
          "BeamSearchOutput": "engine.sampling.beam_search", "BeamSearchSequence": "engine.sampling.beam_search"}
@@ -17,6 +22,7 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence", "RequestOutput", "CompletionOutput", "Logprob",
+__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence", "RequestOutput",
+           "CompletionOutput", "Logprob",
            "CheckpointError", "ConfigError", "InvalidRequestError", "PromptTooLongError",
            "SamplingParamsError", "RequestFailedError", "EngineDeadError"]

@@ -19,20 +19,19 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from engine.core.block_manager import BlockManager
-from engine.worker.cuda_graphs import build_decode_runner
 from engine.core import request_validation
+from engine.core.block_manager import BlockManager
+from engine.core.output_processor import OutputProcessor
+from engine.core.samples import expand_samples, last_per_request, needs_expansion
+from engine.core.scheduler import Scheduler
 from engine.errors import EngineDeadError, InvalidRequestError, RequestFailedError
 from engine.model.loader import load_model, resolve_model_dir
-from engine.worker.model_runner import ModelRunner
-from engine.core.output_processor import OutputProcessor
-from engine.sampling.prompt_logprobs import prefill_logprobs, wants_prefill_logprobs
 from engine.request_api import RequestAPI
-from engine.sampling.sampler import Sampler
-from engine.core.samples import expand_samples, last_per_request, needs_expansion
 from engine.sampling.params import SamplingParams
-from engine.core.scheduler import Scheduler
-
+from engine.sampling.prompt_logprobs import prefill_logprobs, wants_prefill_logprobs
+from engine.sampling.sampler import Sampler
+from engine.worker.cuda_graphs import build_decode_runner
+from engine.worker.model_runner import ModelRunner
 
 
 class LLM(RequestAPI):
@@ -123,7 +122,7 @@ class LLM(RequestAPI):
             from engine.tokenizer.sentencepiece_tokenizer import Tokenizer
             self.tokenizer = Tokenizer.from_pretrained(tok_dir)
         elif not skip_tokenizer_init and os.path.isfile(os.path.join(str(tok_dir), "tokenizer.json")):
-            from engine.tokenizer.tokenizer_json import JsonTokenizer      # byte-level BPE (SmolLM2, ...)
+            from engine.tokenizer.tokenizer_json import JsonTokenizer  # byte-level BPE (SmolLM2, ...)
             self.tokenizer = JsonTokenizer.from_pretrained(tok_dir)
         elif tokenizer is not None and not skip_tokenizer_init:
             raise ValueError(f"tokenizer={tokenizer!r}: no tokenizer.model or tokenizer.json in that "

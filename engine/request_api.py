@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 
 from engine.core import request_validation
-from engine.errors import InvalidRequestError
 from engine.core.request_state import RequestState
-from engine.sampling.params import SamplingParams
 from engine.core.sequence import Sequence
+from engine.errors import InvalidRequestError
+from engine.sampling.params import SamplingParams
 
 
 class RequestAPI:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import types
 
 from kernels import reference
+from kernels.reference import rope_cos_sin  # noqa: F401 - the RoPE tables every backend reads
 
 OP_NAMES = (
     "rms_norm",            # (x [T,H], w [H], eps) -> [T,H]
@@ -57,6 +58,13 @@ def get_ops(backend: str = "auto", device_type: str = "cpu") -> Ops:
             "(it must be set before triton is imported), or use kernel_backend='torch'")
     from kernels import triton_ops
     return _from_module("triton", triton_ops)
+
+
+def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, block_size: int, device) -> int:
+    """The split count the Triton decode-attention launcher picks for ``batch`` sequences of
+    up to ``max_context`` tokens on ``device`` (a CUDA graph fixes it per batch bucket)."""
+    from kernels.triton.decode_attention import pick_num_splits, sm_count
+    return pick_num_splits(batch, num_kv_heads, max_context, block_size, sm_count(device))
 
 
 def _interpreter_on() -> bool:

@@ -595,6 +595,7 @@ def main(argv=None) -> int:
 
     t_start = time.perf_counter()
     import triton
+
     from kernels.triton.common import SHAPES
     shapes = list(SHAPES)
     if args.shape:

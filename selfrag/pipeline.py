@@ -30,10 +30,8 @@ from dataclasses import dataclass, field
 
 from engine import SamplingParams
 from selfrag.constraints import ReflectionConstraint
-from selfrag.prompts import (canonical_task, format_passage, format_prompt, postprocess_answer,
-                             task_instruction)
-from selfrag.scoring import (aggregate_closed, best_open, retrieval_probability, score_candidate,
-                             should_retrieve)
+from selfrag.prompts import canonical_task, format_passage, format_prompt, postprocess_answer, task_instruction
+from selfrag.scoring import aggregate_closed, best_open, retrieval_probability, score_candidate, should_retrieve
 from selfrag.types import Candidate, Passage, Result
 from selfrag.vocab import ReflectionVocab
 

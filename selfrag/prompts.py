@@ -45,7 +45,8 @@ PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Re
 
 # retrieval_lm/utils.py TASK_INST, verbatim (note the trailing space of "wow").
 TASK_INSTRUCTIONS: dict[str, str] = {
-    "wow": "Given a chat history separated by new lines, generates an informative, knowledgeable and engaging response. ",
+    "wow": "Given a chat history separated by new lines, generates an informative, knowledgeable and engaging "
+           "response. ",
     "fever": "Is the following statement correct or not? Say true if it's correct; otherwise say false.",
     "eli5": "Provide a paragraph-length response using simple words to answer the following question.",
     "obqa": "Given four answer candidates, A, B, C and D, choose the best answer choice.",

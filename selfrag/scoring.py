@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
-from selfrag.prompts import canonical_task, postprocess_answer, CLOSED_TASKS
+from selfrag.prompts import CLOSED_TASKS, canonical_task, postprocess_answer
 from selfrag.types import Candidate, Scores
 from selfrag.vocab import ReflectionVocab
 

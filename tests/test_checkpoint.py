@@ -10,6 +10,7 @@ import shutil
 import pytest
 import torch
 
+from engine.errors import CheckpointError, ConfigError
 from engine.model.checkpoint import (
     INDEX_NAME,
     find_weight_files,
@@ -18,7 +19,6 @@ from engine.model.checkpoint import (
     save_checkpoint,
 )
 from engine.model.config import BUILTIN_CONFIGS, ModelConfig
-from engine.errors import CheckpointError, ConfigError
 
 transformers = pytest.importorskip("transformers")
 
@@ -63,12 +63,14 @@ def collect(d, cfg, **kw):
 def test_builtins():
     c7 = ModelConfig.from_pretrained("selfrag-7b")
     assert (c7.hidden_size, c7.num_hidden_layers, c7.num_attention_heads, c7.num_key_value_heads) == (4096, 32, 32, 32)
-    assert (c7.intermediate_size, c7.vocab_size, c7.rms_norm_eps, c7.max_position_embeddings) == (11008, 32016, 1e-5, 4096)
+    assert (c7.intermediate_size, c7.vocab_size, c7.rms_norm_eps, c7.max_position_embeddings) == (
+        11008, 32016, 1e-5, 4096)
     assert (c7.dtype, c7.bos_token_id, c7.eos_token_id, c7.pad_token_id, c7.tie_word_embeddings) == (
         "bfloat16", 1, 2, 32015, False)
     assert 6.7e9 < c7.num_params() < 6.8e9  # Llama-2-7B: 6.74B (+16 rows of vocab)
     c13 = ModelConfig.from_pretrained("selfrag-13b")
-    assert (c13.hidden_size, c13.num_hidden_layers, c13.num_attention_heads, c13.intermediate_size) == (5120, 40, 40, 13824)
+    assert (c13.hidden_size, c13.num_hidden_layers, c13.num_attention_heads, c13.intermediate_size) == (
+        5120, 40, 40, 13824)
     assert 13.0e9 < c13.num_params() < 13.1e9
     with pytest.raises(ConfigError, match="selfrag-13b") as ei:
         ModelConfig.from_pretrained("selfrag-70b")
@@ -104,8 +106,9 @@ def test_weight_shapes_gqa_and_tied():
     dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2),
     dict(hidden_size=64, num_attention_heads=4, rope_scaling={"type": "linear", "factor": 2.0}, rope_theta=5e5,
          torch_dtype="bfloat16"),
-    dict(hidden_size=64, num_attention_heads=8, rope_parameters={"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0},
-         dtype="float16", tie_word_embeddings=True, eos_token_id=[2, 5]),
+    dict(hidden_size=64, num_attention_heads=8,
+         rope_parameters={"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0}, dtype="float16",
+         tie_word_embeddings=True, eos_token_id=[2, 5]),
     dict(hidden_size=96, num_attention_heads=3, num_key_value_heads=1, rms_norm_eps=1e-5, max_position_embeddings=4096),
 ])
 def test_from_dict_reads_what_transformers_writes(kw):
@@ -132,7 +135,8 @@ def test_from_dict_v4_hub_style_defaults():
          "torch_dtype": "bfloat16", "transformers_version": "4.31.0"}
     c = ModelConfig.from_dict(d)
     assert (c.num_key_value_heads, c.head_dim, c.rms_norm_eps, c.rope_theta) == (4, 16, 1e-6, 10000.0)
-    assert (c.rope_scaling_factor, c.max_position_embeddings, c.tie_word_embeddings, c.dtype) == (1.0, 2048, False, "bfloat16")
+    assert (c.rope_scaling_factor, c.max_position_embeddings, c.tie_word_embeddings, c.dtype) == (
+        1.0, 2048, False, "bfloat16")
     assert (c.bos_token_id, c.eos_token_id, c.pad_token_id) == (1, 2, None)
     # v4 rope_scaling spelled with rope_type instead of type
     c2 = ModelConfig.from_dict({**d, "rope_scaling": {"rope_type": "linear", "factor": 2.0}, "rope_theta": 1e6})

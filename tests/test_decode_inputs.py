@@ -10,12 +10,11 @@ import random
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from engine.core.block_manager import BlockManager
-from engine.worker.decode_inputs import DecodeInputs
 from engine.core.sequence import Sequence
+from engine.worker.decode_inputs import DecodeInputs
 from tests.helpers import DEVICE
 
 BS, MAX_BLOCKS, ROWS, NUM_BLOCKS = 4, 8, 6, 40

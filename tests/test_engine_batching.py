@@ -2,7 +2,7 @@
 import pytest
 
 from engine import SamplingParams
-from tests.helpers import make_llm, hf_greedy, hf_model, make_checkpoint, token_prompts
+from tests.helpers import hf_greedy, hf_model, make_checkpoint, make_llm, token_prompts
 
 
 @pytest.fixture(scope="module")

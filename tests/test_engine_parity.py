@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine import SamplingParams
-from tests.helpers import DEVICE, make_llm, hf_greedy, hf_model, make_checkpoint, token_prompts
+from tests.helpers import DEVICE, hf_greedy, hf_model, make_checkpoint, make_llm, token_prompts
 
 NEW = 40   # > 32 new tokens, as the runtime issue asks
 

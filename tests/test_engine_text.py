@@ -4,11 +4,10 @@ import shutil
 
 import pytest
 
-from engine import (CheckpointError, InvalidRequestError, PromptTooLongError, SamplingParams,
-                    SamplingParamsError)
+from engine import CheckpointError, InvalidRequestError, PromptTooLongError, SamplingParams, SamplingParamsError
 from engine.tokenizer.sentencepiece_tokenizer import Tokenizer
 from selfrag.default_tokenizer import build_tokenizer
-from tests.helpers import make_llm, make_checkpoint
+from tests.helpers import make_checkpoint, make_llm
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +207,7 @@ def test_hub_id_resolves_to_local_snapshot(model_dir, tmp_path):
 
 def test_dummy_weights_from_config_dir_or_builtin(tmp_path):
     import json
+
     from engine.model.config import ModelConfig
     from tests.helpers import BASE
     # built-in names give the real shapes (the 7B itself is loaded in the GPU benchmarks)

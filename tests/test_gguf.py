@@ -11,11 +11,11 @@ import pytest
 import torch
 
 gguf = pytest.importorskip("gguf")
-from gguf import GGMLQuantizationType as Q                      # noqa: E402
+from gguf import GGMLQuantizationType as Q  # noqa: E402
 from gguf.quants import dequantize as gguf_dequantize, quantize  # noqa: E402
 
-from engine.errors import CheckpointError                       # noqa: E402
-from engine.model.gguf.convert import convert                          # noqa: E402
+from engine.errors import CheckpointError  # noqa: E402
+from engine.model.gguf.convert import convert  # noqa: E402
 from engine.model.gguf.quants import dequantize, permute_qk, unpermute_qk  # noqa: E402
 
 
@@ -81,7 +81,8 @@ def test_qk_row_order_is_what_makes_the_two_ropes_agree():
     heads, d, hidden = 3, 16, 24
     wq = torch.randn(heads * d, hidden, dtype=torch.float64, generator=g)
     wk = torch.randn(heads * d, hidden, dtype=torch.float64, generator=g)
-    x1, x2 = torch.randn(hidden, dtype=torch.float64, generator=g), torch.randn(hidden, dtype=torch.float64, generator=g)
+    x1 = torch.randn(hidden, dtype=torch.float64, generator=g)
+    x2 = torch.randn(hidden, dtype=torch.float64, generator=g)
     gq, gk = (torch.from_numpy(permute_qk(w.numpy(), heads)) for w in (wq, wk))
     for p1, p2 in ((0, 0), (3, 1), (17, 5)):
         hf = (_rope_half((wq @ x1).view(heads, d), p1) * _rope_half((wk @ x2).view(heads, d), p2)).sum(-1)
@@ -113,16 +114,24 @@ TINY = dict(hidden=64, heads=4, kv=2, inter=96, layers=2)
 def _write_gguf(path, tok, sd, types, arch="llama", tok_model="gpt2", pre="smollm", tied=False):
     vocab = tok.get_vocab_size()
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(TINY["layers"]); w.add_context_length(256); w.add_embedding_length(TINY["hidden"])
-    w.add_feed_forward_length(TINY["inter"]); w.add_head_count(TINY["heads"])
-    w.add_head_count_kv(TINY["kv"]); w.add_rope_freq_base(50000.0); w.add_layer_norm_rms_eps(1e-5)
+    w.add_block_count(TINY["layers"])
+    w.add_context_length(256)
+    w.add_embedding_length(TINY["hidden"])
+    w.add_feed_forward_length(TINY["inter"])
+    w.add_head_count(TINY["heads"])
+    w.add_head_count_kv(TINY["kv"])
+    w.add_rope_freq_base(50000.0)
+    w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(vocab)
-    w.add_tokenizer_model(tok_model); w.add_tokenizer_pre(pre)
+    w.add_tokenizer_model(tok_model)
+    w.add_tokenizer_pre(pre)
     w.add_token_list([tok.id_to_token(i) for i in range(vocab)])
     w.add_token_types([3 if i < 3 else 1 for i in range(vocab)])
     model = json.loads(tok.to_str())["model"]
     w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in model["merges"]])
-    w.add_bos_token_id(1); w.add_eos_token_id(2); w.add_add_bos_token(False)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
     w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
@@ -152,7 +161,10 @@ def _write_gguf(path, tok, sd, types, arch="llama", tok_model="gpt2", pre="smoll
         else:
             qa = quantize(a.astype(np.float32), getattr(Q, kind))
             w.add_tensor(gname, qa, raw_shape=qa.shape, raw_dtype=getattr(Q, kind))
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
 
 
 def _tiny_state_dict(vocab):

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS_NAMES = STEPS = ["probe", "kernels", "ceilings", "engine", "graphs", "decode", "profile", "sweep", "verify", "int8", "micro",
+STEPS_NAMES = STEPS = ["probe", "kernels", "ceilings", "engine", "graphs", "decode", "profile", "sweep", "verify",
+                       "int8", "micro",
          "real", "knobs", "tests"]
 
 
@@ -120,7 +121,7 @@ def test_a_raising_step_is_recorded_and_the_rest_run(tmp_path, monkeypatch):
 
 
 def test_a_hanging_step_is_stopped_at_the_deadline(tmp_path):
-    from benchmarks.first_contact.common import Context, T0, run_step
+    from benchmarks.first_contact.common import T0, Context, run_step
     ctx = Context(True, time.perf_counter() - T0 + 3, "cpu", None, "fc_test_hang", str(tmp_path))
     ctx.save = lambda: []                       # keep benchmarks/results/ untouched
     t = time.perf_counter()

@@ -31,14 +31,20 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from tests.helpers import DEVICE, make_checkpoint, make_llm
 
 import kernels.triton as kernel_pkg
 from engine import SamplingParams
 from kernels.metadata import AttentionMetadata
 from kernels.triton import decode_attention, rope_kv, sampling, w8a16
-from kernels.triton.common import (compiled_variant_count, kernel_name, launch_kernels,
-                                   no_align_names, no_specialize_names, not_compiled)
+from kernels.triton.common import (
+    compiled_variant_count,
+    kernel_name,
+    launch_kernels,
+    no_align_names,
+    no_specialize_names,
+    not_compiled,
+)
+from tests.helpers import DEVICE, make_checkpoint, make_llm
 
 try:
     from triton._C.libtriton import native_specialize_impl

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from engine import LLM
-from engine.worker import kv_sizing as ks
-from engine.model.config import ModelConfig
-from engine.worker.model_runner import ModelRunner
 from engine.core.sequence import Sequence
+from engine.model.config import ModelConfig
+from engine.worker import kv_sizing as ks
+from engine.worker.model_runner import ModelRunner
 from tests.helpers import BASE
 
 GiB, MiB = 1 << 30, 1 << 20

@@ -87,8 +87,9 @@ def test_int8_matrices_and_their_bytes(tmp_path):
 def test_each_checkpoint_tensor_is_quantized_on_its_own_rows(tmp_path):
     """q/k/v and gate/up fill rows of fused matrices: the int8 rows and scales equal
     those of each HF tensor quantized alone."""
-    from safetensors.torch import load_file
     import glob
+
+    from safetensors.torch import load_file
     make_checkpoint(tmp_path, num_key_value_heads=2)
     llm = make_llm(str(tmp_path), show_progress=False, quantization="int8")
     sd = {}

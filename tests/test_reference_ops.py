@@ -1,12 +1,11 @@
 """The PyTorch reference ops against independent formulations (HF's modules, naive attention)."""
 import pytest
 import torch
-
-from tests.helpers import DEVICE
 import torch.nn.functional as F
 
 from kernels import reference as R
 from kernels.metadata import AttentionMetadata
+from tests.helpers import DEVICE
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -321,9 +321,9 @@ def test_apply_knobs_equals_a_dense_reference_step_by_step_and_restores_the_raw_
     outgrow the batch's working copy; then a fork continues with a copy of its parent's
     state, in a new batch. ``staged``: every host array goes through the packed staging
     buffers as on CUDA (a clone stands in for the copy)."""
-    from engine.utils.host_to_device import HostToDevice
-    from engine.sampling.knobs import KnobState, apply_knobs, restore, uses_knobs
     from engine.core.sequence import Sequence
+    from engine.sampling.knobs import KnobState, apply_knobs, restore, uses_knobs
+    from engine.utils.host_to_device import HostToDevice
     V, eos = 50, 2
     knobs = SamplingParams(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.25,
                            min_tokens=2, stop_token_ids=[9], logit_bias={5: 1.5, 0: -2.0})
@@ -367,8 +367,8 @@ def test_apply_knobs_equals_a_dense_reference_step_by_step_and_restores_the_raw_
 
 
 def test_knob_rows_are_reused_after_finish():
-    from engine.sampling.knobs import KnobState
     from engine.core.sequence import Sequence, SequenceStatus
+    from engine.sampling.knobs import KnobState
     state = KnobState(torch.device("cpu"))
     p = SamplingParams(repetition_penalty=1.2)
     first = [Sequence([1, 2, 3], f"a{i}", p) for i in range(3)]

@@ -190,7 +190,9 @@ def test_continue_loop(vocab, tok):
 
 def test_retrieval_by_mode(vocab):
     ada, never, always = (ReflectionConstraint(vocab, V, mode=m) for m in ("adaptive", "never", "always"))
-    start = lambda p: set(torch.nonzero(p.allowed(S.START)).flatten().tolist())
+
+    def start(p):
+        return set(torch.nonzero(p.allowed(S.START)).flatten().tolist())
     assert start(ada) == {vocab.retrieval, vocab.no_retrieval}
     assert start(never) == {vocab.no_retrieval}
     assert start(always) == {vocab.retrieval}
@@ -224,7 +226,9 @@ def test_utility_then_eos_and_cleanup(vocab):
 
 def test_start_state_for_prompt(vocab, tok):
     proc = ReflectionConstraint(vocab, V)
-    enc = lambda s: tok.encode("### Instruction:\nQ\n\n### Response:\n" + s)
+
+    def enc(s):
+        return tok.encode("### Instruction:\nQ\n\n### Response:\n" + s)
     assert proc.start_state_for_prompt(enc("[Retrieval]<paragraph>T\nx</paragraph>")) is S.AFTER_PARAGRAPH
     assert proc.start_state_for_prompt(enc("[No Retrieval]")) is S.FREE_TEXT
     assert proc.start_state_for_prompt(enc("[Relevant]a b.[Fully supported][Continue to Use Evidence]")) \

@@ -395,7 +395,8 @@ def test_cli_errors_exit_2(env_cache, tmp_path, capsys):
     assert _exit_code(lambda: main(["ask", "--device", "cpu", "q", "--long", "--mode", "never"])) == 2
     assert _exit_code(lambda: main(["ask", "--device", "cpu", "q", "--task", "nosuchtask"])) == 2
     assert "unknown task" in capsys.readouterr().err
-    assert _exit_code(lambda: main(["eval", "--device", "cpu", "--task", "nq", "--input", str(POPQA)])) == 2   # argparse
+    # argparse
+    assert _exit_code(lambda: main(["eval", "--device", "cpu", "--task", "nq", "--input", str(POPQA)])) == 2
     assert _exit_code(lambda: main(["ask", "--device", "cpu", "q", "--passages", "a", "--corpus", "b"])) == 2
 
 

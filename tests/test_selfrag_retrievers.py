@@ -7,8 +7,15 @@ import pytest
 
 from selfrag import retrievers
 from selfrag.retrievers import (
-    DEFAULT_CORPUS, BM25Retriever, GivenPassages, Retriever, UnknownQueryError, default_retriever,
-    load_corpus, passages_from_record, plural_stem,
+    DEFAULT_CORPUS,
+    BM25Retriever,
+    GivenPassages,
+    Retriever,
+    UnknownQueryError,
+    default_retriever,
+    load_corpus,
+    passages_from_record,
+    plural_stem,
 )
 from selfrag.types import Passage
 

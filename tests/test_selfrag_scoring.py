@@ -17,10 +17,15 @@ from engine.outputs import Logprob
 from engine.tokenizer.sentencepiece_tokenizer import AddedToken, Tokenizer
 from selfrag import tokens as T
 from selfrag.default_model import random_model_dir
-from selfrag.prompts import (format_passage, format_prompt, normalize_closed_answer, postprocess_answer,
-                             task_instruction)
-from selfrag.scoring import (MISSING_LOGPROB, aggregate_closed, best_open, retrieval_probability,
-                             score_candidate, should_retrieve)
+from selfrag.prompts import format_passage, format_prompt, normalize_closed_answer, postprocess_answer, task_instruction
+from selfrag.scoring import (
+    MISSING_LOGPROB,
+    aggregate_closed,
+    best_open,
+    retrieval_probability,
+    score_candidate,
+    should_retrieve,
+)
 from selfrag.types import Candidate, Passage, Result, Scores
 from selfrag.vocab import ReflectionVocab
 

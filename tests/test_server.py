@@ -14,7 +14,7 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from engine import LLM, SamplingParams  # noqa: E402
-from selfrag.default_model import random_model_dir, few_threads  # noqa: E402
+from selfrag.default_model import few_threads, random_model_dir  # noqa: E402
 from selfrag.prompts import render_chat  # noqa: E402
 
 MODEL = "selfrag-test"

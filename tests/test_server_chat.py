@@ -15,7 +15,7 @@ from engine import LLM, SamplingParams  # noqa: E402
 from engine.server.app import create_app  # noqa: E402
 from engine.server.chat import ChatRenderer, normalize_messages  # noqa: E402
 from engine.server.protocol import ChatCompletionRequest  # noqa: E402
-from selfrag.default_model import random_model_dir, few_threads  # noqa: E402
+from selfrag.default_model import few_threads, random_model_dir  # noqa: E402
 from selfrag.prompts import render_chat  # noqa: E402
 from tests.test_server import Server, _err  # noqa: E402
 
@@ -69,7 +69,8 @@ def test_a_checkpoint_chat_template_renders_as_transformers_does(templated_dir):
     renderer = ChatRenderer(llm, render_chat)
     got = renderer(_messages(CONVERSATION))
     assert got["prompt_token_ids"] == want
-    assert got["prompt"].startswith("<s>[INST] <<SYS>>\nAnswer briefly.") and renderer.source.startswith("the checkpoint")
+    assert got["prompt"].startswith("<s>[INST] <<SYS>>\nAnswer briefly.")
+    assert renderer.source.startswith("the checkpoint")
     bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
     with pytest.raises(ValueError, match="roles must alternate"):
         renderer(_messages(bad))

@@ -7,8 +7,7 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
 from engine import SamplingParams  # noqa: E402
-from tests.test_server import MODEL, Server, _llm, reference  # noqa: E402, F401
-from tests.test_server import app, engine, llm, threads  # noqa: E402, F401  (fixtures)
+from tests.test_server import MODEL, Server, _llm, app, engine, llm, reference, threads  # noqa: E402, F401  # noqa: E402, F401  (fixtures)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ pytest.importorskip("starlette")
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.server.async_engine import AsyncEngine, QueueFullError  # noqa: E402
 from engine.server.streaming import ClientGone, EventStream, watch_disconnect  # noqa: E402
-from selfrag.default_model import random_model_dir, few_threads  # noqa: E402
+from selfrag.default_model import few_threads, random_model_dir  # noqa: E402
 
 
 def run(coro):

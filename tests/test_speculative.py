@@ -262,13 +262,14 @@ def test_self_rag_answers_are_identical_with_speculation():
     assert llm.speculator.num_drafted > 0
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.8)])
+@pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7, top_k=5),
+                                dict(temperature=1.3, top_p=0.8)])
 def test_speculative_sampling_keeps_the_distribution(kw):
     """A deterministic draft kept with probability p(draft), else a draw from p without
     it: over many seeds the token is distributed as plain sampling's (chi-square on an
     8-token vocabulary, the draft both likely and unlikely)."""
-    from engine.sampling.sampler import Sampler
     from engine.core.sequence import Sequence
+    from engine.sampling.sampler import Sampler
     from kernels import ops as kernel_ops
     ops = kernel_ops.get_ops("auto", "cpu")
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, 3.0]])

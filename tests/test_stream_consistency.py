@@ -10,11 +10,10 @@ non-streaming response's text."""
 import json
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from engine import LLM, SamplingParams
-from selfrag.default_model import random_model_dir, few_threads
+from selfrag.default_model import few_threads, random_model_dir
 from selfrag.prompts import render_chat
 
 PROMPTS = ["Alpacas live in", "The llama is", "One two three", "Where do camels"]

@@ -13,11 +13,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from engine.tokenizer.detokenizer import IncrementalDetokenizer
 from engine.errors import CheckpointError
+from engine.tokenizer.detokenizer import IncrementalDetokenizer
 from engine.tokenizer.sentencepiece_tokenizer import Tokenizer
 from selfrag.default_tokenizer import DEFAULT_CORPUS, build_tokenizer
 from selfrag.tokens import ADDED_TOKENS, ADDITIONAL_SPECIAL_TOKENS

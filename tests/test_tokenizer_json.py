@@ -9,9 +9,9 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from engine.errors import CheckpointError
 from engine.tokenizer.chat_template import conversation_prompts, load_chat_template
 from engine.tokenizer.detokenizer import make_detokenizer
-from engine.errors import CheckpointError
 from engine.tokenizer.tokenizer_json import JsonTokenizer
 from tests import smollm2
 

@@ -13,10 +13,9 @@ from selfrag.constraints import ReflectionConstraint
 from selfrag.default_model import random_model_dir
 from selfrag.prompts import format_prompt
 from selfrag.training import evalsets
-from selfrag.training.data import (IGNORE, data_hash, encode_example, grammar_violation,
-                                   heldout_world, training_world)
+from selfrag.training.data import IGNORE, data_hash, encode_example, grammar_violation, heldout_world, training_world
 from selfrag.training.examples import KIND_WEIGHTS, RETRIEVAL_KINDS, generate
-from selfrag.training.world import RELATIONS, World, head_name
+from selfrag.training.world import RELATIONS, World
 from selfrag.vocab import ReflectionVocab
 
 SMALL = 60          # entities per kind: enough variety, fast to build
@@ -154,9 +153,9 @@ def test_committed_popqa_file_distractors_rarely_hold_the_answer():
 def test_training_smoke_run_learns(tmp_path):
     """The trainer end to end at toy size (about 10 s): the loss falls well below
     its start, and the engine loads and runs what it wrote."""
+    from engine import SamplingParams
     from selfrag.training.train import RECIPE, SMOKE, replay_data_hash, train
     from tests.helpers import make_llm
-    from engine import SamplingParams
 
     recipe = {**RECIPE, **SMOKE, "model": {**RECIPE["model"], **SMOKE["model"]}}
     meta = train(tmp_path, recipe, progress=False)

@@ -5,14 +5,15 @@ import dataclasses
 
 import pytest
 import torch
-from tests.helpers import DEVICE
 
 from kernels import reference as R
 from kernels.metadata import AttentionMetadata
 from kernels.triton import decode_attention as M
 from kernels.triton.common import SHAPES
+from tests.helpers import DEVICE
 
-TOL = {torch.float16: dict(atol=3e-3, rtol=1e-2), torch.float32: dict(atol=2e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+TOL = {torch.float16: dict(atol=3e-3, rtol=1e-2), torch.float32: dict(atol=2e-5, rtol=1e-5),
+       torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 GARBAGE = 50.0   # fills cache slots no sequence owns: any unmasked read shows up
 
 

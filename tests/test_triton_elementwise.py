@@ -14,10 +14,10 @@ import dataclasses
 
 import pytest
 import torch
-from tests.helpers import DEVICE
 
 from kernels import reference as R
 from kernels.triton import activation, norm, rope_kv, sampling
+from tests.helpers import DEVICE
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5),

@@ -4,13 +4,14 @@ import dataclasses
 
 import pytest
 import torch
-from tests.helpers import DEVICE
 
 from kernels import reference as R
 from kernels.metadata import AttentionMetadata
 from kernels.triton.prefill_attention import _prefill_attention, prefill_attention
+from tests.helpers import DEVICE
 
-TOL = {torch.float16: dict(atol=2e-3, rtol=2e-3), torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+TOL = {torch.float16: dict(atol=2e-3, rtol=2e-3), torch.float32: dict(atol=1e-4, rtol=1e-4),
+       torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 
 def _case(contexts, q_lens, Hq, Hkv, D, bs, dtype, seed=0, fused_qkv=True, spare_blocks=5):

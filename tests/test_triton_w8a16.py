@@ -13,11 +13,11 @@ import itertools
 
 import pytest
 import torch
-from tests.helpers import DEVICE
 
 from kernels import reference as R
 from kernels.triton import w8a16
 from kernels.triton.common import SHAPES
+from tests.helpers import DEVICE
 
 
 def _w(N, K, seed=0, dtype=torch.float16, scale=0.02):

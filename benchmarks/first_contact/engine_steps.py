@@ -71,7 +71,8 @@ def engine(ctx) -> dict:
         out["memory"] = dict(allocated=torch.cuda.memory_allocated(), reserved=torch.cuda.memory_reserved(),
                              free=free, total=total)
     g = llm.cuda_graphs
-    ctx.log(f"   built in {build_s:.1f} s {json.dumps({k: round(v, 2) for k, v in llm.startup.items() if k.endswith('_s')})}; "
+    phases = {k: round(v, 2) for k, v in llm.startup.items() if k.endswith('_s')}
+    ctx.log(f"   built in {build_s:.1f} s {json.dumps(phases)}; "
             f"graphs: {'captured ' + str(g['buckets']) if g['enabled'] else 'OFF (' + g['reason'] + ')'}"
             + (f" error: {g['error']}" if g["error"] else ""))
     failures = [] if g["enabled"] or not ctx.cuda else [f"CUDA graphs not used: {g['reason']} {g['error'] or ''}"]

@@ -91,8 +91,7 @@ def _paged(chk, contexts, Hkv, D, bs, dtype, spare=3):
 
 
 def run(ctx) -> dict:
-    from kernels import reference as R
-    from kernels import triton_ops as K
+    from kernels import reference as R, triton_ops as K
     from kernels.metadata import AttentionMetadata
     from kernels.triton.prefill_attention import _prefill_attention
     S = shapes(ctx.dry)

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import time
 
-
 from benchmarks.first_contact.engine_steps import _eager_runner, has_first_token, rand_prompts, sizes
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -29,9 +29,9 @@ import copy
 import torch
 
 from engine.core import request_validation
+from engine.core.sequence import Sequence, SequenceStatus
 from engine.errors import InvalidRequestError
 from engine.sampling.params import is_int
-from engine.core.sequence import Sequence, SequenceStatus
 
 
 def fork_request(llm, request_id: str, n: int = 1, params=None) -> list[str]:

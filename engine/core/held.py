@@ -28,8 +28,8 @@ params' seed; the sampling knobs count the new turn's output only.
 from __future__ import annotations
 
 from engine.core import request_validation
-from engine.errors import InvalidRequestError
 from engine.core.request_state import RequestState
+from engine.errors import InvalidRequestError
 from engine.sampling.params import is_int
 
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.outputs import RequestOutput
 from engine.core.sequence import Sequence, SequenceStatus
+from engine.outputs import RequestOutput
 
 
 class SampleGroup:

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.model.config import ModelConfig
 from engine.errors import CheckpointError, read_json
+from engine.model.config import ModelConfig
 
 __all__ = [
     "INDEX_NAME",

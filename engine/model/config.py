@@ -305,7 +305,8 @@ class ModelConfig:
         linear = self.rope_scaling_factor != 1.0
         if spelling == 4:
             d["rope_theta"] = self.rope_theta
-            d["rope_scaling"] = {"type": "linear", "rope_type": "linear", "factor": self.rope_scaling_factor} if linear else None
+            d["rope_scaling"] = ({"type": "linear", "rope_type": "linear", "factor": self.rope_scaling_factor}
+                                 if linear else None)
             d["torch_dtype"] = self.dtype
         else:
             rp: dict[str, Any] = {"rope_type": "linear" if linear else "default", "rope_theta": self.rope_theta}

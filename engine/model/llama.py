@@ -16,8 +16,7 @@ import torch
 from engine.model.config import ModelConfig
 from engine.model.quantized_weights import QuantizedWeight, check_quantization
 from kernels.metadata import AttentionMetadata
-from kernels.ops import Ops
-from kernels.reference import rope_cos_sin
+from kernels.ops import Ops, rope_cos_sin
 
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)$")
 

@@ -12,8 +12,8 @@ import torch
 
 from engine.model.checkpoint import load_weights
 from engine.model.config import ModelConfig
-from engine.model.quantized_weights import check_device, check_quantization
 from engine.model.llama import LlamaModel
+from engine.model.quantized_weights import check_device, check_quantization
 from kernels.ops import get_ops
 
 DTYPES = {

@@ -1,1 +1,2 @@
-"""From logits to tokens: sampling params, the sampler, the vLLM/OpenAI sampling knobs, logits processors, prompt log-probs, scoring and beam search."""
+"""From logits to tokens: sampling params, the sampler, the vLLM/OpenAI sampling knobs,
+logits processors, prompt log-probs, scoring and beam search."""

@@ -68,8 +68,9 @@ class SamplingParams:
         holds it without generating.
     prompt_logprobs: N >= 0: ``RequestOutput.prompt_logprobs`` holds, per prompt token
         after the first, its log-prob and the top-N (vLLM's shape). Those positions are
-        computed even where the prefix cache holds them. ``max_tokens=0``: prefill only. Held blocks may be dropped under memory pressure;
-        a later ``extend`` then recomputes them (correctness never depends on the hold).
+        computed even where the prefix cache holds them. ``max_tokens=0``: prefill only.
+        Held blocks may be dropped under memory pressure; a later ``extend`` then
+        recomputes them (correctness never depends on the hold).
 
     All log-probs (and ``cumulative_logprob``) are log-softmax of the raw
     model logits, before processors, temperature, top-k/p or masks.
@@ -133,7 +134,8 @@ class SamplingParams:
         if self.prompt_logprobs is not None and (not is_int(self.prompt_logprobs) or self.prompt_logprobs < 0):
             bad("prompt_logprobs", "must be None or an integer >= 0 (top-N besides the actual token)")
         prefill_only = self.hold or self.prompt_logprobs is not None
-        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < (0 if prefill_only else 1)):
+        least = 0 if prefill_only else 1
+        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < least):
             bad("max_tokens", "must be an integer >= 1 (or None: up to max_model_len; 0 only with "
                 "hold=True or prompt_logprobs: prefill only)")
         if self.logprobs is not None and (not is_int(self.logprobs) or self.logprobs < 0):

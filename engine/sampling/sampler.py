@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.utils.host_to_device import HostToDevice
-from engine.sampling.logits_processors import apply_logits_processors, row_status, status_message
-from engine.sampling.knobs import KnobState, apply_knobs, min_p_filter, restore, uses_knobs
-from engine.sampling.params import SamplingParams
 from engine.core.sequence import Sequence
+from engine.sampling.knobs import KnobState, apply_knobs, min_p_filter, restore, uses_knobs
+from engine.sampling.logits_processors import apply_logits_processors, row_status, status_message
+from engine.sampling.params import SamplingParams
+from engine.utils.host_to_device import HostToDevice
 
 
 @dataclass

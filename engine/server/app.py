@@ -28,16 +28,19 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from engine.errors import InvalidRequestError
 from engine.sampling.params import SamplingParams
-from engine.server.async_engine import (AsyncEngine, EngineDeadError, EngineDrainingError,
-                                        QueueFullError)
-from engine.server.asgi import (APIError, _document_raw_routes, _error_response, _LimitsMiddleware,
-                                _ServerApp, package_version)
+from engine.server.asgi import (
+    APIError,
+    _document_raw_routes,
+    _error_response,
+    _LimitsMiddleware,
+    _ServerApp,
+    package_version,
+)
+from engine.server.async_engine import AsyncEngine, EngineDeadError, EngineDrainingError, QueueFullError
 from engine.server.chat import ChatError, ChatRenderer, normalize_messages
 from engine.server.logprobs_format import chat_logprobs, echo_part, joined, legacy_logprobs
-from engine.server.protocol import (ChatCompletionRequest, CompletionRequest, new_id, now_s,
-                                    unsupported_fields, usage)
-from engine.server.streaming import (ClientGone, EventStream, compact_json, sse, sse_prefix,
-                                     watch_disconnect)
+from engine.server.protocol import ChatCompletionRequest, CompletionRequest, new_id, now_s, unsupported_fields, usage
+from engine.server.streaming import ClientGone, EventStream, compact_json, sse, sse_prefix, watch_disconnect
 
 log = logging.getLogger("engine.server")
 
@@ -303,7 +306,8 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
                     if not delta and not head and not fin:
                         continue
                     choice = {"index": k, "text": head + delta,
-                              "logprobs": joined(head_lps, legacy_logprobs(c, sent_tok[k], echo_len[k] + sent_text[k], tokenizer)),
+                              "logprobs": joined(head_lps, legacy_logprobs(c, sent_tok[k], echo_len[k] + sent_text[k],
+                                                                           tokenizer)),
                               "finish_reason": c.finish_reason if fin else None}
                     if fin:
                         choice["stop_reason"] = c.stop_reason

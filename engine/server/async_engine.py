@@ -306,8 +306,8 @@ class Submission:
 class SyncLLMProxy:
     """An LLM-shaped object for blocking code in a worker thread (``SelfRAG``):
     its ``add_request``/``step``/``abort``/``has_unfinished_requests`` (and ``fork``,
-    ``extend``, ``release`` of held requests) go through the shared engine, so its requests batch with everyone else's and
-    ``step()`` returns only this proxy's outputs. Not thread-safe itself: one
+    ``extend``, ``release`` of held requests) go through the shared engine, so its requests
+    batch with everyone else's and ``step()`` returns only this proxy's outputs. Not thread-safe itself: one
     per worker."""
 
     def __init__(self, engine: AsyncEngine):

@@ -37,18 +37,19 @@ see a request's output grow by several tokens within one step and then shrink ba
 rewind): its result must depend only on the request id and the output it is given
 (``ReflectionConstraint`` re-derives its state from the output when it shrinks).
 
-Sequences whose drafts are rarely accepted back off: after a step that accepts nothing, a sequence waits ``2**misses`` steps (at most
-16) before it is offered drafts again, so text with nothing to copy is not slowed down.
+Sequences whose drafts are rarely accepted back off: after a step that accepts nothing, a
+sequence waits ``2**misses`` steps (at most 16) before it is offered drafts again, so text
+with nothing to copy is not slowed down.
 """
 from __future__ import annotations
 
 import torch
 
-from engine.spec_decode.proposers import NgramProposer
+from engine.core.sequence import Sequence
+from engine.sampling.knobs import uses_knobs
 from engine.sampling.logits_processors import apply_logits_processors
 from engine.sampling.params import is_int
-from engine.sampling.knobs import uses_knobs
-from engine.core.sequence import Sequence
+from engine.spec_decode.proposers import NgramProposer
 
 METHODS = ("ngram", "grammar", "custom")
 

@@ -1,1 +1,2 @@
-"""Text <-> token ids: the SentencePiece tokenizer, tokenizer.json (byte-level BPE), streaming detokenization and chat templates."""
+"""Text <-> token ids: the SentencePiece tokenizer, tokenizer.json (byte-level BPE),
+streaming detokenization and chat templates."""

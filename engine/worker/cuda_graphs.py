@@ -152,11 +152,11 @@ def build_decode_runner(model, kv_caches, block_size, max_num_seqs, max_model_le
         runner = eager(f"kernel_backend {model.ops.name!r} (the reference ops read tensors back "
                        "to the host, which a graph cannot hold)")
     else:
-        from kernels.triton.decode_attention import pick_num_splits, sm_count
-        cfg, sms = model.cfg, sm_count(model.device)
+        from kernels.ops import decode_num_splits
+        cfg = model.cfg
 
         def splits(b):   # per bucket, for the longest context the graph may see
-            return pick_num_splits(b, cfg.num_key_value_heads, max_model_len, block_size, sms)
+            return decode_num_splits(b, cfg.num_key_value_heads, max_model_len, block_size, model.device)
 
         runner = DecodeRunner(model, kv_caches, block_size, max_num_seqs, max_model_len,
                               num_splits=splits)

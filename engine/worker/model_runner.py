@@ -12,9 +12,9 @@ import mmap
 
 import torch
 
+from engine.core.sequence import Sequence
 from engine.model.config import ModelConfig
 from engine.model.llama import LlamaModel
-from engine.core.sequence import Sequence
 from kernels.metadata import AttentionMetadata
 
 

@@ -22,8 +22,17 @@ from pathlib import Path
 
 from selfrag import tokens as T
 from selfrag.prompts import task_instruction
-from selfrag.training.world import (OPEN_RELATIONS, RELATIONS, World, _value, cap, name,
-                                    passage_sentences, passage_text, word)
+from selfrag.training.world import (
+    OPEN_RELATIONS,
+    RELATIONS,
+    World,
+    _value,
+    cap,
+    name,
+    passage_sentences,
+    passage_text,
+    word,
+)
 
 CORPUS_JSONL = Path(__file__).resolve().parents[1] / "data" / "corpus.jsonl"
 USE = [f"[Utility:{i}]" for i in range(1, 6)]

@@ -100,6 +100,7 @@ def batches(tokenizer, stream, batch_size: int, max_len: int, pad_id: int, rng: 
     """Yields (input_ids, labels, attention_mask) tensors; examples are grouped by
     length within chunks of ``chunk`` batches so little compute goes to padding."""
     import torch
+
     from selfrag.training.data import IGNORE, encode_example, example_bytes
 
     while True:
