@@ -30,6 +30,7 @@ from engine.request_api import RequestAPI
 from engine.sampling.params import SamplingParams
 from engine.sampling.prompt_logprobs import prefill_logprobs, wants_prefill_logprobs
 from engine.sampling.sampler import Sampler
+from engine.tokenizer import get_tokenizer
 from engine.worker.cuda_graphs import build_decode_runner
 from engine.worker.model_runner import ModelRunner
 
@@ -116,19 +117,8 @@ class LLM(RequestAPI):
                                              quantization=quantization)
         cfg = self.config
         self.startup["load_s"] = time.perf_counter() - t_start
-        self.tokenizer = None
-        tok_dir = tokenizer if tokenizer is not None else model
-        if not skip_tokenizer_init and os.path.isfile(os.path.join(str(tok_dir), "tokenizer.model")):
-            from engine.tokenizer.sentencepiece_tokenizer import Tokenizer
-            self.tokenizer = Tokenizer.from_pretrained(tok_dir)
-        elif not skip_tokenizer_init and os.path.isfile(os.path.join(str(tok_dir), "tokenizer.json")):
-            from engine.tokenizer.tokenizer_json import JsonTokenizer  # byte-level BPE (SmolLM2, ...)
-            self.tokenizer = JsonTokenizer.from_pretrained(tok_dir)
-        elif tokenizer is not None and not skip_tokenizer_init:
-            raise ValueError(f"tokenizer={tokenizer!r}: no tokenizer.model or tokenizer.json in that "
-                             "directory")
-        elif not skip_tokenizer_init:
-            request_validation.refuse_tokenizer_without_model(str(tok_dir))
+        self.tokenizer = None if skip_tokenizer_init else get_tokenizer(
+            tokenizer if tokenizer is not None else model, explicit=tokenizer is not None)
 
         limit = cfg.max_position_embeddings
         self.max_model_len = limit if max_model_len is None else max_model_len
