@@ -131,6 +131,10 @@ class RequestAPI:
         from engine.sampling.beam_search import beam_search
         return beam_search(self, prompts, params)
 
+    def is_running(self, request_id: str) -> bool:
+        """Whether ``request_id`` is queued or running (not finished, held or unknown)."""
+        return str(request_id) in self._requests
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 

@@ -28,7 +28,7 @@ def package_version() -> str:
         return "unknown (not installed)"
 
 
-def _error_response(status: int, message: str, type_: str = "invalid_request_error",
+def error_response(status: int, message: str, type_: str = "invalid_request_error",
                     param=None, code=None, headers=None) -> JSONResponse:
     return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
 
@@ -37,7 +37,7 @@ def _error_response(status: int, message: str, type_: str = "invalid_request_err
 OPEN_PATHS = ("/health", "/version", "/metrics")
 
 
-class _LimitsMiddleware:
+class LimitsMiddleware:
     """Pure-ASGI gate before routing: API key, body size, draining."""
 
     def __init__(self, app, api_key: str | None, max_body_bytes: int, engine: AsyncEngine,
@@ -74,11 +74,11 @@ class _LimitsMiddleware:
         path = scope.get("path", "")
         headers = dict(scope.get("headers") or [])
         if self.engine.draining and path != "/health":
-            return await _error_response(503, "the server is shutting down", "service_unavailable",
+            return await error_response(503, "the server is shutting down", "service_unavailable",
                                          code="draining")(scope, receive, send)
         if (self.key is not None and path not in OPEN_PATHS
                 and not self._authorized(headers.get(b"authorization"))):
-            return await _error_response(401, "missing or invalid API key (Authorization: Bearer KEY)",
+            return await error_response(401, "missing or invalid API key (Authorization: Bearer KEY)",
                                          "authentication_error", code="invalid_api_key",
                                          headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
         length = headers.get(b"content-length")
@@ -86,7 +86,7 @@ class _LimitsMiddleware:
             try:
                 too_big = int(length) > self.max_body
             except ValueError:
-                return await _error_response(400, "bad Content-Length")(scope, receive, send)
+                return await error_response(400, "bad Content-Length")(scope, receive, send)
             if too_big:
                 return await self._too_large(scope, receive, send)
             return await self.app(scope, receive, send)
@@ -117,7 +117,7 @@ class _LimitsMiddleware:
 
 
     def _too_large(self, scope, receive, send):
-        return _error_response(413, f"request body over {self.max_body} bytes",
+        return error_response(413, f"request body over {self.max_body} bytes",
                                code="body_too_large")(scope, receive, send)
 
 
@@ -125,7 +125,7 @@ class _BodyTooLarge(Exception):
     pass
 
 
-class _ServerApp(FastAPI):
+class ServerApp(FastAPI):
     """FastAPI with a direct path for the hot routes (``set_direct_routes``).
 
     A POST to one of them goes through the same key/size/draining gate and the same
@@ -173,7 +173,7 @@ class _ServerApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
-def _document_raw_routes(app: FastAPI, routes: dict) -> None:
+def document_raw_routes(app: FastAPI, routes: dict) -> None:
     """Adds POST operations for plain Starlette routes (which FastAPI's schema skips)
     to ``app.openapi()``: ``routes`` maps path -> (summary, pydantic request model)."""
     build = app.openapi

@@ -20,24 +20,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
-import queue
 import threading
 from typing import AsyncIterator, Callable
 
 from engine.errors import EngineDeadError  # noqa: F401 - re-exported: a failed step (HTTP 500)
-
-
-class QueueFullError(RuntimeError):
-    """Too many requests wait for their first token (HTTP 429)."""
-
-
-class EngineDrainingError(RuntimeError):
-    """The engine is shutting down and takes no new requests (HTTP 503)."""
-
-
-class RequestCancelled(RuntimeError):
-    """``SyncLLMProxy.cancel`` was called (e.g. the HTTP client went away)."""
-
+from engine.server.errors import EngineDrainingError, QueueFullError, RequestCancelled  # noqa: F401 - re-exported
 
 _ids = itertools.count()
 
@@ -186,9 +173,10 @@ class AsyncEngine:
             raise QueueFullError(f"{len(self._waiting)} requests are waiting (max_waiting="
                                  f"{self.max_waiting}); retry later")
 
-    def _submit(self, reqs, sink) -> None:
+    def submit(self, reqs, sink) -> None:
         """Registers the sinks, then hands the prepared requests to the stepping thread
-        (never blocks: a step in progress is not waited for)."""
+        (never blocks: a step in progress is not waited for). ``sink(list[RequestOutput]
+        | Exception)`` is called from the stepping thread."""
         for req in reqs:
             self._sinks[req.request_id] = sink
         if self.observer is not None:
@@ -230,7 +218,7 @@ class AsyncEngine:
         if sub.state != "prepared":
             raise RuntimeError(f"submission {sub.rids[0]!r} is already {sub.state}")
         sub.state = "queued"
-        self._submit(sub.reqs, sub.sink)
+        self.submit(sub.reqs, sub.sink)
 
     def discard(self, sub: "Submission") -> None:
         """Forgets a prepared submission that will not be committed (no-op otherwise)."""
@@ -266,8 +254,16 @@ class AsyncEngine:
             if not finished:
                 self.abort(rid)
 
+    def route(self, request_id: str, sink) -> None:
+        """Sends a request that became active again between steps (an extended held
+        request, a running request's fork) to ``sink``; call with ``lock`` held."""
+        self._sinks[str(request_id)] = sink
+        self._work.set()
+
     # ---- blocking API (worker threads) -------------------------------------------
-    def sync_llm(self) -> "SyncLLMProxy":
+    def sync_llm(self):
+        """An LLM-shaped proxy for blocking code in a worker thread (engine/server/sync_proxy.py)."""
+        from engine.server.sync_proxy import SyncLLMProxy
         return SyncLLMProxy(self)
 
 
@@ -301,128 +297,3 @@ class Submission:
     def __init__(self, rids, reqs, queue, sink):
         self.rids, self.reqs, self.queue, self.sink = rids, reqs, queue, sink
         self.state = "prepared"
-
-
-class SyncLLMProxy:
-    """An LLM-shaped object for blocking code in a worker thread (``SelfRAG``):
-    its ``add_request``/``step``/``abort``/``has_unfinished_requests`` (and ``fork``,
-    ``extend``, ``release`` of held requests) go through the shared engine, so its requests
-    batch with everyone else's and ``step()`` returns only this proxy's outputs. Not thread-safe itself: one
-    per worker."""
-
-    def __init__(self, engine: AsyncEngine):
-        self._engine = engine
-        self._llm = engine.llm
-        self._q: queue.Queue = queue.Queue()
-        self._mine: set[str] = set()
-        self._cancelled: BaseException | None = None
-        self.config = engine.llm.config
-        self.tokenizer = engine.llm.tokenizer
-        self.max_model_len = engine.llm.max_model_len
-
-    def get_tokenizer(self):
-        return self._llm.get_tokenizer()
-
-    def add_request(self, prompt, params=None, request_id: str | None = None) -> str:
-        eng = self._engine
-        if self._cancelled is not None:
-            raise self._cancelled
-        if eng.draining:
-            raise EngineDrainingError("the server is shutting down")
-        rid = str(request_id) if request_id is not None else f"sync-{next(_ids)}"
-        eng._submit([self._llm.prepare_request(prompt, params, rid)], self._q.put)
-        self._mine.add(rid)
-        return rid
-
-    def step(self, timeout: float = 600.0):
-        if self._cancelled is not None and self._mine:
-            self._abort_mine()
-            raise self._cancelled
-        if not self._mine:
-            return []
-        try:
-            item = self._q.get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError(f"no engine output in {timeout}s") from None
-        if isinstance(item, BaseException):
-            self._abort_mine()          # no-op after a failed step (all were aborted)
-            raise item
-        for out in item:
-            if out.finished:
-                self._mine.discard(out.request_id)
-        return item
-
-    def cancel(self, reason: BaseException | None = None) -> None:
-        """Thread-safe (e.g. from the event loop when the HTTP client goes away): the
-        worker's current or next ``step``, and any later ``add_request``, raise
-        ``reason`` (default ``RequestCancelled``) after aborting this proxy's
-        requests, so blocking code over this proxy unwinds within one step."""
-        if self._cancelled is None:
-            self._cancelled = reason if reason is not None else RequestCancelled("cancelled")
-            self._q.put(self._cancelled)            # wakes a step() blocked on the queue
-
-    def _abort_mine(self) -> None:
-        mine, self._mine = self._mine, set()
-        for rid in mine:
-            self._engine.abort(rid)
-
-    def abort(self, request_id: str) -> bool:
-        rid = str(request_id)
-        if rid in self._mine:
-            self._mine.discard(rid)
-            self._engine.abort(rid)
-            return True
-        return False
-
-    def has_unfinished_requests(self) -> bool:
-        return bool(self._mine)
-
-    # The decoding primitives run under the engine's lock, between its steps; a request
-    # that becomes active again (an extended one, a running request's fork) reports here.
-    def _route(self, rid: str) -> None:
-        self._engine._sinks[rid] = self._q.put
-        self._mine.add(rid)
-        self._engine._work.set()
-
-    def fork(self, request_id: str, n: int = 1, params=None) -> list[str]:
-        if self._cancelled is not None:
-            raise self._cancelled
-        with self._engine.lock:
-            kids = self._llm.fork(request_id, n, params)
-            for rid in kids:
-                if rid in self._llm._requests:        # a running parent's children run too
-                    self._route(rid)
-        return kids
-
-    def extend(self, request_id: str, token_ids, params=None, replace_last: bool = False) -> str:
-        if self._cancelled is not None:
-            raise self._cancelled
-        with self._engine.lock:
-            rid = self._llm.extend(request_id, token_ids, params, replace_last)
-            self._route(rid)
-        return rid
-
-    def release(self, request_id: str) -> bool:
-        with self._engine.lock:
-            return self._llm.release(request_id)
-
-    def generate(self, prompts, sampling_params=None, use_tqdm: bool = False):
-        if isinstance(prompts, (str, dict)):
-            prompts = [prompts]
-        prompts = list(prompts)
-        params = (list(sampling_params) if isinstance(sampling_params, (list, tuple))
-                  else [sampling_params] * len(prompts))
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
-        results = {}
-        try:
-            while len(results) < len(ids):
-                if not self._mine:
-                    raise RuntimeError("requests were aborted during generate()")
-                for out in self.step():
-                    if out.finished:
-                        results[out.request_id] = out
-        except BaseException:
-            for rid in ids:
-                self.abort(rid)
-            raise
-        return [results[i] for i in ids]
