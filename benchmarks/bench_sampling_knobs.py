@@ -81,7 +81,7 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--reps", type=int, default=60)
     args = ap.parse_args()
-    from engine.sampling.params import SamplingParams
+    from engine.sampling_params import SamplingParams
     from kernels import ops as kernel_ops
     dev = torch.device(args.device)
     ops = kernel_ops.get_ops("auto", dev.type)

@@ -8,7 +8,7 @@ from engine.errors import (
     RequestFailedError,
 )
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
-from engine.sampling.params import SamplingParams, SamplingParamsError
+from engine.sampling_params import SamplingParams, SamplingParamsError
 
 _LAZY = {"LLM": "engine.llm", "BeamSearchParams": "engine.sampling.beam_search",
          "BeamSearchOutput": "engine.sampling.beam_search", "BeamSearchSequence": "engine.sampling.beam_search"}

@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from engine.core import request_validation
+from engine import request_validation
 from engine.core.block_manager import BlockManager
 from engine.core.output_processor import OutputProcessor
 from engine.core.samples import expand_samples, last_per_request, needs_expansion
@@ -27,9 +27,9 @@ from engine.core.scheduler import Scheduler
 from engine.errors import EngineDeadError, InvalidRequestError, RequestFailedError
 from engine.model.loader import load_model, resolve_model_dir
 from engine.request_api import RequestAPI
-from engine.sampling.params import SamplingParams
 from engine.sampling.prompt_logprobs import prefill_logprobs, wants_prefill_logprobs
 from engine.sampling.sampler import Sampler
+from engine.sampling_params import SamplingParams
 from engine.tokenizer import get_tokenizer
 from engine.worker.cuda_graphs import build_decode_runner
 from engine.worker.model_runner import ModelRunner

@@ -4,6 +4,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+@dataclass
+class StepLogprobs:
+    """Host-side log-prob info of one sampled row, what the sampler hands the request's
+    output (engine-internal): the sampled token's log-prob, and (if requested)
+    ``{token_id: (logprob, rank)}`` for top-N + requested ids."""
+
+    sampled_logprob: float
+    entries: dict[int, tuple[float, int]] | None
+
+
 @dataclass(slots=True)
 class Logprob:
     """Log-prob of one token at one step (log-softmax of raw logits).

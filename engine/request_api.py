@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from engine.core import request_validation
+from engine import request_validation
 from engine.core.request_state import RequestState
 from engine.core.sequence import Sequence
 from engine.errors import InvalidRequestError
-from engine.sampling.params import SamplingParams
+from engine.sampling_params import SamplingParams
 
 
 class RequestAPI:

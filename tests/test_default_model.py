@@ -90,7 +90,7 @@ def test_reflection_tokens_are_single_ids_in_prompts(model_dir):
     from transformers import AutoTokenizer
 
     from engine.tokenizer.sentencepiece_tokenizer import Tokenizer
-    from selfrag.demo import DEMO_PROMPTS
+    from selfrag.cli.demo import DEMO_PROMPTS
 
     hf = AutoTokenizer.from_pretrained(model_dir)
     ours = Tokenizer.from_pretrained(model_dir)
@@ -139,7 +139,7 @@ def test_env_var_and_interrupted_build(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- generation parity
 def test_greedy_matches_transformers(model_dir):
-    from selfrag.demo import DEMO_PROMPTS, demo_sampling_params
+    from selfrag.cli.demo import DEMO_PROMPTS, demo_sampling_params
     from tests.helpers import hf_greedy, hf_model, make_llm
 
     llm = make_llm(model_dir, dtype="float32", max_num_seqs=2, show_progress=False)
@@ -201,6 +201,6 @@ def test_cli_bad_model_exits_2(tmp_path, capsys):
 
 
 def test_printable_escapes_control_characters():
-    from selfrag.demo import printable
+    from selfrag.cli.common import printable
 
     assert printable("a\x00b\x1b[0m\n\tc[Retrieval]é") == "a\\x00b\\x1b[0m\n\tc[Retrieval]é"

@@ -130,7 +130,7 @@ def test_sampling_knobs_on_cuda_equal_the_cpu():
     bit over steps that grow rows, switch masks and outgrow the working copy."""
     from engine.core.sequence import Sequence
     from engine.sampling.knobs import KnobState, apply_knobs, restore
-    from engine.sampling.params import SamplingParams
+    from engine.sampling_params import SamplingParams
     V, eos = 64, 2
     knobs = SamplingParams(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.25,
                            min_tokens=2, stop_token_ids=[9], logit_bias={5: 1.5, 0: -2.0})
@@ -156,7 +156,7 @@ def test_sampling_knobs_on_cuda_equal_the_cpu():
 
 def _mixed_batch():
     from engine.core.sequence import Sequence
-    from engine.sampling.params import SamplingParams
+    from engine.sampling_params import SamplingParams
     params = [SamplingParams(temperature=0, repetition_penalty=1.2, logit_bias={3: 2.0}, min_tokens=1, logprobs=2),
               SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, seed=4, presence_penalty=0.3),
               SamplingParams(temperature=1.0, logprob_token_ids=[5, 6], frequency_penalty=0.2)]

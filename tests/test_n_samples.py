@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine import SamplingParams
-from engine.sampling.params import SamplingParamsError
+from engine.sampling_params import SamplingParamsError
 from tests.helpers import make_checkpoint, make_llm, token_prompts
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine import SamplingParams
-from engine.sampling.params import SamplingParamsError
+from engine.sampling_params import SamplingParamsError
 from tests.helpers import hf_model, make_checkpoint, make_llm, token_prompts
 
 NEW = 24

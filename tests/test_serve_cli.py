@@ -94,7 +94,7 @@ def test_port_0_prints_the_real_port_and_engine_flags_reach_the_engine():
 
 
 def test_every_serve_flag_has_help_text():
-    from selfrag.serve import add_arguments
+    from selfrag.cli.serve import add_arguments
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]

@@ -29,7 +29,7 @@ def _free_port() -> int:
 
 class Server:
     def __init__(self, app):
-        from selfrag.serve import make_server
+        from selfrag.server import make_server
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = make_server(app, "127.0.0.1", self.port, graceful_timeout=10, log_level="warning")
@@ -63,7 +63,7 @@ def llm(threads):
 @pytest.fixture(scope="module")
 def app(llm):
     from engine.server.app import create_app
-    from selfrag.serve import selfrag_routes
+    from selfrag.server import selfrag_routes
     return create_app(llm, served_model_name=MODEL, rag=selfrag_routes(), max_body_bytes=64 * 1024,
                       max_tokens_cap=512, chat_prompt=render_chat)
 

@@ -87,7 +87,7 @@ def test_without_a_template_the_servers_format_keeps_every_message(llm):
 
 @pytest.fixture(scope="module")
 def client(llm):
-    from selfrag.serve import selfrag_routes
+    from selfrag.server import selfrag_routes
     s = Server(create_app(llm, served_model_name="m", api_key="k3y", chat_prompt=render_chat,
                           rag=selfrag_routes(), max_tokens_cap=64))
     with httpx.Client(base_url=s.url, timeout=60, headers={"Authorization": "Bearer k3y"}) as c:

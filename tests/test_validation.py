@@ -8,8 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from engine import CheckpointError, InvalidRequestError, SamplingParams, SamplingParamsError
-from engine.core import request_validation
+from engine import CheckpointError, InvalidRequestError, SamplingParams, SamplingParamsError, request_validation
 from tests.helpers import make_checkpoint, make_llm
 
 BAD_PARAMS = [

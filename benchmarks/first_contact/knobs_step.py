@@ -8,7 +8,7 @@ def knobs(ctx) -> dict:
     import torch
 
     from benchmarks.bench_sampling_knobs import GREEDY_KNOBS, compare
-    from engine.sampling.params import SamplingParams
+    from engine.sampling_params import SamplingParams
     from kernels import ops as kernel_ops
     dev = torch.device(ctx.device)
     rows, vocab = (8, 512) if ctx.dry else (64, 32016)

@@ -32,7 +32,7 @@ def _model_path() -> str:
 def _prompts(tokenizer) -> list[list[int]]:
     import json
 
-    from selfrag.demo import DEMO_PROMPTS, format_prompt
+    from selfrag.cli.demo import DEMO_PROMPTS, format_prompt
     corpus = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                           "selfrag", "data", "corpus.jsonl")
     with open(corpus) as f:

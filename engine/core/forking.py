@@ -28,10 +28,10 @@ import copy
 
 import torch
 
-from engine.core import request_validation
+from engine import request_validation
 from engine.core.sequence import Sequence, SequenceStatus
 from engine.errors import InvalidRequestError
-from engine.sampling.params import is_int
+from engine.sampling_params import is_int
 
 
 def fork_request(llm, request_id: str, n: int = 1, params=None) -> list[str]:

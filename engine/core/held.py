@@ -27,10 +27,10 @@ params' seed; the sampling knobs count the new turn's output only.
 """
 from __future__ import annotations
 
-from engine.core import request_validation
+from engine import request_validation
 from engine.core.request_state import RequestState
 from engine.errors import InvalidRequestError
-from engine.sampling.params import is_int
+from engine.sampling_params import is_int
 
 
 def held_state(llm, request_id: str, what: str):

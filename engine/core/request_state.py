@@ -8,8 +8,7 @@ from __future__ import annotations
 import copy
 
 from engine.core.sequence import Sequence
-from engine.outputs import CompletionOutput, Logprob, RequestOutput
-from engine.sampling.sampler import StepLogprobs
+from engine.outputs import CompletionOutput, Logprob, RequestOutput, StepLogprobs
 
 
 class RequestState:

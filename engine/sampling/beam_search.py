@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from engine.errors import InvalidRequestError
 from engine.outputs import Logprob
-from engine.sampling.params import SamplingParams, is_int, is_real
+from engine.sampling_params import SamplingParams, is_int, is_real
 
 NEG = -1.0e9                          # HF's "impossible" score
 
@@ -132,7 +132,7 @@ class _Prompt:
 
 def beam_search(llm, prompts, params: BeamSearchParams, use_tqdm: bool = False) -> list[BeamSearchOutput]:
     """The engine side of ``LLM.beam_search`` (see the module docstring)."""
-    from engine.core import request_validation
+    from engine import request_validation
     from engine.sampling.scoring import _run
     if not isinstance(params, BeamSearchParams):
         raise InvalidRequestError(f"beam_search: params must be BeamSearchParams, got {type(params).__name__}")

@@ -23,29 +23,9 @@ from __future__ import annotations
 
 import torch
 
+from engine.sampling_params import processor_form  # noqa: F401 - part of this module's API
+
 NAN, ALL_MASKED = 1, 2          # row_status bits
-
-
-def processor_form(proc) -> str:
-    """"batched" (our protocol), "row" (vLLM's ``(output_ids, logits_row)``) or
-    "row_with_prompt" (vLLM's ``(prompt_ids, output_ids, logits_row)``), from the
-    callable's signature: two positional parameters are vLLM's first form; of three, a
-    last one whose name mentions logits (vLLM names it ``logits``) is vLLM's second,
-    anything else ours (whose first is the logits). ``per_request`` says it explicitly."""
-    form = getattr(proc, "logits_processor_form", None)
-    if form is not None:
-        return form
-    import inspect
-    try:
-        params = [p for p in inspect.signature(proc).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
-    except (TypeError, ValueError):      # no signature (a builtin): our protocol
-        return "batched"
-    if len(params) == 2:
-        return "row"
-    if len(params) == 3 and "logit" in params[2].name.lower():
-        return "row_with_prompt"
-    return "batched"
 
 
 class per_request:                        # noqa: N801 - used like a decorator

@@ -15,24 +15,15 @@ floats per row at the end.
 from __future__ import annotations
 
 import array
-from dataclasses import dataclass
 
 import torch
 
 from engine.core.sequence import Sequence
+from engine.outputs import StepLogprobs
 from engine.sampling.knobs import KnobState, apply_knobs, min_p_filter, restore, uses_knobs
 from engine.sampling.logits_processors import apply_logits_processors, row_status, status_message
-from engine.sampling.params import SamplingParams
+from engine.sampling_params import SamplingParams
 from engine.utils.host_to_device import HostToDevice
-
-
-@dataclass
-class StepLogprobs:
-    """Host-side log-prob info of one row: the sampled token's log-prob, and
-    (if requested) ``{token_id: (logprob, rank)}`` for top-N + requested ids."""
-
-    sampled_logprob: float
-    entries: dict[int, tuple[float, int]] | None
 
 
 class Sampler:

@@ -11,9 +11,9 @@ the boundary matters).
 """
 from __future__ import annotations
 
-from engine.core import request_validation
+from engine import request_validation
 from engine.errors import InvalidRequestError, RequestFailedError
-from engine.sampling.params import SamplingParams, is_int
+from engine.sampling_params import SamplingParams, is_int
 
 
 def score(llm, prompt, continuations, per_token: bool = False) -> list:

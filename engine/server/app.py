@@ -52,13 +52,13 @@ def create_app(llm, *, served_model_name: str = "selfrag", api_key: str | None =
                chat_prompt: Callable[[list[dict]], str] | None = None) -> FastAPI:
     """The app serving ``llm`` (one shared ``AsyncEngine``, started on app startup).
 
-    rag: optional ``install(app, engine)`` adding more routes (``selfrag.serve``
+    rag: optional ``install(app, engine)`` adding more routes (``selfrag.server``
         passes one adding ``/v1/selfrag/answer``).
     max_tokens_cap: largest ``max_tokens`` accepted (400 above).
     max_waiting: requests waiting for their first token before 429.
     engine: an existing ``AsyncEngine`` over ``llm`` (default: a new one).
     chat_prompt: ``chat_prompt(messages) -> str`` renders a chat conversation
-        when the checkpoint has no chat_template (``selfrag serve`` passes
+        when the checkpoint has no chat_template (``selfrag.server`` passes
         Self-RAG's instruction format); see engine/server/chat.py.
     """
     owns_engine = engine is None

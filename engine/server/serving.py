@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from engine.errors import EngineDeadError, InvalidRequestError
-from engine.sampling.params import SamplingParams
+from engine.sampling_params import SamplingParams
 from engine.server.asgi import APIError
 from engine.server.chat import ChatRenderer
 from engine.server.errors import EngineDrainingError, QueueFullError

@@ -48,7 +48,7 @@ import torch
 from engine.core.sequence import Sequence
 from engine.sampling.knobs import uses_knobs
 from engine.sampling.logits_processors import apply_logits_processors
-from engine.sampling.params import is_int
+from engine.sampling_params import is_int
 from engine.spec_decode.proposers import NgramProposer
 
 METHODS = ("ngram", "grammar", "custom")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from engine.errors import CheckpointError
+
 
 def get_tokenizer(path: str, explicit: bool = False):
     """The tokenizer of directory ``path``: ``tokenizer.model`` (sentencepiece, preferred) or
@@ -19,6 +21,17 @@ def get_tokenizer(path: str, explicit: bool = False):
         return JsonTokenizer.from_pretrained(path)
     if explicit:
         raise ValueError(f"tokenizer={path!r}: no tokenizer.model or tokenizer.json in that directory")
-    from engine.core.request_validation import refuse_tokenizer_without_model
     refuse_tokenizer_without_model(path)
     return None
+
+
+def refuse_tokenizer_without_model(path: str) -> None:
+    """A checkpoint with tokenizer files but no tokenizer.model would silently run
+    without text: say what is missing instead."""
+    names = ("tokenizer_config.json", "added_tokens.json", "special_tokens_map.json")
+    present = [n for n in names if os.path.isfile(os.path.join(path, n))]
+    if present:
+        raise CheckpointError(f"the checkpoint has tokenizer files ({', '.join(present)}) but no "
+                              "tokenizer.model (sentencepiece) or tokenizer.json (byte-level BPE); copy one "
+                              "in, pass tokenizer=DIR, or pass skip_tokenizer_init=True to give "
+                              "prompts as token ids", file=os.path.join(path, "tokenizer.model"))

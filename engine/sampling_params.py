@@ -212,7 +212,6 @@ class SamplingParams:
         procs = self.logits_processors or []
         key = self._split[0]                # the processors themselves, held: compared by identity
         if len(key) != len(procs) or any(a is not b for a, b in zip(key, procs)):
-            from engine.sampling.logits_processors import processor_form
             forms = [(p, processor_form(p)) for p in procs]
             self._split = (tuple(procs), [p for p, f in forms if f == "batched"],
                            [(p, f) for p, f in forms if f != "batched"])
@@ -233,3 +232,25 @@ class SamplingParams:
     @property
     def wants_logprobs(self) -> bool:
         return self.logprobs is not None or bool(self.logprob_token_ids)
+
+
+def processor_form(proc) -> str:
+    """"batched" (our protocol), "row" (vLLM's ``(output_ids, logits_row)``) or
+    "row_with_prompt" (vLLM's ``(prompt_ids, output_ids, logits_row)``), from the
+    callable's signature: two positional parameters are vLLM's first form; of three, a
+    last one whose name mentions logits (vLLM names it ``logits``) is vLLM's second,
+    anything else ours (whose first is the logits). ``per_request`` says it explicitly."""
+    form = getattr(proc, "logits_processor_form", None)
+    if form is not None:
+        return form
+    import inspect
+    try:
+        params = [p for p in inspect.signature(proc).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    except (TypeError, ValueError):      # no signature (a builtin): our protocol
+        return "batched"
+    if len(params) == 2:
+        return "row"
+    if len(params) == 3 and "logit" in params[2].name.lower():
+        return "row_with_prompt"
+    return "batched"

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import warnings
 
-from engine.errors import CheckpointError, InvalidRequestError, PromptTooLongError
-from engine.sampling.params import SamplingParams, is_int, is_real
+from engine.errors import InvalidRequestError, PromptTooLongError
+from engine.sampling_params import SamplingParams, is_int, is_real
 
 # vLLM arguments that would change results: refused, not ignored.
 _UNSUPPORTED = {
@@ -159,13 +159,3 @@ def check_params(params, vocab: int, tokenizer=None) -> SamplingParams:
     return params
 
 
-def refuse_tokenizer_without_model(path: str) -> None:
-    """A checkpoint with tokenizer files but no tokenizer.model would silently run
-    without text: say what is missing instead."""
-    names = ("tokenizer_config.json", "added_tokens.json", "special_tokens_map.json")
-    present = [n for n in names if os.path.isfile(os.path.join(path, n))]
-    if present:
-        raise CheckpointError(f"the checkpoint has tokenizer files ({', '.join(present)}) but no "
-                              "tokenizer.model (sentencepiece) or tokenizer.json (byte-level BPE); copy one "
-                              "in, pass tokenizer=DIR, or pass skip_tokenizer_init=True to give "
-                              "prompts as token ids", file=os.path.join(path, "tokenizer.model"))
