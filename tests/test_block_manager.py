@@ -23,6 +23,7 @@ from hypothesis.stateful import (
 )
 
 import engine.core.block_manager as bm_mod
+import engine.core.block_pool as pool_mod
 from engine.core.block_manager import BlockManager, NoFreeBlocksError
 from engine.core.sequence import Sequence
 
@@ -37,7 +38,7 @@ def snapshot(bm: BlockManager, seqs=()):
         bm.get_stats(),
         [bm.ref_count(b) for b in range(bm.num_blocks)],
         [bm.is_cached(b) for b in range(bm.num_blocks)],
-        list(bm._free), list(bm._evictable), dict(bm._hash_to_block),
+        list(bm.pool._free), list(bm.pool._evictable), dict(bm.pool._hash_to_block),
         [(list(s.block_table), s.num_cached_tokens, len(s)) for s in seqs],
     )
 
@@ -129,7 +130,7 @@ def test_last_token_cap_exact_multiple():
     # Freeing b: its duplicate block is unregistered -> truly free, not evictable.
     dup = b.block_table[1]
     bm.free(b)
-    assert dup in bm._free and dup not in bm._evictable
+    assert dup in bm.pool._free and dup not in bm.pool._evictable
     bm.check_invariants()
 
 
@@ -232,7 +233,7 @@ def test_free_evictable_revived():
     st_ = bm.get_stats()
     assert (st_["free"], st_["cached_evictable"], st_["used"]) == (4, 2, 0)
     assert bm.num_free_blocks == 6
-    assert set(bm._evictable) == set(blocks[:2]) and blocks[2] in bm._free
+    assert set(bm.pool._evictable) == set(blocks[:2]) and blocks[2] in bm.pool._free
     bm.free(a)                            # double free / abort is a no-op
     assert bm.get_stats() == st_
     b = S(list(range(8)) + [43])
@@ -252,21 +253,21 @@ def test_lru_eviction_order_and_free_first():
     # Free order q, p, r  ->  LRU (oldest first) = q, p, r.
     for s in (q, p, r):
         bm.free(s)
-    assert list(bm._evictable) == [bq, bp, br]
+    assert list(bm.pool._evictable) == [bq, bp, br]
     # A truly free block exists (block 3): used before evicting anything.
     x = S([7, 7])
     bm.allocate(x)
-    assert x.block_table == [3] and len(bm._evictable) == 3
+    assert x.block_table == [3] and len(bm.pool._evictable) == 3
     # Next allocation evicts q's block (least recently freed).
     y = S([8, 8])
     bm.allocate(y)
     assert y.block_table == [bq]
-    cached_tokens = {bm._blocks[b].token_ids for b in range(4) if bm.is_cached(b)}
+    cached_tokens = {bm.pool._blocks[b].token_ids for b in range(4) if bm.is_cached(b)}
     assert (2, 2) not in cached_tokens and {(1, 1), (3, 3)} <= cached_tokens
     # Then p's block, then r's.
     z = S([9, 9])
     bm.allocate(z)
-    assert z.block_table == [bp] and list(bm._evictable) == [br]
+    assert z.block_table == [bp] and list(bm.pool._evictable) == [br]
     # r's block is still a hit (revived; the new partial block evicts nothing: pool
     # empty -> refused) ...
     assert not bm.can_allocate(S([3, 3, 0]))
@@ -294,7 +295,7 @@ def test_hits_are_revived_before_eviction():
     hit, other_b = a.block_table[0], other.block_table[0]
     bm.free(a)
     bm.free(other)
-    assert list(bm._evictable) == [hit, other_b]
+    assert list(bm.pool._evictable) == [hit, other_b]
     b = S([1, 1, 3])
     assert bm.can_allocate(b)
     bm.allocate(b)
@@ -308,7 +309,7 @@ def test_free_releases_tail_first():
     bm.allocate(a)
     bm.free(a)
     # blocks released last-to-first: prefix block is the most recently freed
-    assert list(bm._evictable) == [2, 1, 0]
+    assert list(bm.pool._evictable) == [2, 1, 0]
 
 
 def test_prefix_caching_off():
@@ -439,6 +440,7 @@ def test_reset_prefix_cache():
 
 def test_hash_collisions_do_not_cause_false_hits(monkeypatch):
     monkeypatch.setattr(bm_mod, "compute_block_hash", lambda prev, toks: 42)
+    monkeypatch.setattr(pool_mod, "compute_block_hash", lambda prev, toks: 42)
     bm = BlockManager(6, 2)
     a = S([1, 1, 5])
     bm.allocate(a)
@@ -841,7 +843,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert st_["used"] == referenced
         assert st_["free"] + st_["cached_evictable"] + referenced == bm.num_blocks
         assert bm.num_free_blocks + referenced == bm.num_blocks
-        assert len(set(bm._free)) == len(bm._free)
+        assert len(set(bm.pool._free)) == len(bm.pool._free)
         for seq in self.waiting + self.dead:
             assert seq.block_table == [] and seq.num_cached_tokens == 0
         if not self.live:

@@ -5,17 +5,13 @@ the KV tensors and turns block tables into slot ids.
 
 Model
 -----
-The cache is a pool of ``num_blocks`` blocks of ``block_size`` token slots.
-Block ``b`` holds the K/V of positions ``[i * bs, (i + 1) * bs)`` of every
-sequence whose ``block_table[i] == b``; slot ``b * bs + p % bs`` holds position
-``p``.  Every block is in exactly one of three states:
-
-* **free**       -- ref count 0, holds nothing useful (``_free`` deque);
-* **evictable**  -- ref count 0 but registered in the prefix-cache hash table,
-  so a later sequence with the same prefix can revive it (``_evictable``, an
-  LRU ordered by the time the block was freed, oldest first);
-* **referenced** -- ref count > 0: in the block table of at least one live
-  sequence.
+The cache is a pool of ``num_blocks`` blocks of ``block_size`` token slots
+(``BlockPool``, engine/core/block_pool.py: free / evictable / referenced blocks and
+the prefix cache's hash table). Block ``b`` holds the K/V of positions
+``[i * bs, (i + 1) * bs)`` of every sequence whose ``block_table[i] == b``; slot
+``b * bs + p % bs`` holds position ``p``. This manager keeps, per live sequence,
+how many of its tokens have KV slots ("covered") and its pending draft slots, and
+offers allocate, append, free, fork, extend and draft slots over the pool.
 
 Prefix caching
 --------------
@@ -27,7 +23,6 @@ the sequence's, so a digest collision on the block's own tokens can never
 produce a wrong hit.  (The *prefix* before the block is identified through the
 chained digest only; a false hit there would need a BLAKE2b-128 collision.)
 
-A block is *registered* iff ``_hash_to_block[block.hash] == block.block_id``.
 A full block may carry a digest without being registered (when an identical
 block was already registered, the newcomer is a duplicate and stays private);
 such a block goes to the free list, not the evictable set, when released.
@@ -58,59 +53,13 @@ Contract with the scheduler / model runner (see also each method)
 """
 from __future__ import annotations
 
-import hashlib
-from array import array
-from collections import OrderedDict, deque
-from typing import Iterable
-
-from engine.core.block_fork_extend import ForkExtendMixin
-from engine.core.draft_slots import DraftSlotsMixin
+from engine.core.block_pool import ROOT_HASH, BlockPool, NoFreeBlocksError, compute_block_hash
 from engine.core.sequence import Sequence
 
 __all__ = ["BlockManager", "NoFreeBlocksError", "compute_block_hash"]
 
-# Digest that block 0 of every sequence chains on.
-_ROOT_HASH = 0
 
-
-class NoFreeBlocksError(RuntimeError):
-    """The pool does not have enough free (or evictable) blocks for a request.
-
-    Raised by ``allocate``, ``append_slot`` and ``fork`` when the matching
-    ``can_*`` check is False.  The manager's state is unchanged when it is
-    raised, so the scheduler may preempt something and retry.
-    """
-
-
-def compute_block_hash(prev_hash: int, token_ids: Iterable[int]) -> int:
-    """Chained 128-bit digest of one full block: ``H(prev_hash, token_ids)``."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(prev_hash.to_bytes(16, "little"))
-    h.update(array("q", token_ids).tobytes())
-    return int.from_bytes(h.digest(), "little")
-
-
-class _Block:
-    __slots__ = ("block_id", "ref_count", "hash", "prev_hash", "token_ids")
-
-    def __init__(self, block_id: int):
-        self.block_id = block_id
-        self.ref_count = 0
-        # Set only for FULL blocks when prefix caching is on.
-        self.hash: int | None = None
-        self.prev_hash: int | None = None
-        self.token_ids: tuple[int, ...] | None = None
-
-    def clear_content(self) -> None:
-        self.hash = None
-        self.prev_hash = None
-        self.token_ids = None
-
-    def __repr__(self) -> str:
-        return f"_Block(id={self.block_id}, ref={self.ref_count}, hashed={self.hash is not None})"
-
-
-class BlockManager(ForkExtendMixin, DraftSlotsMixin):
+class BlockManager:
     """Allocates KV-cache blocks to sequences, with optional prefix caching.
 
     Args:
@@ -129,18 +78,12 @@ class BlockManager(ForkExtendMixin, DraftSlotsMixin):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = bool(enable_prefix_caching)
-        self._blocks = [_Block(i) for i in range(num_blocks)]
-        # Handed out from the right, low ids first; a freed block goes back on the right,
-        # so it is the next one reused (LIFO): the pool's touched memory stays what is in
-        # use (the CPU pool commits pages only when first written).
-        self._free: deque[int] = deque(range(num_blocks - 1, -1, -1))
-        self._evictable: OrderedDict[int, None] = OrderedDict()  # oldest-freed first
-        self._hash_to_block: dict[int, int] = {}
+        self.pool = BlockPool(num_blocks, block_size, self.enable_prefix_caching)
         # Live sequences (holding blocks): seq_id -> Sequence, and the number
         # of tokens their block table was last sized for.
         self._seqs: dict[int, Sequence] = {}
         self._num_tokens: dict[int, int] = {}
-        self._drafts: dict[int, int] = {}          # seq_id -> draft slots reserved (engine/core/draft_slots.py)
+        self._drafts: dict[int, int] = {}          # seq_id -> draft slots reserved (see reserve_drafts)
         # Prefix-cache counters (blocks), updated by allocate only.
         self._queries = 0
         self._hits = 0
@@ -151,7 +94,7 @@ class BlockManager(ForkExtendMixin, DraftSlotsMixin):
     @property
     def num_free_blocks(self) -> int:
         """Blocks that can be handed out now: truly free + evictable cached."""
-        return len(self._free) + len(self._evictable)
+        return self.pool.num_free
 
     def blocks_needed(self, num_tokens: int) -> int:
         """Blocks covering ``num_tokens`` tokens (ceil division)."""
@@ -161,7 +104,7 @@ class BlockManager(ForkExtendMixin, DraftSlotsMixin):
 
     def ref_count(self, block_id: int) -> int:
         """Number of live sequences whose block table contains ``block_id``."""
-        return self._blocks[block_id].ref_count
+        return self.pool.ref_count(block_id)
 
     def num_covered(self, seq: Sequence) -> int:
         """Leading tokens of ``seq`` with KV slots (0 when it holds no blocks)."""
@@ -169,8 +112,7 @@ class BlockManager(ForkExtendMixin, DraftSlotsMixin):
 
     def is_cached(self, block_id: int) -> bool:
         """Whether ``block_id`` is registered in the prefix-cache hash table."""
-        blk = self._blocks[block_id]
-        return blk.hash is not None and self._hash_to_block.get(blk.hash) == block_id
+        return self.pool.is_cached(block_id)
 
     # --------------------------------------------------------------- internals
     def _block_tokens(self, seq: Sequence, i: int) -> tuple[int, ...]:
@@ -180,18 +122,11 @@ class BlockManager(ForkExtendMixin, DraftSlotsMixin):
     def _full_block_hashes(self, seq: Sequence) -> list[int]:
         """Chained digests of every FULL block of ``seq`` (prefix caching only)."""
         hashes = []
-        prev = _ROOT_HASH
+        prev = ROOT_HASH
         for i in range(len(seq) // self.block_size):
             prev = compute_block_hash(prev, self._block_tokens(seq, i))
             hashes.append(prev)
         return hashes
-
-    def _lookup(self, h: int, tokens: tuple[int, ...]) -> int | None:
-        """Registered block with digest ``h`` holding exactly ``tokens``, or None."""
-        b = self._hash_to_block.get(h)
-        if b is None or self._blocks[b].token_ids != tokens:
-            return None
-        return b
 
     def _plan_allocation(self, seq: Sequence, max_hit_tokens: int | None = None
                          ) -> tuple[list[int], list[int], int]:
@@ -213,52 +148,11 @@ class BlockManager(ForkExtendMixin, DraftSlotsMixin):
             if max_hit_tokens is not None:  # positions the caller needs computed (their logits)
                 cap = min(cap, max_hit_tokens // self.block_size)
             for i in range(cap):
-                b = self._lookup(hashes[i], self._block_tokens(seq, i))
+                b = self.pool.lookup(hashes[i], self._block_tokens(seq, i))
                 if b is None:
                     break
                 hits.append(b)
         return hashes, hits, self.blocks_needed(n) - len(hits)
-
-    def _take_block(self) -> int:
-        """Take a truly free block, else evict the least recently freed cached one."""
-        if self._free:
-            b = self._free.pop()
-        elif self._evictable:
-            b, _ = self._evictable.popitem(last=False)
-            blk = self._blocks[b]
-            del self._hash_to_block[blk.hash]
-            blk.clear_content()
-        else:  # callers check availability first
-            raise NoFreeBlocksError("no free KV-cache block")
-        blk = self._blocks[b]
-        assert blk.ref_count == 0 and blk.hash is None
-        blk.ref_count = 1
-        return b
-
-    def _acquire_cached(self, b: int) -> None:
-        blk = self._blocks[b]
-        if blk.ref_count == 0:
-            del self._evictable[b]  # revive
-        blk.ref_count += 1
-
-    def _set_full(self, b: int, h: int, prev_hash: int, tokens: tuple[int, ...]) -> None:
-        """Record a full block's identity; register it unless a twin already is."""
-        blk = self._blocks[b]
-        blk.hash, blk.prev_hash, blk.token_ids = h, prev_hash, tokens
-        if h not in self._hash_to_block:
-            self._hash_to_block[h] = b
-
-    def _release(self, b: int) -> None:
-        blk = self._blocks[b]
-        if blk.ref_count <= 0:
-            raise AssertionError(f"double free of block {b}")
-        blk.ref_count -= 1
-        if blk.ref_count == 0:
-            if self.is_cached(b):
-                self._evictable[b] = None  # most recently freed -> evicted last
-            else:
-                blk.clear_content()
-                self._free.append(b)
 
     def _check_live(self, seq: Sequence, what: str) -> None:
         if self._seqs.get(seq.seq_id) is not seq:
@@ -273,7 +167,7 @@ class BlockManager(ForkExtendMixin, DraftSlotsMixin):
         Raises ValueError if ``seq`` already holds blocks or has no tokens.
         """
         _, hits, new = self._plan_allocation(seq, max_hit_tokens)
-        revived = sum(1 for b in hits if self._blocks[b].ref_count == 0)
+        revived = self.pool.revived_by(hits)
         return new <= self.num_free_blocks - revived
 
     def allocate(self, seq: Sequence, max_hit_tokens: int | None = None) -> None:
@@ -289,20 +183,20 @@ class BlockManager(ForkExtendMixin, DraftSlotsMixin):
         ``NoFreeBlocksError`` (state unchanged) when ``can_allocate(seq)`` is False.
         """
         hashes, hits, new = self._plan_allocation(seq, max_hit_tokens)
-        revived = sum(1 for b in hits if self._blocks[b].ref_count == 0)
+        revived = self.pool.revived_by(hits)
         if new > self.num_free_blocks - revived:
             raise NoFreeBlocksError(
                 f"allocate {seq!r}: need {new} new blocks, {self.num_free_blocks - revived} available")
         # Revive/share hits first so that taking new blocks cannot evict them.
         for b in hits:
-            self._acquire_cached(b)
+            self.pool.acquire(b)
         table = list(hits)
         for _ in range(new):
-            table.append(self._take_block())
+            table.append(self.pool.take())
         if self.enable_prefix_caching:
             for i in range(len(hits), len(hashes)):
-                prev = hashes[i - 1] if i > 0 else _ROOT_HASH
-                self._set_full(table[i], hashes[i], prev, self._block_tokens(seq, i))
+                prev = hashes[i - 1] if i > 0 else ROOT_HASH
+                self.pool.set_full(table[i], hashes[i], prev, self._block_tokens(seq, i))
             self._queries += (len(seq) - 1) // self.block_size
             self._hits += len(hits)
             self._query_tokens += len(seq)
@@ -339,7 +233,7 @@ class BlockManager(ForkExtendMixin, DraftSlotsMixin):
         if self._needs_new_block(seq):
             if self.num_free_blocks < 1:
                 raise NoFreeBlocksError(f"append_slot {seq!r}: no free block")
-            seq.block_table.append(self._take_block())
+            seq.block_table.append(self.pool.take())
         n = len(seq)
         self._num_tokens[seq.seq_id] = n
         if self.enable_prefix_caching and n % self.block_size == 0:
@@ -370,7 +264,7 @@ class BlockManager(ForkExtendMixin, DraftSlotsMixin):
             n = len(seq.token_ids)
             table = seq.block_table
             if n > len(table) * bs:
-                table.append(self._take_block())
+                table.append(self.pool.take())
             covered[seq.seq_id] = n
             if caching and n % bs == 0:
                 self._register_filled(seq, n)
@@ -378,13 +272,7 @@ class BlockManager(ForkExtendMixin, DraftSlotsMixin):
 
     def _register_filled(self, seq: Sequence, n: int) -> None:
         """Registers the block that position ``n - 1`` just filled (prefix caching)."""
-        i = n // self.block_size - 1
-        b = seq.block_table[i]
-        if self._blocks[b].hash is None:
-            prev = self._blocks[seq.block_table[i - 1]].hash if i > 0 else _ROOT_HASH
-            assert prev is not None, "previous full block has no digest"
-            tokens = self._block_tokens(seq, i)
-            self._set_full(b, compute_block_hash(prev, tokens), prev, tokens)
+        self.pool.register_filled(seq.block_table, seq.token_ids, n // self.block_size - 1)
 
     # ------------------------------------------------------------------- free
     def free(self, seq: Sequence) -> None:
@@ -404,13 +292,208 @@ class BlockManager(ForkExtendMixin, DraftSlotsMixin):
         self._check_live(seq, "free")
         self._drafts.pop(seq.seq_id, None)
         for b in reversed(seq.block_table):
-            self._release(b)
+            self.pool.release(b)
         # A new list, not clear(): the runner's persistent decode inputs tell a
         # re-allocated table from a grown one by the list's identity.
         seq.block_table = []
         seq.num_cached_tokens = 0
         del self._seqs[seq.seq_id]
         del self._num_tokens[seq.seq_id]
+
+    # ------------------------------------------------------------------- fork / extend
+    # fork: a child shares every full covered block of the parent (copy-on-write: a running
+    # sequence's partial last block is private, copied); extend: a held sequence grows by many
+    # tokens at once, sharing prefix-cache blocks of the new text.
+    def can_fork(self, parent: Sequence) -> bool:
+        """Whether ``fork(parent, child)`` would succeed (needs one block iff the
+        parent's computed tokens end inside a block)."""
+        self._check_live(parent, "fork")
+        return self._num_tokens[parent.seq_id] % self.block_size == 0 or self.num_free_blocks >= 1
+
+    def fork(self, parent: Sequence, child: Sequence) -> list[tuple[int, int]]:
+        """Let ``child`` (empty table, same token ids) share ``parent``'s KV.
+
+        The parent's KV covers either all its tokens, or all but the last (between
+        engine steps: the token sampled last step gets its slot and KV in the next
+        decode step); the child then covers as many and gets its own slot for the last
+        token from its own ``append_slot``, as the parent does. The child shares every
+        FULL covered block of the parent (one more reference) and gets a private copy of
+        the last PARTIAL covered block, if any. Returns the ``(src_block, dst_block)``
+        copies the runner must perform on the KV tensors before the next forward pass
+        (empty when the covered tokens end on a block boundary). Sets
+        ``child.num_cached_tokens`` to the covered count. Raises ``NoFreeBlocksError``
+        (state unchanged) when no block is free for the copy.
+        """
+        self._check_live(parent, "fork")
+        if self._drafts.get(parent.seq_id):
+            raise ValueError(f"fork: {parent!r} has draft slots pending (settle them first)")
+        covered = self._num_tokens[parent.seq_id]
+        if covered not in (len(parent), len(parent) - 1):
+            raise ValueError(f"fork: parent {parent!r} has {len(parent) - covered} tokens without KV "
+                             "slots (at most the one sampled last step)")
+        if child.block_table or child.seq_id in self._seqs:
+            raise ValueError(f"fork: child {child!r} already holds blocks")
+        if child.token_ids != parent.token_ids:
+            raise ValueError("fork: child token ids differ from the parent's")
+        n_full = covered // self.block_size
+        partial = covered % self.block_size != 0
+        if partial and self.num_free_blocks < 1:
+            raise NoFreeBlocksError(f"fork {parent!r}: no free block for the partial-block copy")
+        table = list(parent.block_table[:n_full])
+        for b in table:
+            self.pool.acquire(b)
+        copies: list[tuple[int, int]] = []
+        if partial:
+            dst = self.pool.take()
+            copies.append((parent.block_table[n_full], dst))
+            table.append(dst)
+        child.block_table.extend(table)
+        child.num_cached_tokens = covered
+        self._seqs[child.seq_id] = child
+        self._num_tokens[child.seq_id] = covered
+        return copies
+
+    # ----------------------------------------------------------------- extend
+    def _plan_extension(self, seq: Sequence, max_hit_tokens: int | None):
+        """(prefix-cache hit blocks from the block holding position ``covered`` on,
+        blocks to take from the pool, whether the private partial block gives way to
+        the first hit). A hit block holds the same tokens after the same prefix, so its
+        KV is what this sequence would compute; the last token is always computed."""
+        bs, n = self.block_size, len(seq)
+        table, covered = seq.block_table, self._num_tokens[seq.seq_id]
+        first = covered // bs
+        hits: list[int] = []
+        if self.enable_prefix_caching:
+            prev = ROOT_HASH if first == 0 else self.pool.digest(table[first - 1])
+            cap = (n - 1) // bs
+            if max_hit_tokens is not None:
+                cap = min(cap, max_hit_tokens // bs)
+            for i in range(first, cap):
+                if prev is None:
+                    break
+                tokens = self._block_tokens(seq, i)
+                h = compute_block_hash(prev, tokens)
+                b = self.pool.lookup(h, tokens)
+                if b is None:
+                    break
+                hits.append(b)
+                prev = h
+        drop_partial = bool(hits) and len(table) > first
+        new = self.blocks_needed(n) - first - len(hits) - (len(table) - first if not hits else 0)
+        return hits, new, drop_partial
+
+    def can_extend(self, seq: Sequence, max_hit_tokens: int | None = None) -> bool:
+        """Whether ``extend(seq)`` would succeed now."""
+        self._check_live(seq, "extend")
+        hits, new, drop = self._plan_extension(seq, max_hit_tokens)
+        revived = self.pool.revived_by(hits)
+        return new <= self.num_free_blocks - revived + int(drop)
+
+    def extend(self, seq: Sequence, max_hit_tokens: int | None = None) -> None:
+        """A live ``seq`` (a held request) grew by several tokens at once: give it blocks
+        for all of them. Full blocks of the new tokens found in the prefix cache are
+        shared, as at ``allocate`` (the first may replace the private block holding the
+        last covered positions); ``seq.num_cached_tokens`` is set to the end of the KV
+        it now has (at least the old covered count), and the prefill of this step must
+        compute the positions from there. Blocks the new tokens fill up are registered
+        in the prefix cache. ``max_hit_tokens`` caps the reuse as at ``allocate``.
+        Raises ``NoFreeBlocksError`` (state unchanged) when the pool is short."""
+        self._check_live(seq, "extend")
+        hits, new, drop = self._plan_extension(seq, max_hit_tokens)
+        revived = self.pool.revived_by(hits)
+        if new > self.num_free_blocks - revived + int(drop):
+            raise NoFreeBlocksError(f"extend {seq!r}: need {new} new blocks, "
+                                    f"{self.num_free_blocks} available")
+        table, bs = seq.block_table, self.block_size
+        covered = self._num_tokens[seq.seq_id]
+        first = covered // bs
+        for b in hits:                       # revive/share first, so taking cannot evict them
+            self.pool.acquire(b)
+        if drop:
+            self.pool.release(table.pop(first))
+        table.extend(hits)
+        for _ in range(new):
+            table.append(self.pool.take())
+        cached = max(covered, (first + len(hits)) * bs) if hits else covered
+        self._num_tokens[seq.seq_id] = len(seq)
+        if self.enable_prefix_caching:
+            self._hits += len(hits)
+            self._hit_tokens += max(0, cached - covered)
+            for n in range(cached + 1, len(seq) + 1):
+                if n % bs == 0:
+                    self._register_filled(seq, n)
+        seq.num_cached_tokens = cached
+
+    # ------------------------------------------------------------------- draft slots
+    # KV slots for speculative drafts: reserved for one verify step, then kept for the
+    # accepted tokens and rolled back for the rejected ones.
+    #
+    # A verify step computes, for a running sequence, its last token (slot given by
+    # ``append_slot`` as in any decode step) and k drafted tokens after it. Their slots are
+    # positions ``[len, len + k)``:
+    #
+    # * ``reserve_drafts(seq, k)`` gives the sequence blocks up to position ``len + k - 1``.
+    #   Every draft position lies in the sequence's private last block or in a new block: a
+    #   running sequence's partial last block is never shared (forks copy it, the prefix
+    #   cache only shares full blocks), so writing drafts never touches a block another
+    #   sequence holds. A block filled by draft tokens is NOT registered in the prefix cache:
+    #   no other request can hit tokens that may be rejected.
+    # * ``settle_drafts(seq, accepted)``, after the caller appended the accepted drafts and
+    #   the bonus token to ``seq.token_ids``: the accepted positions become covered (their KV
+    #   is the right one), the blocks they fill are registered, and the blocks reserved only
+    #   for rejected drafts go back to the pool (a freed draft block was private and never
+    #   registered). The bonus token gets its slot from the next ``append_slot``, as a
+    #   sampled token does. Rejected drafts' KV left in a kept block is stale past the
+    #   sequence's length, where attention never reads, and is overwritten when the real
+    #   tokens of those positions are computed.
+    def num_drafts(self, seq: Sequence) -> int:
+        return self._drafts.get(seq.seq_id, 0)
+
+    def can_reserve_drafts(self, seq: Sequence, k: int) -> bool:
+        return self._draft_blocks(seq, k) <= self.num_free_blocks
+
+    def _draft_blocks(self, seq: Sequence, k: int) -> int:
+        self._check_live(seq, "reserve_drafts")
+        covered = self._num_tokens[seq.seq_id]
+        if covered != len(seq) or self._drafts.get(seq.seq_id):
+            raise ValueError(f"reserve_drafts: {seq!r} needs its last token's slot (append_slot) first, "
+                             "and no drafts pending")
+        return self.blocks_needed(len(seq) + k) - len(seq.block_table)
+
+    def reserve_drafts(self, seq: Sequence, k: int) -> None:
+        """Slots for ``k`` drafts after ``seq``'s last token (``NoFreeBlocksError``,
+        state unchanged, if the pool is short: speculate less)."""
+        if k < 1:
+            raise ValueError(f"reserve_drafts: k={k} must be >= 1")
+        need = self._draft_blocks(seq, k)
+        if need > self.num_free_blocks:
+            raise NoFreeBlocksError(f"reserve_drafts {seq!r}: need {need} blocks, {self.num_free_blocks} free")
+        for _ in range(need):
+            seq.block_table.append(self.pool.take())
+        self._drafts[seq.seq_id] = k
+
+    def settle_drafts(self, seq: Sequence, accepted: int) -> None:
+        """After a verify step: ``seq.token_ids`` grew by ``accepted`` drafts plus the
+        bonus token. Covers the accepted positions, registers the blocks they fill,
+        frees the blocks that only rejected drafts used."""
+        self._check_live(seq, "settle_drafts")
+        k = self._drafts.pop(seq.seq_id, 0)
+        covered = self._num_tokens[seq.seq_id]
+        if not 0 <= accepted <= k or len(seq) != covered + accepted + 1:
+            raise ValueError(f"settle_drafts: {seq!r} has {len(seq)} tokens; expected {covered} + "
+                             f"{accepted} accepted of {k} drafts + 1 bonus token")
+        new_covered = covered + accepted
+        self._num_tokens[seq.seq_id] = new_covered
+        keep = self.blocks_needed(new_covered)
+        if len(seq.block_table) > keep:
+            for b in reversed(seq.block_table[keep:]):
+                self.pool.release(b)
+            # a new list: the decode inputs tell a shrunk table from a grown one by identity
+            seq.block_table = seq.block_table[:keep]
+        if self.enable_prefix_caching:
+            for n in range(covered + 1, new_covered + 1):
+                if n % self.block_size == 0:
+                    self._register_filled(seq, n)
 
     # ------------------------------------------------------------------ misc
     def slot_mapping(self, seq: Sequence, start: int, end: int) -> list[int]:
@@ -425,15 +508,7 @@ class BlockManager(ForkExtendMixin, DraftSlotsMixin):
         """Move every evictable cached block to the free list (dropping its
         hash entry).  Blocks still referenced stay registered.  Returns the
         number of blocks dropped."""
-        dropped = 0
-        while self._evictable:
-            b, _ = self._evictable.popitem(last=False)
-            blk = self._blocks[b]
-            del self._hash_to_block[blk.hash]
-            blk.clear_content()
-            self._free.append(b)
-            dropped += 1
-        return dropped
+        return self.pool.reset_prefix_cache()
 
     def get_stats(self) -> dict:
         """Pool occupancy and prefix-cache counters.
@@ -445,14 +520,10 @@ class BlockManager(ForkExtendMixin, DraftSlotsMixin):
         for reuse / reused across ``allocate`` calls (token counterparts in
         ``*_tokens``); ``prefix_cache_hit_rate`` = hits / queries (0 if none).
         """
-        free, evict = len(self._free), len(self._evictable)
         return {
             "num_blocks": self.num_blocks,
             "block_size": self.block_size,
-            "free": free,
-            "cached_evictable": evict,
-            "used": self.num_blocks - free - evict,
-            "cached": len(self._hash_to_block),
+            **self.pool.counts(),
             "num_seqs": len(self._seqs),
             "prefix_cache_queries": self._queries,
             "prefix_cache_hits": self._hits,
@@ -474,11 +545,6 @@ class BlockManager(ForkExtendMixin, DraftSlotsMixin):
         * every full block with a digest in a live table stores exactly that
           sequence's tokens and chains on the digest of the previous block.
         """
-        bs = self.block_size
-        free_set = set(self._free)
-        assert len(free_set) == len(self._free), "block twice in the free list"
-        evict_set = set(self._evictable)
-        assert not (free_set & evict_set), "block both free and evictable"
         refs = [0] * self.num_blocks
         for sid, seq in self._seqs.items():
             assert seq.seq_id == sid
@@ -487,32 +553,8 @@ class BlockManager(ForkExtendMixin, DraftSlotsMixin):
                 seq, self._num_tokens[sid])
             assert self._num_tokens[sid] <= len(seq)
             assert len(set(table)) == len(table), f"block twice in table of {seq!r}"
-            prev = _ROOT_HASH
+            prev = ROOT_HASH
             for i, b in enumerate(table):
                 refs[b] += 1
-                blk = self._blocks[b]
-                if blk.hash is not None:
-                    assert (i + 1) * bs <= len(seq)
-                    assert blk.token_ids == self._block_tokens(seq, i), (seq, i, b)
-                    assert blk.prev_hash == prev, (seq, i, b)
-                    prev = blk.hash
-                else:
-                    prev = None  # later blocks cannot be hashed without a parent
-        for blk in self._blocks:
-            b = blk.block_id
-            assert blk.ref_count >= 0
-            assert blk.ref_count == refs[b], f"block {b}: ref {blk.ref_count} != {refs[b]} references"
-            states = (b in free_set) + (b in evict_set) + (blk.ref_count > 0)
-            assert states == 1, f"block {b} is in {states} states"
-            if b in free_set:
-                assert blk.hash is None and blk.token_ids is None
-            if b in evict_set:
-                assert self.is_cached(b), f"evictable block {b} is not registered"
-            if blk.hash is not None:
-                assert self.enable_prefix_caching
-                assert blk.token_ids is not None and len(blk.token_ids) == bs
-                assert compute_block_hash(blk.prev_hash, blk.token_ids) == blk.hash
-        for h, b in self._hash_to_block.items():
-            assert self._blocks[b].hash == h, f"hash entry -> block {b} with another digest"
-        if not self.enable_prefix_caching:
-            assert not self._hash_to_block and not self._evictable
+                prev = self.pool.check_table_entry(b, i, seq.token_ids, prev)
+        self.pool.check_invariants(refs)

@@ -14,7 +14,7 @@ method, a token that a request's logits processor makes certain (``forced_token`
 when no token is forced.
 
 In a decode step, each eligible sequence gets up to k drafts from the proposer, KV slots
-for them (engine/core/draft_slots.py), and the step becomes a *verify* step: every sequence
+for them (``BlockManager.reserve_drafts``), and the step becomes a *verify* step: every sequence
 runs its last token, plus its drafts if it has any, over its cached context, through
 the prefill path (query length 1 + k; eager on CUDA for now). The sampler picks a token
 at every position as a plain step would; a sequence keeps the longest prefix of drafts
