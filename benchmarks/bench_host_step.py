@@ -70,7 +70,7 @@ def stub_engine(model_dir: str, batch: int, prompt_len: int, graph_path: bool):
 
 
 def time_steps(llm, steps: int, api: str) -> dict:
-    fn = (lambda: llm._step(finished_only=True)) if api == "generate" else llm.step
+    fn = (lambda: llm.core.step(finished_only=True)) if api == "generate" else llm.step
     for _ in range(20):
         fn()
     before, n0 = dict(llm.step_times), llm.num_steps

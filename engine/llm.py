@@ -21,17 +21,16 @@ from tqdm.auto import tqdm
 
 from engine import request_validation
 from engine.core.block_manager import BlockManager
-from engine.core.output_processor import OutputProcessor
-from engine.core.samples import expand_samples, last_per_request, needs_expansion
 from engine.core.scheduler import Scheduler
+from engine.engine_core import STEP_PHASES, EngineCore
 from engine.errors import EngineDeadError, InvalidRequestError, RequestFailedError
 from engine.model.loader import load_model, resolve_model_dir
 from engine.request_api import RequestAPI
-from engine.sampling.prompt_logprobs import prefill_logprobs, wants_prefill_logprobs
 from engine.sampling.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import get_tokenizer
 from engine.worker.cuda_graphs import build_decode_runner
+from engine.worker.executor import Executor
 from engine.worker.model_runner import ModelRunner
 
 
@@ -137,7 +136,7 @@ class LLM(RequestAPI):
                              f"one sequence of max_model_len={self.max_model_len}; raise "
                              "num_kv_blocks/gpu_memory_utilization or lower max_model_len")
         t = time.perf_counter()
-        self.runner = ModelRunner(self.model, block_size, num_blocks)
+        runner = ModelRunner(self.model, block_size, num_blocks)
         self.startup["kv_alloc_s"] = time.perf_counter() - t
         self.startup["num_kv_blocks"] = num_blocks
         # Decode steps: persistent inputs, CUDA graphs where they apply (printed on CUDA).
@@ -145,45 +144,77 @@ class LLM(RequestAPI):
         cuda = self.model.device.type == "cuda"
         if cuda:
             self.startup["gpu_free_bytes_before_graphs"] = torch.cuda.mem_get_info(self.model.device)[0]
-        self.decode_runner = build_decode_runner(self.model, self.runner.kv_caches, block_size,
-                                                 max_num_seqs, self.max_model_len, enforce_eager)
+        decode_runner = build_decode_runner(self.model, runner.kv_caches, block_size, max_num_seqs,
+                                            self.max_model_len, enforce_eager)
         self.startup["decode_runner_s"] = time.perf_counter() - t
         if cuda:
             self.startup["gpu_free_bytes_after_graphs"] = torch.cuda.mem_get_info(self.model.device)[0]
-        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, self.max_num_batched_tokens)
-        self.sampler = Sampler(self.model.device, seed)
-        from engine.spec_decode.speculator import Speculator
-        self.speculator = Speculator(speculative_config) if speculative_config is not None else None
+        scheduler = Scheduler(BlockManager(num_blocks, block_size, enable_prefix_caching), max_num_seqs,
+                              self.max_num_batched_tokens)
         self.eos_token_id = (self.tokenizer.eos_token_id if self.tokenizer is not None
                              else _first(cfg.eos_token_id))
-        self.sampler.eos_token_id = self.eos_token_id         # min_tokens masks it
-        # Async output processing (CUDA): a step's detokenization and stop-string
-        # checks run while the device computes the next step; outputs then lag
-        # one step. On CPU nothing would overlap, so it is off.
-        self._out = OutputProcessor(self.scheduler, async_output=cuda)
-        self._requests = self._out.requests        # request id -> RequestState (running)
-        # Outputs of add_request()'s requests that generate()/stream() stepped past,
-        # returned by the next step() (request id -> latest cumulative output).
-        self._held: dict[str, object] = {}
-        self._dead: EngineDeadError | None = None
+        sampler = Sampler(self.model.device, seed)
+        sampler.eos_token_id = self.eos_token_id                # min_tokens masks it
+        executor = Executor(self.model, runner, decode_runner, sampler, self.tokenizer,
+                            dict.fromkeys(STEP_PHASES, 0.0))
+        from engine.spec_decode.speculator import Speculator
+        # Async output processing (CUDA): a step's detokenization and stop-string checks
+        # run while the device computes the next step; outputs then lag one step. On CPU
+        # nothing would overlap, so it is off.
+        self.core = EngineCore(scheduler, executor, tokenizer=self.tokenizer, config=cfg,
+                               max_model_len=self.max_model_len, eos_token_id=self.eos_token_id,
+                               async_output=cuda,
+                               speculator=Speculator(speculative_config) if speculative_config is not None else None)
         self._ids = itertools.count()
-        # Seconds per phase of step(), summed over all steps (read by the benchmarks):
-        # schedule, prepare (the step's device inputs), launch (the forward: a graph
-        # replay, or eager kernel launches), sample (queueing the sampler), output
-        # (detokenizing, stop checks, outputs), all host work; and wait, the one
-        # device-to-host read of the sampled tokens, which waits for the device.
-        self.step_times = dict.fromkeys(STEP_PHASES, 0.0)
-        self.num_steps = 0
+
+    # ---- the components (engine/engine_core.py) ------------------------------------
+    @property
+    def scheduler(self):
+        return self.core.scheduler
+
+    @property
+    def block_manager(self):
+        return self.core.block_manager
+
+    @property
+    def runner(self):
+        """The model runner: the KV pool and prefill inputs (engine/worker/model_runner.py)."""
+        return self.core.executor.runner
+
+    @property
+    def decode_runner(self):
+        """Decode steps' inputs and CUDA graphs (engine/worker/cuda_graphs.py); replaceable."""
+        return self.core.executor.decode_runner
+
+    @decode_runner.setter
+    def decode_runner(self, runner) -> None:
+        self.core.executor.decode_runner = runner
+
+    @property
+    def sampler(self):
+        return self.core.executor.sampler
+
+    @property
+    def speculator(self):
+        return self.core.speculator
+
+    @property
+    def step_times(self) -> dict:
+        """Host seconds per phase of ``step``, summed over all steps (see ``EngineCore``)."""
+        return self.core.step_times
+
+    @property
+    def num_steps(self) -> int:
+        return self.core.num_steps
 
     @property
     def async_output(self) -> bool:
         """Whether a step's text is processed during the next step (default: on CUDA)."""
-        return self._out.async_output
+        return self.core.outputs.async_output
 
     @async_output.setter
     def async_output(self, on: bool) -> None:
-        self._out.async_output = bool(on)
+        self.core.outputs.async_output = bool(on)
 
     @property
     def cuda_graphs(self) -> dict:
@@ -226,108 +257,23 @@ class LLM(RequestAPI):
         stepped past (nothing is dropped). A request that failed comes back
         finished with ``finish_reason="error"`` and ``.error``; the others go on.
         Raises ``EngineDeadError`` once the engine itself has failed."""
-        outs = self._step(finished_only=False)
-        if self._held:
+        outs = self.core.step(finished_only=False)
+        undelivered = self.core.undelivered
+        if undelivered:
             new = {o.request_id for o in outs}
-            held = [o for rid, o in self._held.items() if rid not in new]
-            self._held.clear()
-            outs = held + outs
+            earlier = [o for rid, o in undelivered.items() if rid not in new]
+            undelivered.clear()
+            outs = earlier + outs
         return outs
 
     @property
     def engine_error(self) -> EngineDeadError | None:
         """The error that made this engine unusable (None while it works)."""
-        return self._dead
+        return self.core.dead
 
-    def _check_alive(self) -> None:
-        if self._dead is not None:
-            raise self._dead
-
-    def _step(self, finished_only: bool):
-        self._check_alive()
-        # inference_mode skips autograd's version/view bookkeeping on every op,
-        # which is a visible share of a small model's step on CPU.
-        with torch.inference_mode():
-            return self._step_inner(finished_only)
-
-    def _step_inner(self, finished_only: bool):
-        t0 = time.perf_counter()
-        seqs, is_prefill = self.scheduler.schedule()
-        if not seqs:
-            return self._out.drain(finished_only)   # idle: finish any deferred text
-        t1 = time.perf_counter()
-        outputs: list = []
-        runs = None
-        try:
-            if is_prefill:
-                input_ids, positions, meta, last = self.runner.prepare(seqs, True)
-                t2 = time.perf_counter()
-                hidden = self.model.forward(input_ids, positions, meta, self.runner.kv_caches)
-                if wants_prefill_logprobs(seqs):       # prompt_logprobs, score
-                    prefill_logprobs(self, seqs, hidden, meta.host_query_start_loc)
-                logits = self.model.compute_logits(hidden[last])
-                if needs_expansion(seqs):             # n > 1: the samples fork off here
-                    seqs, logits = expand_samples(self, seqs, logits)
-            elif self.speculator is not None and (drafts := self.speculator.plan(self, seqs)):
-                # a verify step (engine/spec_decode/speculator.py): eager, through the prefill path
-                runs, failed = self.speculator.verify(self, seqs, drafts)
-                if self._out.async_output:
-                    outputs = self._out.drain(finished_only)
-            else:
-                step = self.decode_runner.prepare(seqs)
-                t2 = time.perf_counter()
-                logits = self.decode_runner.launch(step)
-            if runs is None:
-                t3 = time.perf_counter()
-                pending = self.sampler.launch(logits, seqs, self.model.ops)
-                t4 = time.perf_counter()
-                # While the device runs this step, finish the previous step's text.
-                if self._out.async_output:
-                    outputs = self._out.drain(finished_only)
-                t5 = time.perf_counter()
-                tokens, lps, failed = pending.wait()    # the step's one device->host read
-        except Exception as e:
-            # The engine's own failure (a device error, a bug): its state can no longer
-            # be trusted, so every later call says so. (A request's own failure never
-            # gets here: see OutputProcessor.fail.)
-            self._dead = EngineDeadError(f"the engine failed in a step ({type(e).__name__}: {e}); "
-                                         "it cannot be used any more: build a new LLM")
-            raise self._dead from e
-        except BaseException:
-            # Interrupted (KeyboardInterrupt): nothing was appended, so the batch is put
-            # back to be recomputed, and text already finished is kept for step().
-            self._held.update((o.request_id, o) for o in outputs)
-            self.scheduler.requeue(seqs)
-            raise
-        if runs is not None:
-            return self._finish_verify(seqs, runs, failed, finished_only, outputs, t0, t1)
-        t6 = time.perf_counter()
-        self._out.process(seqs, tokens, lps, failed, finished_only, outputs)
-        if self.speculator is not None:
-            self.speculator.forget_finished(seqs)
-        t7 = time.perf_counter()
-        outputs = last_per_request(outputs)          # several samples of one request advanced
-        st = self.step_times
-        st["schedule"] += t1 - t0
-        st["prepare"] += t2 - t1
-        st["launch"] += t3 - t2
-        st["sample"] += t4 - t3
-        st["wait"] += t6 - t5
-        st["output"] += (t5 - t4) + (t7 - t6)
-        self.num_steps += 1
-        return outputs
-
-    def _finish_verify(self, seqs, runs, failed, finished_only: bool, outputs: list, t0: float, t1: float):
-        """A verify step's outputs: each sequence appends its run of accepted tokens plus
-        the bonus (engine/spec_decode/speculator.py)."""
-        t2 = time.perf_counter()
-        self._out.process_runs(seqs, runs, failed, finished_only, outputs, self.block_manager)
-        self.speculator.forget_finished(seqs)
-        self.step_times["schedule"] += t1 - t0
-        self.step_times["launch"] += t2 - t1
-        self.step_times["output"] += time.perf_counter() - t2
-        self.num_steps += 1
-        return last_per_request(outputs)
+    def check_alive(self) -> None:
+        """Raises the ``EngineDeadError`` that made this engine unusable, if any."""
+        self.core.check_alive()
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True, chat_template: str | None = None,
              add_generation_prompt: bool = True, continue_final_message: bool = False):
@@ -363,7 +309,7 @@ class LLM(RequestAPI):
         exception). Requests added with ``add_request`` advance too; their
         outputs are kept for the next ``step()``.
         """
-        self._check_alive()
+        self.check_alive()
         if prompts is None:
             raise InvalidRequestError("prompts is None: pass a str, a list of str or of "
                                       "{'prompt_token_ids': [...]} dicts")
@@ -386,12 +332,12 @@ class LLM(RequestAPI):
                 if not self.scheduler.has_unfinished():
                     lost = [i for i in ids if i not in results]
                     raise RuntimeError(f"requests {lost} were aborted during generate()")
-                for out in self._step(finished_only=True):
+                for out in self.core.step(finished_only=True):
                     if out.request_id in wanted:
                         results[out.request_id] = out
                         bar.update(1)
                     else:
-                        self._held[out.request_id] = out
+                        self.core.undelivered[out.request_id] = out
         except BaseException:
             for rid in ids:
                 self.abort(rid)
@@ -413,9 +359,9 @@ class LLM(RequestAPI):
         sent = 0
         try:
             while True:
-                for out in self._step(finished_only=False):
+                for out in self.core.step(finished_only=False):
                     if out.request_id != rid:
-                        self._held[out.request_id] = out
+                        self.core.undelivered[out.request_id] = out
                         continue
                     if out.error is not None:
                         raise RequestFailedError(out.error)
@@ -428,8 +374,6 @@ class LLM(RequestAPI):
         finally:
             self.abort(rid)
 
-
-STEP_PHASES = ("schedule", "prepare", "launch", "sample", "wait", "output")
 
 def _first(x):
     return x[0] if isinstance(x, (list, tuple)) else x

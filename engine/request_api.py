@@ -1,6 +1,6 @@
 """The per-request half of ``LLM``'s API: queueing, aborting, and the decoding-research
-primitives (fork, hold / extend / release, score). ``LLM`` inherits it; it works on the
-engine's state (``_requests``, the scheduler, the block manager) that ``LLM`` builds."""
+primitives (fork, hold / extend / release, score). ``LLM`` inherits it; it works through
+the engine core that ``LLM`` builds (``self.core``: engine/engine_core.py)."""
 from __future__ import annotations
 
 import torch
@@ -22,13 +22,13 @@ class RequestAPI:
         is ``enqueue_request(prepare_request(...))``). Touches no engine state, so a
         server can answer a bad request with an error before committing to it.
         Raises ``InvalidRequestError`` (a ValueError)."""
-        self._check_alive()
+        self.check_alive()
         text, ids = request_validation.prompt_ids(prompt, self.tokenizer, self.config.vocab_size,
                                                   self.max_model_len)
         params = request_validation.check_params(params if params is not None else SamplingParams(),
                                                  self.config.vocab_size, self.tokenizer)
         rid = str(next(self._ids)) if request_id is None else str(request_id)
-        if rid in self._requests:
+        if rid in self.core.requests:
             raise InvalidRequestError(f"request_id {rid!r} is already running")
         seq = Sequence(ids, rid, params)
         if params.prompt_logprobs is not None:
@@ -37,10 +37,10 @@ class RequestAPI:
 
     def enqueue_request(self, req: RequestState) -> str:
         """Queues a request from ``prepare_request``; returns its id."""
-        self._check_alive()
-        if req.request_id in self._requests:
+        self.check_alive()
+        if req.request_id in self.core.requests:
             raise InvalidRequestError(f"request_id {req.request_id!r} is already running")
-        self._requests[req.request_id] = req
+        self.core.requests[req.request_id] = req
         self.scheduler.add(req.seq)
         return req.request_id
 
@@ -53,11 +53,11 @@ class RequestAPI:
     def abort(self, request_id: str) -> bool:
         """Stops a request and frees its blocks (a held one's too). False if it is
         neither running nor held."""
-        req = self._requests.get(str(request_id))
+        req = self.core.requests.get(str(request_id))
         if req is None:
             return self.release(request_id)
         for member in req.group.members if req.group is not None else [req]:
-            if self._requests.pop(member.request_id, None) is not None:
+            if self.core.requests.pop(member.request_id, None) is not None:
                 self.scheduler.finish(member.seq, "abort")
                 if self.speculator is not None:
                     self.speculator.forget(member.seq)
@@ -72,13 +72,13 @@ class RequestAPI:
         first, and ``token_ids`` continue from the token before it. See engine/core/held.py."""
         from engine.core.held import extend_request
         with torch.inference_mode():
-            return extend_request(self, request_id, token_ids, params, replace_last)
+            return extend_request(self.core, request_id, token_ids, params, replace_last)
 
     def release(self, request_id: str) -> bool:
         """Frees a held request's KV blocks. False if it is not held."""
         from engine.core.held import release_request
         with torch.inference_mode():
-            return release_request(self, request_id)
+            return release_request(self.core, request_id)
 
     def fork(self, request_id: str, n: int = 1, params: SamplingParams | None = None) -> list[str]:
         """Between steps: ``n`` copies of a running request (same tokens, text, log-probs),
@@ -89,7 +89,7 @@ class RequestAPI:
         carried over. See engine/core/forking.py."""
         from engine.core.forking import fork_request
         with torch.inference_mode():        # the step's tensors (knob state, KV) are inference tensors
-            return fork_request(self, request_id, n, params)
+            return fork_request(self.core, request_id, n, params)
 
     def score(self, prompt, continuations, per_token: bool = False) -> list:
         """Log-probability of each continuation (str or token ids) after ``prompt``: one
@@ -103,7 +103,7 @@ class RequestAPI:
         """Turns speculative decoding on (``LLM(speculative_config=...)``'s dict) or off
         (None), between steps. See engine/spec_decode/speculator.py."""
         from engine.spec_decode.speculator import Speculator
-        self.speculator = Speculator(speculative_config) if speculative_config is not None else None
+        self.core.speculator = Speculator(speculative_config) if speculative_config is not None else None
 
     def wait(self, request_ids) -> dict:
         """Steps the engine until the given requests finish; returns request id -> final
@@ -117,11 +117,11 @@ class RequestAPI:
             if not self.scheduler.has_unfinished():
                 raise RuntimeError(f"wait: requests {sorted(wanted - set(finals))} are not running "
                                    "(finished before this call, aborted or unknown)")
-            for out in self._step(finished_only=True):
+            for out in self.core.step(finished_only=True):
                 if out.request_id in wanted:
                     finals[out.request_id] = out
                 else:
-                    self._held[out.request_id] = out
+                    self.core.undelivered[out.request_id] = out
         return finals
 
     def beam_search(self, prompts, params):
@@ -133,7 +133,7 @@ class RequestAPI:
 
     def is_running(self, request_id: str) -> bool:
         """Whether ``request_id`` is queued or running (not finished, held or unknown)."""
-        return str(request_id) in self._requests
+        return str(request_id) in self.core.requests
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -143,6 +143,6 @@ class RequestAPI:
 
         Counts at once, also when async output processing delays the request's
         text to the next step: a benchmark reads time-to-first-token here."""
-        req = self._requests.get(str(request_id))
+        req = self.core.requests.get(str(request_id))
         return None if req is None else req.seq.num_generated_tokens
 

@@ -79,14 +79,14 @@ def test_beams_share_kv_and_run_in_one_step(tmp_path):
     llm = make_llm(str(tmp_path), show_progress=False, block_size=16)
     prompts = [[1] + torch.randint(3, cfg.vocab_size, (n - 1,), generator=torch.Generator().manual_seed(n)).tolist()
                for n in (64, 100)]
-    peak, steps, real_step = [0], [], llm._step
+    peak, steps, real_step = [0], [], llm.core.step
 
-    def step(finished_only):                           # beam search steps through _step
+    def step(finished_only):                           # beam search steps through the core's step
         outs = real_step(finished_only)
         peak[0] = max(peak[0], llm.block_manager.get_stats()["used"])
         steps.append(len(outs))
         return outs
-    llm._step = step
+    llm.core.step = step
     new = 64
     outs = llm.beam_search([{"prompt_token_ids": p} for p in prompts],
                            BeamSearchParams(beam_width=4, max_tokens=new, ignore_eos=True))

@@ -97,10 +97,11 @@ def test_max_num_seqs_and_token_budget(ckpt):
     real = sched.schedule
 
     def recording():
-        seqs, is_prefill = real()
+        batch = real()
+        seqs, is_prefill = batch.seqs, batch.is_prefill
         new = sum(len(s) - s.num_cached_tokens for s in seqs) if is_prefill else len(seqs)
         seen.append((len(sched.running), len(seqs), new, is_prefill))
-        return seqs, is_prefill
+        return batch
 
     sched.schedule = recording
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)

@@ -58,7 +58,7 @@ def test_a_child_with_its_own_params_equals_a_fresh_request_on_the_parents_seque
     rid = llm.add_request({"prompt_token_ids": prompt},
                           SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
     step_until_generated(llm, rid, 6)
-    seq_at_fork = list(llm._requests[rid].seq.token_ids)
+    seq_at_fork = list(llm.core.requests[rid].seq.token_ids)
     own = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True, logit_bias={5: 3.0, 9: 2.5},
                          logprobs=1)
     (kid,) = llm.fork(rid, params=own)

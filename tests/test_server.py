@@ -553,7 +553,7 @@ def test_a_failed_request_is_a_500_or_an_sse_error_and_the_others_go_on(client, 
     def launch(logits, seqs, ops):
         pending = real(logits, seqs, ops)
         for i, s in enumerate(seqs):
-            req = llm._requests.get(s.request_id)
+            req = llm.core.requests.get(s.request_id)
             if req is not None and req.prompt and "FAILME" in req.prompt and s.num_generated_tokens >= 2:
                 pending.failed[i] = "injected failure"
         return pending

@@ -26,36 +26,32 @@ from __future__ import annotations
 
 import copy
 
-import torch
-
 from engine import request_validation
 from engine.core.sequence import Sequence, SequenceStatus
 from engine.errors import InvalidRequestError
 from engine.sampling_params import is_int
 
 
-def fork_request(llm, request_id: str, n: int = 1, params=None) -> list[str]:
-    """The engine side of ``LLM.fork`` (see the module docstring); returns the children's
-    request ids (``"<parent id>.<k>"``, k counting the parent's children)."""
-    llm._check_alive()
+def fork_request(core, request_id: str, n: int = 1, params=None) -> list[str]:
+    """The engine side of ``LLM.fork`` on the engine core (engine/engine_core.py; see the
+    module docstring); returns the children's request ids (``"<parent id>.<k>"``, k
+    counting the parent's children)."""
+    core.check_alive()
     rid = str(request_id)
-    req = llm._requests.get(rid)
-    held = req is None and rid in llm._out.held
+    req = core.requests.get(rid)
+    held = req is None and rid in core.held
     if held:
-        req = llm._out.held[rid]
+        req = core.held[rid]
     if req is None:
         raise InvalidRequestError(f"fork: request {rid!r} is neither running nor held (unknown, "
                                   "finished without hold=True, released or aborted)")
     if not is_int(n) or n < 1:
         raise InvalidRequestError(f"fork: n={n!r} must be an int >= 1")
     if params is not None:
-        params = request_validation.check_params(params, llm.config.vocab_size, llm.tokenizer)
-    out = llm._out
-    if req in out.deferred:                 # text still owed from last step: finish it first
-        out.deferred.remove(req)
-        done: list = []
-        out.emit(req, req.detokenize(), False, done)
-        llm._held.update((o.request_id, o) for o in done)
+        params = request_validation.check_params(params, core.config.vocab_size, core.tokenizer)
+    done = core.outputs.flush(req)          # text still owed from last step: finish it first
+    if done:
+        core.undelivered.update((o.request_id, o) for o in done)
         if req.seq.is_finished:
             raise InvalidRequestError(f"fork: request {rid!r} has just finished (a stop string "
                                       "matched); its output comes with the next step()")
@@ -63,16 +59,18 @@ def fork_request(llm, request_id: str, n: int = 1, params=None) -> list[str]:
     children = []
     for _ in range(n):
         req.num_forks += 1
-        while (cid := f"{rid}.{req.num_forks}") in llm._requests or cid in out.held:
+        while (cid := f"{rid}.{req.num_forks}") in core.requests or cid in core.held:
             req.num_forks += 1
         child = _child_sequence(parent, cid, params)
+        if params is None:
+            core.sampler.fork_state(parent, child)
         if held:
-            _hold_copy(llm, parent, child)
+            _hold_copy(core, parent, child)
         else:
-            _place(llm, parent, child)
-        if llm.sampler.knob_state is not None and params is None:   # new params: built afresh
-            llm.sampler.knob_state.fork(parent, child)
-        (out.held if held else llm._requests)[cid] = req.fork(child, params is not None)
+            _place(core, parent, child)
+        if core.sampler.knob_state is not None and params is None:   # new params: built afresh
+            core.sampler.knob_state.fork(parent, child)
+        (core.held if held else core.requests)[cid] = req.fork(child, params is not None)
         children.append(child)
     ids = [c.request_id for c in children]
     _tell_processors(parent.params, rid, ids)
@@ -85,34 +83,30 @@ def _child_sequence(parent: Sequence, cid: str, params) -> Sequence:
     child = Sequence(list(parent.token_ids), cid, params if params is not None else parent.params)
     child.num_prompt_tokens = parent.num_prompt_tokens
     child.cumulative_logprob = parent.cumulative_logprob
-    g = parent.sampler_state
-    if isinstance(g, torch.Generator) and params is None:
-        child.sampler_state = torch.Generator(device=g.device)
-        child.sampler_state.set_state(g.get_state())
     return child
 
 
-def _place(llm, parent: Sequence, child: Sequence) -> None:
+def _place(core, parent: Sequence, child: Sequence) -> None:
     """Shares the parent's KV and puts the child beside it in the running batch, or
     queues it to be prefilled (no room in the batch or no block for the copy)."""
-    sched, bm = llm.scheduler, llm.block_manager
+    sched, bm = core.scheduler, core.block_manager
     if (parent.status is SequenceStatus.RUNNING and parent in sched.running
             and len(sched.running) < sched.max_num_seqs and bm.can_fork(parent)):
-        llm.runner.copy_blocks(bm.fork(parent, child))
+        core.runner.copy_blocks(bm.fork(parent, child))
         child.status = SequenceStatus.RUNNING
         sched.running.append(child)
     else:
         sched.add(child)
 
 
-def _hold_copy(llm, parent: Sequence, child: Sequence) -> None:
+def _hold_copy(core, parent: Sequence, child: Sequence) -> None:
     """A held copy of a held parent: it shares the parent's kept blocks (if they were not
     dropped and a block is free for the partial copy; else an ``extend`` recomputes)."""
     child.status, child.finish_reason = SequenceStatus.FINISHED, parent.finish_reason
-    bm = llm.block_manager
+    bm = core.block_manager
     if parent.block_table and bm.can_fork(parent):
-        llm.runner.copy_blocks(bm.fork(parent, child))
-        llm.scheduler.hold(child)
+        core.runner.copy_blocks(bm.fork(parent, child))
+        core.scheduler.hold(child)
 
 
 def _tell_processors(params, parent_id: str, child_ids: list[str]) -> None:

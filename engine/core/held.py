@@ -33,8 +33,8 @@ from engine.errors import InvalidRequestError
 from engine.sampling_params import is_int
 
 
-def held_state(llm, request_id: str, what: str):
-    req = llm._out.held.get(str(request_id))
+def held_state(core, request_id: str, what: str):
+    req = core.held.get(str(request_id))
     if req is None:
         raise InvalidRequestError(f"{what}: request {str(request_id)!r} is not held (only a finished "
                                   "request with SamplingParams(hold=True) is, until released, "
@@ -42,30 +42,30 @@ def held_state(llm, request_id: str, what: str):
     return req
 
 
-def extend_request(llm, request_id: str, token_ids, params=None, replace_last: bool = False) -> str:
+def extend_request(core, request_id: str, token_ids, params=None, replace_last: bool = False) -> str:
     """The engine side of ``LLM.extend`` (see the module docstring). ``replace_last``:
     the held request's last token (sampled at the end of its turn, its KV never
     computed) is dropped first, so ``token_ids[0]`` takes its place: a search that
     chose another continuation than the sampled one, at no cost."""
-    llm._check_alive()
+    core.check_alive()
     rid = str(request_id)
-    req = held_state(llm, rid, "extend")
+    req = held_state(core, rid, "extend")
     seq = req.seq
     if isinstance(token_ids, str):
-        if llm.tokenizer is None:
+        if core.tokenizer is None:
             raise InvalidRequestError("extend: text needs a tokenizer; this engine has none (give token ids)")
-        token_ids = llm.tokenizer.encode(token_ids, add_special_tokens=False)
+        token_ids = core.tokenizer.encode(token_ids, add_special_tokens=False)
     if isinstance(token_ids, (bytes, dict)) or not hasattr(token_ids, "__iter__"):
         raise InvalidRequestError(f"extend: token_ids must be a list of token ids or a str, got "
                                   f"{type(token_ids).__name__}")
     token_ids = list(token_ids)
-    vocab = llm.config.vocab_size
+    vocab = core.config.vocab_size
     bad = [t for t in token_ids if not is_int(t) or not 0 <= t < vocab]
     if bad:
         raise InvalidRequestError(f"extend: token ids {bad[:5]} are not in [0, {vocab})")
     params = request_validation.check_params(params if params is not None else req.params, vocab,
-                                             llm.tokenizer)
-    covered = llm.block_manager.num_covered(seq)
+                                             core.tokenizer)
+    covered = core.block_manager.num_covered(seq)
     if replace_last:
         if not token_ids:
             raise InvalidRequestError("extend: replace_last needs at least one token to put in its place")
@@ -74,11 +74,11 @@ def extend_request(llm, request_id: str, token_ids, params=None, replace_last: b
                                       "(a prefill-only hold); it cannot be replaced")
     if not token_ids and covered >= len(seq):
         raise InvalidRequestError(f"extend: request {rid!r} has nothing left to compute; give it tokens")
-    room = llm.max_model_len - len(seq) - len(token_ids) + int(replace_last)
+    room = core.max_model_len - len(seq) - len(token_ids) + int(replace_last)
     if room < (0 if params.max_tokens == 0 else 1):
         raise InvalidRequestError(f"extend: {len(seq)} tokens held + {len(token_ids)} new leave no room "
-                                  f"to generate within max_model_len={llm.max_model_len}")
-    del llm._out.held[rid]
+                                  f"to generate within max_model_len={core.max_model_len}")
+    del core.held[rid]
     if replace_last:
         seq.token_ids.pop()
     old_len = len(seq)
@@ -88,20 +88,20 @@ def extend_request(llm, request_id: str, token_ids, params=None, replace_last: b
     seq.logprobs_from = None if params.prompt_logprobs is None else max(old_len, covered + 1)
     seq.num_prompt_tokens = len(seq.token_ids)
     seq.params, seq.cumulative_logprob, seq.sampler_state, seq.finish_reason = params, 0.0, None, None
-    llm.sampler.params_changed()
-    if llm.sampler.knob_state is not None:
-        llm.sampler.knob_state.forget(seq)
-    llm._requests[rid] = RequestState(seq, None, llm.tokenizer, llm.eos_token_id, llm.max_model_len)
-    llm.scheduler.resume(seq)
+    core.sampler.params_changed()
+    if core.sampler.knob_state is not None:
+        core.sampler.knob_state.forget(seq)
+    core.requests[rid] = RequestState(seq, None, core.tokenizer, core.eos_token_id, core.max_model_len)
+    core.scheduler.resume(seq)
     return rid
 
 
-def release_request(llm, request_id: str) -> bool:
+def release_request(core, request_id: str) -> bool:
     """Frees a held request's blocks; False if it is not held."""
-    req = llm._out.held.pop(str(request_id), None)
+    req = core.held.pop(str(request_id), None)
     if req is None:
         return False
-    llm.scheduler.release(req.seq)
-    if llm.sampler.knob_state is not None:
-        llm.sampler.knob_state.forget(req.seq)
+    core.scheduler.release(req.seq)
+    if core.sampler.knob_state is not None:
+        core.sampler.knob_state.forget(req.seq)
     return True

@@ -101,6 +101,16 @@ class OutputProcessor:
             self.emit(req, reason, finished_only, outputs)
         return outputs
 
+    def flush(self, req: RequestState) -> list:
+        """Processes ``req``'s text now if it was deferred from the last step (before a
+        fork copies it); returns the outputs that produced (empty if nothing was owed)."""
+        if req not in self.deferred:
+            return []
+        self.deferred.remove(req)
+        done: list = []
+        self.emit(req, req.detokenize(), False, done)
+        return done
+
     def emit(self, req: RequestState, reason, finished_only: bool, outputs: list) -> None:
         if reason is not None:
             hold = req.params.hold and reason in ("stop", "length")

@@ -71,6 +71,12 @@ class RequestState:
     def request_id(self) -> str:
         return self.seq.request_id
 
+    @property
+    def max_len(self) -> int:
+        """The sequence length at which the request stops (``max_tokens`` or
+        ``max_model_len``, whichever comes first)."""
+        return self._max_len
+
     def append(self, token_id: int, lp: StepLogprobs) -> str | None:
         """Records one sampled token and detokenizes; returns a finish reason or None."""
         reason = self.append_token(token_id, lp)

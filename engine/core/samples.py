@@ -1,22 +1,21 @@
 """``SamplingParams(n=k)``: one prefill, then k samples that share its KV.
 
-When a request with ``n > 1`` has just been prefilled for the first time, the step's
-logits row of its last prompt token is used k times: the request's sequence is forked
-k - 1 times right there (``BlockManager.fork``: the prompt's full blocks are shared, its
-partial last block copied), and each copy samples its own first token from the same
-row. The samples then decode as separate sequences; ``RequestOutput.outputs`` holds k
-``CompletionOutput``s (``index`` 0 ... k-1), and the request is finished when all are.
+When a request with ``n > 1`` is prefilled for the first time, the step's logits row of
+its last prompt token is used k times: before the step runs, the request's sequence is
+forked k - 1 times (``BlockManager.fork``: the prompt's full blocks are shared, its
+partial last block copied once the forward has written it), and each copy samples its
+own first token from the same row. The samples then decode as separate sequences;
+``RequestOutput.outputs`` holds k ``CompletionOutput``s (``index`` 0 ... k-1), and the
+request is finished when all are.
 
-Seeds: with ``seed=s``, sample i draws from a generator seeded with ``s + i``, so each
-is reproducible and they differ from one another. Greedy with ``n > 1`` gives k
+Seeds: with ``seed=s``, sample i draws from a generator seeded with ``s + i``
+(``Sequence.seed_offset``), so each is reproducible and they differ from one another. Greedy with ``n > 1`` gives k
 identical completions, as vLLM does. A sample that cannot share (the batch is full, or
 no block is free for the copy) is queued and prefilled on its own later; nothing else
 changes. Inside the engine the samples are requests ``"<id>#i"``; ``abort(<id>)`` ends
 them all.
 """
 from __future__ import annotations
-
-import torch
 
 from engine.core.sequence import Sequence, SequenceStatus
 from engine.outputs import RequestOutput
@@ -40,31 +39,33 @@ class SampleGroup:
                              first.prompt_logprobs)
 
 
-def needs_expansion(seqs) -> bool:
-    return any(s.params.n > 1 and s.num_generated_tokens == 0 for s in seqs)
-
-
-def expand_samples(llm, seqs: list[Sequence], logits: torch.Tensor):
-    """(sequences, logits rows) of a prefill step with every first-time ``n > 1`` request
-    expanded into its samples, each repeating its parent's row."""
-    sched, bm = llm.scheduler, llm.block_manager
+def plan_samples(core, batch) -> None:
+    """Before a prefill step runs: every first-time ``n > 1`` request of ``batch`` gets its
+    other k - 1 samples, which sample from its prompt's last row in this same step.
+    Sets ``batch.sample_seqs`` / ``sample_rows`` (each sample's row of the step's logits)
+    and ``batch.block_copies`` (the samples' copies of the partial last prompt block,
+    made after the forward has written it); leaves them unset when there is nothing to
+    expand. A sample that cannot join the batch (it is full, or no block is free for the
+    copy) is queued and prefilled on its own later."""
+    if not any(s.params.n > 1 and s.num_generated_tokens == 0 for s in batch.seqs):
+        return
+    sched, bm, requests = core.scheduler, core.block_manager, core.requests
     out_seqs, rows = [], []
-    for i, seq in enumerate(seqs):
+    for i, seq in enumerate(batch.seqs):
         out_seqs.append(seq)
         rows.append(i)
-        req = llm._requests.get(seq.request_id)
+        req = requests.get(seq.request_id)
         if seq.params.n == 1 or req is None or req.group is not None:
             continue
         members = [req]
         for k in range(1, seq.params.n):
             child = Sequence(list(seq.token_ids), f"{seq.request_id}#{k}", seq.params)
-            if seq.params.seed is not None:
-                child.sampler_state = torch.Generator(device=llm.sampler.device).manual_seed(seq.params.seed + k)
+            child.seed_offset = k                   # a seeded request's sample k draws from seed + k
             creq = req.fork(child, False)
-            llm._requests[child.request_id] = creq
+            requests[child.request_id] = creq
             members.append(creq)
             if len(sched.running) < sched.max_num_seqs and bm.can_fork(seq):
-                llm.runner.copy_blocks(bm.fork(seq, child))
+                batch.block_copies.extend(bm.fork(seq, child))
                 child.status = SequenceStatus.RUNNING
                 sched.running.append(child)
                 out_seqs.append(child)
@@ -74,9 +75,8 @@ def expand_samples(llm, seqs: list[Sequence], logits: torch.Tensor):
         group = SampleGroup(members)
         for m in members:
             m.group = group
-    if len(rows) == len(seqs):
-        return seqs, logits
-    return out_seqs, logits.index_select(0, torch.tensor(rows, device=logits.device))
+    if len(rows) > len(batch.seqs):
+        batch.sample_seqs, batch.sample_rows = out_seqs, rows
 
 
 def last_per_request(outputs: list) -> list:

@@ -21,9 +21,44 @@ Each ``schedule()`` call picks one step's work:
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass, field
 
 from engine.core.block_manager import BlockManager
 from engine.core.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's work, from the scheduler to the executor (engine/worker/executor.py).
+
+    ``seqs``: the sequences to prefill (positions ``num_cached_tokens ... len - 1``, their
+    KV slots allocated) or to decode (position ``len - 1`` each). Empty when idle. The
+    engine core plans the rest before the step runs:
+
+    * ``drafts``: for a decode, sequence index -> drafted tokens whose KV slots are
+      reserved; any makes the step a *verify* step (engine/spec_decode/speculator.py);
+    * ``sample_seqs`` / ``sample_rows``: for a prefill, the sequences that sample this step
+      and the row of ``seqs``' logits each samples from (``n > 1`` requests' samples repeat
+      their parent's row: engine/core/samples.py); None: ``seqs`` one row each;
+    * ``block_copies``: ``(src, dst)`` KV block copies to make right after the forward
+      (the samples' private copy of a partial prompt block, written by this forward).
+    """
+
+    seqs: list[Sequence]
+    is_prefill: bool
+    drafts: dict[int, list[int]] = field(default_factory=dict)
+    sample_seqs: list[Sequence] | None = None
+    sample_rows: list[int] | None = None
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def is_verify(self) -> bool:
+        return bool(self.drafts)
+
+    @property
+    def sampled(self) -> list[Sequence]:
+        """The sequences that sample a token this step, in row order."""
+        return self.seqs if self.sample_seqs is None else self.sample_seqs
 
 
 class Scheduler:
@@ -52,8 +87,8 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> tuple[list[Sequence], bool]:
-        """Returns (sequences to run, is_prefill). Empty when idle."""
+    def schedule(self) -> SchedulerOutput:
+        """The next step's sequences (see ``SchedulerOutput``; none when idle)."""
         bm = self.block_manager
         admitted: list[Sequence] = []
         num_tokens = 0
@@ -80,14 +115,14 @@ class Scheduler:
             admitted.append(seq)
         if admitted:
             self.num_prefill_tokens += num_tokens
-            return admitted, True
+            return SchedulerOutput(admitted, True)
 
         if bm.append_slots(self.running):           # the pool covers every new block
-            return list(self.running), False
+            return SchedulerOutput(list(self.running), False)
         while self.held:                            # held blocks go before anything running
             self._drop_oldest_held()
             if bm.append_slots(self.running):
-                return list(self.running), False
+                return SchedulerOutput(list(self.running), False)
         scheduled: list[Sequence] = []
         queue = self.running
         self.running = []
@@ -103,7 +138,7 @@ class Scheduler:
                 bm.append_slot(seq)
                 scheduled.append(seq)
         self.running = list(scheduled)   # finish() edits running while callers iterate
-        return scheduled, False
+        return SchedulerOutput(scheduled, False)
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)

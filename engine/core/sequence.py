@@ -42,8 +42,10 @@ class Sequence:
         self.finish_reason: str | None = None
         # Sum of the raw-logit log-probs of the generated tokens.
         self.cumulative_logprob = 0.0
-        # Opaque per-sequence state for the sampler (e.g. a torch.Generator).
+        # Opaque per-sequence state for the sampler (e.g. a torch.Generator), and what a
+        # seeded request's sample i adds to the seed (SamplingParams(n=k, seed=s): s + i).
         self.sampler_state: Any = None
+        self.seed_offset = 0
         # When set, the next prefill must report the log-probs of the tokens at positions
         # [logprobs_from, len) (prompt_logprobs, LLM.score): it computes positions
         # logprobs_from - 1 onwards (no prefix-cache reuse past that), then clears this.

@@ -133,7 +133,7 @@ class _Prompt:
 def beam_search(llm, prompts, params: BeamSearchParams, use_tqdm: bool = False) -> list[BeamSearchOutput]:
     """The engine side of ``LLM.beam_search`` (see the module docstring)."""
     from engine import request_validation
-    from engine.sampling.scoring import _run
+    from engine.sampling.scoring import wait_all
     if not isinstance(params, BeamSearchParams):
         raise InvalidRequestError(f"beam_search: params must be BeamSearchParams, got {type(params).__name__}")
     if isinstance(prompts, (str, dict)):
@@ -154,7 +154,7 @@ def beam_search(llm, prompts, params: BeamSearchParams, use_tqdm: bool = False) 
             st.running[0].rid = rid
             pending.append(rid)
         while pending:
-            finals = _run(llm, pending)
+            finals = wait_all(llm, pending)
             dists = {rid: out.outputs[0].logprobs[0] for rid, out in finals.items()}
             pending = []
             for st in states:

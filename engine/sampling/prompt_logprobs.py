@@ -24,34 +24,33 @@ def wants_prefill_logprobs(seqs) -> bool:
     return any(s.logprobs_from is not None for s in seqs)
 
 
-def prefill_logprobs(llm, seqs, hidden: torch.Tensor, qsl: list[int]) -> None:
-    """For each sequence of a prefill step with ``logprobs_from`` set: its tokens'
-    log-probs from the step's hidden states [T, H] (rows ``qsl[i]:qsl[i + 1]`` are its
-    computed positions ``num_cached_tokens ...``), into its request's state."""
+def prefill_logprobs(model, tokenizer, seqs, hidden: torch.Tensor, qsl: list[int]) -> dict[int, list]:
+    """For each sequence of a prefill step with ``logprobs_from`` set (index -> its
+    ``RequestState.prompt_logprobs``): its tokens' log-probs from the step's hidden states
+    [T, H] (rows ``qsl[i]:qsl[i + 1]`` are its computed positions ``num_cached_tokens
+    ...``), None before ``logprobs_from``."""
+    out = {}
     for i, seq in enumerate(seqs):
         a = seq.logprobs_from
         if a is None:
             continue
-        seq.logprobs_from = None
-        req = llm._requests.get(seq.request_id)
-        start = seq.num_cached_tokens
-        if req is None or a >= len(seq):
-            if req is not None:
-                req.prompt_logprobs = [None] * len(seq)
+        if a >= len(seq):
+            out[i] = [None] * len(seq)
             continue
+        start = seq.num_cached_tokens
         assert a - 1 >= start, (seq, a, start)
         rows = hidden[qsl[i] + a - 1 - start: qsl[i + 1] - 1]           # positions a-1 .. len-2
         top_n = seq.params.prompt_logprobs or 0
-        entries = token_logprobs(llm, rows, seq.token_ids[a:], top_n)
-        req.prompt_logprobs = [None] * a + entries
+        out[i] = [None] * a + token_logprobs(model, tokenizer, rows, seq.token_ids[a:], top_n)
+    return out
 
 
 @torch.no_grad()
-def token_logprobs(llm, rows: torch.Tensor, targets: list[int], top_n: int) -> list[dict]:
+def token_logprobs(model, tokenizer, rows: torch.Tensor, targets: list[int], top_n: int) -> list[dict]:
     """rows [n, H] (final hidden states), targets [n] -> per row {token: Logprob} with
     the target and the top-``top_n``; log-softmax of the raw logits, rank = 1 + the
     number of tokens with a larger logit (the sampler's convention)."""
-    model, ops = llm.model, llm.model.ops
+    ops = model.ops
     dev = rows.device
     ids_all, lps_all, ranks_all = [], [], []
     for s in range(0, rows.shape[0], ROWS_PER_CHUNK):
@@ -66,7 +65,7 @@ def token_logprobs(llm, rows: torch.Tensor, targets: list[int], top_n: int) -> l
     ids = torch.cat(ids_all).tolist()                  # the one device -> host read
     lps = torch.cat(lps_all).tolist()
     ranks = torch.cat(ranks_all).tolist()
-    decode = _decoder(llm.tokenizer)
+    decode = _decoder(tokenizer)
     return [{t: Logprob(v, r, decode(t)) for t, v, r in zip(i, lp, rk)} for i, lp, rk in zip(ids, lps, ranks)]
 
 

@@ -50,8 +50,17 @@ class Sampler:
         if seq.params.seed is None:
             return self.generator
         if seq.sampler_state is None:
-            seq.sampler_state = torch.Generator(device=self.device).manual_seed(seq.params.seed)
+            seq.sampler_state = torch.Generator(device=self.device).manual_seed(seq.params.seed + seq.seed_offset)
         return seq.sampler_state
+
+    def fork_state(self, parent: Sequence, child: Sequence) -> None:
+        """``child`` (a fork of ``parent`` with its params) draws what ``parent`` would draw
+        next: a copy of its generator's state, or the same seed when it has not drawn yet."""
+        child.seed_offset = parent.seed_offset
+        g = parent.sampler_state
+        if isinstance(g, torch.Generator):
+            child.sampler_state = torch.Generator(device=g.device)
+            child.sampler_state.set_state(g.get_state())
 
     def _sample_rows(self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[int] | None = None
                      ) -> torch.Tensor:

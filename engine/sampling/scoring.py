@@ -17,7 +17,7 @@ from engine.sampling_params import SamplingParams, is_int
 
 
 def score(llm, prompt, continuations, per_token: bool = False) -> list:
-    llm._check_alive()
+    llm.check_alive()
     vocab = llm.config.vocab_size
     _, prompt_ids = request_validation.prompt_ids(prompt, llm.tokenizer, vocab, llm.max_model_len)
     if isinstance(continuations, (str, dict)) or not hasattr(continuations, "__iter__"):
@@ -33,13 +33,13 @@ def score(llm, prompt, continuations, per_token: bool = False) -> list:
     scored = SamplingParams(max_tokens=0, prompt_logprobs=0)
     if P >= 2:
         root = llm.add_request({"prompt_token_ids": prompt_ids[:-1]}, SamplingParams(max_tokens=0, hold=True))
-        _run(llm, [root])
+        wait_all(llm, [root])
         ids = [root] + (llm.fork(root, n=len(conts) - 1) if len(conts) > 1 else [])
         for rid, c in zip(ids, conts):
             llm.extend(rid, [prompt_ids[-1]] + c, scored)
     else:
         ids = [llm.add_request({"prompt_token_ids": prompt_ids + c}, scored) for c in conts]
-    finals = _run(llm, ids)
+    finals = wait_all(llm, ids)
     values = [[entry[t].logprob for entry, t in zip(finals[rid].prompt_logprobs[P:], c)]
               for rid, c in zip(ids, conts)]
     return values if per_token else [sum(v) for v in values]
@@ -61,7 +61,7 @@ def _ids(llm, c, k: int) -> list[int]:
     return [int(t) for t in ids]
 
 
-def _run(llm, ids: list[str]) -> dict:
+def wait_all(llm, ids: list[str]) -> dict:
     """``llm.wait(ids)``, failing on a failed request and aborting the rest on any error."""
     try:
         finals = llm.wait(ids)

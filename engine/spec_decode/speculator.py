@@ -87,9 +87,10 @@ class Speculator:
         # verify steps; sequences that had drafts in one (summed over steps); drafts; accepted
         self.num_verify_steps = self.num_speculating_rows = self.num_drafted = self.num_accepted = 0
 
-    def plan(self, llm, seqs: list[Sequence]) -> dict[int, list[int]]:
-        """Drafts per sequence index of a decode step, with their KV slots reserved."""
-        drafts, bm = {}, llm.block_manager
+    def plan(self, seqs: list[Sequence], requests: dict, bm) -> dict[int, list[int]]:
+        """Drafts per sequence index of a decode step, with their KV slots reserved in
+        ``bm`` (the block manager); ``requests``: request id -> RequestState."""
+        drafts = {}
         if self.disable_by_batch_size is not None and len(seqs) > self.disable_by_batch_size:
             return drafts               # a batch this large is cheaper to decode plainly
         for i, seq in enumerate(seqs):
@@ -97,10 +98,10 @@ class Speculator:
             if skip:
                 self._wait[seq.seq_id] = (skip - 1, misses)
                 continue
-            req = llm._requests.get(seq.request_id)
+            req = requests.get(seq.request_id)
             if req is None:
                 continue
-            k = min(self.k, req._max_len - len(seq) - 1)     # drafts + the bonus fit the length limit
+            k = min(self.k, req.max_len - len(seq) - 1)      # drafts + the bonus fit the length limit
             if k < 1:
                 continue
             d = self._forced(seq, k)
@@ -111,23 +112,24 @@ class Speculator:
                 drafts[i] = d
         return drafts
 
-    def verify(self, llm, seqs: list[Sequence], drafts: dict[int, list[int]]):
-        """The verify forward and the picks: (per sequence, its run of tokens and their
-        step log-probs; failed sequence index -> why)."""
+    def verify(self, executor, seqs: list[Sequence], drafts: dict[int, list[int]]):
+        """The verify forward and the picks on ``executor``'s model, KV cache and sampler:
+        (per sequence, its run of tokens and their step log-probs; failed sequence index
+        -> why)."""
         saved = []
         for i, seq in enumerate(seqs):           # each computes from its last token on
             saved.append((seq.num_cached_tokens, len(seq)))
             seq.num_cached_tokens = len(seq) - 1
             seq.token_ids.extend(drafts.get(i, ()))
         try:
-            input_ids, positions, meta, _ = llm.runner.prepare(seqs, True)
+            input_ids, positions, meta, _ = executor.runner.prepare(seqs, True)
         finally:
             for seq, (cached, n) in zip(seqs, saved):
                 seq.num_cached_tokens = cached
                 del seq.token_ids[n:]
-        hidden = llm.model.forward(input_ids, positions, meta, llm.runner.kv_caches)
-        logits = llm.model.compute_logits(hidden)                 # [rows, V]: every position
-        tokens, lps, failed_rows = self._pick(llm, seqs, drafts, logits)
+        hidden = executor.model.forward(input_ids, positions, meta, executor.runner.kv_caches)
+        logits = executor.model.compute_logits(hidden)                 # [rows, V]: every position
+        tokens, lps, failed_rows = self._pick(executor, seqs, drafts, logits)
         runs, failed, r = [], {}, 0
         for i, seq in enumerate(seqs):
             d = drafts.get(i, [])
@@ -166,18 +168,18 @@ class Speculator:
         return forced
 
     @staticmethod
-    def _pick(llm, seqs, drafts, logits):
+    def _pick(executor, seqs, drafts, logits):
         """The sampler at every verified position: (tokens, log-probs, failed) per row.
         When no speculating sequence uses the sampling knobs, the processors run position
         by position (``_processed``) and the sampler once over all rows; else the
         sampler runs position by position (``_pick_by_position``)."""
         if any(uses_knobs(seqs[i].params) for i in drafts):
-            return Speculator._pick_by_position(llm, seqs, drafts, logits)
+            return Speculator._pick_by_position(executor, seqs, drafts, logits)
         rows = [seq for i, seq in enumerate(seqs) for _ in range(1 + len(drafts.get(i, ())))]
         here = [t for i in range(len(seqs)) for t in list(drafts.get(i, ())) + [-1]]
         failed: dict[int, str] = {}
         processed = Speculator._processed(seqs, drafts, logits, failed)
-        return llm.sampler.launch(logits, rows, llm.model.ops, here, processed, failed).wait()
+        return executor.sampler.launch(logits, rows, executor.model.ops, here, processed, failed).wait()
 
     @staticmethod
     def _positions(seqs, drafts):
@@ -220,7 +222,7 @@ class Speculator:
         return processed
 
     @staticmethod
-    def _pick_by_position(llm, seqs, drafts, logits):
+    def _pick_by_position(executor, seqs, drafts, logits):
         """The sampler position by position, so that the sampling knobs (and the
         processors) see what a plain step would; then the knobs' counts of the drafts
         are undone. (tokens, log-probs, failed) per row."""
@@ -232,15 +234,15 @@ class Speculator:
             for j, group, rows in positions:
                 index = torch.tensor(rows, device=logits.device)
                 here = [drafts[i][j] if j < len(drafts.get(i, ())) else -1 for i in group]
-                t, lp, bad = llm.sampler.launch(logits.index_select(0, index), [seqs[i] for i in group],
-                                                llm.model.ops, here).wait()
+                t, lp, bad = executor.sampler.launch(logits.index_select(0, index), [seqs[i] for i in group],
+                                                executor.model.ops, here).wait()
                 for g, row in enumerate(rows):
                     tokens[row], lps[row] = t[g], lp[g]
                     if g in bad:
                         failed[row] = bad[g]
         finally:
             positions.close()                   # the sequences' own tokens again, then the rewind
-            knobs = llm.sampler.knob_state
+            knobs = executor.sampler.knob_state
             if knobs is not None:
                 for i, d in drafts.items():
                     knobs.rewind(seqs[i], lens[i], list(d))

@@ -1,0 +1,134 @@
+"""The engine core: one step is schedule -> execute -> update.
+
+    batch = scheduler.schedule()        SchedulerOutput: a prefill or a decode of some sequences,
+                                        then the core plans n > 1 samples / speculative drafts
+    pending = executor.execute(batch)   the step queued on the device (engine/worker/executor.py)
+    early = outputs.drain()             meanwhile, the previous step's text (async output, CUDA)
+    result = pending.wait()             ModelRunnerOutput: the one device-to-host read
+    outputs.process(batch, result)      tokens appended, stops checked, RequestOutputs built
+
+``EngineCore`` owns the components (the scheduler and its block manager, the executor
+with the model, KV cache and sampler, the output processor with the requests) and the
+per-request state the decoding primitives work on (engine/core/forking.py, held.py,
+samples.py). ``LLM`` (engine/llm.py) is the public facade over it.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from engine.core.output_processor import OutputProcessor
+from engine.core.samples import last_per_request, plan_samples
+from engine.core.scheduler import SchedulerOutput
+from engine.errors import EngineDeadError
+
+STEP_PHASES = ("schedule", "prepare", "launch", "sample", "wait", "output")
+
+
+class EngineCore:
+    """The engine's state and its step. ``requests``: running requests (id ->
+    RequestState); ``held``: finished ones kept for ``extend`` (``SamplingParams.hold``);
+    ``undelivered``: outputs that ``generate``/``stream``/``wait`` stepped past, for the next
+    ``LLM.step()``; ``step_times``: host seconds per phase of ``step``, summed (the
+    benchmarks read them): schedule, prepare (the step's device inputs), launch (the
+    forward: a graph replay, or eager kernel launches), sample (queueing the sampler),
+    output (text, stop checks, outputs), and wait, the read-back that waits for the device."""
+
+    def __init__(self, scheduler, executor, *, tokenizer, config, max_model_len: int,
+                 eos_token_id: int | None, async_output: bool, speculator=None):
+        self.scheduler, self.block_manager, self.executor = scheduler, scheduler.block_manager, executor
+        self.tokenizer, self.config = tokenizer, config
+        self.max_model_len, self.eos_token_id = max_model_len, eos_token_id
+        self.speculator = speculator
+        self.outputs = OutputProcessor(scheduler, async_output=async_output)
+        self.requests = self.outputs.requests
+        self.held = self.outputs.held
+        self.undelivered: dict = {}
+        self.dead: EngineDeadError | None = None
+        self.step_times = executor.step_times
+        self.num_steps = 0
+
+    @property
+    def sampler(self):
+        return self.executor.sampler
+
+    @property
+    def runner(self):
+        return self.executor.runner
+
+    def check_alive(self) -> None:
+        if self.dead is not None:
+            raise self.dead
+
+    # ---- the step ------------------------------------------------------------------
+    def step(self, finished_only: bool = False) -> list:
+        """One step; returns the outputs due now (with ``finished_only``, only finished
+        requests'). Raises ``EngineDeadError`` once the engine itself has failed."""
+        self.check_alive()
+        # inference_mode skips autograd's version/view bookkeeping on every op, which is a
+        # visible share of a small model's step on CPU.
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            batch = self.schedule()
+            if not batch.seqs:
+                return self.outputs.drain(finished_only)     # idle: finish any deferred text
+            self.step_times["schedule"] += time.perf_counter() - t0
+            result, early = self.execute(batch, finished_only)
+            return self.update(batch, result, finished_only, early)
+
+    def schedule(self) -> SchedulerOutput:
+        """The scheduler's batch, with the step's ``n > 1`` samples or speculative drafts planned."""
+        batch = self.scheduler.schedule()
+        if batch.is_prefill:
+            plan_samples(self, batch)
+        elif self.speculator is not None and batch.seqs:
+            batch.drafts = self.speculator.plan(batch.seqs, self.requests, self.block_manager)
+        return batch
+
+    def execute(self, batch: SchedulerOutput, finished_only: bool):
+        """(the step's results, the outputs of the text processed while the device ran it).
+        A failure of the engine's own (a device error, a bug) makes every later call raise
+        ``EngineDeadError``; an interruption (KeyboardInterrupt) puts the batch back to be
+        recomputed, nothing appended, and keeps the text already finished for ``step()``."""
+        early: list = []
+        try:
+            pending = self.executor.execute(batch, self.speculator)
+            t = time.perf_counter()
+            if self.outputs.async_output:
+                early = self.outputs.drain(finished_only)    # while the device computes
+            t2 = time.perf_counter()
+            result = pending.wait()
+            self.step_times["output"] += t2 - t
+            self.step_times["wait"] += time.perf_counter() - t2
+        except Exception as e:
+            self.dead = EngineDeadError(f"the engine failed in a step ({type(e).__name__}: {e}); "
+                                        "it cannot be used any more: build a new LLM")
+            raise self.dead from e
+        except BaseException:
+            self.undelivered.update((o.request_id, o) for o in early)
+            self.scheduler.requeue(batch.sampled)
+            raise
+        return result, early
+
+    def update(self, batch: SchedulerOutput, result, finished_only: bool, outputs: list) -> list:
+        """Appends the step's tokens (a verify step: each sequence's accepted run) to the
+        requests, checks stops, and returns the outputs due now, one per request."""
+        t = time.perf_counter()
+        for i, entries in result.prompt_logprobs.items():
+            seq = batch.seqs[i]
+            seq.logprobs_from = None
+            req = self.requests.get(seq.request_id)
+            for member in (req.group.members if req.group is not None else [req]) if req is not None else ():
+                member.prompt_logprobs = entries
+        if result.runs is not None:
+            self.outputs.process_runs(batch.seqs, result.runs, result.failed, finished_only, outputs,
+                                      self.block_manager)
+        else:
+            self.outputs.process(batch.sampled, result.tokens, result.logprobs, result.failed, finished_only,
+                                 outputs)
+        if self.speculator is not None:
+            self.speculator.forget_finished(batch.sampled)
+        self.step_times["output"] += time.perf_counter() - t
+        self.num_steps += 1
+        return last_per_request(outputs)          # several samples of one request advanced

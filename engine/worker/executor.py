@@ -1,0 +1,99 @@
+"""Runs one scheduled step on the device: every kind of execution in one place.
+
+``Executor.execute(batch)`` takes the scheduler's ``SchedulerOutput`` and queues the step:
+
+* **prefill**: the packed forward over the new positions (``ModelRunner.prepare``), the
+  prompt log-probs some sequences asked for, the block copies the step's ``n > 1``
+  samples need (after the forward wrote the blocks), the last position's logits of each
+  sequence (repeated for the samples), and the sampler;
+* **decode**: the persistent inputs and a CUDA graph replay, or an eager forward
+  (engine/worker/cuda_graphs.py), then the sampler;
+* **verify**: the speculator's forward over each sequence's last token and its drafts,
+  and its picks (engine/spec_decode/speculator.py).
+
+It returns a ``PendingStep`` at once (the device may still be computing); ``wait()`` is
+the step's one device-to-host read and gives the ``ModelRunnerOutput``. The engine core
+processes the previous step's text between the two. The host seconds of each phase are
+added to ``step_times`` (prepare, launch, sample).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.outputs import StepLogprobs
+from engine.sampling.prompt_logprobs import prefill_logprobs, wants_prefill_logprobs
+
+
+@dataclass
+class ModelRunnerOutput:
+    """What a step produced, on the host. ``tokens`` / ``logprobs``: one per sampled
+    sequence (``SchedulerOutput.sampled``), ``failed``: row -> why (a logits processor
+    failed, or the row was NaN or fully masked). A verify step has ``runs`` instead: per
+    sequence (accepted tokens and the bonus, their log-probs, drafted, accepted).
+    ``prompt_logprobs``: sequence index -> its request's ``prompt_logprobs``."""
+
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[StepLogprobs] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+    runs: list | None = None
+    prompt_logprobs: dict[int, list] = field(default_factory=dict)
+
+
+class PendingStep:
+    """A queued step; ``wait()`` reads its results back (once)."""
+
+    def __init__(self, sample=None, result: ModelRunnerOutput | None = None,
+                 prompt_logprobs: dict | None = None):
+        self._sample, self._result, self._prompt_logprobs = sample, result, prompt_logprobs or {}
+
+    def wait(self) -> ModelRunnerOutput:
+        if self._result is None:
+            tokens, lps, failed = self._sample.wait()
+            self._result = ModelRunnerOutput(tokens, lps, failed, prompt_logprobs=self._prompt_logprobs)
+        return self._result
+
+
+class Executor:
+    """The model, its KV cache (``runner``), the decode runner (graphs or eager) and the
+    sampler, driven one ``SchedulerOutput`` at a time."""
+
+    def __init__(self, model, runner, decode_runner, sampler, tokenizer, step_times: dict):
+        self.model, self.runner, self.decode_runner = model, runner, decode_runner
+        self.sampler, self.tokenizer = sampler, tokenizer
+        self.step_times = step_times
+
+    def execute(self, batch, speculator=None) -> PendingStep:
+        """Queues ``batch`` (a verify step when it has drafts: ``speculator`` runs it)."""
+        if batch.is_verify:
+            t = time.perf_counter()
+            runs, failed = speculator.verify(self, batch.seqs, batch.drafts)
+            self.step_times["launch"] += time.perf_counter() - t
+            return PendingStep(result=ModelRunnerOutput(failed=failed, runs=runs))
+        t1 = time.perf_counter()
+        extra = {}
+        if batch.is_prefill:
+            input_ids, positions, meta, last = self.runner.prepare(batch.seqs, True)
+            t2 = time.perf_counter()
+            hidden = self.model.forward(input_ids, positions, meta, self.runner.kv_caches)
+            if wants_prefill_logprobs(batch.seqs):             # prompt_logprobs, score
+                extra = prefill_logprobs(self.model, self.tokenizer, batch.seqs, hidden,
+                                         meta.host_query_start_loc)
+            self.runner.copy_blocks(batch.block_copies)         # the samples' partial blocks
+            logits = self.model.compute_logits(hidden[last])
+            if batch.sample_rows is not None:                   # n > 1: samples share a row
+                logits = logits.index_select(0, torch.tensor(batch.sample_rows, device=logits.device))
+        else:
+            step = self.decode_runner.prepare(batch.seqs)
+            t2 = time.perf_counter()
+            logits = self.decode_runner.launch(step)
+        t3 = time.perf_counter()
+        sample = self.sampler.launch(logits, batch.sampled, self.model.ops)
+        t4 = time.perf_counter()
+        st = self.step_times
+        st["prepare"] += t2 - t1
+        st["launch"] += t3 - t2
+        st["sample"] += t4 - t3
+        return PendingStep(sample, prompt_logprobs=extra)
