@@ -18,8 +18,8 @@ import time
 
 import torch
 
+from engine.core.n_samples import last_per_request, plan_samples
 from engine.core.output_processor import OutputProcessor
-from engine.core.samples import last_per_request, plan_samples
 from engine.core.scheduler import SchedulerOutput
 from engine.errors import EngineDeadError
 

@@ -10,7 +10,6 @@ per-request primitives of engine/request_api.py (``fork``, ``extend``, ``score``
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
 import time
@@ -29,6 +28,7 @@ from engine.request_api import RequestAPI
 from engine.sampling.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import get_tokenizer
+from engine.worker import kv_sizing
 from engine.worker.cuda_graphs import build_decode_runner
 from engine.worker.executor import Executor
 from engine.worker.model_runner import ModelRunner
@@ -128,7 +128,13 @@ class LLM(RequestAPI):
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens or max(2048, self.max_model_len)
         t = time.perf_counter()
-        num_blocks = num_kv_blocks or self._default_num_blocks(gpu_memory_utilization, show_progress)
+        num_blocks = num_kv_blocks
+        if not num_blocks:
+            num_blocks, sizing = kv_sizing.default_num_blocks(
+                self.model, block_size, max_num_seqs, self.max_model_len, self.max_num_batched_tokens,
+                gpu_memory_utilization, verbose=show_progress)
+            if sizing is not None:
+                self.startup["kv_sizing"] = sizing
         self.startup["kv_sizing_s"] = time.perf_counter() - t
         blocks_per_seq = -(-self.max_model_len // block_size)
         if num_blocks < blocks_per_seq:
@@ -221,33 +227,6 @@ class LLM(RequestAPI):
         """Whether decode replays CUDA graphs: ``enabled``, ``reason`` (why not),
         ``buckets``, ``capture_s``, ``error`` (a failed capture's exception)."""
         return dict(self.decode_runner.graph_status)
-
-    def _default_num_blocks(self, util: float, verbose: bool = False) -> int:
-        """KV blocks when ``num_kv_blocks`` is not given (see engine/worker/kv_sizing.py).
-
-        CUDA: profile one forward at the largest batch the scheduler can issue,
-        then give the cache ``util`` of the device minus what is in use, the
-        peak activation and a reserve. CPU: ``max_num_seqs`` full sequences,
-        at most 2 GiB (lazily committed: see model_runner.lazy_zeros). Must run
-        before the KV pool or CUDA graphs exist.
-        """
-        from engine.worker import kv_sizing
-        per_block = ModelRunner.kv_bytes_per_block(self.config, self.block_size, self.model.dtype)
-        if self.model.device.type != "cuda":
-            return kv_sizing.cpu_default_blocks(self.max_num_seqs, self.max_model_len,
-                                                self.block_size, per_block)
-        report = kv_sizing.measure_gpu_memory(self.model, self.max_num_batched_tokens, self.max_num_seqs,
-                                              self.max_model_len, self.block_size)
-        blocks = kv_sizing.kv_blocks_for_memory(report, util, per_block)
-        text = kv_sizing.describe(blocks, self.block_size, per_block, report)
-        self.startup["kv_sizing"] = dict(text=text, blocks=blocks, bytes_per_block=per_block,
-                                         **dataclasses.asdict(report))
-        if verbose:
-            import sys
-            print(text, file=sys.stderr)
-        kv_sizing.check_fits_one_sequence(blocks, self.block_size, self.max_model_len, report,
-                                          util, per_block)
-        return blocks
 
     # ---- stepping ------------------------------------------------------------
     def step(self):

@@ -95,8 +95,8 @@ class RequestAPI:
         """Log-probability of each continuation (str or token ids) after ``prompt``: one
         prefill of the prompt, shared, and one of each continuation; nothing generated.
         Returns their sums, or with ``per_token`` each token's log-prob. See
-        engine/sampling/scoring.py."""
-        from engine.sampling.scoring import score
+        engine/sampling/continuation_logprobs.py."""
+        from engine.sampling.continuation_logprobs import score
         return score(self, prompt, continuations, per_token)
 
     def enable_speculation(self, speculative_config: dict | None) -> None:

@@ -10,7 +10,6 @@ from engine import LLM
 from engine.core.sequence import Sequence
 from engine.model.config import ModelConfig
 from engine.worker import kv_sizing as ks
-from engine.worker.model_runner import ModelRunner
 from tests.helpers import BASE
 
 GiB, MiB = 1 << 30, 1 << 20
@@ -32,7 +31,7 @@ def test_worked_example_7b_h100():
     assert ks.kv_blocks_for_memory(r, 0.9, PER_BLOCK_7B) == 7321
     cfg = ModelConfig.from_dict({**BASE, "hidden_size": 4096, "num_attention_heads": 32,
                                  "num_key_value_heads": 32, "num_hidden_layers": 32})
-    assert ModelRunner.kv_bytes_per_block(cfg, 16, torch.float16) == PER_BLOCK_7B
+    assert ks.kv_bytes_per_block(cfg, 16, torch.float16) == PER_BLOCK_7B
 
 
 def test_small_numbers_by_hand():
@@ -102,10 +101,16 @@ def config_dir(tmp_path_factory):
     return str(path)
 
 
+def _default_num_blocks(llm, util, verbose=False):
+    """The engine's default pool for ``llm``'s model and limits (what LLM() calls)."""
+    return ks.default_num_blocks(llm.model, llm.block_size, llm.max_num_seqs, llm.max_model_len,
+                                 llm.max_num_batched_tokens, util, verbose)[0]
+
+
 def test_llm_cpu_default(config_dir):
     llm = LLM(config_dir, load_format="dummy", device="cpu", show_progress=False,
               max_num_seqs=3, max_model_len=100)
-    per_block = ModelRunner.kv_bytes_per_block(llm.config, 16, torch.float32)
+    per_block = ks.kv_bytes_per_block(llm.config, 16, torch.float32)
     assert llm.runner.num_blocks == ks.cpu_default_blocks(3, 100, 16, per_block) == 21
 
 
@@ -126,14 +131,14 @@ def test_llm_level_error(config_dir, monkeypatch):
     monkeypatch.setattr(ks, "measure_gpu_memory", fake_measure)
     monkeypatch.setattr(llm.model, "device", torch.device("cuda"))
     with pytest.raises(ValueError, match=r"cannot hold one sequence.*leaves -2\.80 GiB"):
-        llm._default_num_blocks(0.9)
+        _default_num_blocks(llm, 0.9)
     assert seen == dict(tokens=2048, seqs=256, max_len=64, block_size=16)
     # and with room: the blocks kv_blocks_for_memory computes, plus a printed line
     monkeypatch.setattr(ks, "measure_gpu_memory",
                         lambda *a: report(8 * GiB, 1 * GiB, GiB // 2, weights=GiB // 2))
-    per_block = ModelRunner.kv_bytes_per_block(llm.config, 16, llm.model.dtype)
+    per_block = ks.kv_bytes_per_block(llm.config, 16, llm.model.dtype)
     want = (int(0.9 * 8 * GiB) - GiB - GiB // 2 - GiB) // per_block
-    assert llm._default_num_blocks(0.9) == want
+    assert _default_num_blocks(llm, 0.9) == want
 
 
 def test_default_num_blocks_prints_one_line(config_dir, monkeypatch, capsys):
@@ -142,7 +147,7 @@ def test_default_num_blocks_prints_one_line(config_dir, monkeypatch, capsys):
     monkeypatch.setattr(ks, "measure_gpu_memory",
                         lambda *a: report(8 * GiB, GiB, 3 * GiB // 4, weights=GiB // 2))
     monkeypatch.setattr(llm.model, "device", torch.device("cuda"))
-    n = llm._default_num_blocks(0.5, verbose=True)
+    n = _default_num_blocks(llm, 0.5, verbose=True)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert f"{n} blocks x 16 tokens = {16 * n} tokens" in err[0]

@@ -1,4 +1,4 @@
-"""SamplingParams(n=k) (engine/core/samples.py): one prefill, k samples sharing its KV. The
+"""SamplingParams(n=k) (engine/core/n_samples.py): one prefill, k samples sharing its KV. The
 reference for sample i: a separate n=1 request with seed + i."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """SamplingParams(prompt_logprobs=N) and LLM.score (engine/sampling/prompt_logprobs.py,
-engine/sampling/scoring.py) against HF transformers' log-softmax of one forward pass, on every
+engine/sampling/continuation_logprobs.py) against HF transformers' log-softmax of one forward pass, on every
 parity checkpoint; prefix-cached prompts, extended turns, n samples and bad calls."""
 from __future__ import annotations
 

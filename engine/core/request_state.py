@@ -26,7 +26,7 @@ class RequestState:
         self._decoded = 0                  # generated tokens fed to the detokenizer
         self._final_token_is_stop = False  # last token is EOS / a stop id (not text)
         self.logprobs = [] if self.params.wants_logprobs else None
-        self.group = None                  # engine/core/samples.py's SampleGroup when n > 1
+        self.group = None                  # engine/core/n_samples.py's SampleGroup when n > 1
         self.prompt_logprobs = None        # engine/sampling/prompt_logprobs.py fills it
         self.num_drafted = self.num_accepted = 0     # speculative decoding (engine/spec_decode/speculator.py)
         self.num_forks = 0                 # children made by LLM.fork (their ids count on)

@@ -39,7 +39,7 @@ class SchedulerOutput:
       reserved; any makes the step a *verify* step (engine/spec_decode/speculator.py);
     * ``sample_seqs`` / ``sample_rows``: for a prefill, the sequences that sample this step
       and the row of ``seqs``' logits each samples from (``n > 1`` requests' samples repeat
-      their parent's row: engine/core/samples.py); None: ``seqs`` one row each;
+      their parent's row: engine/core/n_samples.py); None: ``seqs`` one row each;
     * ``block_copies``: ``(src, dst)`` KV block copies to make right after the forward
       (the samples' private copy of a partial prompt block, written by this forward).
     """

@@ -133,7 +133,7 @@ class _Prompt:
 def beam_search(llm, prompts, params: BeamSearchParams, use_tqdm: bool = False) -> list[BeamSearchOutput]:
     """The engine side of ``LLM.beam_search`` (see the module docstring)."""
     from engine import request_validation
-    from engine.sampling.scoring import wait_all
+    from engine.sampling.continuation_logprobs import wait_all
     if not isinstance(params, BeamSearchParams):
         raise InvalidRequestError(f"beam_search: params must be BeamSearchParams, got {type(params).__name__}")
     if isinstance(prompts, (str, dict)):

@@ -1,4 +1,5 @@
-"""How many KV-cache blocks the engine allocates by default.
+"""How many KV-cache blocks the engine allocates by default (``default_num_blocks``), and
+what one block costs (``kv_bytes_per_block``): KV sizing in one place.
 
 GPU: measure, then divide. After the weights are loaded, one dummy forward
 at the largest batch the scheduler can issue is run under torch's peak-memory
@@ -20,7 +21,9 @@ and the dummy batches run (and are tested) on CPU.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
+import sys
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -53,6 +56,35 @@ probs (1), sorted probs (1), the sort's int64 order (2), cumsum and
 ``before`` (2) = 8. The log-prob ranks ``[n, K, V]`` bool that come later
 need K/4 copies, within 8 for K <= 32 (20 top log-probs + the sampled id +
 a few requested ids). The raw logits themselves are in the measured peak."""
+
+
+# ---- the engine's default ---------------------------------------------------------
+def kv_bytes_per_block(cfg, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one KV block: K and V of ``block_size`` tokens in every layer."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+
+
+def default_num_blocks(model, block_size: int, max_num_seqs: int, max_model_len: int,
+                       max_num_batched_tokens: int, gpu_memory_utilization: float,
+                       verbose: bool = False) -> tuple[int, dict | None]:
+    """(KV blocks when ``num_kv_blocks`` is not given, the GPU sizing's record or None).
+
+    CUDA: profile one forward at the largest batch the scheduler can issue, then give the
+    cache ``gpu_memory_utilization`` of the device minus what is in use, the peak
+    activation and a reserve (one line printed with ``verbose``). CPU: ``max_num_seqs``
+    full sequences, at most 2 GiB (lazily committed: see model_runner.lazy_zeros). Must
+    run before the KV pool or CUDA graphs exist."""
+    per_block = kv_bytes_per_block(model.cfg, block_size, model.dtype)
+    if model.device.type != "cuda":
+        return cpu_default_blocks(max_num_seqs, max_model_len, block_size, per_block), None
+    report = measure_gpu_memory(model, max_num_batched_tokens, max_num_seqs, max_model_len, block_size)
+    blocks = kv_blocks_for_memory(report, gpu_memory_utilization, per_block)
+    text = describe(blocks, block_size, per_block, report)
+    if verbose:
+        print(text, file=sys.stderr)
+    check_fits_one_sequence(blocks, block_size, max_model_len, report, gpu_memory_utilization, per_block)
+    return blocks, dict(text=text, blocks=blocks, bytes_per_block=per_block, **dataclasses.asdict(report))
 
 
 # ---- the arithmetic -----------------------------------------------------------

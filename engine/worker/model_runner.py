@@ -53,11 +53,6 @@ class ModelRunner:
             dst = torch.tensor([b for _, b in copies], device=self.device)
             self.kv_pool[:, :, dst] = self.kv_pool[:, :, src]      # [L, 2, n, bs, Hkv, D]
 
-    @staticmethod
-    def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-        elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
-
     def _tensor(self, data, dtype) -> torch.Tensor:
         t = torch.tensor(data, dtype=dtype)
         if self.device.type == "cuda":
