@@ -1,4 +1,4 @@
-"""The offline GPU gate (``python -m kernels.report``) and its pieces.
+"""The offline GPU gate (``python -m kernels.tools.report``) and its pieces.
 
 * test_production_specs_compile_without_spills: the gate itself. Every production
   CompileSpec of every kernel module in kernels/triton/, for every SHAPE, must
@@ -25,7 +25,7 @@ import pytest
 import triton
 import triton.language as tl
 
-from kernels import report
+from kernels.tools import report
 from kernels.triton.common import CompileSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,7 +133,7 @@ def run_report(*args, interpret: bool = False, timeout: int = 900):
     env.pop("KERNELS_REPORT_REEXEC", None)
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    return subprocess.run([sys.executable, "-m", "kernels.report", "-q", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "kernels.tools.report", "-q", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -3,7 +3,7 @@ and a look at the JIT's state (which kernels are compiled, how many variants).
 
 Each kernel module exposes ``compile_specs(shape: ModelShape) -> list[CompileSpec]``:
 the exact (signature, constexprs, num_warps, num_stages) configurations its
-launcher picks for that model shape. ``python -m kernels.report`` compiles each
+launcher picks for that model shape. ``python -m kernels.tools.report`` compiles each
 for sm_80 and sm_90 without a GPU and reads registers / shared memory / spills.
 
 JIT specialization: Triton compiles one variant per distinct key of a launch's

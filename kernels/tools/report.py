@@ -1,9 +1,9 @@
 """Offline GPU gate: compile every Triton kernel configuration for sm_80 / sm_90
 without a GPU and report registers, shared memory and register spills.
 
-    python -m kernels.report                 # production configs, sm_80 + sm_90
-    python -m kernels.report --all           # + the autotune space (production=False)
-    python -m kernels.report --targets 90 --kernel decode_attention --json out.json
+    python -m kernels.tools.report                 # production configs, sm_80 + sm_90
+    python -m kernels.tools.report --all           # + the autotune space (production=False)
+    python -m kernels.tools.report --targets 90 --kernel decode_attention --json out.json
 
 Where the configurations come from: every module in ``kernels/triton/`` that
 defines ``compile_specs(shape) -> list[CompileSpec]`` (see
@@ -50,7 +50,7 @@ venv): see ``make_ast_source`` for the constructor shim.
 
 Must run with a real Triton frontend: with TRITON_INTERPRET set, ``@triton.jit``
 yields interpreter functions that cannot be compiled, so ``python -m
-kernels.report`` re-executes itself without that variable (``main()`` called
+kernels.tools.report`` re-executes itself without that variable (``main()`` called
 in-process refuses instead).
 """
 from __future__ import annotations
@@ -540,14 +540,14 @@ def _reexec_without_interpreter():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["KERNELS_REPORT_REEXEC"] = "1"
     orig = getattr(sys, "orig_argv", None)     # python >= 3.10: the exact command line
-    argv = [sys.executable] + list(orig[1:]) if orig else [sys.executable, "-m", "kernels.report", *sys.argv[1:]]
-    print("kernels.report: TRITON_INTERPRET is set; re-running without it "
+    argv = [sys.executable] + list(orig[1:]) if orig else [sys.executable, "-m", "kernels.tools.report", *sys.argv[1:]]
+    print("kernels.tools.report: TRITON_INTERPRET is set; re-running without it "
           "(the interpreter cannot compile to cubin)", file=sys.stderr, flush=True)
     os.execve(sys.executable, argv, env)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m kernels.report", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m kernels.tools.report", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--all", action="store_true", help="also the non-production specs (autotune space)")
     p.add_argument("--json", metavar="PATH", help="write the rows (and summary) as JSON")
@@ -577,8 +577,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     """Run the report in this process (``__main__`` re-executes first if TRITON_INTERPRET is set)."""
     if _interpret_on():
-        print("kernels.report: refusing to run with TRITON_INTERPRET set: interpreted kernels "
-              "cannot be compiled; run `python -m kernels.report` without it", file=sys.stderr)
+        print("kernels.tools.report: refusing to run with TRITON_INTERPRET set: interpreted kernels "
+              "cannot be compiled; run `python -m kernels.tools.report` without it", file=sys.stderr)
         return 2
     args = parse_args(argv)
     if args.fresh_cache:
@@ -589,7 +589,7 @@ def main(argv=None) -> int:
         os.environ["TRITON_CACHE_DIR"] = fresh
     problem = toolchain_problem()
     if problem:
-        print(f"kernels.report: cannot compile offline: {problem}", file=sys.stderr)
+        print(f"kernels.tools.report: cannot compile offline: {problem}", file=sys.stderr)
         print(summary_line({"compiled": 0, "failed": 0, "spilling": 0}))
         return 2
 
@@ -602,7 +602,7 @@ def main(argv=None) -> int:
         wanted = {s.strip() for s in args.shape.split(",")}
         shapes = [s for s in SHAPES if s.name in wanted]
         if not shapes:
-            print(f"kernels.report: no shape named {sorted(wanted)}; have {[s.name for s in SHAPES]}",
+            print(f"kernels.tools.report: no shape named {sorted(wanted)}; have {[s.name for s in SHAPES]}",
                   file=sys.stderr)
             return 2
     # Every shape in both activation dtypes the GPUs run: fp16 and bf16.
