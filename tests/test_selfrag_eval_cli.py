@@ -10,6 +10,7 @@ so only ranges and consistency are checked there.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -476,3 +477,24 @@ def test_cli_quantization_flag_reaches_the_engine(env_cache, capsys, monkeypatch
     assert seen == ["int8"]
     assert _exit_code(lambda: main(["generate", "--quantization", "awq", "Hi"])) == 2
     assert "invalid choice: 'awq'" in capsys.readouterr().err
+
+
+def test_the_console_entry_exits_with_main_status_and_flushed_output(tmp_path):
+    """``python -m selfrag.cli`` (the console script's entry: main, then a fast exit that
+    skips Python's teardown) keeps main's exit status and everything it printed."""
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo}
+    ok = subprocess.run([sys.executable, "-m", "selfrag.cli", "generate", "--device", "cpu", "--max-tokens", "3",
+                         "--show-special-tokens", "hello"], cwd=repo, env=env, capture_output=True, text=True,
+                        timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert ok.stdout.strip() and "3 tokens" in ok.stderr
+    bad = subprocess.run([sys.executable, "-m", "selfrag.cli", "generate", "--device", "cpu", "--model",
+                          str(tmp_path / "missing"), "hi"], cwd=repo, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().endswith("no such directory")
+    usage = subprocess.run([sys.executable, "-m", "selfrag.cli", "no-such-command"], cwd=repo, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert usage.returncode == 2 and "invalid choice" in usage.stderr

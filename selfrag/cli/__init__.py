@@ -23,6 +23,9 @@ invalid option value, ...) print one line to stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import sys
 
 from selfrag.cli import ask, evaluate, generate
 from selfrag.cli.common import PROG, CLIError, Command, resolve_model, run_guarded
@@ -84,6 +87,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``selfrag`` console script. Returns the exit status."""
+    """Runs one ``selfrag`` command; returns the exit status."""
     args = build_parser().parse_args(argv)   # usage errors exit 2 here, as argparse does
     return run_guarded(lambda: args._run(args))
+
+
+def entry() -> None:
+    """The console script (and ``python -m selfrag.cli``): ``main()``, then a fast exit.
+    Python's own teardown once torch is loaded takes ~0.35 s on the 2-core VM (``python -c
+    "import torch"``: 1.41 s to exit normally, 1.00 s with ``os._exit``), a sixth of an
+    ``ask``. By then every command has closed what it wrote; the standard streams and
+    logging are flushed first."""
+    try:
+        code = main()
+    except SystemExit as e:                  # argparse's usage errors and --help
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):        # a closed pipe (| head): nothing left to say
+            pass
+    os._exit(code)

@@ -1,6 +1,4 @@
 """``python -m selfrag.cli``: the ``selfrag`` command."""
-import sys
+from selfrag.cli import entry
 
-from selfrag.cli import main
-
-sys.exit(main())
+entry()
