@@ -115,20 +115,25 @@ class EngineCore:
         """Appends the step's tokens (a verify step: each sequence's accepted run) to the
         requests, checks stops, and returns the outputs due now, one per request."""
         t = time.perf_counter()
-        for i, entries in result.prompt_logprobs.items():
-            seq = batch.seqs[i]
-            seq.logprobs_from = None
-            req = self.requests.get(seq.request_id)
-            for member in (req.group.members if req.group is not None else [req]) if req is not None else ():
-                member.prompt_logprobs = entries
+        sampled = batch.seqs if batch.sample_seqs is None else batch.sample_seqs
+        if result.prompt_logprobs:
+            self._set_prompt_logprobs(batch, result.prompt_logprobs)
         if result.runs is not None:
             self.outputs.process_runs(batch.seqs, result.runs, result.failed, finished_only, outputs,
                                       self.block_manager)
         else:
-            self.outputs.process(batch.sampled, result.tokens, result.logprobs, result.failed, finished_only,
-                                 outputs)
+            self.outputs.process(sampled, result.tokens, result.logprobs, result.failed, finished_only, outputs)
         if self.speculator is not None:
-            self.speculator.forget_finished(batch.sampled)
+            self.speculator.forget_finished(sampled)
         self.step_times["output"] += time.perf_counter() - t
         self.num_steps += 1
         return last_per_request(outputs)          # several samples of one request advanced
+
+    def _set_prompt_logprobs(self, batch: SchedulerOutput, entries_by_index: dict) -> None:
+        for i, entries in entries_by_index.items():
+            seq = batch.seqs[i]
+            seq.logprobs_from = None
+            req = self.requests.get(seq.request_id)
+            if req is not None:
+                for member in req.group.members if req.group is not None else [req]:
+                    member.prompt_logprobs = entries

@@ -130,7 +130,9 @@ class Sampler:
         """logits [B, V] raw fp32 -> (token ids, log-prob info, failed rows) per sequence."""
         return self.launch(logits, seqs, ops).wait()
 
-    @torch.no_grad()
+    # No @torch.no_grad(): the engine steps under torch.inference_mode, and the logits
+    # never require grad; the decorator cost 2.8 us of a 64 us batch-1 host step
+    # (cProfile, benchmarks/bench_host_step.py).
     def launch(self, logits: torch.Tensor, seqs: list[Sequence], ops, drafts: list[int] | None = None,
                processed: torch.Tensor | None = None, failed: dict[int, str] | None = None) -> "PendingSample":
         """Queues the step's sampling on the device; ``.wait()`` reads it back. ``drafts``

@@ -19,7 +19,6 @@ added to ``step_times`` (prepare, launch, sample).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import torch
 
@@ -27,7 +26,6 @@ from engine.outputs import StepLogprobs
 from engine.sampling.prompt_logprobs import prefill_logprobs, wants_prefill_logprobs
 
 
-@dataclass
 class ModelRunnerOutput:
     """What a step produced, on the host. ``tokens`` / ``logprobs``: one per sampled
     sequence (``SchedulerOutput.sampled``), ``failed``: row -> why (a logits processor
@@ -35,19 +33,21 @@ class ModelRunnerOutput:
     sequence (accepted tokens and the bonus, their log-probs, drafted, accepted).
     ``prompt_logprobs``: sequence index -> its request's ``prompt_logprobs``."""
 
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[StepLogprobs] = field(default_factory=list)
-    failed: dict[int, str] = field(default_factory=dict)
-    runs: list | None = None
-    prompt_logprobs: dict[int, list] = field(default_factory=dict)
+    __slots__ = ("tokens", "logprobs", "failed", "runs", "prompt_logprobs")   # one a step: kept cheap
 
+    def __init__(self, tokens: list[int], logprobs: list[StepLogprobs], failed: dict[int, str],
+                 runs: list | None = None, prompt_logprobs: dict[int, list] | None = None):
+        self.tokens, self.logprobs, self.failed, self.runs = tokens, logprobs, failed, runs
+        self.prompt_logprobs = prompt_logprobs
 
 class PendingStep:
     """A queued step; ``wait()`` reads its results back (once)."""
 
+    __slots__ = ("_sample", "_result", "_prompt_logprobs")
+
     def __init__(self, sample=None, result: ModelRunnerOutput | None = None,
                  prompt_logprobs: dict | None = None):
-        self._sample, self._result, self._prompt_logprobs = sample, result, prompt_logprobs or {}
+        self._sample, self._result, self._prompt_logprobs = sample, result, prompt_logprobs
 
     def wait(self) -> ModelRunnerOutput:
         if self._result is None:
@@ -67,13 +67,13 @@ class Executor:
 
     def execute(self, batch, speculator=None) -> PendingStep:
         """Queues ``batch`` (a verify step when it has drafts: ``speculator`` runs it)."""
-        if batch.is_verify:
+        if batch.drafts:                                        # a verify step
             t = time.perf_counter()
             runs, failed = speculator.verify(self, batch.seqs, batch.drafts)
             self.step_times["launch"] += time.perf_counter() - t
-            return PendingStep(result=ModelRunnerOutput(failed=failed, runs=runs))
+            return PendingStep(result=ModelRunnerOutput([], [], failed, runs))
         t1 = time.perf_counter()
-        extra = {}
+        extra = None
         if batch.is_prefill:
             input_ids, positions, meta, last = self.runner.prepare(batch.seqs, True)
             t2 = time.perf_counter()
@@ -90,7 +90,8 @@ class Executor:
             t2 = time.perf_counter()
             logits = self.decode_runner.launch(step)
         t3 = time.perf_counter()
-        sample = self.sampler.launch(logits, batch.sampled, self.model.ops)
+        sample = self.sampler.launch(logits, batch.seqs if batch.sample_seqs is None else batch.sample_seqs,
+                                     self.model.ops)
         t4 = time.perf_counter()
         st = self.step_times
         st["prepare"] += t2 - t1
