@@ -34,7 +34,7 @@ class SampleGroup:
     def output(self) -> RequestOutput:
         first = self.members[0]
         error = next((m.error for m in self.members if m.error is not None), None)
-        return RequestOutput(first.request_id, first.prompt, first._prompt_ids,
+        return RequestOutput(first.request_id, first.prompt, first.prompt_token_ids,
                              [m.completion(i) for i, m in enumerate(self.members)], self.finished, error,
                              first.prompt_logprobs)
 

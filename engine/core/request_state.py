@@ -72,6 +72,11 @@ class RequestState:
         return self.seq.request_id
 
     @property
+    def prompt_token_ids(self) -> list[int]:
+        """The request's prompt as it was submitted (before any sampled token)."""
+        return self._prompt_ids
+
+    @property
     def max_len(self) -> int:
         """The sequence length at which the request stops (``max_tokens`` or
         ``max_model_len``, whichever comes first)."""

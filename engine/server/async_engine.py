@@ -78,6 +78,11 @@ class AsyncEngine:
         return len(self._waiting)
 
     @property
+    def num_submitted(self) -> int:
+        """Submissions handed over but not yet moved into the LLM (the next step takes them)."""
+        return len(self._inbox)
+
+    @property
     def num_active(self) -> int:
         return len(self._sinks)
 

@@ -118,7 +118,7 @@ class _EngineState:
             return c
         yield gauge("vllm:num_requests_running", "Requests decoding or prefilling", len(sched.running))
         yield gauge("vllm:num_requests_waiting", "Requests queued for a prefill",
-                    len(sched.waiting) + len(self.engine._inbox))
+                    len(sched.waiting) + self.engine.num_submitted)
         yield gauge("vllm:kv_cache_usage_perc", "Fraction of KV blocks in use",
                     stats["used"] / stats["num_blocks"])
         yield gauge("selfrag:kv_blocks_used", "KV blocks held by running requests", stats["used"])
