@@ -86,15 +86,27 @@ def test_dry_run_output_fits_the_device_tool(dry):
     assert all(f"== {s}" in log for s in STEPS)
 
 
-def test_steps_subset_builds_the_engine_it_needs(tmp_path):
-    p, data, _ = _run(tmp_path, "--steps", "decode,probe")
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+def _run_here(tmp_path, monkeypatch, *args):
+    """The dry run in this process (no second torch import): (exit status, the JSON)."""
+    from benchmarks import gpu_first_contact as fc
+    monkeypatch.setenv("OUT", str(tmp_path))
+    threads = torch.get_num_threads()
+    try:
+        rc = fc.main(["--dry-run", *args])
+    finally:
+        torch.set_num_threads(threads)          # the dry run pins one thread
+    return rc, json.loads((tmp_path / "first_contact_dryrun.json").read_text())
+
+
+def test_steps_subset_builds_the_engine_it_needs(tmp_path, monkeypatch):
+    rc, data = _run_here(tmp_path, monkeypatch, "--steps", "decode,probe")
+    assert rc == 0, data
     assert data["order"] == ["probe", "engine", "decode"]
 
 
-def test_deadline_skips_what_does_not_fit(tmp_path):
-    p, data, _ = _run(tmp_path, "--steps", "probe,ceilings", "--deadline", "0")
-    assert p.returncode == 0
+def test_deadline_skips_what_does_not_fit(tmp_path, monkeypatch):
+    rc, data = _run_here(tmp_path, monkeypatch, "--steps", "probe,ceilings", "--deadline", "0")
+    assert rc == 0
     assert [s["status"] for s in data["steps"].values()] == ["skipped", "skipped"]
     assert "left" in data["steps"]["probe"]["reason"]
 
