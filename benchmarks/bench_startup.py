@@ -68,7 +68,7 @@ def run_import_torch(cache: str) -> float:
 
 # What `selfrag ask QUESTION --device cpu` does (selfrag/cli/ask.py), timed phase by phase.
 PHASES_CODE = """
-import json, sys, time
+import io, json, sys, time
 t0 = time.perf_counter()
 import torch
 t1 = time.perf_counter()
@@ -79,7 +79,7 @@ from selfrag.prompts import canonical_task
 from selfrag.retrievers import default_retriever
 t2 = time.perf_counter()
 canonical_task(None)
-path = resolve_model(None, note_stream=open('/dev/null', 'w'))
+path = resolve_model(None, note_stream=io.StringIO())
 retriever = default_retriever()
 t3 = time.perf_counter()
 with model_context(None):

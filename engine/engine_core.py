@@ -10,7 +10,7 @@
 ``EngineCore`` owns the components (the scheduler and its block manager, the executor
 with the model, KV cache and sampler, the output processor with the requests) and the
 per-request state the decoding primitives work on (engine/core/forking.py, held.py,
-samples.py). ``LLM`` (engine/llm.py) is the public facade over it.
+n_samples.py). ``LLM`` (engine/llm.py) is the public facade over it.
 """
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ class EngineCore:
         """Appends the step's tokens (a verify step: each sequence's accepted run) to the
         requests, checks stops, and returns the outputs due now, one per request."""
         t = time.perf_counter()
-        sampled = batch.seqs if batch.sample_seqs is None else batch.sample_seqs
+        sampled = batch.sampled
         if result.prompt_logprobs:
             self._set_prompt_logprobs(batch, result.prompt_logprobs)
         if result.runs is not None:

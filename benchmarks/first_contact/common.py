@@ -94,7 +94,10 @@ class Context:
         """Drops the shared engine (its KV pool holds most of the GPU) and returns its
         memory to the driver. A step that holds an engine in a local drops it first."""
         self.shared.pop("llm", None)
-        free_device_memory(self)
+        gc.collect()                                   # what only the cycle collector frees
+        if self.cuda:
+            import torch
+            torch.cuda.empty_cache()
 
     def new_engine(self, model, **kw):
         """An ``engine.LLM``, built only after every earlier engine is gone: each sizes its
@@ -103,14 +106,6 @@ class Context:
         from engine import LLM
         self.release_engine()
         return LLM(model, **kw)
-
-
-def free_device_memory(ctx) -> None:
-    """Collects what only the cycle collector frees, then hands cached blocks back."""
-    gc.collect()
-    if ctx.cuda:
-        import torch
-        torch.cuda.empty_cache()
 
 
 def summary(xs: list[float], scale: float = 1.0) -> dict:

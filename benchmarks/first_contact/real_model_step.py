@@ -30,13 +30,9 @@ def _model_path() -> str:
 
 
 def _prompts(tokenizer) -> list[list[int]]:
-    import json
-
     from selfrag.cli.demo import DEMO_PROMPTS, format_prompt
-    corpus = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                          "selfrag", "data", "corpus.jsonl")
-    with open(corpus) as f:
-        passages = {d["title"]: d for d in map(json.loads, f)}
+    from selfrag.retrievers import DEFAULT_CORPUS, load_corpus
+    passages = {d["title"]: d for d in load_corpus(DEFAULT_CORPUS)}
     texts = [p.prompt for p in DEMO_PROMPTS]
     texts += [format_prompt(q, f"{passages[t]['title']}\n{passages[t]['text']}") for q, t in QUESTIONS]
     return [tokenizer.encode(t) for t in texts]

@@ -58,10 +58,6 @@ class SchedulerOutput:
                 f"drafts={len(self.drafts)}, samples={self.sample_rows})")
 
     @property
-    def is_verify(self) -> bool:
-        return bool(self.drafts)
-
-    @property
     def sampled(self) -> list[Sequence]:
         """The sequences that sample a token this step, in row order."""
         return self.seqs if self.sample_seqs is None else self.sample_seqs

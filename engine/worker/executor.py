@@ -90,8 +90,7 @@ class Executor:
             t2 = time.perf_counter()
             logits = self.decode_runner.launch(step)
         t3 = time.perf_counter()
-        sample = self.sampler.launch(logits, batch.seqs if batch.sample_seqs is None else batch.sample_seqs,
-                                     self.model.ops)
+        sample = self.sampler.launch(logits, batch.sampled, self.model.ops)
         t4 = time.perf_counter()
         st = self.step_times
         st["prepare"] += t2 - t1
