@@ -145,13 +145,16 @@ class LLM(RequestAPI):
         runner = ModelRunner(self.model, block_size, num_blocks)
         self.startup["kv_alloc_s"] = time.perf_counter() - t
         self.startup["num_kv_blocks"] = num_blocks
-        # Decode steps: persistent inputs, CUDA graphs where they apply (printed on CUDA).
+        from engine.spec_decode.speculator import Speculator
+        speculator = Speculator(speculative_config) if speculative_config is not None else None
+        # Decode and verify steps: persistent inputs, CUDA graphs where they apply (printed on CUDA).
         t = time.perf_counter()
         cuda = self.model.device.type == "cuda"
         if cuda:
             self.startup["gpu_free_bytes_before_graphs"] = torch.cuda.mem_get_info(self.model.device)[0]
         decode_runner = build_decode_runner(self.model, runner.kv_caches, block_size, max_num_seqs,
-                                            self.max_model_len, enforce_eager)
+                                            self.max_model_len, enforce_eager,
+                                            verify_query_len=1 + speculator.k if speculator else 1)
         self.startup["decode_runner_s"] = time.perf_counter() - t
         if cuda:
             self.startup["gpu_free_bytes_after_graphs"] = torch.cuda.mem_get_info(self.model.device)[0]
@@ -163,14 +166,13 @@ class LLM(RequestAPI):
         sampler.eos_token_id = self.eos_token_id                # min_tokens masks it
         executor = Executor(self.model, runner, decode_runner, sampler, self.tokenizer,
                             dict.fromkeys(STEP_PHASES, 0.0))
-        from engine.spec_decode.speculator import Speculator
         # Async output processing (CUDA): a step's detokenization and stop-string checks
         # run while the device computes the next step; outputs then lag one step. On CPU
         # nothing would overlap, so it is off.
         self.core = EngineCore(scheduler, executor, tokenizer=self.tokenizer, config=cfg,
                                max_model_len=self.max_model_len, eos_token_id=self.eos_token_id,
                                async_output=cuda,
-                               speculator=Speculator(speculative_config) if speculative_config is not None else None)
+                               speculator=speculator)
         self._ids = itertools.count()
 
     # ---- the components (engine/engine_core.py) ------------------------------------

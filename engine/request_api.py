@@ -103,7 +103,10 @@ class RequestAPI:
         """Turns speculative decoding on (``LLM(speculative_config=...)``'s dict) or off
         (None), between steps. See engine/spec_decode/speculator.py."""
         from engine.spec_decode.speculator import Speculator
-        self.core.speculator = Speculator(speculative_config) if speculative_config is not None else None
+        speculator = Speculator(speculative_config) if speculative_config is not None else None
+        if speculator is not None:      # its verify steps' query rows (graphs captured on CUDA)
+            self.core.executor.decode_runner.set_verify_query_len(1 + speculator.k)
+        self.core.speculator = speculator
 
     def wait(self, request_ids) -> dict:
         """Steps the engine until the given requests finish; returns request id -> final

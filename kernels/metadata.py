@@ -38,6 +38,13 @@ class AttentionMetadata:
       num_splits       int|None  split-KV count for decode, fixed when a CUDA graph is
                              captured (one grid must serve every replay); None: the
                              kernel picks from max_context_len.
+      query_lens       [B] int32 | None  decode only (is_prefill False): None is one query
+                             per sequence. Set, the step verifies drafts: q has
+                             B * max_query_len rows, sequence i's are rows
+                             i * max_query_len + j, j < query_lens[i], at positions
+                             context_lens[i] - query_lens[i] + j, each seeing the keys up
+                             to itself; its rows j >= query_lens[i] are padding (zeros
+                             out). A fixed layout, so one CUDA graph serves any drafts.
       host_query_start_loc, host_context_lens  list[int]|None: host copies of
                              those tensors, so a launcher that needs them on the host
                              never syncs with the device.
@@ -54,6 +61,12 @@ class AttentionMetadata:
     num_splits: int | None = None
     host_query_start_loc: list | None = None
     host_context_lens: list | None = None
+    query_lens: torch.Tensor | None = None
+
+    @property
+    def decode_query_len(self) -> int:
+        """Query rows per sequence of a decode step: 1, or max_query_len when verifying."""
+        return 1 if self.query_lens is None else self.max_query_len
 
     @property
     def num_seqs(self) -> int:

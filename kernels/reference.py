@@ -173,12 +173,16 @@ def _padded_layout(qsl: list, q_lens: list, ctx: list, Qm: int, L: int, dev):
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """One query per sequence, q [B, Hq, D] -> [B, Hq, D]; batched over sequences.
+    With ``meta.query_lens`` (a verify step), Q = max_query_len rows per sequence,
+    q [B * Q, Hq, D] -> [B * Q, Hq, D], each row causal, padding rows zero (see
+    ``AttentionMetadata``).
 
     Gathers every sequence's blocks (padded to the longest) and masks
     positions >= context_lens, so a step costs a handful of torch calls
     whatever the batch size; GQA heads share their K/V without a copy.
     """
-    B, Hq, D = q.shape
+    T, Hq, D = q.shape
+    B, Q = meta.context_lens.shape[0], meta.decode_query_len
     bs, Hkv = k_cache.shape[1], k_cache.shape[2]
     nblocks = (meta.max_context_len + bs - 1) // bs
     L = nblocks * bs
@@ -186,11 +190,20 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     v = _gather_blocks(v_cache, meta.block_tables, nblocks)
     mask = meta.scratch.get("decode_mask")                  # shared by all layers of a step
     if mask is None:
-        valid = torch.arange(L, device=q.device) < meta.context_lens.unsqueeze(1)   # [B, L]
-        mask = meta.scratch["decode_mask"] = valid[:, None, None, :]
-    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask,
-                                         scale=scale, enable_gqa=Hq != Hkv)     # [B, Hq, 1, D]
-    return out.squeeze(2)
+        if Q == 1:
+            limit = meta.context_lens.unsqueeze(1)                                  # [B, 1]
+        else:   # row j of sequence i sees keys < ctx_i - qlen_i + 1 + j; padding rows none
+            j = torch.arange(Q, device=q.device)
+            qlen = meta.query_lens.unsqueeze(1).long()
+            limit = torch.where(j < qlen, meta.context_lens.unsqueeze(1) - qlen + 1 + j, 0)   # [B, Q]
+        valid = torch.arange(L, device=q.device) < limit.unsqueeze(2)                 # [B, Q, L]
+        mask = meta.scratch["decode_mask"] = valid[:, None]                           # [B, 1, Q, L]
+    qb = q.view(B, Q, Hq, D).transpose(1, 2)                                          # [B, Hq, Q, D]
+    out = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale,
+                                         enable_gqa=Hq != Hkv)          # [B, Hq, Q, D]
+    if Q > 1:   # fully masked rows (padding) come out NaN: zeros, as the kernel gives
+        out = torch.where(mask.any(-1, keepdim=True), out, 0.0)
+    return out.transpose(1, 2).reshape(T, Hq, D)
 
 
 def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:

@@ -102,3 +102,35 @@ def test_cpu_engine_reports_no_graphs(ckpt, capsys):
     assert llm.cuda_graphs == dict(enabled=False, reason="not CUDA", buckets=[], capture_s=None, error=None)
     assert "CUDA graphs" not in capsys.readouterr().err
     assert set(llm.startup) >= {"load_s", "kv_sizing_s", "kv_alloc_s", "decode_runner_s", "num_kv_blocks"}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_padded_verify_path_gives_plain_decodings_tokens(ckpt, backend):
+    """Speculative verify steps on the static buffers a verify graph replays, run eagerly on
+    CPU: every sequence padded to 1 + k = 5 query rows (fewer drafts, or none, leave padding
+    rows with slot -1), batches padded to buckets, the graph's fixed split count. Greedy
+    tokens are plain decoding's, token for token, with full, partial and no acceptance."""
+    from tests.test_speculative import Oracle
+    path, cfg = ckpt
+    prompts = token_prompts(3, cfg.vocab_size, seed=8)
+    n = 10 if backend == "triton" else 24
+    sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    free = make_llm(path, show_progress=False, block_size=8, max_model_len=128).generate(
+        [{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=n + 8, ignore_eos=True),
+        use_tqdm=False)
+    want = [o.outputs[0].token_ids[:n] for o in free]
+    futures = {tuple(p): p + o.outputs[0].token_ids for p, o in zip(prompts, free)}
+    llm = make_llm(path, show_progress=False, block_size=8, max_model_len=128, max_num_seqs=6,
+                   kernel_backend=backend, speculative_config={"method": "custom", "num_speculative_tokens": 4,
+                                                               "proposer": Oracle(futures, wrong=3)})
+    llm.decode_runner = DecodeRunner(llm.model, llm.runner.kv_caches, 8, 6, 128,
+                                     num_splits=lambda b: 3 if backend == "triton" else None,
+                                     pad_to_buckets=True, verify_query_len=5)
+    shapes = []
+    real = llm.decode_runner.launch
+    llm.decode_runner.launch = lambda step: shapes.append(step[:3]) or real(step)
+    got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                                        sp, use_tqdm=False)]
+    assert got == want
+    assert (3, 4, 5) in shapes                   # verify steps: 3 sequences, 4 rows of 5 queries
+    assert llm.speculator.num_accepted > 0 and llm.speculator.num_drafted > llm.speculator.num_accepted

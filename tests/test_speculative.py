@@ -381,7 +381,7 @@ def test_disable_by_batch_size_decodes_large_batches_plainly(ckpt):
     llm = make_llm(path, show_progress=False, block_size=4, speculative_config=config)
     sizes = []
     real = llm.speculator.verify
-    llm.speculator.verify = lambda llm_, seqs, drafts: sizes.append(len(seqs)) or real(llm_, seqs, drafts)
+    llm.speculator.verify = lambda ex, seqs, drafts, logits: sizes.append(len(seqs)) or real(ex, seqs, drafts, logits)
     spec = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert_same(plain, spec)
     assert sizes and max(sizes) <= 2                # verify steps only once the batch shrank to 2

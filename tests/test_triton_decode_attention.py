@@ -274,8 +274,10 @@ def test_validation():
         call(q, kc[..., :8], vc[..., :8], meta, 1.0)
     with pytest.raises(ValueError, match="block_tables must be int32"):
         call(q, kc, vc, dataclasses.replace(meta, block_tables=meta.block_tables.long()), 1.0)
-    with pytest.raises(ValueError, match="context_lens must be int32"):
+    with pytest.raises(ValueError, match="q has 2 rows; meta describes 1 sequences"):
         call(q, kc, vc, dataclasses.replace(meta, context_lens=meta.context_lens[:1]), 1.0)
+    with pytest.raises(ValueError, match="context_lens must be int32"):
+        call(q, kc, vc, dataclasses.replace(meta, context_lens=meta.context_lens.long()), 1.0)
     with pytest.raises(ValueError, match="max_context_len"):
         call(q, kc, vc, dataclasses.replace(meta, max_context_len=10_000), 1.0)
     for bad in (0, M.MAX_SPLITS + 1, 2.0):
@@ -294,20 +296,92 @@ def test_validation():
 
 def test_compile_specs_match_launcher_choices():
     shape = next(s for s in SHAPES if s.name == "gqa-32-8")
-    split, direct, red = M.compile_specs(shape)
-    cfg = M._config(4, 128, 16, torch.float16, 8)
-    assert split.num_warps == cfg["num_warps"] and split.num_stages == cfg["num_stages"]
-    assert {k: v for k, v in split.constexprs.items() if k != "DIRECT_OUT"} == {
-        k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
-    assert not split.constexprs["DIRECT_OUT"] and direct.constexprs["DIRECT_OUT"]
-    assert split.signature["q_ptr"] == "*fp16" and split.signature["part_ptr"] == "*fp32"
-    assert direct.signature["part_ptr"] == "*fp16"        # the launcher passes out there
-    assert red.constexprs == {"HEAD_DIM": 128, "BLOCK_D": 128, "SPLITS_PAD": M.MAX_SPLITS,
-                              "MIN_SPLIT": split.constexprs["MIN_SPLIT"]}
-    assert split.constexprs["MIN_SPLIT"] == 256           # 256 keys, whole 64-key tiles
-    # every kernel argument is typed
-    for spec in (split, direct, red):
-        assert list(spec.signature) == list(spec.kernel.arg_names)
+    specs = M.compile_specs(shape)
+    assert [s.name for s in specs] == [
+        "decode_attention[split]", "decode_attention[direct]", "decode_attention[reduce]",
+        "decode_attention[split,q5]", "decode_attention[direct,q5]", "decode_attention[reduce,q5]"]
+    for (split, direct, red), Q, rows_pad in ((specs[:3], 1, 16), (specs[3:], 5, 32)):  # 4 heads x Q rows
+        cfg = M._config(4, 128, 16, torch.float16, 8, Q)
+        assert cfg["ROWS_PAD"] == rows_pad and cfg["QUERY_LEN"] == Q
+        assert split.num_warps == cfg["num_warps"] and split.num_stages == cfg["num_stages"]
+        assert {k: v for k, v in split.constexprs.items() if k != "DIRECT_OUT"} == {
+            k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+        assert not split.constexprs["DIRECT_OUT"] and direct.constexprs["DIRECT_OUT"]
+        assert split.signature["q_ptr"] == "*fp16" and split.signature["part_ptr"] == "*fp32"
+        assert direct.signature["part_ptr"] == "*fp16"        # the launcher passes out there
+        assert red.constexprs == {"QUERY_LEN": Q, "HEAD_DIM": 128, "BLOCK_D": 128,
+                                  "SPLITS_PAD": M.MAX_SPLITS, "MIN_SPLIT": split.constexprs["MIN_SPLIT"]}
+        assert split.constexprs["MIN_SPLIT"] == 256           # 256 keys, whole 64-key tiles
+        # every kernel argument is typed
+        for spec in (split, direct, red):
+            assert list(spec.signature) == list(spec.kernel.arg_names)
+
+
+# ---- verify steps: Q query rows per sequence, each with its causal limit ----------------
+
+def _verify_setup(ctx, qlens, Q, Hq, Hkv, D, bs, dtype, seed=0):
+    """A verify step's inputs: sequence i has context ctx[i] (its drafts included) and
+    qlens[i] real query rows of Q; its padding rows hold random queries too."""
+    q1, kc, vc, meta = _setup(ctx, Hq, Hkv, D, bs, dtype, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    q = torch.randn(len(ctx) * Q, Hq, D, generator=g).to(dtype)
+    meta = dataclasses.replace(meta, max_query_len=Q, query_lens=torch.tensor(qlens, dtype=torch.int32))
+    return q, kc, vc, meta
+
+
+def _causal_by_hand(q, kc, vc, meta, scale, ctx, qlens, Q):
+    """Each real row as a one-query decode over its own prefix (the plain decode
+    reference, independent of the multi-row mask); padding rows zero."""
+    out = torch.zeros_like(q, dtype=torch.float32)
+    for i, (c, n) in enumerate(zip(ctx, qlens)):
+        for j in range(n):
+            lim = c - n + 1 + j
+            m = AttentionMetadata(False, torch.zeros(1, dtype=torch.int64), meta.block_tables[i:i + 1],
+                                  torch.tensor([lim], dtype=torch.int32), torch.arange(2, dtype=torch.int32),
+                                  1, lim)
+            out[i * Q + j] = R.decode_attention(q[i * Q + j:i * Q + j + 1].float(), kc.float(), vc.float(),
+                                                m, scale)[0]
+    return out
+
+
+# (contexts with the drafts, real rows per sequence, Q, Hq, Hkv, D, block_size, num_splits)
+VERIFY_CASES = [
+    ([9, 40, 5], [5, 1, 3], 5, 4, 4, 32, 8, None),      # MHA: 5 rows of a 16-row tile
+    ([70, 33], [5, 2], 5, 8, 2, 16, 16, 3),             # GQA 4 x 5 = 20 rows -> 32; split
+    ([130, 17, 64], [3, 3, 1], 3, 4, 2, 16, 16, 4),     # split boundary at a page
+    ([6], [6], 6, 4, 4, 16, 4, 1),                      # every key is a draft but the first
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("ctx,qlens,Q,Hq,Hkv,D,bs,ns", VERIFY_CASES)
+def test_verify_rows_match_the_reference_and_plain_decode(ctx, qlens, Q, Hq, Hkv, D, bs, ns, dtype, monkeypatch):
+    monkeypatch.setattr(M, "MIN_KEYS_PER_SPLIT", 1)     # several splits even at these lengths
+    q, kc, vc, meta = _verify_setup(ctx, qlens, Q, Hq, Hkv, D, bs, dtype)
+    scale = D ** -0.5
+    out = M.decode_attention(q, kc, vc, meta, scale, num_splits=ns)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    ref = _reference(q, kc, vc, meta, scale)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    by_hand = _causal_by_hand(q, kc, vc, meta, scale, ctx, qlens, Q)
+    torch.testing.assert_close(ref.float(), by_hand, **TOL[dtype])
+    for i, n in enumerate(qlens):                          # padding rows are exactly zero
+        assert not out[i * Q + n:(i + 1) * Q].any() and not ref[i * Q + n:(i + 1) * Q].any()
+
+
+def test_verify_rows_at_the_7b_shape():
+    ctx, qlens, Q = [300, 45], [5, 2], 5
+    q, kc, vc, meta = _verify_setup(ctx, qlens, Q, 32, 32, 128, 16, torch.float16)
+    out = M.decode_attention(q, kc, vc, meta, 128 ** -0.5, num_splits=2)
+    torch.testing.assert_close(out, _reference(q, kc, vc, meta, 128 ** -0.5), **TOL[torch.float16])
+
+
+def test_verify_validation():
+    q, kc, vc, meta = _verify_setup([9, 40], [5, 1], 5, 4, 4, 32, 8, torch.float32)
+    with pytest.raises(ValueError, match="q has 9 rows; meta describes 2 sequences x 5 query rows"):
+        M.decode_attention(q[:9], kc, vc, meta, 1.0)
+    with pytest.raises(ValueError, match="meta.query_lens must be contiguous int32"):
+        M.decode_attention(q, kc, vc, dataclasses.replace(meta, query_lens=meta.query_lens.long()), 1.0)
 
 
 # bf16 dot kernels can't run in the interpreter (it multiplies bf16 bit patterns);

@@ -16,7 +16,8 @@ when no token is forced.
 In a decode step, each eligible sequence gets up to k drafts from the proposer, KV slots
 for them (``BlockManager.reserve_drafts``), and the step becomes a *verify* step: every sequence
 runs its last token, plus its drafts if it has any, over its cached context, through
-the prefill path (query length 1 + k; eager on CUDA for now). The sampler picks a token
+the decode path with 1 + k query rows per sequence (engine/worker/cuda_graphs.py: a graph
+replay on CUDA, as a decode step is). The sampler picks a token
 at every position as a plain step would; a sequence keeps the longest prefix of drafts
 equal to those picks, plus the pick after it (the bonus token), so the tokens are
 exactly plain decoding's, and so are their raw log-probs. The output processor appends
@@ -112,23 +113,11 @@ class Speculator:
                 drafts[i] = d
         return drafts
 
-    def verify(self, executor, seqs: list[Sequence], drafts: dict[int, list[int]]):
-        """The verify forward and the picks on ``executor``'s model, KV cache and sampler:
-        (per sequence, its run of tokens and their step log-probs; failed sequence index
-        -> why)."""
-        saved = []
-        for i, seq in enumerate(seqs):           # each computes from its last token on
-            saved.append((seq.num_cached_tokens, len(seq)))
-            seq.num_cached_tokens = len(seq) - 1
-            seq.token_ids.extend(drafts.get(i, ()))
-        try:
-            input_ids, positions, meta, _ = executor.runner.prepare(seqs, True)
-        finally:
-            for seq, (cached, n) in zip(seqs, saved):
-                seq.num_cached_tokens = cached
-                del seq.token_ids[n:]
-        hidden = executor.model.forward(input_ids, positions, meta, executor.runner.kv_caches)
-        logits = executor.model.compute_logits(hidden)                 # [rows, V]: every position
+    def verify(self, executor, seqs: list[Sequence], drafts: dict[int, list[int]], logits: torch.Tensor):
+        """The picks on ``executor``'s sampler over the verify forward's ``logits`` [rows,
+        V] (sequence i: its last token's row, then one per draft), and the longest
+        accepted run of each sequence: (per sequence, its run of tokens and their step
+        log-probs; failed sequence index -> why)."""
         tokens, lps, failed_rows = self._pick(executor, seqs, drafts, logits)
         runs, failed, r = [], {}, 0
         for i, seq in enumerate(seqs):

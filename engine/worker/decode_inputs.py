@@ -9,20 +9,25 @@ one sequence in sixteen starts a new KV block.
 
 So each running sequence owns a *row* of a persistent device table store for as
 long as it decodes, and a step sends only what changed, in ONE host-to-device copy
-of a small packed int64 buffer ("staged"; for a batch padded to b rows, regions of
-w = b rounded up to even entries, so each starts 16-byte aligned for the kernels):
+of a small packed int64 buffer ("staged"). A step has b sequence rows (the batch
+padded to a graph bucket) of Q query rows each: Q = 1 for decode, 1 + k for a
+speculative verify step, whose sequence i runs its last token and its d_i <= k drafts
+(rows past 1 + d_i are padding). Regions, w = b and wq = b * Q rounded up to even
+entries, so each starts 16-byte aligned for the kernels:
 
-    [0,  w)   positions     len - 1 (padding rows: 0)
-    [w,  2w)  input ids     the last token (padding: 0)
-    [2w, 3w)  context lens  len (padding: 0, so attention reads nothing)
-    [3w, 4w)  slots         KV slot of position len - 1 (padding: -1, no KV write)
-    [4w, 5w)  rows          each sequence's row in ``store`` (padding: 0, never read)
-    [5w, 5w + U), [5w + U, 5w + 2U)
-              table updates: flat indices into ``store`` and their block ids. A
-              running table only grows at its end, so a step usually sends one
-              entry per sequence that started a block; a sequence new to decoding
-              (or whose table was replaced: re-allocated after preemption) sends
-              its whole table once.
+    [0, wq)          positions     len - 1 + j (padding rows: 0)
+    [wq, 2wq)        input ids     the last token, then the drafts (padding: 0)
+    [2wq, 3wq)       slots         KV slot of each position (padding: -1, no KV write)
+    [3wq, +w)        context lens  len + d_i (padding: 0, so attention reads nothing)
+    [+w, +2w)        rows          each sequence's row in ``store`` (padding: 0, never read)
+    [+2w, +3w)       query lens    1 + d_i (Q > 1 only)
+    then R entries   real rows     the query rows that are not padding, i * Q + j (Q > 1
+                                   only): the logits the sampler reads
+    then U and U     table updates: flat indices into ``store`` and their block ids. A
+                     running table only grows at its end, so a step usually sends one
+                     entry per sequence that started a block; a sequence new to decoding
+                     (or whose table was replaced: re-allocated after preemption) sends
+                     its whole table once.
 
 ``unpack(b)`` then gathers the batch's table rows and converts the lengths on the
 device (two small kernels, captured inside a CUDA graph), and ``views(b)`` hands the
@@ -48,19 +53,23 @@ from kernels.metadata import AttentionMetadata
 class DecodeInputs:
     """Persistent decode inputs for up to ``max_rows`` sequences of up to ``max_blocks`` blocks."""
 
-    def __init__(self, max_rows: int, max_blocks: int, block_size: int, device: torch.device):
-        if max_rows < 1 or max_blocks < 1:
-            raise ValueError(f"DecodeInputs needs max_rows >= 1 and max_blocks >= 1, "
-                             f"got {max_rows}, {max_blocks}")
+    def __init__(self, max_rows: int, max_blocks: int, block_size: int, device: torch.device,
+                 max_query_len: int = 1):
+        if max_rows < 1 or max_blocks < 1 or max_query_len < 1:
+            raise ValueError(f"DecodeInputs needs max_rows, max_blocks and max_query_len >= 1, "
+                             f"got {max_rows}, {max_blocks}, {max_query_len}")
         self.max_rows, self.max_blocks, self.block_size = max_rows, max_blocks, block_size
+        self.max_query_len = max_query_len
         self.device = device
         i32 = dict(dtype=torch.int32, device=device)
         self.store = torch.zeros(max_rows, max_blocks, **i32)     # [rows, max_blocks] per sequence
         self.tables = torch.zeros(max_rows, max_blocks, **i32)    # [b, max_blocks] batch order
         self.ctx = torch.zeros(max_rows, **i32)                   # [b]
         self.qsl = torch.arange(max_rows + 1, **i32)              # [b + 1] one query each
+        self.qlens = torch.ones(max_rows, **i32)                  # [b] query rows (verify)
         # Worst case: every row rewritten in one step.
-        cap = 5 * (max_rows + 1) + 2 * max_rows * max_blocks
+        rows_q = max_rows * max_query_len
+        cap = 4 * (rows_q + 1) + 3 * (max_rows + 1) + 2 * max_rows * max_blocks
         self.staged = torch.zeros(cap, dtype=torch.int64, device=device)
         pin = device.type == "cuda"
         self._host = [torch.zeros(cap, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
@@ -75,6 +84,7 @@ class DecodeInputs:
         self._row_len = [0] * max_rows
         self._row_last = [-1] * max_rows
         self._last_ids: list[int] = []
+        self.num_real_rows = 0              # the last verify step's non-padding query rows
         self.num_uploads = 0                # host-to-device copies made (one per stage)
         self.num_table_entries_sent = 0     # block-table entries uploaded in all
 
@@ -96,18 +106,20 @@ class DecodeInputs:
         self._last_ids = ids
 
     # ---- the step ------------------------------------------------------------
-    def stage(self, seqs: list, b: int) -> int:
-        """Sends the inputs of ``seqs`` (padded to ``b`` rows) with one host-to-device
-        copy and applies table updates to ``store``. Returns the longest context."""
+    def stage(self, seqs: list, b: int, drafts: dict | None = None, Q: int = 1) -> int:
+        """Sends the inputs of ``seqs`` (padded to ``b`` rows of ``Q`` query rows; a verify
+        step's ``drafts``: sequence index -> draft tokens, at most Q - 1 each) with one
+        host-to-device copy and applies table updates to ``store``. Returns the longest
+        context."""
         B = len(seqs)
-        if B > b or b > self.max_rows:
-            raise ValueError(f"DecodeInputs.stage: {B} sequences padded to {b} rows "
-                             f"(at most {self.max_rows})")
+        if B > b or b > self.max_rows or not 1 <= Q <= self.max_query_len:
+            raise ValueError(f"DecodeInputs.stage: {B} sequences padded to {b} rows of {Q} queries "
+                             f"(at most {self.max_rows} of {self.max_query_len})")
         ids = [s.seq_id for s in seqs]
         if ids != self._last_ids:
             self._reconcile(ids)
         try:
-            return self._stage(seqs, b)
+            return self._stage(seqs, b) if Q == 1 else self._stage_verify(seqs, b, drafts or {}, Q)
         except BaseException:
             # Rows may have been marked written without their entries reaching the
             # device: make every row resend its whole table next time.
@@ -115,34 +127,19 @@ class DecodeInputs:
             raise
 
     def _stage(self, seqs: list, b: int) -> int:
+        """A decode step: each sequence's last token, one query row a sequence."""
         B = len(seqs)
-        bs, W = self.block_size, self.max_blocks
-        row_of, row_table, row_len, row_last = (self._row_of, self._row_table, self._row_len,
-                                                self._row_last)
+        bs = self.block_size
+        table_updates = self._table_updates
         pos, tok, ctx, slot, rows, upd_idx, upd_val = [], [], [], [], [], [], []
         for seq in seqs:
+            rows.append(table_updates(seq, upd_idx, upd_val))
             toks, table = seq.token_ids, seq.block_table
-            n, nt = len(toks), len(table)
-            r = row_of[seq.seq_id]
-            w = row_len[r]
-            if row_table[r] is not table or nt < w or (w and table[w - 1] != row_last[r]):
-                w = 0                                   # new or replaced table: send it all
-                row_table[r] = table
-            if nt > W:
-                raise ValueError(f"sequence {seq.seq_id} has {nt} KV blocks; the decode inputs "
-                                 f"hold {W} (max_model_len / block_size)")
-            if nt > w:
-                base = r * W
-                upd_idx.extend(range(base + w, base + nt))
-                upd_val.extend(table[w:])
-                row_len[r] = nt
-                row_last[r] = table[-1]
-            p = n - 1
+            p = len(toks) - 1
             pos.append(p)
             tok.append(toks[p])
-            ctx.append(n)
+            ctx.append(p + 1)
             slot.append(table[p // bs] * bs + p % bs)
-            rows.append(r)
         w = b + (b & 1)                              # region width: 16-byte aligned starts
         pad = w - B
         if pad:
@@ -152,32 +149,108 @@ class DecodeInputs:
             ctx += zeros
             slot += [-1] * pad
             rows += zeros
-        U = len(upd_idx)
-        buf = pos + tok + ctx + slot + rows + upd_idx + upd_val
+        self._send(pos + tok + slot + ctx + rows + upd_idx + upd_val, 5 * w, len(upd_idx))
+        return max(ctx) if ctx else 0
+
+    def _table_updates(self, seq, upd_idx: list, upd_val: list) -> int:
+        """Queues the new entries of ``seq``'s block table (all of it if new or replaced);
+        returns its row."""
+        table, W = seq.block_table, self.max_blocks
+        nt = len(table)
+        r = self._row_of[seq.seq_id]
+        w = self._row_len[r]
+        if self._row_table[r] is not table or nt < w or (w and table[w - 1] != self._row_last[r]):
+            w = 0                                   # new or replaced table: send it all
+            self._row_table[r] = table
+        if nt > W:
+            raise ValueError(f"sequence {seq.seq_id} has {nt} KV blocks; the decode inputs "
+                             f"hold {W} (max_model_len / block_size)")
+        if nt > w:
+            base = r * W
+            upd_idx.extend(range(base + w, base + nt))
+            upd_val.extend(table[w:])
+            self._row_len[r] = nt
+            self._row_last[r] = table[-1]
+        return r
+
+    def _stage_verify(self, seqs: list, b: int, drafts: dict, Q: int) -> int:
+        """A verify step: each sequence's last token and its drafts, Q rows a sequence."""
+        bs = self.block_size
+        pos, tok, slot, ctx, rows, qlens, keep, upd_idx, upd_val = [], [], [], [], [], [], [], [], []
+        for i, seq in enumerate(seqs):
+            d = drafts.get(i, ())
+            if len(d) >= Q:
+                raise ValueError(f"DecodeInputs.stage: sequence {seq.seq_id} has {len(d)} drafts; "
+                                 f"a verify step of {Q} query rows holds {Q - 1}")
+            rows.append(self._table_updates(seq, upd_idx, upd_val))
+            toks, table = seq.token_ids, seq.block_table
+            n, q = len(toks), 1 + len(d)
+            first = n - 1
+            for p in range(first, first + q):
+                slot.append(table[p // bs] * bs + p % bs)
+            pos.extend(range(first, first + q))
+            tok.append(toks[first])
+            tok.extend(d)
+            keep.extend(range(i * Q, i * Q + q))
+            pad = Q - q
+            if pad:
+                pos += [0] * pad
+                tok += [0] * pad
+                slot += [-1] * pad
+            ctx.append(n + q - 1)
+            qlens.append(q)
+        B = len(seqs)
+        w, wq = b + (b & 1), b * Q + (b * Q & 1)
+        padq, pad = wq - B * Q, w - B
+        pos += [0] * padq
+        tok += [0] * padq
+        slot += [-1] * padq
+        ctx += [0] * pad
+        rows += [0] * pad
+        qlens += [1] * pad
+        self._send(pos + tok + slot + ctx + rows + qlens + keep + upd_idx + upd_val,
+                   3 * wq + 3 * w + len(keep), len(upd_idx))
+        self.num_real_rows = len(keep)
+        return max(ctx) if ctx else 0
+
+    def _send(self, buf: list, upd_at: int, U: int) -> None:
+        """One host-to-device copy of ``buf``; then the ``U`` table updates at ``upd_at``."""
         k = self._flip = 1 - self._flip
         self._host_np[k][:len(buf)] = buf
         self.staged[:len(buf)].copy_(self._host[k][:len(buf)], non_blocking=self._non_blocking)
         self.num_uploads += 1
         if U:
             s = self.staged
-            self.store.view(-1).index_put_((s[5 * w:5 * w + U],), s[5 * w + U:5 * w + 2 * U].to(torch.int32))
+            self.store.view(-1).index_put_((s[upd_at:upd_at + U],), s[upd_at + U:upd_at + 2 * U].to(torch.int32))
             self.num_table_entries_sent += U
-        return max(ctx) if ctx else 0
 
-    def unpack(self, b: int) -> None:
-        """Device side (graph-capturable): the batch's table rows and context lengths."""
-        s, w = self.staged, b + (b & 1)
-        torch.index_select(self.store, 0, s[4 * w:4 * w + b], out=self.tables[:b])
-        self.ctx[:b].copy_(s[2 * w:2 * w + b])
+    def unpack(self, b: int, Q: int = 1) -> None:
+        """Device side (graph-capturable): the batch's table rows, context lengths and (a
+        verify step) query lengths."""
+        s, w, wq = self.staged, b + (b & 1), b * Q + (b * Q & 1)
+        at = 3 * wq
+        torch.index_select(self.store, 0, s[at + w:at + w + b], out=self.tables[:b])
+        self.ctx[:b].copy_(s[at:at + b])
+        if Q > 1:
+            self.qlens[:b].copy_(s[at + 2 * w:at + 2 * w + b])
 
-    def token_views(self, b: int):
-        """(input_ids [b], positions [b]): views into the staged buffer."""
-        w = b + (b & 1)
-        return self.staged[w:w + b], self.staged[0:b]
+    def token_views(self, b: int, Q: int = 1):
+        """(input_ids [b * Q], positions [b * Q]): views into the staged buffer."""
+        n = b * Q
+        wq = n + (n & 1)
+        return self.staged[wq:wq + n], self.staged[0:n]
 
-    def views(self, b: int, max_context_len: int, num_splits: int | None = None):
-        """(input_ids [b], positions [b], meta) as views into the persistent buffers."""
-        w = b + (b & 1)
-        meta = AttentionMetadata(False, self.staged[3 * w:3 * w + b], self.tables[:b], self.ctx[:b],
-                                 self.qsl[:b + 1], 1, max_context_len, num_splits=num_splits)
-        return (*self.token_views(b), meta)
+    def real_rows(self, b: int, Q: int) -> torch.Tensor:
+        """The last verify step's query rows that are not padding (indices into its
+        b * Q logits), staged with it."""
+        w, wq = b + (b & 1), b * Q + (b * Q & 1)
+        at = 3 * wq + 3 * w
+        return self.staged[at:at + self.num_real_rows]
+
+    def views(self, b: int, max_context_len: int, num_splits: int | None = None, Q: int = 1):
+        """(input_ids [b * Q], positions [b * Q], meta) as views into the persistent buffers."""
+        wq = b * Q + (b * Q & 1)
+        meta = AttentionMetadata(False, self.staged[2 * wq:2 * wq + b * Q], self.tables[:b], self.ctx[:b],
+                                 self.qsl[:b + 1], Q, max_context_len, num_splits=num_splits,
+                                 query_lens=self.qlens[:b] if Q > 1 else None)
+        return (*self.token_views(b, Q), meta)

@@ -8,8 +8,9 @@
   sequence (repeated for the samples), and the sampler;
 * **decode**: the persistent inputs and a CUDA graph replay, or an eager forward
   (engine/worker/cuda_graphs.py), then the sampler;
-* **verify**: the speculator's forward over each sequence's last token and its drafts,
-  and its picks (engine/spec_decode/speculator.py).
+* **verify**: the decode runner's forward over each sequence's last token and its drafts
+  (a graph replay per (bucket, 1 + k) on CUDA), then the speculator's picks
+  (engine/spec_decode/speculator.py).
 
 It returns a ``PendingStep`` at once (the device may still be computing); ``wait()`` is
 the step's one device-to-host read and gives the ``ModelRunnerOutput``. The engine core
@@ -68,9 +69,16 @@ class Executor:
     def execute(self, batch, speculator=None) -> PendingStep:
         """Queues ``batch`` (a verify step when it has drafts: ``speculator`` runs it)."""
         if batch.drafts:                                        # a verify step
-            t = time.perf_counter()
-            runs, failed = speculator.verify(self, batch.seqs, batch.drafts)
-            self.step_times["launch"] += time.perf_counter() - t
+            t1 = time.perf_counter()
+            step = self.decode_runner.prepare(batch.seqs, batch.drafts)
+            t2 = time.perf_counter()
+            logits = self.decode_runner.launch(step)            # [rows that are not padding, V]
+            t3 = time.perf_counter()
+            runs, failed = speculator.verify(self, batch.seqs, batch.drafts, logits)
+            st = self.step_times
+            st["prepare"] += t2 - t1
+            st["launch"] += t3 - t2
+            st["sample"] += time.perf_counter() - t3
             return PendingStep(result=ModelRunnerOutput([], [], failed, runs))
         t1 = time.perf_counter()
         extra = None

@@ -1,4 +1,5 @@
-"""Split-KV (flash-decoding) paged attention for decode: one query per sequence.
+"""Split-KV (flash-decoding) paged attention for decode: one query per sequence, or
+Q = 1 + k query rows per sequence in a speculative verify step.
 
 Semantics are exactly ``kernels.reference.decode_attention``:
 
@@ -12,22 +13,31 @@ Semantics are exactly ``kernels.reference.decode_attention``:
                          position p lives in block block_tables[i, p // bs], offset p % bs
   out      [B, Hq, D]    contiguous, q's dtype (strides Hq*D, D, 1)
 
+A verify step (``meta.query_lens`` set, Q = meta.max_query_len) has q and out
+[B * Q, Hq, D]: row j of sequence i sits at position ctx_i - qlen_i + j and sees the
+keys up to itself; rows j >= qlen_i are padding and come out zero. The layout is
+fixed (Q rows per sequence whatever its drafts), so one CUDA graph per (batch, Q)
+serves every step. The program's query tile holds its GQA group's G heads x Q rows,
+ROWS_PAD = max(16, next_pow2(G * Q)) rows: for MHA (G = 1) and Q <= 16 that is the
+same 16-row tile plain decode already pads to, so a verify step reads each K/V tile
+once for all its rows and costs about a decode step's attention.
+
 Two kernels:
 
 1. ``_decode_split_kernel``, grid (B, Hkv, num_splits). One program handles the
-   G = Hq // Hkv query heads that share KV head ``h`` (its GQA group) over one
-   split of one sequence's context, so each K/V tile is read from HBM once per
-   KV head, not once per query head. The group's queries are a [GROUP_PAD, D]
-   tile (GROUP_PAD = max(16, next_pow2(G)): ``tl.dot`` needs >= 16 rows; padded
-   rows load 0 and are never stored) and scores / P@V are ``tl.dot``s with an
+   G = Hq // Hkv query heads that share KV head ``h`` (its GQA group), times its Q
+   query rows, over one split of one sequence's context, so each K/V tile is read
+   from HBM once per KV head, not once per query head or row. The queries are a
+   [ROWS_PAD, D] tile (ROWS_PAD = max(16, next_pow2(G * Q)): ``tl.dot`` needs >= 16
+   rows; padded rows load 0 and are never stored) and scores / P@V are ``tl.dot``s with an
    fp32 online softmax (exp2 domain). Each split writes, per query head, its
    normalised fp32 partial output and its log2-sum-exp into fp32 scratch:
-       partial [B, Hq, num_splits, D] fp32 (contiguous)
-       lse     [B, Hq, num_splits]    fp32 (contiguous), log2 domain, -inf = empty
+       partial [B * Q, Hq, num_splits, D] fp32 (contiguous)
+       lse     [B * Q, Hq, num_splits]    fp32 (contiguous), log2 domain, -inf = empty
    With num_splits == 1 (constexpr DIRECT_OUT) it writes ``out`` directly and no
    scratch / second kernel is used.
 
-2. ``_decode_reduce_kernel``, grid (B, Hq): combines the live splits of one
+2. ``_decode_reduce_kernel``, grid (B * Q, Hq): combines the live splits of one
    (sequence, query head): out = sum_s 2^(lse_s - M) * partial_s / sum_s 2^(lse_s - M).
 
 The work follows each sequence's LIVE context, computed ON THE DEVICE from its own
@@ -96,15 +106,16 @@ def _live_splits(ctx, num_splits, MIN_SPLIT: tl.constexpr):
 # address: num_splits sizes scalar split bounds, stride_btb offsets scalar page-id loads.
 @triton.jit(do_not_specialize=["num_splits", "stride_btb"])
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr, part_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, qlen_ptr, out_ptr, part_ptr, lse_ptr,
     scale_log2,                                   # softmax scale * log2(e), fp32
     num_splits,                                   # == grid dim 2
-    stride_qb, stride_qh,                         # q [B, Hq, D], stride(2) == 1
+    stride_qb, stride_qh,                         # q [B * Q, Hq, D], stride(2) == 1
     stride_kb, stride_ks, stride_kh,              # k_cache [NB, bs, Hkv, D], stride(3) == 1
     stride_vb, stride_vs, stride_vh,              # v_cache, same layout, own strides
     stride_btb,                                   # block_tables [B, max_blocks], stride(1) == 1
     GROUP: tl.constexpr,                          # query heads per KV head
-    GROUP_PAD: tl.constexpr,                      # >= 16, power of two, >= GROUP
+    QUERY_LEN: tl.constexpr,                      # Q: query rows per sequence (1: decode)
+    ROWS_PAD: tl.constexpr,                       # >= 16, power of two, >= GROUP * QUERY_LEN
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,                        # next_pow2(HEAD_DIM), >= 16
     BLOCK_N: tl.constexpr,                        # keys per tile
@@ -119,13 +130,15 @@ def _decode_split_kernel(
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     num_q_heads = tl.num_programs(1) * GROUP
+    ROWS: tl.constexpr = GROUP * QUERY_LEN
 
-    offs_g = tl.arange(0, GROUP_PAD)
+    offs_r = tl.arange(0, ROWS_PAD)                                    # tile row: head g, query j
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    mask_g = offs_g < GROUP
+    mask_r = offs_r < ROWS
     mask_d = offs_d < HEAD_DIM
-    heads = kvh * GROUP + offs_g                                       # [GROUP_PAD]
+    heads = kvh * GROUP + offs_r // QUERY_LEN                          # [ROWS_PAD]
+    qrows = seq.to(tl.int64) * QUERY_LEN + offs_r % QUERY_LEN          # rows of q / out
 
     # this sequence's slice of the context, in whole pages / whole tiles, over the `live`
     # splits its own length needs. A split past them starts at or after ctx (split *
@@ -134,6 +147,11 @@ def _decode_split_kernel(
     # `live` and reads only those). Masking, not an early `return`: a return made Triton
     # 3.9 put the whole body under a branch and took 64 -> 77 registers at D=128 (sm_80).
     ctx = tl.load(ctx_ptr + seq)
+    if QUERY_LEN > 1:
+        # row j sees keys < ctx - qlen + 1 + j; padding rows (j >= qlen) none
+        qlen = tl.load(qlen_ptr + seq)
+        j = offs_r % QUERY_LEN
+        limit = tl.where(j < qlen, ctx - qlen + 1 + j, 0)              # [ROWS_PAD]
     live = _live_splits(ctx, num_splits, MIN_SPLIT)
     keys_per_split = tl.cdiv(tl.cdiv(ctx, tl.maximum(live, 1)), SPLIT_ALIGN) * SPLIT_ALIGN
     start = split * keys_per_split
@@ -141,14 +159,14 @@ def _decode_split_kernel(
     # heads this program stores: its group, or none past the live splits (a head limit, not
     # a scalar & tensor mask, which the interpreter mistypes); DIRECT_OUT stores always
     # (num_splits 1: the one split, also the zero row of ctx 0)
-    n_store = GROUP if DIRECT_OUT else tl.where(split < live, GROUP, 0)
+    n_store = ROWS if DIRECT_OUT else tl.where(split < live, ROWS, 0)
 
-    q_offs = (seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :])
-    q = tl.load(q_ptr + q_offs, mask=mask_g[:, None] & mask_d[None, :], other=0.0)
+    q_offs = (qrows[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :])
+    q = tl.load(q_ptr + q_offs, mask=mask_r[:, None] & mask_d[None, :], other=0.0)
 
-    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    m_i = tl.full([ROWS_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS_PAD], tl.float32)
+    acc = tl.zeros([ROWS_PAD, BLOCK_D], tl.float32)
 
     bt_row = bt_ptr + seq.to(tl.int64) * stride_btb
     k_head = k_ptr + kvh.to(tl.int64) * stride_kh
@@ -170,43 +188,53 @@ def _decode_split_kernel(
         k = tl.load(k_head + k_rows[:, None] + offs_d[None, :],
                     mask=kv_mask, other=0.0)                           # [BLOCK_N, BLOCK_D]
         v = tl.load(v_head + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2  # [GROUP_PAD, BLOCK_N]
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        # every tile has >= 1 valid key (n0 < end), so m_new is finite
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2  # [ROWS_PAD, BLOCK_N]
+        if QUERY_LEN > 1:
+            s = tl.where(pos[None, :] < limit[:, None], s, float("-inf"))
+            # a row's causal limit may leave it no key in this tile: a -inf max is taken
+            # as 0, so its alpha and p are 0, not NaN
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+            # every tile has >= 1 valid key (n0 < end), so m_new is finite
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_sub = m_new
+        alpha = tl.exp2(m_i - m_sub)
+        p = tl.exp2(s - m_sub[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
 
     nonempty = l_i > 0.0
     o = acc / tl.where(nonempty, l_i, 1.0)[:, None]                     # empty split -> 0
-    store_g = offs_g < n_store
-    out_mask = store_g[:, None] & mask_d[None, :]
+    store_r = offs_r < n_store
+    out_mask = store_r[:, None] & mask_d[None, :]
     if DIRECT_OUT:
-        o_offs = (seq.to(tl.int64) * num_q_heads + heads[:, None]) * HEAD_DIM + offs_d[None, :]
+        o_offs = (qrows[:, None] * num_q_heads + heads[:, None]) * HEAD_DIM + offs_d[None, :]
         tl.store(out_ptr + o_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
-        row = (seq.to(tl.int64) * num_q_heads + heads) * num_splits + split    # [GROUP_PAD]
+        row = (qrows * num_q_heads + heads) * num_splits + split              # [ROWS_PAD]
         tl.store(part_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=out_mask)
         lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
-        tl.store(lse_ptr + row, lse, mask=store_g)
+        tl.store(lse_ptr + row, lse, mask=store_r)
 
 
 @triton.jit(do_not_specialize=["num_splits"])     # as in the split kernel
 def _decode_reduce_kernel(
-    part_ptr, lse_ptr, out_ptr,                   # partial [B,Hq,S,D] fp32, lse [B,Hq,S] fp32, out [B,Hq,D]
+    part_ptr, lse_ptr, out_ptr,                   # partial [B*Q,Hq,S,D] fp32, lse [B*Q,Hq,S] fp32, out [B*Q,Hq,D]
     ctx_ptr,                                      # context_lens [B] int32: how many splits are live
     num_splits,
+    QUERY_LEN: tl.constexpr,                      # Q: query rows per sequence
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SPLITS_PAD: tl.constexpr,                     # MAX_SPLITS: fixed, masked to the live splits
     MIN_SPLIT: tl.constexpr,                      # the split kernel's
 ):
-    seq = tl.program_id(0)
+    qrow = tl.program_id(0)
+    seq = qrow // QUERY_LEN
     head = tl.program_id(1)
-    row = seq.to(tl.int64) * tl.num_programs(1) + head                  # (seq, head) index
+    row = qrow.to(tl.int64) * tl.num_programs(1) + head                 # (query row, head) index
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, BLOCK_D)
     # only the splits the split kernel wrote: the rest of the scratch is stale
@@ -226,10 +254,12 @@ def _decode_reduce_kernel(
 
 # ----------------------------------------------------------------------------- configs
 
-def _config(group: int, head_dim: int, block_size: int, dtype: torch.dtype, kv_align: int) -> dict:
+def _config(group: int, head_dim: int, block_size: int, dtype: torch.dtype, kv_align: int,
+            query_len: int = 1) -> dict:
     """Block sizes / warps for the split kernel (static: no GPU to autotune on here).
 
-    - GROUP_PAD: the GQA group padded to >= 16 rows, the smallest tl.dot M. For
+    - ROWS_PAD: the GQA group times the query rows (1, or 1 + k drafts when verifying)
+      padded to >= 16 rows, the smallest tl.dot M. For
       MHA (group 1) that is 15 wasted rows of tensor-core work per tile; we keep
       the one dot path anyway: decode is bandwidth bound (a 64-key tile is 32 KiB
       of K+V at D=128 fp16 against ~0.5 MFLOP of padded mma), and one code path
@@ -246,7 +276,7 @@ def _config(group: int, head_dim: int, block_size: int, dtype: torch.dtype, kv_a
       alignment known) the gathers become scalar loads with one 64-bit address
       per element and the D=128 kernel spills at 255 registers.
     """
-    group_pad = max(16, triton.next_power_of_2(group))
+    group_pad = max(16, triton.next_power_of_2(group * query_len))
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_n, num_warps = 64, 4
     if block_d >= 128:
@@ -265,7 +295,7 @@ def _config(group: int, head_dim: int, block_size: int, dtype: torch.dtype, kv_a
     split_align = math.lcm(block_size, block_n)
     # read at call time (not import time), so a test can shrink it to split short contexts
     min_split = triton.cdiv(MIN_KEYS_PER_SPLIT, split_align) * split_align
-    return dict(GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=block_d,
+    return dict(GROUP=group, QUERY_LEN=query_len, ROWS_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=block_d,
                 BLOCK_N=block_n, PAGE_SIZE=block_size, SPLIT_ALIGN=split_align,
                 MIN_SPLIT=min_split, KV_ALIGN=kv_align, num_warps=num_warps, num_stages=2)
 
@@ -280,10 +310,10 @@ def _kv_align(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
     return vec
 
 
-def _reduce_config(head_dim: int, min_split: int) -> dict:
+def _reduce_config(head_dim: int, min_split: int, query_len: int = 1) -> dict:
     # [MAX_SPLITS, BLOCK_D] fp32 tile = 32 regs/thread at 4 warps for D=128.
     # min_split: the split kernel's MIN_SPLIT (both compute the same live split count).
-    return dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+    return dict(QUERY_LEN=query_len, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
                 SPLITS_PAD=MAX_SPLITS, MIN_SPLIT=min_split, num_warps=4, num_stages=1)
 
 
@@ -320,7 +350,9 @@ def _check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      meta: AttentionMetadata, scale: float, num_splits: int | None = None
                      ) -> torch.Tensor:
-    """One query per sequence, q [B, Hq, D] -> [B, Hq, D]; see the module docstring.
+    """One query per sequence, q [B, Hq, D] -> [B, Hq, D]; with ``meta.query_lens`` (a
+    verify step) Q = meta.max_query_len rows each, q [B * Q, Hq, D] -> [B * Q, Hq, D].
+    See the module docstring.
 
     ``num_splits``: None picks it from (B, Hkv, meta.max_context_len, SM count);
     an explicit value (1..MAX_SPLITS) fixes the grid, as CUDA-graph capture needs.
@@ -329,8 +361,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(f"decode_attention: q must be [B, Hq, D], got shape {tuple(q.shape)}")
     if q.dtype not in _DTYPES:
         raise ValueError(f"decode_attention: q dtype must be fp16/bf16/fp32, got {q.dtype}")
-    B, Hq, D = q.shape
+    T, Hq, D = q.shape
     dev = q.device
+    B, Q = meta.context_lens.shape[0], meta.decode_query_len
+    if not isinstance(Q, int) or not 1 <= Q <= 64:
+        raise ValueError(f"decode_attention: meta.max_query_len must be an int in 1..64 with "
+                         f"meta.query_lens, got {Q!r}")
+    if T != B * Q:
+        raise ValueError(f"decode_attention: q has {T} rows; meta describes {B} sequences x {Q} "
+                         "query rows")
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         if c.dim() != 4:
             raise ValueError(f"decode_attention: {name} must be [num_blocks, block_size, Hkv, D], "
@@ -366,6 +405,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError("decode_attention: meta.context_lens must be contiguous")
     _check_device("meta.block_tables", bt, dev)
     _check_device("meta.context_lens", ctx, dev)
+    qlens = meta.query_lens
+    if qlens is not None:
+        if qlens.shape != (B,) or qlens.dtype != torch.int32 or not qlens.is_contiguous():
+            raise ValueError(f"decode_attention: meta.query_lens must be contiguous int32 [B={B}], "
+                             f"got {qlens.dtype} {tuple(qlens.shape)}")
+        _check_device("meta.query_lens", qlens, dev)
     if meta.max_context_len > bt.shape[1] * block_size:
         raise ValueError(f"decode_attention: meta.max_context_len {meta.max_context_len} exceeds "
                          f"block_tables capacity {bt.shape[1]} x block_size {block_size}")
@@ -377,25 +422,25 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(f"decode_attention: num_splits must be an int in 1..{MAX_SPLITS}, "
                          f"got {num_splits!r}")
 
-    out = torch.empty((B, Hq, D), dtype=q.dtype, device=dev)
+    out = torch.empty((T, Hq, D), dtype=q.dtype, device=dev)
     if B == 0 or Hq == 0:
         return out
-    cfg = _config(Hq // Hkv, D, block_size, q.dtype, _kv_align(k_cache, v_cache))
+    cfg = _config(Hq // Hkv, D, block_size, q.dtype, _kv_align(k_cache, v_cache), Q)
     direct = num_splits == 1
     if direct:
         part = lse = out             # unused by the DIRECT_OUT variant
     else:
         # shared by every layer of the step (same stream, so a layer's reduce has
         # read them before the next layer's split kernel overwrites them)
-        key = ("triton_decode_attention_scratch", B, Hq, num_splits, D, dev)
+        key = ("triton_decode_attention_scratch", T, Hq, num_splits, D, dev)
         bufs = meta.scratch.get(key)
         if bufs is None:
             bufs = meta.scratch[key] = (
-                torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=dev),
-                torch.empty((B, Hq, num_splits), dtype=torch.float32, device=dev))
+                torch.empty((T, Hq, num_splits, D), dtype=torch.float32, device=dev),
+                torch.empty((T, Hq, num_splits), dtype=torch.float32, device=dev))
         part, lse = bufs
     _decode_split_kernel[(B, Hkv, num_splits)](
-        q, k_cache, v_cache, bt, ctx, out, part, lse,
+        q, k_cache, v_cache, bt, ctx, ctx if qlens is None else qlens, out, part, lse,
         float(scale) * LOG2E, num_splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -403,8 +448,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         bt.stride(0),
         DIRECT_OUT=direct, **cfg)
     if not direct:
-        _decode_reduce_kernel[(B, Hq)](part, lse, out, ctx, num_splits,
-                                       **_reduce_config(D, cfg["MIN_SPLIT"]))
+        _decode_reduce_kernel[(T, Hq)](part, lse, out, ctx, num_splits,
+                                       **_reduce_config(D, cfg["MIN_SPLIT"], Q))
     return out
 
 
@@ -417,18 +462,21 @@ def _in_arg_order(kernel, signature: dict) -> dict:
     return {a: signature[a] for a in names}
 
 
+# The verify steps' query length the report compiles: 1 + 4 drafts, the speculative
+# default (num_speculative_tokens=4) and the k of the issue's targets.
+VERIFY_QUERY_LEN = 5
+
+
 def compile_specs(shape: ModelShape) -> list[CompileSpec]:
     """The configs the launcher picks for ``shape`` (its dtype): the split kernel with
-    scratch output, the num_splits == 1 variant writing out directly, and the reduce."""
+    scratch output, the num_splits == 1 variant writing out directly, and the reduce, for
+    decode (one query row) and for a verify step of ``VERIFY_QUERY_LEN`` rows."""
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[shape.dtype]
     t = "*" + shape.dtype
     # an engine-allocated cache [NB, bs, Hkv, D] is contiguous: strides are multiples
     # of D (>= 16), base 256 B aligned -> KV_ALIGN = elements per 16 B
     kv_align = 16 // torch.empty((), dtype=dtype).element_size()
-    cfg = _config(shape.num_heads // shape.num_kv_heads, shape.head_dim, shape.block_size, dtype,
-                  kv_align)
-    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-    sig = {"q_ptr": t, "k_ptr": t, "v_ptr": t, "bt_ptr": "*i32", "ctx_ptr": "*i32",
+    sig = {"q_ptr": t, "k_ptr": t, "v_ptr": t, "bt_ptr": "*i32", "ctx_ptr": "*i32", "qlen_ptr": "*i32",
            "out_ptr": t, "part_ptr": "*fp32", "lse_ptr": "*fp32",
            "scale_log2": "fp32", "num_splits": "i32",
            "stride_qb": "i32", "stride_qh": "i32",
@@ -436,23 +484,28 @@ def compile_specs(shape: ModelShape) -> list[CompileSpec]:
            "stride_vb": "i32", "stride_vs": "i32", "stride_vh": "i32",
            "stride_btb": "i32"}
     specs = []
-    for direct in (False, True):
-        consts = dict(cfg, DIRECT_OUT=direct)
-        # the direct variant gets `out` in the (unused) scratch slots, as the launcher passes
-        scratch = {"part_ptr": t, "lse_ptr": t} if direct else {}
+    for query_len in (1, VERIFY_QUERY_LEN):
+        tag = "" if query_len == 1 else f",q{query_len}"
+        cfg = _config(shape.num_heads // shape.num_kv_heads, shape.head_dim, shape.block_size, dtype,
+                      kv_align, query_len)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        for direct in (False, True):
+            consts = dict(cfg, DIRECT_OUT=direct)
+            # the direct variant gets `out` in the (unused) scratch slots, as the launcher passes
+            scratch = {"part_ptr": t, "lse_ptr": t} if direct else {}
+            specs.append(CompileSpec(
+                kernel=_decode_split_kernel,
+                name=f"decode_attention[{'direct' if direct else 'split'}{tag}]",
+                signature=_in_arg_order(_decode_split_kernel,
+                                        {**sig, **scratch, **{k: "constexpr" for k in consts}}),
+                constexprs=consts, num_warps=warps, num_stages=stages))
+        rcfg = _reduce_config(shape.head_dim, cfg["MIN_SPLIT"], query_len)
+        rwarps, rstages = rcfg.pop("num_warps"), rcfg.pop("num_stages")
         specs.append(CompileSpec(
-            kernel=_decode_split_kernel,
-            name="decode_attention[direct]" if direct else "decode_attention[split]",
-            signature=_in_arg_order(_decode_split_kernel,
-                                    {**sig, **scratch, **{k: "constexpr" for k in consts}}),
-            constexprs=consts, num_warps=warps, num_stages=stages))
-    rcfg = _reduce_config(shape.head_dim, cfg["MIN_SPLIT"])
-    rwarps, rstages = rcfg.pop("num_warps"), rcfg.pop("num_stages")
-    specs.append(CompileSpec(
-        kernel=_decode_reduce_kernel, name="decode_attention[reduce]",
-        signature=_in_arg_order(_decode_reduce_kernel, {
-            "part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": t, "ctx_ptr": "*i32",
-            "num_splits": "i32",
-            **{k: "constexpr" for k in rcfg}}),
-        constexprs=rcfg, num_warps=rwarps, num_stages=rstages))
+            kernel=_decode_reduce_kernel, name=f"decode_attention[reduce{tag}]",
+            signature=_in_arg_order(_decode_reduce_kernel, {
+                "part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": t, "ctx_ptr": "*i32",
+                "num_splits": "i32",
+                **{k: "constexpr" for k in rcfg}}),
+            constexprs=rcfg, num_warps=rwarps, num_stages=rstages))
     return specs
