@@ -32,6 +32,11 @@ from engine.worker import kv_sizing
 from engine.worker.cuda_graphs import build_decode_runner
 from engine.worker.executor import Executor
 from engine.worker.model_runner import ModelRunner
+from engine.worker.prefill_graphs import (
+    DEFAULT_MAX_SEQS as PREFILL_GRAPH_SEQS,
+    DEFAULT_MAX_TOKENS,
+    build_prefill_runner,
+)
 
 
 class LLM(RequestAPI):
@@ -80,9 +85,18 @@ class LLM(RequestAPI):
             same with e4m3 weights (sm_89+ GPUs, or CPU); other values (vLLM's "awq",
             "gptq", ...) raise ValueError.
         enforce_eager: never use CUDA graphs. By default, on CUDA with the
-            Triton kernels, decode steps replay CUDA graphs captured at start-up
-            for batch buckets 1, 2, 4, ... up to max_num_seqs (capture time is
-            printed); prefill and CPU always run eagerly.
+            Triton kernels, decode steps (and speculative verify steps) replay CUDA
+            graphs captured at start-up for batch buckets 1, 2, 4, ... up to
+            max_num_seqs, and prefill steps of up to ``prefill_graph_max_tokens``
+            tokens in up to 16 sequences replay graphs per token bucket 16, 32, ...
+            (capture time is printed); longer prefills and CPU run eagerly.
+        prefill_graph_max_tokens: the largest prefill graph's token count, a power of
+            two >= 16 (512; 0: prefill always eager). See engine/worker/prefill_graphs.py.
+        async_scheduling: queue each plain decode step before the last one is read
+            back, so the host's work overlaps the device's (vLLM's flag of that name).
+            None: on with CUDA, off on CPU (nothing to overlap there). Output is the
+            same token for token; steps that need host state run synchronously. See
+            engine/engine_core.py.
     """
 
     def __init__(self, model: str, tokenizer: str | None = None, skip_tokenizer_init: bool = False,
@@ -93,7 +107,9 @@ class LLM(RequestAPI):
                  enable_prefix_caching: bool = True, load_format: str = "auto", seed: int = 0,
                  kernel_backend: str = "auto", download_dir: str | None = None,
                  show_progress: bool = True, enforce_eager: bool = False,
-                 speculative_config: dict | None = None, quantization: str | None = None, **unused):
+                 speculative_config: dict | None = None, quantization: str | None = None,
+                 prefill_graph_max_tokens: int = DEFAULT_MAX_TOKENS, async_scheduling: bool | None = None,
+                 **unused):
         request_validation.check_vllm_kwargs(unused)
         request_validation.check_engine_args(
             model=model, tokenizer=tokenizer, download_dir=download_dir, max_num_seqs=max_num_seqs,
@@ -101,7 +117,8 @@ class LLM(RequestAPI):
             max_num_batched_tokens=max_num_batched_tokens, seed=seed,
             enable_prefix_caching=enable_prefix_caching, skip_tokenizer_init=skip_tokenizer_init,
             show_progress=show_progress, enforce_eager=enforce_eager,
-            gpu_memory_utilization=gpu_memory_utilization)
+            gpu_memory_utilization=gpu_memory_utilization, prefill_graph_max_tokens=prefill_graph_max_tokens,
+            async_scheduling=async_scheduling)
         if isinstance(model, str) and model.endswith(".gguf") and os.path.isfile(model):
             from engine.model.gguf.convert import converted_dir
             model = converted_dir(model, progress=show_progress)     # converted once, then cached
@@ -127,12 +144,19 @@ class LLM(RequestAPI):
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens or max(2048, self.max_model_len)
+        from engine.spec_decode.speculator import Speculator
+        speculator = Speculator(speculative_config) if speculative_config is not None else None
         t = time.perf_counter()
         num_blocks = num_kv_blocks
         if not num_blocks:
+            graphs = None          # the CUDA graphs' pool, counted in the reserve
+            if self.model.device.type == "cuda" and not enforce_eager and self.model.ops.name == "triton":
+                graphs = dict(verify_query_len=1 + speculator.k if speculator else 1,
+                              prefill_max_tokens=prefill_graph_max_tokens,
+                              prefill_max_seqs=min(PREFILL_GRAPH_SEQS, max_num_seqs))
             num_blocks, sizing = kv_sizing.default_num_blocks(
                 self.model, block_size, max_num_seqs, self.max_model_len, self.max_num_batched_tokens,
-                gpu_memory_utilization, verbose=show_progress)
+                gpu_memory_utilization, verbose=show_progress, graphs=graphs)
             if sizing is not None:
                 self.startup["kv_sizing"] = sizing
         self.startup["kv_sizing_s"] = time.perf_counter() - t
@@ -145,8 +169,6 @@ class LLM(RequestAPI):
         runner = ModelRunner(self.model, block_size, num_blocks)
         self.startup["kv_alloc_s"] = time.perf_counter() - t
         self.startup["num_kv_blocks"] = num_blocks
-        from engine.spec_decode.speculator import Speculator
-        speculator = Speculator(speculative_config) if speculative_config is not None else None
         # Decode and verify steps: persistent inputs, CUDA graphs where they apply (printed on CUDA).
         t = time.perf_counter()
         cuda = self.model.device.type == "cuda"
@@ -156,8 +178,15 @@ class LLM(RequestAPI):
                                             self.max_model_len, enforce_eager,
                                             verify_query_len=1 + speculator.k if speculator else 1)
         self.startup["decode_runner_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        prefill_runner, self.prefill_graphs = build_prefill_runner(
+            self.model, runner.kv_caches, block_size, self.max_model_len, max_num_seqs,
+            self.max_num_batched_tokens, decode_runner, prefill_graph_max_tokens)
+        self.startup["prefill_graphs_s"] = time.perf_counter() - t
         if cuda:
             self.startup["gpu_free_bytes_after_graphs"] = torch.cuda.mem_get_info(self.model.device)[0]
+            self.startup["graph_pool_bytes"] = (self.startup["gpu_free_bytes_before_graphs"]
+                                                - self.startup["gpu_free_bytes_after_graphs"])
         scheduler = Scheduler(BlockManager(num_blocks, block_size, enable_prefix_caching), max_num_seqs,
                               self.max_num_batched_tokens)
         self.eos_token_id = (self.tokenizer.eos_token_id if self.tokenizer is not None
@@ -165,14 +194,15 @@ class LLM(RequestAPI):
         sampler = Sampler(self.model.device, seed)
         sampler.eos_token_id = self.eos_token_id                # min_tokens masks it
         executor = Executor(self.model, runner, decode_runner, sampler, self.tokenizer,
-                            dict.fromkeys(STEP_PHASES, 0.0))
+                            dict.fromkeys(STEP_PHASES, 0.0), prefill_runner=prefill_runner)
         # Async output processing (CUDA): a step's detokenization and stop-string checks
         # run while the device computes the next step; outputs then lag one step. On CPU
         # nothing would overlap, so it is off.
         self.core = EngineCore(scheduler, executor, tokenizer=self.tokenizer, config=cfg,
                                max_model_len=self.max_model_len, eos_token_id=self.eos_token_id,
                                async_output=cuda,
-                               speculator=speculator)
+                               speculator=speculator,
+                               async_scheduling=cuda if async_scheduling is None else async_scheduling)
         self._ids = itertools.count()
 
     # ---- the components (engine/engine_core.py) ------------------------------------
@@ -199,6 +229,16 @@ class LLM(RequestAPI):
         self.core.executor.decode_runner = runner
 
     @property
+    def prefill_runner(self):
+        """Prefill steps' graphs (engine/worker/prefill_graphs.py), None when prefill runs
+        eagerly; replaceable."""
+        return self.core.executor.prefill_runner
+
+    @prefill_runner.setter
+    def prefill_runner(self, runner) -> None:
+        self.core.executor.prefill_runner = runner
+
+    @property
     def sampler(self):
         return self.core.executor.sampler
 
@@ -223,6 +263,23 @@ class LLM(RequestAPI):
     @async_output.setter
     def async_output(self, on: bool) -> None:
         self.core.outputs.async_output = bool(on)
+
+    @property
+    def async_scheduling(self) -> bool:
+        """Whether plain decode steps are queued before the last one is read back."""
+        return self.core.async_scheduling
+
+    @async_scheduling.setter
+    def async_scheduling(self, on: bool) -> None:
+        if not on:
+            self._read_back_inflight()
+        self.core.async_scheduling = bool(on)
+
+    @property
+    def scheduling_stats(self) -> dict:
+        """Async scheduling: steps queued ahead (``overlapped``) and the steps that ran
+        synchronously, by reason (``sync``)."""
+        return dict(overlapped=self.core.num_overlapped_steps, sync=dict(self.core.sync_reasons))
 
     @property
     def cuda_graphs(self) -> dict:

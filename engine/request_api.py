@@ -71,12 +71,14 @@ class RequestAPI:
         ``replace_last``: the token its last turn sampled (not in the KV yet) is dropped
         first, and ``token_ids`` continue from the token before it. See engine/core/held.py."""
         from engine.core.held import extend_request
+        self._read_back_inflight()
         with torch.inference_mode():
             return extend_request(self.core, request_id, token_ids, params, replace_last)
 
     def release(self, request_id: str) -> bool:
         """Frees a held request's KV blocks. False if it is not held."""
         from engine.core.held import release_request
+        self._read_back_inflight()
         with torch.inference_mode():
             return release_request(self.core, request_id)
 
@@ -88,6 +90,7 @@ class RequestAPI:
         state, knob counts and processors' ``fork(parent_id, child_ids)`` hooks are
         carried over. See engine/core/forking.py."""
         from engine.core.forking import fork_request
+        self._read_back_inflight()
         with torch.inference_mode():        # the step's tensors (knob state, KV) are inference tensors
             return fork_request(self.core, request_id, n, params)
 
@@ -97,12 +100,14 @@ class RequestAPI:
         Returns their sums, or with ``per_token`` each token's log-prob. See
         engine/sampling/continuation_logprobs.py."""
         from engine.sampling.continuation_logprobs import score
+        self._read_back_inflight()
         return score(self, prompt, continuations, per_token)
 
     def enable_speculation(self, speculative_config: dict | None) -> None:
         """Turns speculative decoding on (``LLM(speculative_config=...)``'s dict) or off
         (None), between steps. See engine/spec_decode/speculator.py."""
         from engine.spec_decode.speculator import Speculator
+        self._read_back_inflight()
         speculator = Speculator(speculative_config) if speculative_config is not None else None
         if speculator is not None:      # its verify steps' query rows (graphs captured on CUDA)
             self.core.executor.decode_runner.set_verify_query_len(1 + speculator.k)
@@ -132,6 +137,7 @@ class RequestAPI:
         shared KV; returns one ``BeamSearchOutput`` per prompt, its ``sequences`` best
         first. See engine/sampling/beam_search.py."""
         from engine.sampling.beam_search import beam_search
+        self._read_back_inflight()
         return beam_search(self, prompts, params)
 
     def is_running(self, request_id: str) -> bool:
@@ -139,7 +145,13 @@ class RequestAPI:
         return str(request_id) in self.core.requests
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self.core.inflight is not None
+
+    def _read_back_inflight(self) -> None:
+        """Async scheduling: the step in flight read back and processed before an API call
+        that reads or changes requests; its outputs wait for the next ``step()``."""
+        if self.core.inflight is not None:
+            self.core.undelivered.update((o.request_id, o) for o in self.core.finish_inflight())
 
     def num_generated_tokens(self, request_id: str) -> int | None:
         """Tokens sampled so far for a running request (None if it is not running).

@@ -64,12 +64,18 @@ def check_engine_args(**args) -> None:
     for name in ("enable_prefix_caching", "skip_tokenizer_init", "show_progress", "enforce_eager"):
         if not isinstance(args.get(name), bool):
             raise ValueError(f"LLM({name}={args.get(name)!r}): must be True or False")
+    if not isinstance(args.get("async_scheduling"), (bool, type(None))):
+        raise ValueError(f"LLM(async_scheduling={args.get('async_scheduling')!r}): must be True, False or None")
     util = args.get("gpu_memory_utilization")
     if not is_real(util) or not 0 < util <= 1:
         raise ValueError(f"LLM(gpu_memory_utilization={util!r}): must be a number in (0, 1]")
     bs = args.get("block_size")
     if bs & (bs - 1):
         raise ValueError(f"LLM(block_size={bs!r}): must be a power of two")
+    pg = args.get("prefill_graph_max_tokens")
+    if not is_int(pg) or (pg != 0 and (pg < 16 or pg & (pg - 1))):
+        raise ValueError(f"LLM(prefill_graph_max_tokens={pg!r}): must be 0 (prefill always eager) or a "
+                         "power of two >= 16")
 
 
 def token_id_list(ids, what: str, vocab: int) -> list[int]:

@@ -45,6 +45,12 @@ class AttentionMetadata:
                              context_lens[i] - query_lens[i] + j, each seeing the keys up
                              to itself; its rows j >= query_lens[i] are padding (zeros
                              out). A fixed layout, so one CUDA graph serves any drafts.
+      graph_static     bool  True: a CUDA graph captures this step and replays it for
+                             every later step of the same shapes, so launchers choose
+                             grids from shapes (and the bounds above) only, never from
+                             per-step values read on the host (prefill attention: the
+                             dense grid, not the tile map). Prefill query rows past
+                             query_start_loc[-1] are then padding, owned by no sequence.
       host_query_start_loc, host_context_lens  list[int]|None: host copies of
                              those tensors, so a launcher that needs them on the host
                              never syncs with the device.
@@ -62,6 +68,7 @@ class AttentionMetadata:
     host_query_start_loc: list | None = None
     host_context_lens: list | None = None
     query_lens: torch.Tensor | None = None
+    graph_static: bool = False
 
     @property
     def decode_query_len(self) -> int:

@@ -122,6 +122,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     ctx = meta.host_context_lens or meta.context_lens.tolist()
     B, Qm = len(ctx), meta.max_query_len
     q_lens = [b - a for a, b in zip(qsl, qsl[1:])]
+    if qsl[-1] < T or 0 in q_lens:   # a padded (graph-shaped) step: padding rows get zeros
+        return _without_padding(q, k_cache, v_cache, meta, scale, qsl, ctx, q_lens)
     # Short queries (verify steps of speculative decoding: 1 + k per sequence) always run
     # padded: their cost is the K/V gather, which the per-sequence path repeats per
     # sequence (a batch-8 Self-RAG verify step: per-sequence 0.13 s of 0.45 s on the CPU VM).
@@ -155,6 +157,27 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if B == 1:
         return o[0]
     return o.reshape(B * Qm, Hq, D).index_select(0, keep)
+
+
+def _without_padding(q, k_cache, v_cache, meta, scale, qsl, ctx, q_lens):
+    """prefill_attention of a step padded as a CUDA graph has it (sequences without queries,
+    query rows past the last sequence's): the real sequences' rows, zeros elsewhere."""
+    live = [i for i, n in enumerate(q_lens) if n]
+    out = q.new_zeros(q.shape)
+    if not live:
+        return out
+    total = qsl[-1]
+    sub_qsl = [0]
+    for i in live:
+        sub_qsl.append(sub_qsl[-1] + q_lens[i])
+    index = torch.tensor(live, device=q.device)
+    sub = AttentionMetadata(True, meta.slot_mapping[:total], meta.block_tables.index_select(0, index),
+                            meta.context_lens.index_select(0, index),
+                            torch.tensor(sub_qsl, dtype=torch.int32, device=q.device),
+                            max(q_lens[i] for i in live), max(ctx[i] for i in live),
+                            host_query_start_loc=sub_qsl, host_context_lens=[ctx[i] for i in live])
+    out[:total] = prefill_attention(q[:total], k_cache, v_cache, sub, scale)
+    return out
 
 
 def _padded_layout(qsl: list, q_lens: list, ctx: list, Qm: int, L: int, dev):

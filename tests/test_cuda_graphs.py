@@ -62,8 +62,11 @@ def test_graphs_on_and_off_give_identical_greedy_tokens(ckpt, dtype):
     for eager in (True, False):
         llm = make_llm(path, show_progress=False, dtype=dtype, enforce_eager=eager, max_num_seqs=8)
         assert llm.cuda_graphs["enabled"] == (not eager), llm.cuda_graphs
+        assert llm.prefill_graphs["enabled"] == (not eager), llm.prefill_graphs
         outs.append([o.outputs[0].token_ids for o in
                      llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)])
+        if not eager:
+            assert llm.prefill_runner.num_replays > 0           # the prompts' prefill replayed a graph
     assert outs[0] == outs[1]
 
 
@@ -100,6 +103,11 @@ def test_graph_status_is_recorded_and_printed(monkeypatch, capsys):
 def test_cpu_engine_reports_no_graphs(ckpt, capsys):
     llm = make_llm(ckpt[0], show_progress=False, device="cpu")
     assert llm.cuda_graphs == dict(enabled=False, reason="not CUDA", buckets=[], capture_s=None, error=None)
+    assert llm.prefill_graphs["enabled"] is False and llm.prefill_runner is None
+    assert llm.prefill_graphs["reason"] == "no decode graphs (not CUDA)"
+    for bad in (8, 100, -16, 1.5):
+        with pytest.raises(ValueError, match="prefill_graph_max_tokens"):
+            make_llm(ckpt[0], show_progress=False, device="cpu", prefill_graph_max_tokens=bad)
     assert "CUDA graphs" not in capsys.readouterr().err
     assert set(llm.startup) >= {"load_s", "kv_sizing_s", "kv_alloc_s", "decode_runner_s", "num_kv_blocks"}
 
@@ -134,3 +142,80 @@ def test_padded_verify_path_gives_plain_decodings_tokens(ckpt, backend):
     assert got == want
     assert (3, 4, 5) in shapes                   # verify steps: 3 sequences, 4 rows of 5 queries
     assert llm.speculator.num_accepted > 0 and llm.speculator.num_drafted > llm.speculator.num_accepted
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_padded_prefill_path_gives_the_eager_tokens(ckpt, backend):
+    """Prefill on the static buffers a prefill graph replays, run eagerly on CPU: token
+    buckets 16..64, 4 sequence slots (padding slots without queries, padding tokens with
+    slot -1), the dense attention grid; prefix-cached prompts and n > 1 samples too. The
+    tokens are the eager prefill's; a prompt over the largest bucket, or more sequences
+    than the slots, and a step wanting prompt log-probs run eagerly."""
+    from engine.worker.prefill_graphs import PrefillRunner
+    path, cfg = ckpt
+    prompts = token_prompts(3, cfg.vocab_size, seed=5, min_len=5, max_len=30)
+    prompts.append(prompts[1][:17] + [7, 8, 9])                   # 2 cached blocks of prompt 1's 23 tokens
+    prompts.append(token_prompts(1, cfg.vocab_size, seed=9, min_len=70, max_len=70)[0])  # over 64: eager
+    n = 4 if backend == "triton" else 8
+    sp = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True),
+          SamplingParams(temperature=0.8, seed=3, n=2, max_tokens=n, ignore_eos=True)]
+    # steps of <= 32 prompt tokens: two prefill steps of 2 sequences, the 70-token prompt alone (eager)
+    kw = dict(show_progress=False, block_size=8, max_model_len=128, max_num_seqs=8, kernel_backend=backend,
+              max_num_batched_tokens=32)
+    eager = make_llm(path, **kw)
+    want = [[c.token_ids for c in o.outputs] for o in eager.generate(
+        [{"prompt_token_ids": p} for p in prompts], [sp[i % 2] for i in range(len(prompts))], use_tqdm=False)]
+    llm = make_llm(path, **kw)
+    llm.prefill_runner = PrefillRunner(llm.model, llm.runner.kv_caches, 8, 128, max_tokens=64, max_seqs=4,
+                                       pad_to_buckets=True)
+    buckets = []
+    real = llm.prefill_runner.launch
+    llm.prefill_runner.launch = lambda seqs, b: buckets.append((len(seqs), b)) or real(seqs, b)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], [sp[i % 2] for i in range(len(prompts))],
+                        use_tqdm=False)
+    assert [[c.token_ids for c in o.outputs] for o in outs] == want
+    assert llm.block_manager.get_stats()["prefix_cache_hit_tokens"] >= 16   # prompt 3 started at 16
+    assert len(buckets) >= 2 and all(b in (16, 32, 64) and k <= 4 for k, b in buckets)
+    assert any(k > 1 for k, _ in buckets)           # a step of several sequences, padded slots
+    assert llm.prefill_runner.bucket_for([_Seq(70)]) is None            # over 64 tokens
+    assert llm.prefill_runner.bucket_for([_Seq(3)] * 5) is None                                # over 4 sequences
+    assert llm.prefill_runner.bucket_for([_Seq(17), _Seq(3)]) == 32
+
+
+class _Seq:
+    """What bucket_for reads of a sequence."""
+
+    def __init__(self, n):
+        self.n, self.num_cached_tokens = n, 0
+
+    def __len__(self):
+        return self.n
+
+
+def test_prefill_graph_status_and_failed_capture(monkeypatch, capsys):
+    """build_prefill_runner: off when the decode graphs are off or the bound is 0; a failed
+    capture leaves prefill eager with the error recorded and printed; the buckets stop at
+    what one step may hold (max_num_batched_tokens)."""
+    from types import SimpleNamespace
+
+    import engine.worker.prefill_graphs as pg
+    model = SimpleNamespace(device=torch.device("cpu"))
+    on = SimpleNamespace(graph_status=dict(enabled=True), pool=None)
+    off = SimpleNamespace(graph_status=dict(enabled=False, reason="enforce_eager=True"))
+    assert pg.build_prefill_runner(model, [], 16, 256, 8, 2048, off, 512)[1]["reason"] == \
+        "no decode graphs (enforce_eager=True)"
+    assert pg.build_prefill_runner(model, [], 16, 256, 8, 2048, on, 0)[1]["reason"] == "prefill_graph_max_tokens=0"
+    monkeypatch.setattr(pg.PrefillRunner, "capture", lambda self, pool: 0.25)
+    runner, st = pg.build_prefill_runner(model, [], 16, 256, 8, 200, on, 512)
+    assert st["enabled"] and st["buckets"] == [16, 32, 64, 128] and st["max_seqs"] == 8 and runner.max_tokens == 128
+    assert "captured 4 prefill graphs (up to 128 tokens in up to 8 sequences)" in capsys.readouterr().err
+
+    def boom(self, pool):
+        raise RuntimeError("prefill capture exploded")
+    monkeypatch.setattr(pg.PrefillRunner, "capture", boom)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    runner, st = pg.build_prefill_runner(model, [], 16, 256, 8, 2048, on, 512)
+    assert runner is None and st["error"] == "RuntimeError: prefill capture exploded"
+    assert "prefill capture FAILED" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        pg.token_buckets(48)

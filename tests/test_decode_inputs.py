@@ -104,14 +104,14 @@ def test_one_copy_per_step_and_only_new_blocks_are_sent():
         bm.allocate(s)
     rng = random.Random(0)
     _check(inputs, seqs, 4)
-    assert inputs.num_uploads == 1
+    assert inputs.upload.num_uploads == 1
     assert inputs.num_table_entries_sent == sum(len(s.block_table) for s in seqs)   # first time: whole tables
     for step in range(10):
         before = [len(s.block_table) for s in seqs]
-        sent0, up0 = inputs.num_table_entries_sent, inputs.num_uploads
+        sent0, up0 = inputs.num_table_entries_sent, inputs.upload.num_uploads
         _decode_step(bm, seqs, rng)
         _check(inputs, seqs, 4)
-        assert inputs.num_uploads == up0 + 1
+        assert inputs.upload.num_uploads == up0 + 1
         new_blocks = sum(len(s.block_table) - n for s, n in zip(seqs, before))
         assert inputs.num_table_entries_sent - sent0 == new_blocks     # only the appended entries
 

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ["probe", "kernels", "ceilings", "engine", "graphs", "decode", "profile", "sweep", "verify",
-                       "int8", "micro",
-         "real", "knobs", "tests"]
+STEPS = ["probe", "ceilings", "engine", "verify", "decode", "graphs", "kernels", "profile", "sweep",
+         "int8", "micro", "real", "knobs", "tests"]
 
 
 def _run(tmp_path, *args, timeout=300):
@@ -58,6 +57,14 @@ def test_dry_run_runs_every_step(dry):
     assert set(d["step_split_ms"]) == {"schedule", "prepare", "launch", "sample", "wait", "output"}
     assert d["host_ms_per_step"] == pytest.approx(
         sum(v for k, v in d["step_split_ms"].items() if k != "wait"))
+    # CPU default: off; the other mode (async) has one more call: the last step read back
+    assert d["tpot_other_mode_ms"]["n"] == 8 and d["async_scheduling"] is False
+    assert d["eager_host_profile"] and d["eager_host_profile"][0]["own_ms_per_step"] > 0
+    assert set(d["targets"]) >= {"ttft_le_2_5x_weight_read", "eager_host_le_5ms", "tpot_le_1_03x_bare_replay"}
+    v = r["verify"]
+    assert v["batch_1"]["same_tokens"] and v["batch_2"]["same_tokens"] and not v["failures"]
+    assert v["wall_batch_1"]["speedup"] > 0 and len(v["wall_batch_1"]["pairs_s"]) == 1
+    assert set(v["targets"]) == {"batch1_le_1_15", "batch16_le_1_25", "speculative_ge_2x_plain"}
     assert [row["batch"] for row in r["sweep"]["rows"]] == [2, 4]
     assert r["micro"]["decode"] and r["micro"]["prefill"]
     assert r["int8"]["int8_weight_bytes"] < r["int8"]["fp16_weight_bytes"] and r["int8"]["speedup"] > 0

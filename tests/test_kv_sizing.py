@@ -324,3 +324,20 @@ def test_cpu_pool_costs_rss_only_for_what_is_written():
     grown = _rss() - before
     assert 24 << 20 < grown < 96 << 20
     assert float(pool[0, 0].sum()) == 4096 * 16 * 128
+
+
+def test_graph_pool_estimate_by_hand():
+    """The graphs' pool estimate, computed by hand: 7B shapes, 256 sequences."""
+    V, peak, tokens = 32016, 768 * 2**20, 4096
+    # decode buckets 1..256 = 511 rows of fp32 logits; activation: 256 of 4096 tokens of the peak
+    want = 2 * (511 * V * 4 + peak * 256 / 4096)
+    assert ks.graph_pool_estimate(peak, tokens, V, 256) == int(want)
+    # + verify graphs (k = 4: 5 x 511 rows), + prefill graphs 16..512 (6 buckets x 16 rows);
+    # the largest graph: 256 x 5 = 1280 rows
+    want = 2 * ((511 * 6 + 6 * 16) * V * 4 + peak * 1280 / 4096)
+    assert ks.graph_pool_estimate(peak, tokens, V, 256, verify_query_len=5, prefill_max_tokens=512,
+                                  prefill_max_seqs=16) == int(want)
+    assert 1.1 * 2**30 < want < 1.3 * 2**30       # 1.22 GiB: past the old flat 1 GiB reserve
+    # a profile smaller than the largest graph: the whole peak, not more
+    assert ks.graph_pool_estimate(peak, 64, V, 1, prefill_max_tokens=512, prefill_max_seqs=1) == \
+        int(2 * ((1 + 6) * V * 4 + peak))

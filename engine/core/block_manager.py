@@ -239,6 +239,13 @@ class BlockManager:
         if self.enable_prefix_caching and n % self.block_size == 0:
             self._register_filled(seq, n)
 
+    def can_append_slots(self, seqs: list[Sequence]) -> bool:
+        """Whether ``append_slots(seqs)`` would succeed now (the pool has a block for every
+        sequence whose new position starts one), without changing anything."""
+        bs = self.block_size
+        need = sum(1 for seq in seqs if len(seq.token_ids) + seq.num_pending > len(seq.block_table) * bs)
+        return need <= self.num_free_blocks
+
     def append_slots(self, seqs: list[Sequence]) -> bool:
         """``append_slot`` for every sequence of a decode step at once, or nothing.
 
@@ -252,7 +259,7 @@ class BlockManager:
         live, covered = self._seqs, self._num_tokens
         need = 0
         for seq in seqs:
-            n = len(seq.token_ids)
+            n = len(seq.token_ids) + seq.num_pending
             if live.get(seq.seq_id) is not seq or n != covered[seq.seq_id] + 1:
                 self._needs_new_block(seq)           # raises the precise error
             if n > len(seq.block_table) * bs:
@@ -261,7 +268,7 @@ class BlockManager:
             return False
         caching = self.enable_prefix_caching
         for seq in seqs:
-            n = len(seq.token_ids)
+            n = len(seq.token_ids) + seq.num_pending
             table = seq.block_table
             if n > len(table) * bs:
                 table.append(self.pool.take())
@@ -271,8 +278,18 @@ class BlockManager:
         return True
 
     def _register_filled(self, seq: Sequence, n: int) -> None:
-        """Registers the block that position ``n - 1`` just filled (prefix caching)."""
-        self.pool.register_filled(seq.block_table, seq.token_ids, n // self.block_size - 1)
+        """Registers the block that position ``n - 1`` just filled (prefix caching); one
+        whose last token is still pending on the device waits for ``register_resolved``."""
+        if n <= len(seq.token_ids):
+            self.pool.register_filled(seq.block_table, seq.token_ids, n // self.block_size - 1)
+
+    def register_resolved(self, seq: Sequence) -> None:
+        """``seq``'s oldest pending token was just read back (appended to ``token_ids``):
+        registers the block it filled, which ``append_slot`` could not hash without it."""
+        n = len(seq.token_ids)
+        if (self.enable_prefix_caching and n % self.block_size == 0 and self._seqs.get(seq.seq_id) is seq
+                and self._num_tokens[seq.seq_id] > n - 1 >= 0):
+            self.pool.register_filled(seq.block_table, seq.token_ids, n // self.block_size - 1)
 
     # ------------------------------------------------------------------- free
     def free(self, seq: Sequence) -> None:

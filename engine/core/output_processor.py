@@ -39,7 +39,10 @@ class OutputProcessor:
                 self.emit(req, "length", finished_only, outputs)
                 continue
             try:
+                pending = seq.num_pending
                 reason = req.append_token(tok, lp)
+                if pending:                         # its block may be full now: hash it
+                    self.scheduler.block_manager.register_resolved(seq)
                 if reason is None and self.async_output:
                     self.deferred.append(req)
                     continue

@@ -165,6 +165,7 @@ class Scheduler:
         ``hold`` keeps them (``SamplingParams.hold``)."""
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        seq.num_pending = 0          # a step queued past its last token (async scheduling) is discarded
         if hold and seq.block_table:
             self.held[seq.seq_id] = seq
         else:

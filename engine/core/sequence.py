@@ -27,6 +27,13 @@ class Sequence:
     ``[i * block_size, (i + 1) * block_size)``; the block manager owns it.
     ``num_cached_tokens`` is how many leading tokens already have their K/V in
     the cache (prefix-cache hits at allocation); prefill computes the rest.
+
+    ``num_pending``: tokens sampled on the device whose ids the host has not read back
+    yet (async scheduling, engine/engine_core.py: at most 2, the step in flight and the
+    one just queued). They count in ``len(seq)``, so the scheduler and the block manager
+    give them their KV slots, but are not in ``token_ids``: whatever reads the text or
+    the ids sees only tokens the host knows. Reading a step back appends its token and
+    takes one off ``num_pending``.
     """
 
     def __init__(self, prompt_token_ids: list[int], request_id: str = "", params: Any = None,
@@ -50,9 +57,10 @@ class Sequence:
         # [logprobs_from, len) (prompt_logprobs, LLM.score): it computes positions
         # logprobs_from - 1 onwards (no prefix-cache reuse past that), then clears this.
         self.logprobs_from: int | None = None
+        self.num_pending = 0
 
     def __len__(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_pending
 
     @property
     def num_generated_tokens(self) -> int:

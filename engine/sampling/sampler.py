@@ -178,7 +178,7 @@ class Sampler:
             parts += [ids.double().flatten(), lps.double().flatten(), ranks.double().flatten()]
         if procs:                                   # NaN / all-masked rows, read back with the rest
             parts.append(row_status(logits).double())
-        return PendingSample(torch.cat(parts), B, want, K, failed, has_status=procs)
+        return PendingSample(torch.cat(parts), B, want, K, failed, has_status=procs, tokens=tokens)
 
     def _logprob_entries(self, raw: torch.Tensor, tokens: torch.Tensor, rows: list[int],
                          seqs: list[Sequence], ops):
@@ -213,16 +213,34 @@ class Sampler:
 
 
 class PendingSample:
-    """A step's sampling results still on the device (ids exact in float64)."""
+    """A step's sampling results still on the device (ids exact in float64); ``tokens``:
+    the sampled ids [B] int64 on the device."""
 
     def __init__(self, flat: torch.Tensor, B: int, want: list[int], K: int,
-                 failed: dict[int, str] | None = None, has_status: bool = False):
+                 failed: dict[int, str] | None = None, has_status: bool = False,
+                 tokens: torch.Tensor | None = None):
         self.flat, self.B, self.want, self.K = flat, B, want, K
         self.failed, self.has_status = failed or {}, has_status
+        self.tokens = tokens
+        self._event = None
+
+    def start_copy(self) -> None:
+        """Queues the read-back now, into pinned memory, behind this step's work only: a
+        later ``wait`` then waits for this step, not for whatever was queued after it
+        (async scheduling queues the next step first). A plain ``tolist`` would copy
+        behind the whole stream."""
+        if self.flat.device.type == "cuda":
+            host = torch.empty(self.flat.shape, dtype=self.flat.dtype, pin_memory=True)
+            host.copy_(self.flat, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            self.flat = host
 
     def wait(self) -> tuple[list[int], list[StepLogprobs], dict[int, str]]:
         """The step's one device->host transfer: ids, log-probs, ranks, and the rows
         that failed (row -> why; their tokens mean nothing)."""
+        if self._event is not None:
+            self._event.synchronize()
         flat, B = self.flat.tolist(), self.B
         host_tokens = [int(t) for t in flat[:B]]
         host_lp = flat[B:2 * B]

@@ -85,9 +85,9 @@ class DecodeRunner:
         self.graph_status = dict(enabled=False, reason="not captured", buckets=[], capture_s=None,
                                  error=None)
 
-    def _forward(self, b: int, Q: int, meta) -> torch.Tensor:
-        self.inputs.unpack(b, Q)
-        ids, pos = self.inputs.token_views(b, Q)
+    def _forward(self, b: int, Q: int, meta, gather: bool) -> torch.Tensor:
+        self.inputs.unpack(b, Q, gather)
+        ids, pos = self.inputs.token_views(b, Q, gather)
         hidden = self.model.forward(ids, pos, meta, self.kv_caches)
         return self.model.compute_logits(hidden)
 
@@ -121,11 +121,14 @@ class DecodeRunner:
         for b, Q in [s for s in self.graph_shapes() if s not in self.graphs]:
             self.inputs.stage([], b, Q=Q)                   # padding rows: no KV write
             meta = self._bucket_meta(b, Q)
-            self._forward(b, Q, meta)                       # warm-up: compiles, allocates scratch
+            # a decode graph always gathers its input ids (a pending one comes from the last
+            # step's sampled ids on the device: async scheduling); 3 small kernels
+            gather = Q == 1
+            self._forward(b, Q, meta, gather)               # warm-up: compiles, allocates scratch
             torch.cuda.synchronize(self.model.device)
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self.pool):
-                self.outputs[b, Q] = self._forward(b, Q, meta)
+                self.outputs[b, Q] = self._forward(b, Q, meta, gather)
             self.pool = g.pool()
             self.graphs[b, Q] = g
         torch.cuda.synchronize(self.model.device)
@@ -135,10 +138,12 @@ class DecodeRunner:
                                  verify_query_len=self.verify_query_len)
         return seconds
 
-    def prepare(self, seqs: list, drafts: dict | None = None) -> tuple[int, int, int, object]:
+    def prepare(self, seqs: list, drafts: dict | None = None, sources: dict | None = None) -> tuple:
         """Stages a decode step's inputs (host work and one copy), or a verify step's
-        with ``drafts`` (sequence index -> draft tokens); returns (B, padded rows b, query
-        rows Q, the step's metadata) for ``launch``."""
+        with ``drafts`` (sequence index -> draft tokens); ``sources``: seq_id -> row of
+        the last step's sampled ids, for sequences whose input token is still on the
+        device (``DecodeInputs``). Returns (B, padded rows b, query rows Q, the step's
+        metadata, gather) for ``launch``."""
         B = len(seqs)
         padded = self.graphs or self.pad_to_buckets
         b = pick_bucket(B, self.buckets) if padded else B
@@ -147,30 +152,35 @@ class DecodeRunner:
         Q = 1
         if drafts:
             Q = self.verify_query_len if padded else 1 + max(len(d) for d in drafts.values())
-        max_ctx = self.inputs.stage(seqs, b, drafts, Q)
+        max_ctx = self.inputs.stage(seqs, b, drafts, Q, sources)
         if (b, Q) in self.graphs:
-            return B, b, Q, None
+            return B, b, Q, None, Q == 1
         if self.pad_to_buckets:
             meta = self._bucket_meta(b, Q)
             meta.scratch.clear()     # per-step space (the reference's decode mask)
         else:                        # the kernels pick splits from this step's contexts
             meta = self.inputs.views(b, max_ctx, None, Q)[2]
-        return B, b, Q, meta
+        return B, b, Q, meta, self.inputs.num_pending_inputs > 0
 
-    def launch(self, step: tuple[int, int, int, object]) -> torch.Tensor:
+    def launch(self, step: tuple) -> torch.Tensor:
         """Logits of a prepared step: [B, V] for decode; for a verify step, the rows that
         are not padding [sum of 1 + drafts, V], in sequence order. A graph replay, or an
         eager forward (the engine steps under torch.inference_mode; no decorator here:
         ~2 us a step)."""
-        B, b, Q, meta = step
+        B, b, Q, meta, gather = step
         if meta is None:
             self.graphs[b, Q].replay()
             logits = self.outputs[b, Q]
         else:
-            logits = self._forward(b, Q, meta)
+            logits = self._forward(b, Q, meta, gather)
         if Q == 1:
             return logits[:B]
         return logits.index_select(0, self.inputs.real_rows(b, Q))
+
+    def keep_sampled(self, tokens: torch.Tensor) -> None:
+        """The step's sampled ids [B] (on the device), where the next decode step's pending
+        inputs are gathered from (async scheduling)."""
+        self.inputs.last_tokens[:tokens.shape[0]].copy_(tokens)
 
     @torch.inference_mode()
     def run(self, seqs: list, drafts: dict | None = None) -> torch.Tensor:

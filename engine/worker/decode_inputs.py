@@ -21,6 +21,9 @@ entries, so each starts 16-byte aligned for the kernels:
     [3wq, +w)        context lens  len + d_i (padding: 0, so attention reads nothing)
     [+w, +2w)        rows          each sequence's row in ``store`` (padding: 0, never read)
     [+2w, +3w)       query lens    1 + d_i (Q > 1 only)
+    [+3w, +4w)       sources       decode (Q = 1) only: each sequence's row in
+                                   ``last_tokens`` when its input token is still pending
+                                   on the device (async scheduling), else -1
     then R entries   real rows     the query rows that are not padding, i * Q + j (Q > 1
                                    only): the logits the sampler reads
     then U and U     table updates: flat indices into ``store`` and their block ids. A
@@ -39,14 +42,20 @@ only grows at the end; any other change replaces the list object (``BlockManager
 does), which this class notices by identity. The last entry written is also compared,
 as a cheap guard against an in-place edit.
 
-Reuse of the pinned staging buffer: the engine reads back every step's sampled
-tokens (which waits for the step's copy) before it stages the next step; two
-staging buffers are alternated anyway, so one step may still be in flight.
+Async scheduling: the engine may stage a decode step before it has read back the last
+step's tokens. A sequence whose last token is still on the device (``seq.num_pending``)
+then gets a source row: ``unpack`` gathers its input id from ``last_tokens``, where the
+executor copied the previous step's sampled ids (device to device, in stream order), so
+no id goes through the host between two steps.
+
+Reuse of the pinned staging buffer: two alternate, each guarded by an event
+(engine/utils/staged_buffer.py).
 """
 from __future__ import annotations
 
 import torch
 
+from engine.utils.staged_buffer import StagedBuffer
 from kernels.metadata import AttentionMetadata
 
 
@@ -67,15 +76,14 @@ class DecodeInputs:
         self.ctx = torch.zeros(max_rows, **i32)                   # [b]
         self.qsl = torch.arange(max_rows + 1, **i32)              # [b + 1] one query each
         self.qlens = torch.ones(max_rows, **i32)                  # [b] query rows (verify)
+        i64 = dict(dtype=torch.int64, device=device)
+        self.last_tokens = torch.zeros(max_rows, **i64)           # the last step's sampled ids
+        self.ids = torch.zeros(max_rows, **i64)                   # [b] input ids, gathered
         # Worst case: every row rewritten in one step.
         rows_q = max_rows * max_query_len
-        cap = 4 * (rows_q + 1) + 3 * (max_rows + 1) + 2 * max_rows * max_blocks
-        self.staged = torch.zeros(cap, dtype=torch.int64, device=device)
-        pin = device.type == "cuda"
-        self._host = [torch.zeros(cap, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
-        self._host_np = [h.numpy() for h in self._host]
-        self._flip = 0
-        self._non_blocking = pin
+        cap = 4 * (rows_q + 1) + 4 * (max_rows + 1) + 2 * max_rows * max_blocks
+        self.upload = StagedBuffer(cap, device)
+        self.staged = self.upload.device_buffer
         # Host bookkeeping per row: the table list written into it, entries written,
         # the last entry written.
         self._row_of: dict[int, int] = {}
@@ -85,7 +93,7 @@ class DecodeInputs:
         self._row_last = [-1] * max_rows
         self._last_ids: list[int] = []
         self.num_real_rows = 0              # the last verify step's non-padding query rows
-        self.num_uploads = 0                # host-to-device copies made (one per stage)
+        self.num_pending_inputs = 0         # the last decode step's inputs gathered on the device
         self.num_table_entries_sent = 0     # block-table entries uploaded in all
 
     # ---- rows ----------------------------------------------------------------
@@ -106,11 +114,13 @@ class DecodeInputs:
         self._last_ids = ids
 
     # ---- the step ------------------------------------------------------------
-    def stage(self, seqs: list, b: int, drafts: dict | None = None, Q: int = 1) -> int:
+    def stage(self, seqs: list, b: int, drafts: dict | None = None, Q: int = 1,
+              sources: dict | None = None) -> int:
         """Sends the inputs of ``seqs`` (padded to ``b`` rows of ``Q`` query rows; a verify
         step's ``drafts``: sequence index -> draft tokens, at most Q - 1 each) with one
-        host-to-device copy and applies table updates to ``store``. Returns the longest
-        context."""
+        host-to-device copy and applies table updates to ``store``. ``sources``: seq_id
+        -> row of ``last_tokens`` for the sequences whose input token is pending on the
+        device. Returns the longest context."""
         B = len(seqs)
         if B > b or b > self.max_rows or not 1 <= Q <= self.max_query_len:
             raise ValueError(f"DecodeInputs.stage: {B} sequences padded to {b} rows of {Q} queries "
@@ -119,25 +129,35 @@ class DecodeInputs:
         if ids != self._last_ids:
             self._reconcile(ids)
         try:
-            return self._stage(seqs, b) if Q == 1 else self._stage_verify(seqs, b, drafts or {}, Q)
+            if Q == 1:
+                return self._stage(seqs, b, sources)
+            if sources:
+                raise ValueError("DecodeInputs.stage: a verify step needs every input token on the host")
+            return self._stage_verify(seqs, b, drafts or {}, Q)
         except BaseException:
             # Rows may have been marked written without their entries reaching the
             # device: make every row resend its whole table next time.
             self._row_table = [None] * self.max_rows
             raise
 
-    def _stage(self, seqs: list, b: int) -> int:
+    def _stage(self, seqs: list, b: int, sources: dict | None) -> int:
         """A decode step: each sequence's last token, one query row a sequence."""
         B = len(seqs)
         bs = self.block_size
         table_updates = self._table_updates
         pos, tok, ctx, slot, rows, upd_idx, upd_val = [], [], [], [], [], [], []
+        src = []
         for seq in seqs:
             rows.append(table_updates(seq, upd_idx, upd_val))
             toks, table = seq.token_ids, seq.block_table
-            p = len(toks) - 1
+            p = len(toks) - 1 + seq.num_pending
             pos.append(p)
-            tok.append(toks[p])
+            if seq.num_pending:                 # on the device: gathered by unpack
+                tok.append(0)
+                src.append(sources[seq.seq_id])
+            else:
+                tok.append(toks[p])
+                src.append(-1)
             ctx.append(p + 1)
             slot.append(table[p // bs] * bs + p % bs)
         w = b + (b & 1)                              # region width: 16-byte aligned starts
@@ -149,7 +169,9 @@ class DecodeInputs:
             ctx += zeros
             slot += [-1] * pad
             rows += zeros
-        self._send(pos + tok + slot + ctx + rows + upd_idx + upd_val, 5 * w, len(upd_idx))
+            src += [-1] * pad
+        self._send(pos + tok + slot + ctx + rows + [1] * w + src + upd_idx + upd_val, 7 * w, len(upd_idx))
+        self.num_pending_inputs = len(src) - src.count(-1)
         return max(ctx) if ctx else 0
 
     def _table_updates(self, seq, upd_idx: list, upd_val: list) -> int:
@@ -215,30 +237,33 @@ class DecodeInputs:
 
     def _send(self, buf: list, upd_at: int, U: int) -> None:
         """One host-to-device copy of ``buf``; then the ``U`` table updates at ``upd_at``."""
-        k = self._flip = 1 - self._flip
-        self._host_np[k][:len(buf)] = buf
-        self.staged[:len(buf)].copy_(self._host[k][:len(buf)], non_blocking=self._non_blocking)
-        self.num_uploads += 1
+        self.upload.send(buf)
         if U:
             s = self.staged
             self.store.view(-1).index_put_((s[upd_at:upd_at + U],), s[upd_at + U:upd_at + 2 * U].to(torch.int32))
             self.num_table_entries_sent += U
 
-    def unpack(self, b: int, Q: int = 1) -> None:
+    def unpack(self, b: int, Q: int = 1, gather: bool = False) -> None:
         """Device side (graph-capturable): the batch's table rows, context lengths and (a
-        verify step) query lengths."""
+        verify step) query lengths; with ``gather`` (a decode step, Q = 1) the input ids
+        into ``ids``, each pending one from its source row of ``last_tokens``."""
         s, w, wq = self.staged, b + (b & 1), b * Q + (b * Q & 1)
         at = 3 * wq
         torch.index_select(self.store, 0, s[at + w:at + w + b], out=self.tables[:b])
         self.ctx[:b].copy_(s[at:at + b])
         if Q > 1:
             self.qlens[:b].copy_(s[at + 2 * w:at + 2 * w + b])
+        elif gather:
+            src = s[at + 3 * w:at + 3 * w + b]
+            picked = self.last_tokens.index_select(0, src.clamp(min=0))
+            torch.where(src >= 0, picked, s[wq:wq + b], out=self.ids[:b])
 
-    def token_views(self, b: int, Q: int = 1):
-        """(input_ids [b * Q], positions [b * Q]): views into the staged buffer."""
+    def token_views(self, b: int, Q: int = 1, gather: bool = False):
+        """(input_ids [b * Q], positions [b * Q]): views into the persistent buffers (the
+        gathered ids with ``gather``)."""
         n = b * Q
         wq = n + (n & 1)
-        return self.staged[wq:wq + n], self.staged[0:n]
+        return self.ids[:b] if gather else self.staged[wq:wq + n], self.staged[0:n]
 
     def real_rows(self, b: int, Q: int) -> torch.Tensor:
         """The last verify step's query rows that are not padding (indices into its
@@ -247,10 +272,11 @@ class DecodeInputs:
         at = 3 * wq + 3 * w
         return self.staged[at:at + self.num_real_rows]
 
-    def views(self, b: int, max_context_len: int, num_splits: int | None = None, Q: int = 1):
+    def views(self, b: int, max_context_len: int, num_splits: int | None = None, Q: int = 1,
+              gather: bool = False):
         """(input_ids [b * Q], positions [b * Q], meta) as views into the persistent buffers."""
         wq = b * Q + (b * Q & 1)
         meta = AttentionMetadata(False, self.staged[2 * wq:2 * wq + b * Q], self.tables[:b], self.ctx[:b],
                                  self.qsl[:b + 1], Q, max_context_len, num_splits=num_splits,
                                  query_lens=self.qlens[:b] if Q > 1 else None)
-        return (*self.token_views(b, Q), meta)
+        return (*self.token_views(b, Q, gather), meta)

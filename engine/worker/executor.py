@@ -2,8 +2,9 @@
 
 ``Executor.execute(batch)`` takes the scheduler's ``SchedulerOutput`` and queues the step:
 
-* **prefill**: the packed forward over the new positions (``ModelRunner.prepare``), the
-  prompt log-probs some sequences asked for, the block copies the step's ``n > 1``
+* **prefill**: a graph replay at the step's token bucket (engine/worker/prefill_graphs.py),
+  or eagerly the packed forward over the new positions (``ModelRunner.prepare``) and the
+  prompt log-probs some sequences asked for; then the block copies the step's ``n > 1``
   samples need (after the forward wrote the blocks), the last position's logits of each
   sequence (repeated for the samples), and the sampler;
 * **decode**: the persistent inputs and a CUDA graph replay, or an eager forward
@@ -61,13 +62,19 @@ class Executor:
     """The model, its KV cache (``runner``), the decode runner (graphs or eager) and the
     sampler, driven one ``SchedulerOutput`` at a time."""
 
-    def __init__(self, model, runner, decode_runner, sampler, tokenizer, step_times: dict):
+    def __init__(self, model, runner, decode_runner, sampler, tokenizer, step_times: dict,
+                 prefill_runner=None):
         self.model, self.runner, self.decode_runner = model, runner, decode_runner
+        self.prefill_runner = prefill_runner          # prefill graphs (None: always eager)
         self.sampler, self.tokenizer = sampler, tokenizer
         self.step_times = step_times
 
-    def execute(self, batch, speculator=None) -> PendingStep:
-        """Queues ``batch`` (a verify step when it has drafts: ``speculator`` runs it)."""
+    def execute(self, batch, speculator=None, sources: dict | None = None, keep_sampled: bool = False
+                ) -> PendingStep:
+        """Queues ``batch`` (a verify step when it has drafts: ``speculator`` runs it).
+        Async scheduling: ``sources`` (seq_id -> row of the last step's sampled ids) for
+        decode inputs still on the device; ``keep_sampled`` copies this step's sampled ids
+        where the next step gathers them, and queues the read-back behind this step."""
         if batch.drafts:                                        # a verify step
             t1 = time.perf_counter()
             step = self.decode_runner.prepare(batch.seqs, batch.drafts)
@@ -83,22 +90,32 @@ class Executor:
         t1 = time.perf_counter()
         extra = None
         if batch.is_prefill:
-            input_ids, positions, meta, last = self.runner.prepare(batch.seqs, True)
-            t2 = time.perf_counter()
-            hidden = self.model.forward(input_ids, positions, meta, self.runner.kv_caches)
-            if wants_prefill_logprobs(batch.seqs):             # prompt_logprobs, score
-                extra = prefill_logprobs(self.model, self.tokenizer, batch.seqs, hidden,
-                                         meta.host_query_start_loc)
+            pr, bucket = self.prefill_runner, None
+            if pr is not None and not wants_prefill_logprobs(batch.seqs):
+                bucket = pr.bucket_for(batch.seqs)
+            if bucket is not None:
+                t2 = time.perf_counter()
+                logits = pr.launch(batch.seqs, bucket)          # staged and replayed
+            else:
+                input_ids, positions, meta, last = self.runner.prepare(batch.seqs, True)
+                t2 = time.perf_counter()
+                hidden = self.model.forward(input_ids, positions, meta, self.runner.kv_caches)
+                if wants_prefill_logprobs(batch.seqs):         # prompt_logprobs, score
+                    extra = prefill_logprobs(self.model, self.tokenizer, batch.seqs, hidden,
+                                             meta.host_query_start_loc)
+                logits = self.model.compute_logits(hidden[last])
             self.runner.copy_blocks(batch.block_copies)         # the samples' partial blocks
-            logits = self.model.compute_logits(hidden[last])
             if batch.sample_rows is not None:                   # n > 1: samples share a row
                 logits = logits.index_select(0, torch.tensor(batch.sample_rows, device=logits.device))
         else:
-            step = self.decode_runner.prepare(batch.seqs)
+            step = self.decode_runner.prepare(batch.seqs, sources=sources)
             t2 = time.perf_counter()
             logits = self.decode_runner.launch(step)
         t3 = time.perf_counter()
         sample = self.sampler.launch(logits, batch.sampled, self.model.ops)
+        if keep_sampled:
+            self.decode_runner.keep_sampled(sample.tokens)
+            sample.start_copy()
         t4 = time.perf_counter()
         st = self.step_times
         st["prepare"] += t2 - t1

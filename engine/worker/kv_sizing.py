@@ -47,6 +47,17 @@ vLLM reports 0.2-1 GiB for 7B-13B models), caching-allocator fragmentation
 segments), and small late allocations (pinned staging, Triton launch
 metadata). 1 GiB is ~1.3% of an 80 GB card: ~2k tokens of a 7B's cache."""
 
+FRAGMENTATION_RESERVE_BYTES = GiB // 2
+"""With the CUDA graphs' pool estimated (``graph_pool_estimate``), what the reserve keeps
+besides it: fragmentation and small late allocations. The reserve is the larger of
+``DEFAULT_RESERVE_BYTES`` and this plus the estimate."""
+
+GRAPH_POOL_SAFETY = 2
+"""``graph_pool_estimate``'s formula times this: on the H200 (2026-11-30) the decode
+graphs of a 7B at 256 sequences took 210 MB of device memory (free memory before and
+after capture) where the formula gives ~111 MB (65 MB of output logits, 46 MB of
+activations): split-KV scratch, cuBLAS workspaces and the pool's rounding are not in it."""
+
 SAMPLER_FP32_COPIES = 8
 """Sampler temporaries, estimated (not measured) as this many fp32
 ``[max_num_seqs, vocab]`` tensors alive at once. Counted from
@@ -65,26 +76,59 @@ def kv_bytes_per_block(cfg, block_size: int, dtype: torch.dtype) -> int:
     return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
 
 
+def graph_pool_estimate(peak_activation_bytes: int, max_num_batched_tokens: int, vocab_size: int,
+                        max_num_seqs: int, verify_query_len: int = 1, prefill_max_tokens: int = 0,
+                        prefill_max_seqs: int = 0) -> int:
+    """Bytes the CUDA graphs' shared pool will hold, estimated before the KV pool exists:
+
+        outputs     every graph's fp32 logits stay allocated: decode graphs sum(buckets)
+                    rows, verify graphs verify_query_len x that, prefill graphs
+                    prefill_max_seqs rows per token bucket; x vocab x 4 B
+        activation  the largest graph's temporaries (freed after capture, reused by the
+                    next): the profiled peak scaled by its rows over the profile's
+                    max_num_batched_tokens (at most 1x)
+        estimate    GRAPH_POOL_SAFETY x (outputs + activation)
+
+    7B, 256 sequences, V = 32016: decode 511 rows = 65 MB of logits; with k = 4 verify
+    graphs another 327 MB (5 x 511 rows); prefill graphs 16..512 tokens x 16 rows, 12 MB."""
+    from engine.worker.cuda_graphs import graph_buckets
+    from engine.worker.prefill_graphs import token_buckets
+    decode_rows = sum(graph_buckets(max_num_seqs))
+    rows = decode_rows * (1 + (verify_query_len if verify_query_len > 1 else 0))
+    if prefill_max_tokens:
+        rows += len(token_buckets(prefill_max_tokens)) * prefill_max_seqs
+    largest = max(max_num_seqs * verify_query_len, prefill_max_tokens)
+    activation = peak_activation_bytes * min(1.0, largest / max(1, max_num_batched_tokens))
+    return int(GRAPH_POOL_SAFETY * (rows * vocab_size * 4 + activation))
+
+
 def default_num_blocks(model, block_size: int, max_num_seqs: int, max_model_len: int,
                        max_num_batched_tokens: int, gpu_memory_utilization: float,
-                       verbose: bool = False) -> tuple[int, dict | None]:
+                       verbose: bool = False, graphs: dict | None = None) -> tuple[int, dict | None]:
     """(KV blocks when ``num_kv_blocks`` is not given, the GPU sizing's record or None).
 
     CUDA: profile one forward at the largest batch the scheduler can issue, then give the
     cache ``gpu_memory_utilization`` of the device minus what is in use, the peak
-    activation and a reserve (one line printed with ``verbose``). CPU: ``max_num_seqs``
+    activation and a reserve (one line printed with ``verbose``): the CUDA graphs' pool
+    (``graphs``: ``graph_pool_estimate``'s keyword arguments past the profile's, None when
+    no graph will be captured) plus fragmentation, at least ``DEFAULT_RESERVE_BYTES``. CPU: ``max_num_seqs``
     full sequences, at most 2 GiB (lazily committed: see model_runner.lazy_zeros). Must
     run before the KV pool or CUDA graphs exist."""
     per_block = kv_bytes_per_block(model.cfg, block_size, model.dtype)
     if model.device.type != "cuda":
         return cpu_default_blocks(max_num_seqs, max_model_len, block_size, per_block), None
     report = measure_gpu_memory(model, max_num_batched_tokens, max_num_seqs, max_model_len, block_size)
-    blocks = kv_blocks_for_memory(report, gpu_memory_utilization, per_block)
-    text = describe(blocks, block_size, per_block, report)
+    pool = 0 if graphs is None else graph_pool_estimate(
+        report.peak_activation_bytes, max_num_batched_tokens, model.cfg.vocab_size, max_num_seqs, **graphs)
+    reserve = max(DEFAULT_RESERVE_BYTES, FRAGMENTATION_RESERVE_BYTES + pool)
+    blocks = kv_blocks_for_memory(report, gpu_memory_utilization, per_block, reserve)
+    text = describe(blocks, block_size, per_block, report) + f"; reserve {_gib(reserve)} GiB (graphs ~{_gib(pool)})"
     if verbose:
         print(text, file=sys.stderr)
-    check_fits_one_sequence(blocks, block_size, max_model_len, report, gpu_memory_utilization, per_block)
-    return blocks, dict(text=text, blocks=blocks, bytes_per_block=per_block, **dataclasses.asdict(report))
+    check_fits_one_sequence(blocks, block_size, max_model_len, report, gpu_memory_utilization, per_block,
+                            reserve)
+    return blocks, dict(text=text, blocks=blocks, bytes_per_block=per_block, reserve_bytes=reserve,
+                        graph_pool_estimate_bytes=pool, **dataclasses.asdict(report))
 
 
 # ---- the arithmetic -----------------------------------------------------------

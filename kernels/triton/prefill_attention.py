@@ -302,14 +302,16 @@ def _prefill_attention(q, k_cache, v_cache, meta, scale, use_map):
     if not _aligned(q):     # an odd view (never made by the engine): copy rather than refuse
         q = q.contiguous()
     T, Hq, D = q.shape
-    out = torch.empty((T, Hq, D), dtype=q.dtype, device=q.device)
+    # a graph's padding rows (owned by no sequence) are never written: zeros, as the
+    # reference gives, rather than whatever the pool held (one memset a layer)
+    out = (torch.zeros if meta.graph_static else torch.empty)((T, Hq, D), dtype=q.dtype, device=q.device)
     B = meta.context_lens.shape[0]
     if T == 0 or B == 0 or meta.max_query_len == 0:
         return out
     BLOCK_M, BLOCK_N, num_warps, num_stages = _config(D, q.dtype)
     n_q_tiles = triton.cdiv(meta.max_query_len, BLOCK_M)
-    if use_map is None:
-        use_map = B * n_q_tiles > 2 * triton.cdiv(T, BLOCK_M) + B
+    if use_map is None:   # a graph's step: the dense grid (the map is built from host values)
+        use_map = not meta.graph_static and B * n_q_tiles > 2 * triton.cdiv(T, BLOCK_M) + B
     if use_map:
         tile_map = _tile_map(meta, BLOCK_M, q.device)
         grid = (tile_map.shape[0], Hq)
