@@ -70,8 +70,9 @@ class EngineCore:
         self.dead: EngineDeadError | None = None
         self.step_times = executor.step_times
         self.num_steps = 0
-        self.async_scheduling = async_scheduling
         self.inflight: tuple | None = None      # (batch, PendingStep) queued, not read back
+        self._async = False
+        self.async_scheduling = async_scheduling
         self.num_overlapped_steps = 0           # steps queued before the last one was read back
         self.sync_reasons: Counter = Counter()  # async scheduling: why a step ran synchronously
 
@@ -82,6 +83,15 @@ class EngineCore:
     @property
     def runner(self):
         return self.executor.runner
+
+    @property
+    def async_scheduling(self) -> bool:
+        return self._async
+
+    @async_scheduling.setter
+    def async_scheduling(self, on: bool) -> None:
+        self._async = bool(on)
+        self.block_manager.counts_pending = self._async or self.inflight is not None
 
     def check_alive(self) -> None:
         if self.dead is not None:
@@ -95,7 +105,7 @@ class EngineCore:
         # inference_mode skips autograd's version/view bookkeeping on every op, which is a
         # visible share of a small model's step on CPU.
         with torch.inference_mode():
-            if self.async_scheduling:
+            if self._async:
                 return self._step_async(finished_only)
             t0 = time.perf_counter()
             batch = self.schedule()
@@ -188,7 +198,7 @@ class EngineCore:
             raise
         self.step_times["output"] += t2 - t
         self.step_times["wait"] += time.perf_counter() - t2
-        return self.update(batch, result, finished_only, early)
+        return self.update(batch, result, finished_only, early, resolving=True)
 
     def _abandon(self, batch: SchedulerOutput) -> None:
         """An interruption in an async step: the steps not read back are recomputed (their
@@ -239,9 +249,11 @@ class EngineCore:
             raise
         return result, early
 
-    def update(self, batch: SchedulerOutput, result, finished_only: bool, outputs: list) -> list:
+    def update(self, batch: SchedulerOutput, result, finished_only: bool, outputs: list,
+               resolving: bool = False) -> list:
         """Appends the step's tokens (a verify step: each sequence's accepted run) to the
-        requests, checks stops, and returns the outputs due now, one per request."""
+        requests, checks stops, and returns the outputs due now, one per request.
+        ``resolving``: a step queued ahead, whose tokens were pending (async scheduling)."""
         t = time.perf_counter()
         sampled = batch.sampled
         if result.prompt_logprobs:
@@ -250,7 +262,8 @@ class EngineCore:
             self.outputs.process_runs(batch.seqs, result.runs, result.failed, finished_only, outputs,
                                       self.block_manager)
         else:
-            self.outputs.process(sampled, result.tokens, result.logprobs, result.failed, finished_only, outputs)
+            self.outputs.process(sampled, result.tokens, result.logprobs, result.failed, finished_only, outputs,
+                                 resolving=resolving)
         if self.speculator is not None:
             self.speculator.forget_finished(sampled)
         self.step_times["output"] += time.perf_counter() - t

@@ -221,11 +221,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             limit = torch.where(j < qlen, meta.context_lens.unsqueeze(1) - qlen + 1 + j, 0)   # [B, Q]
         valid = torch.arange(L, device=q.device) < limit.unsqueeze(2)                 # [B, Q, L]
         mask = meta.scratch["decode_mask"] = valid[:, None]                           # [B, 1, Q, L]
+    if Q == 1:
+        return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale,
+                                              enable_gqa=Hq != Hkv).squeeze(2)    # [B, Hq, D]
     qb = q.view(B, Q, Hq, D).transpose(1, 2)                                          # [B, Hq, Q, D]
     out = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale,
                                          enable_gqa=Hq != Hkv)          # [B, Hq, Q, D]
-    if Q > 1:   # fully masked rows (padding) come out NaN: zeros, as the kernel gives
-        out = torch.where(mask.any(-1, keepdim=True), out, 0.0)
+    # fully masked rows (padding) come out NaN: zeros, as the kernel gives
+    out = torch.where(mask.any(-1, keepdim=True), out, 0.0)
     return out.transpose(1, 2).reshape(T, Hq, D)
 
 

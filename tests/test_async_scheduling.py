@@ -204,3 +204,34 @@ def test_the_flag():
                           enable_prefix_caching=True, skip_tokenizer_init=False, show_progress=False,
                           enforce_eager=False, gpu_memory_utilization=0.9, prefill_graph_max_tokens=512,
                           async_scheduling="yes")
+
+
+def test_fork_n_hold_extend_and_beam_search(ckpt):
+    """The decoding primitives on an async-scheduling engine (steps queued between them)
+    give the synchronous engine's tokens."""
+    from engine import BeamSearchParams
+    from tests.helpers import finish_all
+    path, cfg = ckpt
+    [p] = token_prompts(1, cfg.vocab_size, seed=21)
+    greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    results = []
+    for on in (False, True):
+        llm = make_llm(path, show_progress=False, block_size=4, async_scheduling=on)
+        n = llm.generate([{"prompt_token_ids": p}], SamplingParams(n=2, temperature=0.8, seed=4, max_tokens=20),
+                         use_tqdm=False)[0]
+        rid = llm.add_request({"prompt_token_ids": p}, greedy)
+        for _ in range(4):
+            llm.step()
+        kid = llm.fork(rid)[0]
+        forked = finish_all(llm)
+        held = llm.add_request({"prompt_token_ids": p}, SamplingParams(max_tokens=3, hold=True, temperature=0,
+                                                                      ignore_eos=True))
+        first = finish_all(llm)[held].outputs[0].token_ids
+        llm.extend(held, [21, 22, 23], greedy)
+        extended = finish_all(llm)[held].outputs[0].token_ids
+        beams = llm.beam_search([{"prompt_token_ids": p}], BeamSearchParams(beam_width=2, max_tokens=8))[0]
+        results.append(([c.token_ids for c in n.outputs], forked[rid].outputs[0].token_ids,
+                        forked[kid].outputs[0].token_ids, first, extended, [s.tokens for s in beams.sequences]))
+        assert llm.block_manager.get_stats()["used"] == 0 and not llm.has_unfinished_requests()
+    assert results[1] == results[0]
+    assert llm.scheduling_stats["overlapped"] > 10

@@ -87,6 +87,9 @@ class BlockManager:
         # Prefix-cache counters (blocks), updated by allocate only.
         self._queries = 0
         self._hits = 0
+        # Sequences may hold tokens pending on the device (async scheduling, which sets
+        # this): the decode fast path then counts them; off, it skips the attribute.
+        self.counts_pending = False
         self._hit_tokens = 0
         self._query_tokens = 0
 
@@ -258,8 +261,9 @@ class BlockManager:
         bs = self.block_size
         live, covered = self._seqs, self._num_tokens
         need = 0
+        pending = self.counts_pending
         for seq in seqs:
-            n = len(seq.token_ids) + seq.num_pending
+            n = len(seq.token_ids) + seq.num_pending if pending else len(seq.token_ids)
             if live.get(seq.seq_id) is not seq or n != covered[seq.seq_id] + 1:
                 self._needs_new_block(seq)           # raises the precise error
             if n > len(seq.block_table) * bs:
@@ -268,7 +272,7 @@ class BlockManager:
             return False
         caching = self.enable_prefix_caching
         for seq in seqs:
-            n = len(seq.token_ids) + seq.num_pending
+            n = len(seq.token_ids) + seq.num_pending if pending else len(seq.token_ids)
             table = seq.block_table
             if n > len(table) * bs:
                 table.append(self.pool.take())

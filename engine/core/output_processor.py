@@ -25,9 +25,11 @@ class OutputProcessor:
         self.deferred: list[RequestState] = []
 
     def process(self, seqs, tokens, lps, failed: dict[int, str], finished_only: bool,
-                outputs: list) -> None:
+                outputs: list, resolving: bool = False) -> None:
         """Appends each sequence's token (or fails it: ``failed`` row -> why) and adds
-        the outputs due now to ``outputs``. ``finished_only``: only finished ones."""
+        the outputs due now to ``outputs``. ``finished_only``: only finished ones.
+        ``resolving``: the tokens of a step queued ahead (async scheduling), each the
+        oldest of its sequence's pending ones."""
         for i, (seq, tok, lp) in enumerate(zip(seqs, tokens, lps)):
             if seq.is_finished:                     # a stop string ended it meanwhile
                 continue
@@ -39,9 +41,9 @@ class OutputProcessor:
                 self.emit(req, "length", finished_only, outputs)
                 continue
             try:
-                pending = seq.num_pending
                 reason = req.append_token(tok, lp)
-                if pending:                         # its block may be full now: hash it
+                if resolving:                       # no longer pending; its block may be full now
+                    seq.num_pending -= 1
                     self.scheduler.block_manager.register_resolved(seq)
                 if reason is None and self.async_output:
                     self.deferred.append(req)

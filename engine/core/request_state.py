@@ -95,8 +95,6 @@ class RequestState:
         """
         seq = self.seq
         seq.token_ids.append(token_id)
-        if seq.num_pending:              # read back from the device (async scheduling)
-            seq.num_pending -= 1
         seq.cumulative_logprob += lp.sampled_logprob
         if self.logprobs is not None:
             self.logprobs.append({
