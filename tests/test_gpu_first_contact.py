@@ -58,7 +58,7 @@ def test_dry_run_runs_every_step(dry):
     assert d["host_ms_per_step"] == pytest.approx(
         sum(v for k, v in d["step_split_ms"].items() if k != "wait"))
     # CPU default: off; the other mode (async) has one more call: the last step read back
-    assert d["tpot_other_mode_ms"]["n"] == 8 and d["async_scheduling"] is False
+    assert d["tpot_other_mode_ms"]["n"] == 8 and d["async_scheduling"] is False and d["same_tokens_both_modes"]
     assert d["eager_host_profile"] and d["eager_host_profile"][0]["own_ms_per_step"] > 0
     assert set(d["targets"]) >= {"ttft_le_2_5x_weight_read", "eager_host_le_5ms", "tpot_le_1_03x_bare_replay"}
     v = r["verify"]

@@ -152,10 +152,12 @@ def run_one(ctx, llm, prompt: list[int], new: int) -> dict:
     ctx.sync()
     t0 = time.perf_counter()
     rid = llm.add_request({"prompt_token_ids": prompt}, sp)
-    ttft, steps, before, n0 = None, [], None, 0
+    ttft, steps, before, n0, tokens = None, [], None, 0, None
     while llm.has_unfinished_requests():
         a = time.perf_counter()
-        llm.step()
+        for o in llm.step():
+            if o.request_id == rid and o.finished:
+                tokens = o.outputs[0].token_ids
         b = time.perf_counter()
         if ttft is None:
             if has_first_token(llm, rid):
@@ -165,7 +167,7 @@ def run_one(ctx, llm, prompt: list[int], new: int) -> dict:
             steps.append(b - a)
     n = max(1, llm.num_steps - n0)
     split = {k: (llm.step_times[k] - before[k]) / n * 1e3 for k in llm.step_times} if before else {}
-    return dict(ttft_s=ttft, step_s=steps, split_ms=split,
+    return dict(ttft_s=ttft, step_s=steps, split_ms=split, tokens=tokens,
                 host_ms_per_step=sum(v for k, v in split.items() if k != "wait"))
 
 
@@ -174,14 +176,15 @@ def decode(ctx) -> dict:
     V, P, N = llm.config.vocab_size, S["prompt"], S["new"]
     run_one(ctx, llm, rand_prompts(1, P, V, seed=31)[0], N)          # warm-up: the timed shapes
     c0 = compiled_variants()
-    r = run_one(ctx, llm, rand_prompts(1, P, V, seed=32)[0], N)
+    prompt = rand_prompts(1, P, V, seed=32)[0]
+    r = run_one(ctx, llm, prompt, N)
     compiles = compiled_variants() - c0
     bare = _bare_replay_s(ctx, llm)                 # the same batch and context, just after
     overlap = llm.async_scheduling
     llm.async_scheduling = not overlap              # the other mode, same shapes
     try:
         run_one(ctx, llm, rand_prompts(1, P, V, seed=36)[0], N)
-        other = run_one(ctx, llm, rand_prompts(1, P, V, seed=37)[0], N)
+        other = run_one(ctx, llm, prompt, N)            # the same tokens, token for token
     finally:
         llm.async_scheduling = overlap
     graphed, prefill_graphs = llm.decode_runner, llm.prefill_runner
@@ -232,7 +235,11 @@ def decode(ctx) -> dict:
             f"{100 * (out['bandwidth_fraction_of_copy'] or 0):.0f}% of copy, host "
             f"{out['host_ms_per_step']:.3f} ms/step, eager {out['eager']['tpot_ms']['median']:.3f} ms, "
             f"compiles {compiles}")
-    return dict(out, failures=[] if compiles == 0 else [f"{compiles} compiles after warm-up"])
+    failures = [] if compiles == 0 else [f"{compiles} compiles after warm-up"]
+    out["same_tokens_both_modes"] = r["tokens"] == other["tokens"] and r["tokens"] is not None
+    if not out["same_tokens_both_modes"]:
+        failures.append("async scheduling on and off gave different tokens")
+    return dict(out, failures=failures)
 
 
 def _bare_replay_s(ctx, llm, n: int = 50) -> float | None:
