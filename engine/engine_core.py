@@ -21,8 +21,10 @@ length, failure) had N+1 queued for nothing: one wasted row, never a wrong token
 N+1's results for a finished sequence are dropped. The next step runs synchronously
 (the one in flight read back first; ``sync_reasons`` counts why) whenever it needs host
 state: a prefill (prompts waiting), speculation (drafts come from the tokens), rows
-with host-side sampling (logits processors, the sampling knobs, whose token counts are
-host-side), held requests, a sequence at max_model_len, or a step that would preempt.
+with host-side sampling (logits processors, unless they are grammars offering their
+tables, which then run on the device: engine/sampling/logits_processors.py; the sampling
+knobs, whose token counts are host-side), held requests, a sequence at max_model_len, or
+a step that would preempt.
 API calls that change requests (fork, extend, release, score, beam search) first read
 the step in flight back (``finish_inflight``).
 
@@ -43,6 +45,7 @@ from engine.core.output_processor import OutputProcessor
 from engine.core.scheduler import SchedulerOutput
 from engine.errors import EngineDeadError
 from engine.sampling.knobs import uses_knobs
+from engine.sampling.logits_processors import has_device_grammar
 
 STEP_PHASES = ("schedule", "prepare", "launch", "sample", "wait", "output")
 
@@ -130,8 +133,11 @@ class EngineCore:
         limit = self.max_model_len
         for seq in running:
             p = seq.params
-            if p.logits_processors or p.hold or uses_knobs(p):
+            if p.hold or uses_knobs(p):
                 return "host-side sampling"
+            if p.logits_processors and (p.row_logits_processors or not all(
+                    has_device_grammar(x) for x in p.batched_logits_processors)):
+                return "host-side sampling"       # a grammar's tables run on the device instead
             if len(seq) >= limit:
                 return "max_model_len"
         if not self.block_manager.can_append_slots(running):

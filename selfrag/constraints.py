@@ -133,7 +133,7 @@ class ReflectionConstraint:
             raise ValueError(f"token ids {bad} are outside the vocabulary [0, {vocab_size})")
         self._special = special
         self._allowed_cpu = self._build_allowed()
-        self._tables: dict[torch.device, torch.Tensor] = {}   # device -> forbidden [S, V]
+        self._tables: dict = {}     # device -> forbidden [S, V]; ("next", device) -> next_state [S, V]
         self._start: dict[str, State] = {}                    # from begin()
         # rid -> (ids consumed, state, whether a control token of the output set it)
         self._track: dict[str, tuple[int, State, bool]] = {}
@@ -274,6 +274,26 @@ class ReflectionConstraint:
         else:
             self._track[rid] = (len(out), state, seen)
         return state
+
+    # ------------------------------------------------- on the device (the engine's hook)
+    def grammar_tables(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(forbidden [S, V] bool, next_state [S, V] int64) on ``device``: the engine's
+        device-grammar hook (engine/sampling/logits_processors.py), with which it masks a
+        row whose last token it has not read back yet (async scheduling) as a call would."""
+        device = torch.device(device)
+        key = ("next", device)
+        nxt = self._tables.get(key)
+        if nxt is None:
+            nxt = torch.arange(len(State)).unsqueeze(1).repeat(1, self.vocab_size)   # text: stay
+            for tok, target in self._targets.items():
+                nxt[:, tok] = int(target)                                           # control: jump
+            nxt = self._tables[key] = nxt.to(device)
+        return self._table(device), nxt
+
+    def grammar_state(self, request_id: str, output_token_ids) -> int:
+        """The state after ``output_token_ids`` (the start state if they hold no control
+        token); reads no tracking state, as ``forced_token``."""
+        return int(self.state_after(output_token_ids, self._start.get(str(request_id), self.default_state)))
 
     def _table(self, device: torch.device) -> torch.Tensor:
         table = self._tables.get(device)

@@ -8,6 +8,7 @@ synchronously, and why)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from engine import SamplingParams
 from tests.helpers import make_checkpoint, make_llm, token_prompts
@@ -235,3 +236,73 @@ def test_fork_n_hold_extend_and_beam_search(ckpt):
         assert llm.block_manager.get_stats()["used"] == 0 and not llm.has_unfinished_requests()
     assert results[1] == results[0]
     assert llm.scheduling_stats["overlapped"] > 10
+
+
+class _AfterFiveOnlySeven:
+    """A toy grammar processor: after token 5, only 7 may follow (then anything again).
+    Offers its tables, so async scheduling runs it on the device."""
+
+    def __init__(self, V):
+        self.V = V
+
+    def _state(self, out):
+        return 1 if out and out[-1] == 5 else 0
+
+    def __call__(self, logits, request_ids, output_token_ids):
+        for i, out in enumerate(output_token_ids):
+            if self._state(out):
+                keep = logits[i, 7].clone()
+                logits[i] = float("-inf")
+                logits[i, 7] = keep
+        return logits
+
+    def grammar_tables(self, device):
+        forbidden = torch.zeros(2, self.V, dtype=torch.bool)
+        forbidden[1] = True
+        forbidden[1, 7] = False
+        nxt = torch.zeros(2, self.V, dtype=torch.long)
+        nxt[:, 5] = 1
+        return forbidden.to(device), nxt.to(device)
+
+    def grammar_state(self, request_id, output_token_ids):
+        return self._state(output_token_ids)
+
+
+def test_grammar_processors_run_on_the_device_and_overlap(ckpt):
+    """A processor offering its grammar's tables does not make steps synchronous: the
+    step queued ahead masks its rows from the tables and the pending token on the
+    device, with the host-side call's result; rows without processors beside them."""
+    path, cfg = ckpt
+    prompts = token_prompts(4, cfg.vocab_size, seed=23)
+    proc = _AfterFiveOnlySeven(cfg.vocab_size)
+
+    def favour_five(token_ids, logits):          # makes 5 frequent, so the grammar bites
+        return logits
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=40, logits_processors=[proc]) for s in (1, 2)]
+    params += [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logits_processors=[proc]),
+               SamplingParams(temperature=0.9, seed=3, max_tokens=25)]
+    sync, async_, llm = _both(path, prompts, params)
+    _assert_same(sync, async_)
+    toks = [t for o in sync for c in o.outputs for t in c.token_ids]
+    assert 5 in toks and all(b == 7 for a, b in zip(toks, toks[1:]) if a == 5)
+    stats = llm.scheduling_stats
+    assert "host-side sampling" not in stats["sync"] and stats["overlapped"] >= 20
+
+
+def test_self_rag_answers_overlap_with_async_scheduling():
+    """Self-RAG's ReflectionConstraint offers its tables: its answers are identical with
+    async scheduling, and their decode steps are queued ahead."""
+    from engine import LLM
+    from selfrag import Passage, SelfRAG
+    from selfrag.default_model import default_model_dir
+    passages = [Passage("Alpaca", "Alpacas were bred specifically for their fiber."),
+                Passage("Llama", "Llamas are used as pack animals.")]
+    got = []
+    for on in (False, True):
+        rag = SelfRAG(LLM(default_model_dir(), show_progress=False, async_scheduling=on))
+        a = rag.answer("What were alpacas bred for?", passages=passages, mode="always", max_tokens=40)
+        b = rag.answer("Tell me about llamas.", mode="never", max_tokens=30, passages=[])
+        got.append(([c.token_ids for c in a.candidates], a.answer, [c.token_ids for c in b.candidates], b.answer))
+        stats = rag.llm.scheduling_stats
+    assert got[1] == got[0]
+    assert stats["overlapped"] >= 10, stats

@@ -141,6 +141,27 @@ def test_property_never_leaks_and_tracks_exactly(vocab, mode, start, hist_idx, c
             lens = [min(n + chunks[step], len(h)) for n, h in zip(lens, hists)]
 
 
+@settings(max_examples=40, deadline=None)
+@given(mode=st.sampled_from(MODES), start=st.sampled_from(list(State)),
+       hist_idx=st.lists(st.integers(0, 21), max_size=16))
+def test_device_grammar_tables_agree_with_the_oracle(vocab, mode, start, hist_idx):
+    """The tables the engine runs on the device (async scheduling) are the grammar: each
+    prefix's state moved by the next token through ``next_state`` is the oracle's state
+    after it, and ``forbidden`` is the complement of the oracle's mask."""
+    pool = sorted(name_ids(vocab).values()) + TEXT_IDS
+    hist = [pool[i] for i in hist_idx]
+    proc = ReflectionConstraint(vocab, V, mode=mode)
+    proc.begin("r", start)
+    forbidden, nxt = proc.grammar_tables("cpu")
+    assert forbidden.shape == nxt.shape == (len(State), V)
+    for n in range(len(hist)):
+        before = proc.grammar_state("r", hist[:n])
+        assert before == oracle_state(vocab, hist[:n], start)
+        assert int(nxt[before, hist[n]]) == oracle_state(vocab, hist[:n + 1], start)
+    for s in State:
+        assert torch.equal(~forbidden[s], oracle_mask(vocab, s, mode)), (mode, s)
+
+
 def test_allowed_table_matches_oracle(vocab):
     for mode in MODES:
         proc = ReflectionConstraint(vocab, V, mode=mode)

@@ -12,6 +12,18 @@ Per request (vLLM's): ``proc(output_ids, logits_row) -> logits_row``, or
 ``proc(prompt_ids, output_ids, logits_row)``; called per row, in order, after the
 batched ones. Simple to port, but a Python call per row per step.
 
+A batched processor that is a grammar (a state machine over token ids, as Self-RAG's
+``ReflectionConstraint``) may also offer its tables, so the engine can run it on the
+device when the host does not know a row's last token yet (async scheduling,
+engine/engine_core.py):
+
+    proc.grammar_tables(device) -> (forbidden [S, V] bool, next_state [S, V] int64)
+    proc.grammar_state(request_id, output_token_ids) -> int   (the state after them)
+
+with ``grammar_state(rid, out + [t]) == next_state[grammar_state(rid, out), t]`` and the
+row masked exactly as a call would mask it: ``forbidden[state]`` set to -inf. Such a
+step calls the processor's tables instead of the processor (``apply_device_grammars``).
+
 A processor that raises, or returns something that is not such a tensor, fails
 the rows it was called for (their requests end with ``finish_reason="error"``);
 the other rows go on. Two failures can only be seen on the device, NaN in a row
@@ -39,6 +51,34 @@ class per_request:                        # noqa: N801 - used like a decorator
 
     def __call__(self, *args):
         return self.fn(*args)
+
+
+def has_device_grammar(proc) -> bool:
+    """Whether ``proc`` offers its grammar's tables (see the module docstring)."""
+    return callable(getattr(proc, "grammar_tables", None)) and callable(getattr(proc, "grammar_state", None))
+
+
+def apply_device_grammars(logits: torch.Tensor, seqs: list, input_ids: torch.Tensor, upload) -> torch.Tensor:
+    """Every row's grammar processors on ``logits`` [B, V] in place, on the device: a row's
+    state is its processor's host state before the step's input token (``input_ids`` [B],
+    on the device, maybe not yet known to the host), moved by that token through the
+    transition table, and the row is masked by the state's forbidden tokens. ``upload(list)``
+    sends the host states (int64)."""
+    groups: dict[int, tuple[object, list[int], list[int]]] = {}
+    for row, seq in enumerate(seqs):
+        out = seq.output_token_ids
+        if not seq.num_pending:          # the input token is the output's last, known here
+            out = out[:-1]
+        for proc in seq.params.batched_logits_processors:
+            entry = groups.setdefault(id(proc), (proc, [], []))
+            entry[1].append(row)
+            entry[2].append(int(proc.grammar_state(seq.request_id, out)))
+    for proc, rows, states in groups.values():
+        forbidden, next_state = proc.grammar_tables(logits.device)
+        index = upload(rows)
+        state = next_state[upload(states), input_ids.index_select(0, index)]       # [n]
+        logits[index] = logits.index_select(0, index).masked_fill(forbidden[state], float("-inf"))
+    return logits
 
 
 def processor_name(proc) -> str:

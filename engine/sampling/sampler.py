@@ -21,7 +21,12 @@ import torch
 from engine.core.sequence import Sequence
 from engine.outputs import StepLogprobs
 from engine.sampling.knobs import KnobState, apply_knobs, min_p_filter, restore, uses_knobs
-from engine.sampling.logits_processors import apply_logits_processors, row_status, status_message
+from engine.sampling.logits_processors import (
+    apply_device_grammars,
+    apply_logits_processors,
+    row_status,
+    status_message,
+)
 from engine.sampling_params import SamplingParams
 from engine.utils.host_to_device import HostToDevice
 
@@ -134,19 +139,24 @@ class Sampler:
     # never require grad; the decorator cost 2.8 us of a 64 us batch-1 host step
     # (cProfile, benchmarks/bench_host_step.py).
     def launch(self, logits: torch.Tensor, seqs: list[Sequence], ops, drafts: list[int] | None = None,
-               processed: torch.Tensor | None = None, failed: dict[int, str] | None = None) -> "PendingSample":
+               processed: torch.Tensor | None = None, failed: dict[int, str] | None = None,
+               grammar_inputs: torch.Tensor | None = None) -> "PendingSample":
         """Queues the step's sampling on the device; ``.wait()`` reads it back. ``drafts``
         (speculative decoding, a token per row or -1): sampled rows keep their draft
         with the speculative-sampling rule (``_sample_rows``); greedy rows ignore it (the
         verifier compares their argmax). ``processed``: the logits with every row's
         processors already applied (a verify step applies them position by position),
-        ``failed`` the rows whose processor failed then."""
+        ``failed`` the rows whose processor failed then. ``grammar_inputs``: the step's input
+        ids [B] on the device, some unknown to the host (async scheduling): the rows'
+        processors, all grammars then, run from their tables (``apply_device_grammars``)."""
         B = logits.shape[0]
         raw = logits                      # the raw logits (the knobs restore what they change)
         procs, greedy, want, knobs = self._plan(seqs)
         failed = {} if failed is None else dict(failed)
         if processed is not None:
             logits = processed
+        elif procs and grammar_inputs is not None:
+            logits = apply_device_grammars(raw.clone(), seqs, grammar_inputs, self._ints)
         elif procs:
             logits = apply_logits_processors(raw.clone(), seqs, failed)
         undo = None

@@ -177,6 +177,11 @@ class DecodeRunner:
             return logits[:B]
         return logits.index_select(0, self.inputs.real_rows(b, Q))
 
+    def input_ids(self, step: tuple) -> torch.Tensor:
+        """A prepared decode step's input ids [B] on the device (pending ones included)."""
+        B, b, Q, _, gather = step
+        return self.inputs.token_views(b, Q, gather)[0][:B]
+
     def keep_sampled(self, tokens: torch.Tensor) -> None:
         """The step's sampled ids [B] (on the device), where the next decode step's pending
         inputs are gathered from (async scheduling)."""

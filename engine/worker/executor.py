@@ -112,7 +112,11 @@ class Executor:
             t2 = time.perf_counter()
             logits = self.decode_runner.launch(step)
         t3 = time.perf_counter()
-        sample = self.sampler.launch(logits, batch.sampled, self.model.ops)
+        if keep_sampled and not batch.is_prefill:    # inputs maybe pending: grammars from their tables
+            sample = self.sampler.launch(logits, batch.sampled, self.model.ops,
+                                         grammar_inputs=self.decode_runner.input_ids(step))
+        else:
+            sample = self.sampler.launch(logits, batch.sampled, self.model.ops)
         if keep_sampled:
             self.decode_runner.keep_sampled(sample.tokens)
             sample.start_copy()
