@@ -389,3 +389,16 @@ def test_disable_by_batch_size_decodes_large_batches_plainly(ckpt):
     with pytest.raises(ValueError, match="disable_by_batch_size"):
         make_llm(path, show_progress=False, speculative_config={"method": "ngram", "num_speculative_tokens": 2,
                                                                "disable_by_batch_size": 0})
+
+
+def test_acceptance_counted_on_the_device_by_hand():
+    """``_accepted_on_device``: per sequence, the drafts equal to the picks before them, up
+    to the first mismatch (hand-counted), with sequences of no, one and several drafts."""
+    from engine.spec_decode.speculator import Speculator
+    from engine.utils.host_to_device import HostToDevice
+    seqs = [None] * 4
+    drafts = {0: [5, 6, 7], 2: [9], 3: [1, 2, 3, 4]}
+    here = [5, 6, 7, -1, -1, 9, -1, 1, 2, 3, 4, -1]
+    picks = torch.tensor([5, 6, 8, 0, 3, 9, 2, 1, 7, 3, 4, 5])   # seq 3 mismatches at its 2nd draft
+    got = Speculator._accepted_on_device(HostToDevice("cpu"), seqs, drafts, here, picks)
+    assert got.tolist() == [2, 0, 1, 1]

@@ -233,6 +233,14 @@ class PendingSample:
         self.failed, self.has_status = failed or {}, has_status
         self.tokens = tokens
         self._event = None
+        self.extra: list[float] | None = None     # ``add_readback``'s values, after ``wait``
+        self._extra_len = 0
+
+    def add_readback(self, values: torch.Tensor) -> None:
+        """Reads ``values`` (on the device, exact in float64) back with the step's results,
+        in the same transfer; ``wait`` puts them in ``extra``. Call before ``start_copy``."""
+        self.flat = torch.cat([self.flat, values.to(self.flat.dtype).flatten()])
+        self._extra_len += values.numel()
 
     def start_copy(self) -> None:
         """Queues the read-back now, into pinned memory, behind this step's work only: a
@@ -252,6 +260,8 @@ class PendingSample:
         if self._event is not None:
             self._event.synchronize()
         flat, B = self.flat.tolist(), self.B
+        if self._extra_len:
+            flat, self.extra = flat[:-self._extra_len], flat[-self._extra_len:]
         host_tokens = [int(t) for t in flat[:B]]
         host_lp = flat[B:2 * B]
         entries: list[dict | None] = [None] * B

@@ -44,6 +44,8 @@ with nothing to copy is not slowed down.
 """
 from __future__ import annotations
 
+import array
+
 import torch
 
 from engine.core.sequence import Sequence
@@ -118,14 +120,17 @@ class Speculator:
         V] (sequence i: its last token's row, then one per draft), and the longest
         accepted run of each sequence: (per sequence, its run of tokens and their step
         log-probs; failed sequence index -> why)."""
-        tokens, lps, failed_rows = self._pick(executor, seqs, drafts, logits)
+        tokens, lps, failed_rows, accepted = self._pick(executor, seqs, drafts, logits)
         runs, failed, r = [], {}, 0
         for i, seq in enumerate(seqs):
             d = drafts.get(i, [])
             picks = tokens[r:r + len(d) + 1]
-            a = 0
-            while a < len(d) and r + a not in failed_rows and d[a] == picks[a]:
-                a += 1
+            if accepted is not None:            # counted on the device
+                a = next((j for j in range(accepted[i]) if r + j in failed_rows), accepted[i])
+            else:
+                a = 0
+                while a < len(d) and r + a not in failed_rows and d[a] == picks[a]:
+                    a += 1
             runs.append((picks[:a + 1], lps[r:r + a + 1], len(d), a))
             # A processor that failed at a rejected position was never reached by plain
             # decoding; one at the accepted run's end (the bonus position) fails the
@@ -158,17 +163,43 @@ class Speculator:
 
     @staticmethod
     def _pick(executor, seqs, drafts, logits):
-        """The sampler at every verified position: (tokens, log-probs, failed) per row.
-        When no speculating sequence uses the sampling knobs, the processors run position
-        by position (``_processed``) and the sampler once over all rows; else the
-        sampler runs position by position (``_pick_by_position``)."""
+        """The sampler at every verified position: (tokens, log-probs, failed) per row, and
+        each sequence's accepted drafts (None: compare on the host). When no speculating
+        sequence uses the sampling knobs, the processors run position by position
+        (``_processed``), the sampler once over all rows, and the acceptance is counted
+        on the device and read back with the picks (``_accepted_on_device``): one
+        read-back a step. Else the sampler runs position by position
+        (``_pick_by_position``)."""
         if any(uses_knobs(seqs[i].params) for i in drafts):
-            return Speculator._pick_by_position(executor, seqs, drafts, logits)
+            return (*Speculator._pick_by_position(executor, seqs, drafts, logits), None)
         rows = [seq for i, seq in enumerate(seqs) for _ in range(1 + len(drafts.get(i, ())))]
         here = [t for i in range(len(seqs)) for t in list(drafts.get(i, ())) + [-1]]
         failed: dict[int, str] = {}
         processed = Speculator._processed(seqs, drafts, logits, failed)
-        return executor.sampler.launch(logits, rows, executor.model.ops, here, processed, failed).wait()
+        pending = executor.sampler.launch(logits, rows, executor.model.ops, here, processed, failed)
+        pending.add_readback(Speculator._accepted_on_device(executor.sampler.upload, seqs, drafts, here,
+                                                            pending.tokens))
+        tokens, lps, failed_rows = pending.wait()
+        return tokens, lps, failed_rows, [int(a) for a in pending.extra]
+
+    @staticmethod
+    def _accepted_on_device(upload, seqs, drafts, here: list[int], picks: torch.Tensor) -> torch.Tensor:
+        """Per sequence, how many of its drafts equal the picks before them, counted on the
+        device: [B] int64. ``here`` [R]: each row's draft (-1 at the bonus rows), ``picks``
+        [R] the sampler's tokens (a sampled row's pick is its draft when the speculative
+        rule kept it). A row is accepted when no row from its sequence's first up to it
+        mismatched: mismatches are counted by a cumulative sum, and each sequence's
+        count before its first row is subtracted."""
+        seg, starts = [], []
+        for i in range(len(seqs)):
+            starts.append(len(seg))
+            seg.extend([i] * (1 + len(drafts.get(i, ()))))
+        d, seg_t, starts_t = upload.send(array.array("q", here), array.array("q", seg), array.array("q", starts))
+        miss = ((picks != d) | (d < 0)).long()                     # [R]: the bonus rows never accept
+        ahead = miss.cumsum(0)
+        before = ahead.index_select(0, starts_t) - miss.index_select(0, starts_t)          # [B]
+        ok = (ahead == before.index_select(0, seg_t)).long()
+        return torch.zeros(len(seqs), dtype=torch.int64, device=picks.device).scatter_add_(0, seg_t, ok)
 
     @staticmethod
     def _positions(seqs, drafts):
