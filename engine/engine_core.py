@@ -177,8 +177,8 @@ class EngineCore:
         if prev is None:
             return self.outputs.drain(finished_only) if self.outputs.async_output else []
         outputs = self._read_back(prev, finished_only)
-        if all(s.is_finished for s in batch.sampled):
-            self.finish_inflight()          # every row of the step queued is void: nothing to wait for later
+        if all(s.is_finished for s in batch.sampled):    # every row of the step queued is void:
+            outputs += self.finish_inflight(finished_only)  # nothing left to wait for later
         return outputs
 
     def finish_inflight(self, finished_only: bool = False) -> list:

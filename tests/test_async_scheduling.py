@@ -38,11 +38,12 @@ def _assert_same(sync, async_):
                 assert d.keys() == e.keys() and all(abs(d[t].logprob - e[t].logprob) < 1e-4 for t in d)
 
 
-def _both(path, prompts, params, **kw):
+def _both(path, prompts, params, async_output: bool = False, **kw):
     """(sync outputs, async outputs, the async engine)."""
     runs = []
     for on in (False, True):
         llm = make_llm(path, show_progress=False, async_scheduling=on, **kw)
+        llm.async_output = async_output
         assert llm.async_scheduling is on
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         assert not llm.has_unfinished_requests() and llm.block_manager.get_stats()["used"] == 0
@@ -50,7 +51,8 @@ def _both(path, prompts, params, **kw):
     return runs[0], runs[1], llm
 
 
-def test_a_mixed_batch_is_identical_and_overlaps(ckpt):
+@pytest.mark.parametrize("async_output", [False, True])
+def test_a_mixed_batch_is_identical_and_overlaps(ckpt, async_output):
     """Greedy, seeded sampling, n > 1, stop ids, EOS, top log-probs, different lengths: every
     request finishing at its own step while the next step is already queued."""
     path, cfg = ckpt
@@ -61,7 +63,7 @@ def test_a_mixed_batch_is_identical_and_overlaps(ckpt):
               SamplingParams(temperature=0.7, n=3, seed=1, max_tokens=12),
               SamplingParams(temperature=0, max_tokens=25, logprobs=3),
               SamplingParams(temperature=1.0, top_k=5, top_p=0.9, seed=2, max_tokens=3)]
-    sync, async_, llm = _both(path, prompts, params, block_size=4)
+    sync, async_, llm = _both(path, prompts, params, async_output, block_size=4)
     _assert_same(sync, async_)
     assert any(o.outputs[0].finish_reason == "stop" for o in sync)       # a stop id mid-run
     stats = llm.scheduling_stats
@@ -118,14 +120,17 @@ def test_preemption_and_max_model_len(ckpt):
     assert {"preemption", "max_model_len"} <= set(llm.scheduling_stats["sync"])
 
 
-def test_stop_strings_and_streaming_text(ckpt):
+@pytest.mark.parametrize("async_output", [False, True])
+def test_stop_strings_and_streaming_text(ckpt, async_output):
     """Stop strings end a request at the same text (the step queued after it is wasted,
-    its token never shown); streamed text never takes anything back."""
+    its token never shown); streamed text never takes anything back. With async output
+    processing too (CUDA's default): text one step late, stop strings found then."""
     from selfrag.default_model import default_model_dir
     path = default_model_dir()
     outs = []
     for on in (False, True):
         llm = make_llm(path, show_progress=False, async_scheduling=on)
+        llm.async_output = async_output
         full = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=24),
                             use_tqdm=False)[0].outputs[0].text
         stop = full.strip().split()[2] if len(full.split()) > 3 else full[3:6]
