@@ -32,11 +32,7 @@ from engine.worker import kv_sizing
 from engine.worker.cuda_graphs import build_decode_runner
 from engine.worker.executor import Executor
 from engine.worker.model_runner import ModelRunner
-from engine.worker.prefill_graphs import (
-    DEFAULT_MAX_SEQS as PREFILL_GRAPH_SEQS,
-    DEFAULT_MAX_TOKENS,
-    build_prefill_runner,
-)
+from engine.worker.prefill_graphs import DEFAULT_MAX_TOKENS, build_prefill_runner, graph_shape as prefill_graph_shape
 
 
 class LLM(RequestAPI):
@@ -151,9 +147,10 @@ class LLM(RequestAPI):
         if not num_blocks:
             graphs = None          # the CUDA graphs' pool, counted in the reserve
             if self.model.device.type == "cuda" and not enforce_eager and self.model.ops.name == "triton":
+                top, seqs = prefill_graph_shape(prefill_graph_max_tokens, max_num_seqs,
+                                                self.max_num_batched_tokens)
                 graphs = dict(verify_query_len=1 + speculator.k if speculator else 1,
-                              prefill_max_tokens=prefill_graph_max_tokens,
-                              prefill_max_seqs=min(PREFILL_GRAPH_SEQS, max_num_seqs))
+                              prefill_max_tokens=top, prefill_max_seqs=seqs)
             num_blocks, sizing = kv_sizing.default_num_blocks(
                 self.model, block_size, max_num_seqs, self.max_model_len, self.max_num_batched_tokens,
                 gpu_memory_utilization, verbose=show_progress, graphs=graphs)

@@ -292,8 +292,8 @@ class ReflectionConstraint:
 
     def grammar_state(self, request_id: str, output_token_ids) -> int:
         """The state after ``output_token_ids`` (the start state if they hold no control
-        token); reads no tracking state, as ``forced_token``."""
-        return int(self.state_after(output_token_ids, self._start.get(str(request_id), self.default_state)))
+        token), tracked incrementally as a call does: O(new tokens) a step."""
+        return int(self._advance(str(request_id), output_token_ids))
 
     def _table(self, device: torch.device) -> torch.Tensor:
         table = self._tables.get(device)

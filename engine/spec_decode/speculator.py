@@ -125,12 +125,8 @@ class Speculator:
         for i, seq in enumerate(seqs):
             d = drafts.get(i, [])
             picks = tokens[r:r + len(d) + 1]
-            if accepted is not None:            # counted on the device
-                a = next((j for j in range(accepted[i]) if r + j in failed_rows), accepted[i])
-            else:
-                a = 0
-                while a < len(d) and r + a not in failed_rows and d[a] == picks[a]:
-                    a += 1
+            # the accepted drafts, cut where a processor failed (never read past there)
+            a = next((j for j in range(accepted[i]) if r + j in failed_rows), accepted[i])
             runs.append((picks[:a + 1], lps[r:r + a + 1], len(d), a))
             # A processor that failed at a rejected position was never reached by plain
             # decoding; one at the accepted run's end (the bonus position) fails the
@@ -164,14 +160,20 @@ class Speculator:
     @staticmethod
     def _pick(executor, seqs, drafts, logits):
         """The sampler at every verified position: (tokens, log-probs, failed) per row, and
-        each sequence's accepted drafts (None: compare on the host). When no speculating
+        each sequence's accepted drafts (its drafts equal to the picks before them). When no speculating
         sequence uses the sampling knobs, the processors run position by position
         (``_processed``), the sampler once over all rows, and the acceptance is counted
         on the device and read back with the picks (``_accepted_on_device``): one
         read-back a step. Else the sampler runs position by position
         (``_pick_by_position``)."""
         if any(uses_knobs(seqs[i].params) for i in drafts):
-            return (*Speculator._pick_by_position(executor, seqs, drafts, logits), None)
+            tokens, lps, failed = Speculator._pick_by_position(executor, seqs, drafts, logits)
+            accepted, r = [], 0
+            for i in range(len(seqs)):          # already on the host: compared here
+                d = drafts.get(i, [])
+                accepted.append(next((j for j, t in enumerate(d) if t != tokens[r + j]), len(d)))
+                r += len(d) + 1
+            return tokens, lps, failed, accepted
         rows = [seq for i, seq in enumerate(seqs) for _ in range(1 + len(drafts.get(i, ())))]
         here = [t for i in range(len(seqs)) for t in list(drafts.get(i, ())) + [-1]]
         failed: dict[int, str] = {}

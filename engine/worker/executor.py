@@ -75,18 +75,6 @@ class Executor:
         Async scheduling: ``sources`` (seq_id -> row of the last step's sampled ids) for
         decode inputs still on the device; ``keep_sampled`` copies this step's sampled ids
         where the next step gathers them, and queues the read-back behind this step."""
-        if batch.drafts:                                        # a verify step
-            t1 = time.perf_counter()
-            step = self.decode_runner.prepare(batch.seqs, batch.drafts)
-            t2 = time.perf_counter()
-            logits = self.decode_runner.launch(step)            # [rows that are not padding, V]
-            t3 = time.perf_counter()
-            runs, failed = speculator.verify(self, batch.seqs, batch.drafts, logits)
-            st = self.step_times
-            st["prepare"] += t2 - t1
-            st["launch"] += t3 - t2
-            st["sample"] += time.perf_counter() - t3
-            return PendingStep(result=ModelRunnerOutput([], [], failed, runs))
         t1 = time.perf_counter()
         extra = None
         if batch.is_prefill:
@@ -107,22 +95,24 @@ class Executor:
             self.runner.copy_blocks(batch.block_copies)         # the samples' partial blocks
             if batch.sample_rows is not None:                   # n > 1: samples share a row
                 logits = logits.index_select(0, torch.tensor(batch.sample_rows, device=logits.device))
-        else:
-            step = self.decode_runner.prepare(batch.seqs, sources=sources)
+        else:   # decode, or verify with drafts: logits of the rows that are not padding
+            step = self.decode_runner.prepare(batch.seqs, batch.drafts, sources)
             t2 = time.perf_counter()
             logits = self.decode_runner.launch(step)
         t3 = time.perf_counter()
-        if keep_sampled and not batch.is_prefill:    # inputs maybe pending: grammars from their tables
+        if batch.drafts:
+            runs, failed = speculator.verify(self, batch.seqs, batch.drafts, logits)
+            pending = PendingStep(result=ModelRunnerOutput([], [], failed, runs))
+        elif keep_sampled:      # a decode step queued ahead: inputs maybe pending, grammars from tables
             sample = self.sampler.launch(logits, batch.sampled, self.model.ops,
                                          grammar_inputs=self.decode_runner.input_ids(step))
-        else:
-            sample = self.sampler.launch(logits, batch.sampled, self.model.ops)
-        if keep_sampled:
             self.decode_runner.keep_sampled(sample.tokens)
             sample.start_copy()
-        t4 = time.perf_counter()
+            pending = PendingStep(sample)
+        else:
+            pending = PendingStep(self.sampler.launch(logits, batch.sampled, self.model.ops), prompt_logprobs=extra)
         st = self.step_times
         st["prepare"] += t2 - t1
         st["launch"] += t3 - t2
-        st["sample"] += t4 - t3
-        return PendingStep(sample, prompt_logprobs=extra)
+        st["sample"] += time.perf_counter() - t3
+        return pending

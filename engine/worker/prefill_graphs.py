@@ -62,6 +62,18 @@ def token_buckets(max_tokens: int) -> list[int]:
     return out
 
 
+def graph_shape(max_tokens: int, max_num_seqs: int, max_num_batched_tokens: int) -> tuple[int, int]:
+    """(largest token bucket, sequence slots) of the engine's prefill graphs: no bucket past
+    ``max_tokens`` or what one step may hold, at most ``DEFAULT_MAX_SEQS`` slots. (0, 0):
+    none (``max_tokens`` 0)."""
+    if max_tokens == 0:
+        return 0, 0
+    limit, top = min(max_tokens, max_num_batched_tokens), 16
+    while top * 2 <= limit:
+        top *= 2
+    return top, min(DEFAULT_MAX_SEQS, max_num_seqs)
+
+
 class PrefillRunner:
     """Prefill steps from persistent inputs: replayed graphs per token bucket, or the
     same padded path eagerly (``pad_to_buckets``)."""
@@ -200,13 +212,8 @@ def build_prefill_runner(model, kv_caches, block_size: int, max_model_len: int, 
     if not decode_runner.graph_status.get("enabled"):
         status["reason"] = f"no decode graphs ({decode_runner.graph_status.get('reason')})"
         return None, status
-    # no bucket past what one step can hold
-    limit = min(max_tokens, max_num_batched_tokens)
-    top = 16
-    while top * 2 <= limit:
-        top *= 2
-    runner = PrefillRunner(model, kv_caches, block_size, max_model_len, max_tokens=top,
-                           max_seqs=min(DEFAULT_MAX_SEQS, max_num_seqs))
+    top, seqs = graph_shape(max_tokens, max_num_seqs, max_num_batched_tokens)
+    runner = PrefillRunner(model, kv_caches, block_size, max_model_len, max_tokens=top, max_seqs=seqs)
     try:
         seconds = runner.capture(decode_runner.pool)
     except Exception as e:   # noqa: BLE001 - any capture failure: prefill runs eagerly
