@@ -24,6 +24,7 @@ from engine.core.scheduler import Scheduler
 from engine.engine_core import STEP_PHASES, EngineCore
 from engine.errors import EngineDeadError, InvalidRequestError, RequestFailedError
 from engine.model.loader import load_model, resolve_model_dir
+from engine.model.named_models import resolve_named_model
 from engine.request_api import RequestAPI
 from engine.sampling.sampler import Sampler
 from engine.sampling_params import SamplingParams
@@ -115,6 +116,7 @@ class LLM(RequestAPI):
             show_progress=show_progress, enforce_eager=enforce_eager,
             gpu_memory_utilization=gpu_memory_utilization, prefill_graph_max_tokens=prefill_graph_max_tokens,
             async_scheduling=async_scheduling)
+        model = resolve_named_model(model)       # "smollm2", "selfrag-smollm2": fetched/built once
         if isinstance(model, str) and model.endswith(".gguf") and os.path.isfile(model):
             from engine.model.gguf.convert import converted_dir
             model = converted_dir(model, progress=show_progress)     # converted once, then cached

@@ -34,6 +34,8 @@ from typing import Protocol, runtime_checkable
 from selfrag.types import Passage
 
 DEFAULT_CORPUS = Path(__file__).with_name("data") / "corpus.jsonl"
+# The Self-RAG SmolLM2's corpus: 263 short passages of real facts in our own words.
+REALFACTS_CORPUS = Path(__file__).with_name("data") / "realfacts.jsonl"
 CACHE_ENV = "SELFRAG_CACHE"
 # Part of the cache key: bump it whenever tokenization or BM25 parameters change.
 INDEX_FORMAT = "bm25s-v1:en_plus-stopwords:plural-stem:k1=1.5:b=0.75"
@@ -314,6 +316,8 @@ class BM25Retriever:
                 for i in order]
 
 
-def default_retriever(cache_dir: str | os.PathLike | None = None) -> BM25Retriever:
-    """BM25 over the embedded corpus ``selfrag/data/corpus.jsonl``."""
-    return BM25Retriever(DEFAULT_CORPUS, cache_dir=cache_dir)
+def default_retriever(cache_dir: str | os.PathLike | None = None,
+                      corpus: str | os.PathLike = DEFAULT_CORPUS) -> BM25Retriever:
+    """BM25 over an embedded corpus: ``selfrag/data/corpus.jsonl`` (the miniature model's),
+    or ``REALFACTS_CORPUS`` (the Self-RAG SmolLM2's)."""
+    return BM25Retriever(corpus, cache_dir=cache_dir)

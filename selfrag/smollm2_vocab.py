@@ -27,6 +27,7 @@ interrupted build leaves nothing half-made under the real name.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -71,6 +72,23 @@ def file_sha256(path: str) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def building_dir(out_dir: str):
+    """Yields a temporary directory beside ``out_dir`` that replaces it when the block
+    ends; on any error (Ctrl-C included) it is removed and ``out_dir`` is left as it was."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".", suffix=".part", dir=parent)
+    try:
+        yield tmp
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def check_base(gguf_path: str) -> None:
@@ -127,10 +145,7 @@ def extend_vocabulary(base_dir: str, out_dir: str) -> str:
     pad_id = BASE_VOCAB + T.ADDED_TOKENS.index(T.PAD)
     config.update(vocab_size=BASE_VOCAB + len(T.ADDED_TOKENS), pad_token_id=pad_id)
 
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".", suffix=".part", dir=parent)
-    try:
+    with building_dir(out_dir) as tmp:
         save_checkpoint(tmp, ModelConfig.from_dict(config, source=base_dir), weights)
         with open(os.path.join(tmp, "config.json"), "w") as f:      # the base's own keys, updated
             json.dump(config, f, indent=1)
@@ -145,12 +160,6 @@ def extend_vocabulary(base_dir: str, out_dir: str) -> str:
             gen["pad_token_id"] = pad_id
             with open(os.path.join(tmp, "generation_config.json"), "w") as f:
                 json.dump(gen, f, indent=1)
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

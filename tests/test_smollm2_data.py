@@ -11,7 +11,7 @@ import pytest
 
 from selfrag import tokens as T
 from selfrag.training import names
-from selfrag.training.relations import HELDOUT_QUESTIONS, RELATIONS
+from selfrag.training.relations import HELDOUT_QUESTIONS, RELATIONS, parse_question, stated_answer, statements
 from selfrag.training.smollm2_data import KIND_WEIGHTS, heldout_record, make_examples, realfacts
 
 N = 1500
@@ -78,35 +78,16 @@ def test_irrelevant_passages_do_not_name_the_subject(train):
     assert seen > 50
 
 
-def _template_regex(template: str) -> re.Pattern:
-    body = re.escape(template[:1].upper() + template[1:])
-    body = body.replace(re.escape("{s}"), "(?P<s>.+?)").replace(re.escape("{v}"), "(?P<v>.+?)")
-    return re.compile("^" + body + "$", re.IGNORECASE)
-
-
-def stated(text: str, relation: str) -> set[tuple[str, str]]:
-    """(subject, value) pairs that ``text``'s sentences state with one of ``relation``'s
-    passage templates, found by matching each sentence against each template."""
-    out = set()
-    for sentence in re.split(r"(?<=\.) ", text):
-        for template in RELATIONS[relation].passage:
-            m = _template_regex(template).match(sentence)
-            if m:
-                out.add((m["s"].lower(), m["v"].rstrip(".")))
-    return out
-
-
-def asked(question: str) -> list[tuple[str, str]]:
-    """The (relation, subject) pairs a made-up-entity question may ask, by matching every
-    phrasing ("Who created {s}?" is both an inventor's and a founder's question)."""
-    found = []
-    for rel in RELATIONS.values():
-        for template in rel.questions:
-            m = _template_regex(template).match(question)
-            if m:
-                found.append((rel.name, m["s"].lower()))
-    assert found, f"no phrasing matches {question!r}"
-    return found
+def test_reading_back_by_hand():
+    """The parser the checks below use, on sentences written here."""
+    text = ("Velmora is a country. The capital of Velmora is Quinbeltor. Born in Oslo, Ngoga Waéi grew up "
+            "there. The capital of Dorn is Ash. G. H. Hardy was a mathematician.")
+    assert statements(text, "capital") == {("velmora", "Quinbeltor"), ("dorn", "Ash")}
+    assert statements(text, "birthplace") == {("ngoga waéi", "Oslo")}
+    assert ("capital", "velmora") in parse_question("Which city is the capital of Velmora?")
+    assert {r for r, _ in parse_question("Who created the Ulm loom?")} == {"inventor", "founder"}
+    assert stated_answer("What is the capital of Dorn?", text) == ["Ash"]
+    assert stated_answer("What is the capital of Kenya?", text) == []
 
 
 def test_missing_passages_lack_the_asked_fact(train):
@@ -118,8 +99,7 @@ def test_missing_passages_lack_the_asked_fact(train):
             continue
         m = LAYOUT.match(ex["output"])
         assert m["rel"] == "Irrelevant" and m["sup"] == "No support / Contradictory"
-        for rel, subject in asked(ex["instruction"]):
-            assert not [sv for sv in stated(m["text"], rel) if sv[0] == subject], ex
+        assert stated_answer(ex["instruction"], m["text"]) == [], ex
         seen += 1
     assert seen > 30
 
@@ -129,8 +109,7 @@ def test_gold_passages_state_the_answer_about_the_subject(train):
         if ex["kind"] != "gold":
             continue
         m = LAYOUT.match(ex["output"])
-        values = [v for rel, subject in asked(ex["instruction"])
-                  for s, v in stated(m["text"], rel) if s == subject]
+        values = stated_answer(ex["instruction"], m["text"])
         assert len(values) == 1 and values[0].lower() in m["ans"].lower(), ex
 
 
@@ -145,8 +124,8 @@ def test_closed_tasks_are_labelled_by_their_passage(train):
             continue
         claim = ex["instruction"].split("## Input:\n\n")[1]
         names = (m["title"].lower(), "the " + m["title"].lower())
-        (rel, subject, value), = [(r, s, v) for r in RELATIONS for s, v in stated(claim, r) if s in names]
-        truth = [v for s, v in stated(m["text"], rel) if s == subject]
+        (rel, subject, value), = [(r, s, v) for r in RELATIONS for s, v in statements(claim, r) if s in names]
+        truth = [v for s, v in statements(m["text"], rel) if s == subject]
         assert len(truth) == 1, ex
         assert m["ans"] == ("true" if truth[0] == value else "false"), ex
         checked[m["ans"]] += 1
@@ -158,7 +137,7 @@ def test_closed_tasks_are_labelled_by_their_passage(train):
         options = re.findall(r"\n([A-D]): ([^\n]*)", ex["instruction"])
         assert [x for x, _ in options] == list("ABCD")
         question = ex["instruction"].split("### Input:\n")[1].split("\n")[0]
-        (value,) = [v for rel, subject in asked(question) for s, v in stated(m["text"], rel) if s == subject]
+        (value,) = stated_answer(question, m["text"])
         assert dict(options)[m["ans"]].lower() == value.lower(), ex
 
 

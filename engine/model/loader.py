@@ -107,10 +107,13 @@ def load_model(model: str, dtype: str | torch.dtype = "auto", device=None,
         raise ValueError(f"load_format={load_format!r}: use 'auto', 'safetensors' or 'dummy'")
     local = resolve_model_dir(model, download_dir)
     if load_format != "dummy" and local is None:
+        from engine.model.named_models import known_names
         raise ValueError(f"model={model!r}: no such local checkpoint directory (and no "
                          "snapshot of it in download_dir or the Hugging Face cache). This "
-                         "engine never downloads: pass the path of a checkpoint directory, or "
-                         "use load_format='dummy' with a built-in name such as 'selfrag-7b'")
+                         "engine never downloads from a hub: pass the path of a checkpoint "
+                         f"directory, a named model ({', '.join(known_names())}; packages add "
+                         "theirs when installed, e.g. `pip install -e .` for 'selfrag-smollm2'), "
+                         "or use load_format='dummy' with a built-in name such as 'selfrag-7b'")
     model = local or model
     cfg = ModelConfig.from_pretrained(model)
     dev = resolve_device(device)

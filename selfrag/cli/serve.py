@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from selfrag.cli.common import CLIError, positive_int, resolve_model
+from selfrag.cli.common import CLIError, default_corpus, positive_int, resolve_model
 from selfrag.server import make_server, selfrag_routes
 
 DEFAULT_HOST = "127.0.0.1"
@@ -134,7 +134,7 @@ def run_serve(args: argparse.Namespace) -> int:
         from engine.server.app import create_app
 
         path = resolve_model(args.model)
-        if args.model is None:                 # one torch thread is fastest for the tiny model
+        if args.model in (None, "miniature"):  # one torch thread is fastest for the tiny model
             import torch
             torch.set_num_threads(1)
         llm = LLM(path, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
@@ -143,7 +143,12 @@ def run_serve(args: argparse.Namespace) -> int:
                   enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
                   quantization=args.quantization, show_progress=sys.stderr.isatty())
         name = args.served_model_name or os.path.basename(os.path.normpath(path))
-        rag = selfrag_routes() if llm.get_tokenizer() is not None else None
+        corpus = default_corpus(args.model)
+
+        def retriever():
+            from selfrag.retrievers import default_retriever
+            return default_retriever(corpus=corpus)
+        rag = selfrag_routes(retriever_factory=retriever) if llm.get_tokenizer() is not None else None
         from selfrag.prompts import render_chat
         app = create_app(llm, served_model_name=name, api_key=args.api_key, rag=rag,
                          max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap,

@@ -9,6 +9,7 @@ can only be read from the passage, never guessed.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 
 from selfrag.training import names
@@ -302,3 +303,43 @@ def passage(ent: Entity, rng: random.Random, split: str, must: tuple = (), drop:
     rng.shuffle(body)
     intro = cap(rng.choice(INTROS[ent.kind]).format(s=ent.name))
     return " ".join([intro, *body]), sents
+
+
+# ---- reading back: what a question asks and what a passage states --------------------------
+# (For evaluations: they find the gold value in a passage by reading its sentences, not by
+# asking the generator what it wrote.)
+
+def _template_regex(template: str) -> re.Pattern:
+    body = re.escape(cap(template))
+    body = body.replace(re.escape("{s}"), "(?P<s>.+?)").replace(re.escape("{v}"), "(?P<v>.+?)")
+    return re.compile("^" + body + "$", re.IGNORECASE)
+
+
+def split_sentences(text: str) -> list[str]:
+    """``text`` split after each sentence's end, not after an initial ("G. H. Hardy")."""
+    out: list[str] = []
+    for part in re.split(r"(?<=[.!?]) ", text):
+        if out and re.search(r"(?:^|\s)[A-Z]\.$", out[-1]):
+            out[-1] += " " + part
+        else:
+            out.append(part)
+    return out
+
+
+def parse_question(question: str) -> list[tuple[str, str]]:
+    """The (relation, lower-cased subject) pairs ``question`` may ask: every phrasing it
+    matches ("Who created {s}?" is both an inventor's and a founder's question)."""
+    return [(rel.name, m["s"].lower()) for rel in RELATIONS.values() for t in rel.questions
+            if (m := _template_regex(t).match(question))]
+
+
+def statements(text: str, relation: str) -> set[tuple[str, str]]:
+    """(lower-cased subject, value) pairs that ``text``'s sentences state in one of
+    ``relation``'s passage templates."""
+    return {(m["s"].lower(), m["v"]) for sentence in split_sentences(text)
+            for t in RELATIONS[relation].passage if (m := _template_regex(t).match(sentence))}
+
+
+def stated_answer(question: str, text: str) -> list[str]:
+    """The values ``text`` states for what ``question`` asks about its subject."""
+    return [v for rel, subject in parse_question(question) for s, v in statements(text, rel) if s == subject]
