@@ -36,13 +36,12 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 from functools import lru_cache
 from pathlib import Path
 
 from selfrag import tokens as T
 from selfrag.prompts import task_instruction
-from selfrag.training.relations import KIND_RELATIONS, KINDS, RELATIONS, _value, cap, entity, passage
+from selfrag.training.relations import KIND_RELATIONS, KINDS, RELATIONS, _value, cap, entity, passage, split_sentences
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 REALFACTS = DATA / "realfacts.jsonl"
@@ -55,9 +54,15 @@ TELL_ME = ("Tell me about {s}.", "Write a short description of {s}.", "What do y
            "Give me a short overview of {s}.", "Describe {s} in a few sentences.")
 TELL_ME_HELDOUT = ("Could you summarise what is known about {s}?", "I'd like a brief profile of {s}.")
 
+REAL_SENTENCE_ANSWERS = 0.4
+# Run 1 (issue 29) drew gold 20, irrelevant 8, missing 6, partial 3, claim 7, choice 7,
+# long_form 5, real_gold 12, real_irrelevant 5, real_long_form 3, no_retrieval 20,
+# retrieval_question 4. On held-out prompts its decisions and layout were right but the
+# entity's own passage lacking the fact was judged [Relevant] every time, real-fact answers
+# were right 58% of the time and the closed tasks were at chance; those kinds get more.
 KIND_WEIGHTS = {
-    "gold": 20, "irrelevant": 8, "missing": 6, "partial": 3, "claim": 7, "choice": 7, "long_form": 5,
-    "real_gold": 12, "real_irrelevant": 5, "real_long_form": 3, "no_retrieval": 20, "retrieval_question": 4,
+    "gold": 16, "irrelevant": 7, "missing": 14, "partial": 3, "claim": 11, "choice": 13, "long_form": 4,
+    "real_gold": 16, "real_irrelevant": 5, "real_long_form": 2, "no_retrieval": 14, "retrieval_question": 4,
 }
 
 
@@ -91,18 +96,9 @@ def block(title: str, text: str) -> str:
     return f"{T.RETRIEVAL}{T.PARAGRAPH_START}{title}\n{text}{T.PARAGRAPH_END}"
 
 
-def _sentences(text: str) -> list[str]:
-    """How the real-fact passages are cut into answer sentences. It splits only after a
-    lower-case letter, digit or bracket, so "... fifth century BC. The Acropolis ..." stays
-    one sentence (10 of the 263 passages); kept as it is because the shipped adapter was
-    trained on exactly these examples (``train_data_sha256``). ``relations.split_sentences``
-    is the better cut, for the next training run."""
-    return re.split(r"(?<=[a-z0-9)\]][.!?]) ", text)
-
-
 def _sentence_with(text: str, answer: str) -> str:
     """The (first) sentence of ``text`` that holds ``answer``; the answer itself if it spans two."""
-    return next((s for s in _sentences(text) if answer in s), answer + ".")
+    return next((s for s in split_sentences(text) if answer in s), answer + ".")
 
 
 class ExampleMaker:
@@ -225,7 +221,9 @@ class ExampleMaker:
         rng = self.rng
         r = rng.choice(self.facts)
         qa = rng.choice(r["qa"])
-        answer = _sentence_with(r["text"], qa["answer"]) if rng.random() < 0.6 else qa["answer"] + "."
+        # The sentence that holds the answer, or (more often) the short answer itself: run 1
+        # (60% sentences) often copied the passage's first sentence instead of the asked fact.
+        answer = _sentence_with(r["text"], qa["answer"]) if rng.random() < REAL_SENTENCE_ANSWERS else qa["answer"] + "."
         return qa["question"], (block(r["title"], r["text"]) + T.RELEVANT + answer + T.FULLY_SUPPORTED + USE[4])
 
     def real_irrelevant(self):
@@ -241,7 +239,7 @@ class ExampleMaker:
     def real_long_form(self):
         rng = self.rng
         r = rng.choice(self.facts)
-        sents = _sentences(r["text"])
+        sents = split_sentences(r["text"])
         k = min(len(sents), rng.choice((1, 2, 2, 3)))
         body = (T.FULLY_SUPPORTED + T.CONTINUE_RETRIEVAL).join(sents[:k])
         return self._tell_me(r["title"]), (block(r["title"], r["text"]) + T.RELEVANT + body
