@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # The GPU machines have no registry: gpu-check runs on their own python.
 GPU_PY ?= python3
 
-.PHONY: demo test lint test-real-weights bench gpu-check gpu-check-full venv clean train-miniature eval-miniature train-selfrag-smollm2
+.PHONY: demo test lint test-real-weights bench gpu-check gpu-check-full venv clean train-miniature eval-miniature train-selfrag-smollm2 eval-selfrag-smollm2
 
 $(RUNTIME_STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,11 @@ ADAPTER_OUT ?= selfrag/data/selfrag-smollm2-v1
 train-selfrag-smollm2: $(STAMP)
 	$(PY) -m selfrag.training.train_smollm2 --out $(ADAPTER_OUT) $(ARGS)
 	$(PY) benchmarks/check_selfrag_smollm2.py --adapter $(ADAPTER_OUT) --no-base
+
+# The Self-RAG SmolLM2's held-out evaluation beside the miniature model and base SmolLM2
+# (benchmarks/data/heldout_smollm2; under 20 minutes).
+eval-selfrag-smollm2: $(STAMP)
+	$(PY) benchmarks/eval_selfrag_smollm2.py $(ARGS)
 
 # The held-out evaluation of the shipped model (about 3 minutes).
 eval-miniature: $(STAMP)

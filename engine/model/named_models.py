@@ -35,10 +35,6 @@ def known_names() -> list[str]:
     return sorted({*BUILTIN, *_plugins()})
 
 
-def is_named_model(model: str) -> bool:
-    return isinstance(model, str) and not os.path.exists(model) and model in known_names()
-
-
 def resolve_named_model(model: str) -> str:
     """The checkpoint directory of a named model, or ``model`` itself when it is not one
     (a directory, a hub id, a GGUF file: the loader's usual paths)."""

@@ -113,15 +113,20 @@ def demo_corpus(seed: int = 0, per_kind: int = 2) -> list[dict]:
             for i, e in enumerate(world.all())]
 
 
-def write(out_dir: str | Path, seed: int = 0) -> list[Path]:
+def write_files(out_dir: str | Path, files: dict[str, list[dict]]) -> list[Path]:
+    """Writes each file's rows as JSON lines (UTF-8) under ``out_dir``; returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, rows in build(seed).items():
+    for name, rows in files.items():
         p = out / name
         p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         paths.append(p)
     return paths
+
+
+def write(out_dir: str | Path, seed: int = 0) -> list[Path]:
+    return write_files(out_dir, build(seed))
 
 
 def main(argv=None) -> int:
