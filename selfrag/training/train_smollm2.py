@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-ADAPTER_NAME = "selfrag-smollm2-v1"
+ADAPTER_NAME = "selfrag-smollm2-v2"
 ADAPTER_DIR = Path(__file__).resolve().parents[1] / "data" / ADAPTER_NAME
 
 RECIPE = {
