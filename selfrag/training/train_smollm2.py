@@ -32,8 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-ADAPTER_NAME = "selfrag-smollm2-v2"
-ADAPTER_DIR = Path(__file__).resolve().parents[1] / "data" / ADAPTER_NAME
+from selfrag.smollm2 import ADAPTER_DIR  # the shipped adapter: one place names it
 
 RECIPE = {
     "seed": 0,
