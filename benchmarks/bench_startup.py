@@ -44,7 +44,8 @@ QUESTION = "What is an alpaca?"
 
 
 def _env(cache: str) -> dict:
-    return {**os.environ, "PYTHONPATH": REPO, "SELFRAG_CACHE": cache}
+    # The embedded miniature model: this benchmark times start-up, not the 135M default.
+    return {**os.environ, "PYTHONPATH": REPO, "SELFRAG_CACHE": cache, "SELFRAG_DEFAULT_MODEL": "miniature"}
 
 
 def run_ask(cache: str) -> dict:
@@ -82,7 +83,7 @@ canonical_task(None)
 path = resolve_model(None, note_stream=io.StringIO())
 retriever = default_retriever()
 t3 = time.perf_counter()
-with model_context(None):
+with model_context(path):
     llm = LLM(path, device="cpu", show_progress=False)
     t4 = time.perf_counter()
     SelfRAG(llm, retriever).answer(sys.argv[1], k=10, mode="adaptive", max_tokens=100)

@@ -19,8 +19,11 @@ def __getattr__(name):
     if name in ("default_model_dir", "random_model_dir"):   # the trained / random embedded models
         from selfrag import default_model
         return getattr(default_model, name)
+    if name in ("selfrag_model_dir", "selfrag_smollm2_dir"):  # the default: the Self-RAG SmolLM2
+        from selfrag import smollm2
+        return getattr(smollm2, name)
     raise AttributeError(name)
 
 
 __all__ = ["SelfRAG", "Passage", "Scores", "Candidate", "Result", "default_model_dir",
-           "random_model_dir"]
+           "random_model_dir", "selfrag_model_dir", "selfrag_smollm2_dir"]

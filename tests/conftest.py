@@ -1,4 +1,5 @@
-"""Test-session setup: the one place that decides whether Triton interprets.
+"""Test-session setup: the one place that decides whether Triton interprets (and which
+model commands without --model use).
 
 Without CUDA, Triton kernels run in Triton's interpreter, which has to be
 switched on before triton is first imported: this file is imported before any
@@ -8,6 +9,11 @@ session (collection imports all modules first). On CUDA the session refuses
 to start unless every kernel is a compiled JITFunction.
 """
 import os
+
+# Commands without --model use the Self-RAG SmolLM2 (fetched from PyPI and built once);
+# the suite pins the embedded miniature model, which is fast and always there, and sets it
+# here so that subprocesses inherit it. tests/test_smollm2_model.py covers the default.
+os.environ.setdefault("SELFRAG_DEFAULT_MODEL", "miniature")
 
 if "TRITON_INTERPRET" not in os.environ:
     import torch

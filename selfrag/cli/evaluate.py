@@ -47,14 +47,14 @@ def run(args: argparse.Namespace) -> int:
     records = load_eval_file(args.input, args.task, need_passages=not bm25)
     if args.limit is not None:
         records = records[:args.limit]
+    path = resolve_model(args.model)
     retriever = None
     if bm25:
         from selfrag.retrievers import BM25Retriever, default_retriever
 
         retriever = BM25Retriever(args.corpus) if args.corpus else default_retriever(
-            corpus=default_corpus(args.model))
-    path = resolve_model(args.model)
-    with model_context(args.model):
+            corpus=default_corpus(path))
+    with model_context(path):
         rag = load_rag(args, path, retriever)
         report = evaluate(rag, records, args.task, ndocs=args.ndocs, mode=args.mode, use_retriever=bm25,
                           batch_size=args.batch_size, max_tokens=args.max_tokens,

@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from selfrag.cli.common import CLIError, default_corpus, positive_int, resolve_model
+from selfrag.cli.common import CLIError, default_corpus, is_miniature, positive_int, resolve_model
 from selfrag.server import make_server, selfrag_routes
 
 DEFAULT_HOST = "127.0.0.1"
@@ -134,7 +134,7 @@ def run_serve(args: argparse.Namespace) -> int:
         from engine.server.app import create_app
 
         path = resolve_model(args.model)
-        if args.model in (None, "miniature"):  # one torch thread is fastest for the tiny model
+        if is_miniature(path):                 # one torch thread is fastest for the tiny model
             import torch
             torch.set_num_threads(1)
         llm = LLM(path, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
@@ -143,7 +143,7 @@ def run_serve(args: argparse.Namespace) -> int:
                   enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
                   quantization=args.quantization, show_progress=sys.stderr.isatty())
         name = args.served_model_name or os.path.basename(os.path.normpath(path))
-        corpus = default_corpus(args.model)
+        corpus = default_corpus(path)
 
         def retriever():
             from selfrag.retrievers import default_retriever
