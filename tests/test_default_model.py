@@ -163,7 +163,7 @@ def test_demo_end_to_end(env_cache, capsys):
     assert "RANDOM weights" in text and "--model PATH" in text
     assert text.count("RANDOM weights") >= 2            # at the top and at the bottom
     assert "### Instruction:\n    Leave odd one out: twitter, instagram, whatsapp." in text
-    assert text.count("Can you tell me the difference between llamas and alpacas?") == 3   # prompt 2, prompt 3, ask
+    assert text.count("Can you tell me the difference between llamas and alpacas?") == 2
     assert "[Retrieval]<paragraph>The alpaca (Lama pacos)" in text
     assert "tokens/s" in text and text.count("finish_reason=") == 3
 

@@ -232,7 +232,8 @@ def _ask_section(llm, max_tokens: int, say, corpus=None) -> None:
         result = rag.answer(question, k=ASK_K, mode="adaptive", max_tokens=max_tokens)
         say()
         say(f"=== ask: {title}, {time.perf_counter() - t:.2f}s")
-        say(f"  question: {question}")
+        if real:                                   # the card's questions are named in the title
+            say(f"  question: {question}")
         for line in format_result(result, top=ASK_TOP):
             say(_indent(line, "  "))
     if real:
