@@ -197,3 +197,29 @@ def test_the_default_is_the_selfrag_smollm2(shipped_dir, monkeypatch, capsys):
     monkeypatch.setenv("SELFRAG_DEFAULT_MODEL", "nonsense")
     with pytest.raises(ValueError, match="SELFRAG_DEFAULT_MODEL"):
         selfrag.smollm2.selfrag_model_dir()
+
+
+def test_the_demo_shows_the_three_behaviours_on_the_default(shipped_dir, monkeypatch):
+    """``make demo`` on the default model (issue 30): an instruction answered without
+    retrieval, a real question answered from the real-fact corpus with its critique scores,
+    and a passage that does not answer judged [Irrelevant]. The expected facts are the
+    corpus's (Kenya's passage names Nairobi), not the demo's own output."""
+    import io
+
+    import selfrag.smollm2
+    from selfrag.cli.demo import run_demo
+    monkeypatch.delenv("SELFRAG_DEFAULT_MODEL", raising=False)
+    monkeypatch.setattr(selfrag.smollm2, "selfrag_smollm2_dir", lambda cache_dir=None: shipped_dir)
+    out = io.StringIO()
+    run_demo(out=out)
+    text = out.getvalue()
+    assert "the Self-RAG SmolLM2" in text and "(263 passages)" in text
+    sections = {s.split("\n", 1)[0]: s for s in text.split("=== ask: ")[1:]}
+    instruction, real, unanswering = (next(s for title, s in sections.items() if title.startswith(what))
+                                      for what in ("an instruction", "a real question", "a passage that"))
+    assert "retrieved: no" in instruction and "(no passage)" in instruction
+    assert "retrieved: yes" in real and "answer: Nairobi" in real
+    first = real.split("1. final=", 1)[1]
+    assert first.split("\n", 1)[0].endswith("[Kenya]") and "rel=1.000" in first.split("\n", 1)[0]
+    assert "[Irrelevant]" in unanswering.split("1. final=", 1)[1]
+    assert "selfrag serve  (http" in text                 # the default needs no --model

