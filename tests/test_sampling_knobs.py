@@ -409,3 +409,19 @@ def test_all_knobs_together_on_every_parity_checkpoint(tmp_path, variant):
     hf = hf_model(tmp_path)
     for p, o in zip(prompts, outs):
         assert o.token_ids == hf_loop(hf, p, 16, reference)[0]
+
+
+def test_strict_ranks_count_larger_entries_with_ties_and_repeated_ids():
+    """The rank of each requested value: 1 + entries strictly larger, counted by hand."""
+    from engine.sampling.sampler import strict_ranks
+    logits = torch.tensor([[0.5, 2.0, 2.0, -1.0, 0.5],
+                           [3.0, -float("inf"), 1.0, 1.0, 0.0]])
+    vals = torch.tensor([[2.0, 0.5, -1.0, 0.5],
+                         [-float("inf"), 3.0, 1.0, 0.0]])
+    expected = torch.tensor([[1, 3, 5, 3],
+                             [5, 1, 2, 4]])
+    assert torch.equal(strict_ranks(logits, vals), expected)
+    g = torch.Generator().manual_seed(0)                 # and the broadcast form on odd shapes
+    x = torch.randn(7, 1001, generator=g).round(decimals=1)
+    v = x[:, torch.randint(0, 1001, (13,), generator=g)]
+    assert torch.equal(strict_ranks(x, v), (x.unsqueeze(1) > v.unsqueeze(2)).sum(-1) + 1)

@@ -217,9 +217,22 @@ class Sampler:
             cols.append(torch.where(req >= 0, req, sampled))
         ids = torch.cat(cols, dim=1)                                   # [n, K]
         lps = ops.gather_logprobs(sub, ids)                            # [n, K]
-        vals = sub.gather(1, ids)
-        ranks = (sub.unsqueeze(1) > vals.unsqueeze(2)).sum(-1) + 1     # [n, K]
-        return ids, lps, ranks
+        return ids, lps, strict_ranks(sub, sub.gather(1, ids))
+
+
+def strict_ranks(logits: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+    """1 + the number of entries of each row of ``logits`` [n, V] strictly larger than each
+    of that row's ``vals`` [n, K]: [n, K] int64.
+
+    On CUDA one broadcast compare [n, K, V] is one kernel. On the CPU that tensor is what
+    costs: with Self-RAG's 12 requested ids (K = 13) over 80 branches and SmolLM2's 49168
+    tokens it is 51M entries, 141-161 ms per step here, against 31-35 ms for one count per
+    column (the ranks were 10% of a PopQA-style evaluation's time on this 2-core VM).
+    """
+    if logits.device.type == "cuda":
+        return (logits.unsqueeze(1) > vals.unsqueeze(2)).sum(-1) + 1
+    return torch.stack([torch.count_nonzero(logits > vals[:, k:k + 1], dim=-1)
+                        for k in range(vals.shape[1])], dim=1) + 1
 
 
 class PendingSample:
