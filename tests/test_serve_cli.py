@@ -104,3 +104,17 @@ def test_every_serve_flag_has_help_text():
     assert [f.option_strings[0] for f in flags if not f.help] == []
     dtype = next(f for f in flags if f.option_strings[0] == "--dtype")
     assert set(dtype.choices) >= {"auto", "float16", "bfloat16", "float32"}
+
+
+def test_served_model_id_is_the_name_the_model_was_asked_by(tmp_path):
+    """As vLLM serves ``--model X`` as ``X``: a named model keeps its name (also the default
+    Self-RAG SmolLM2, whose directory's name carries an adapter hash); a path its basename."""
+    from selfrag.cli.serve import served_name
+    smollm2 = tmp_path / "selfrag-smollm2-0123456789ab"
+    smollm2.mkdir()
+    (smollm2 / "selfrag_adapter.json").write_text("{}")
+    assert served_name("selfrag-smollm2", str(smollm2)) == "selfrag-smollm2"
+    assert served_name(None, str(smollm2)) == "selfrag-smollm2"
+    assert served_name("miniature", "/x/selfrag/data/default-v3") == "miniature"
+    assert served_name(None, "/x/selfrag/data/default-v3/") == "default-v3"
+    assert served_name(str(smollm2), str(smollm2)) == "selfrag-smollm2-0123456789ab"

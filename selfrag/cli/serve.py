@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from selfrag.cli.common import CLIError, default_corpus, is_miniature, positive_int, resolve_model
+from selfrag.cli.common import NAMED_MODELS, CLIError, default_corpus, is_miniature, positive_int, resolve_model
 from selfrag.server import make_server, selfrag_routes
 
 DEFAULT_HOST = "127.0.0.1"
@@ -59,7 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' on every API request (401 otherwise); "
                         f"default: ${API_KEY_ENV}, which keeps the key out of ps")
     p.add_argument("--served-model-name", default=None, metavar="NAME",
-                   help="the model id clients send (default: the model directory's name)")
+                   help="the model id clients send (default: a named model's name, e.g. "
+                        "'selfrag-smollm2', or the model directory's name)")
     p.add_argument("--access-log", action="store_true", help="log every HTTP request (uvicorn's access log)")
     p.add_argument("--max-tokens-cap", type=positive_int, default=4096, metavar="N",
                    help="largest max_tokens a request may ask for (400 above; default: 4096)")
@@ -122,6 +123,18 @@ def _missing_extra() -> str | None:
     return None
 
 
+def served_name(model: str | None, path: str) -> str:
+    """The model id clients send: a named model's name (``--model selfrag-smollm2``, or the
+    Self-RAG SmolLM2 as the default), as vLLM serves ``--model X`` as ``X``; else the
+    checkpoint directory's name."""
+    from selfrag.smollm2 import MODEL_NAME, is_selfrag_smollm2
+    if model in NAMED_MODELS and not os.path.exists(model):
+        return model
+    if model is None and is_selfrag_smollm2(path):
+        return MODEL_NAME
+    return os.path.basename(os.path.normpath(path))
+
+
 def run_serve(args: argparse.Namespace) -> int:
     msg = _missing_extra()
     if msg:
@@ -142,7 +155,7 @@ def run_serve(args: argparse.Namespace) -> int:
                   gpu_memory_utilization=args.gpu_memory_utilization, kernel_backend=args.kernel_backend,
                   enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
                   quantization=args.quantization, show_progress=sys.stderr.isatty())
-        name = args.served_model_name or os.path.basename(os.path.normpath(path))
+        name = args.served_model_name or served_name(args.model, path)
         corpus = default_corpus(path)
 
         def retriever():
