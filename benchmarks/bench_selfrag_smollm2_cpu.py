@@ -6,7 +6,11 @@ checkpoint (``LLM(...)``), retrieval (BM25 over the 263 real-fact passages, top 
 passage, batched, answers of at most 48 tokens). The answer is split into its prefill part
 (the same call with ``max_tokens=1``: the decision, the five passages' prefill and one
 token) and the decode part (the rest). fp32 and ``--quantization int8`` (the reference
-path on CPU) alternate question by question, after one warm-up answer each.
+path on CPU) alternate question by question, after one warm-up answer each. The prefix
+cache is off: with it, the full answer would reuse what the ``max_tokens=1`` call just
+prefilled, and later rounds the earlier rounds' passages, so the figures would be those of
+a question asked twice rather than of a new one (``selfrag ask`` starts with an empty
+cache).
 
     python benchmarks/bench_selfrag_smollm2_cpu.py [--rounds 3]
 """
@@ -47,7 +51,8 @@ def main(argv=None) -> int:
     rags, load_s = {}, {}
     for name, quant in (("fp32", None), ("int8", "int8")):
         t = time.perf_counter()
-        llm = LLM(path, device="cpu", dtype="float32", quantization=quant, show_progress=False)
+        llm = LLM(path, device="cpu", dtype="float32", quantization=quant, show_progress=False,
+                  enable_prefix_caching=False)
         load_s[name] = time.perf_counter() - t
         rags[name] = SelfRAG(llm, retriever)
         rags[name].answer(QUESTIONS[0], k=5, mode="adaptive", max_tokens=48)          # warm-up
@@ -80,9 +85,9 @@ def main(argv=None) -> int:
                      questions=list(QUESTIONS), rounds=args.rounds, summary=summary,
                      target_ask_warm_s=TARGET_ASK_S, met=summary["fp32"]["ask_warm_s"] <= TARGET_ASK_S,
                      samples=rows["fp32"][:len(QUESTIONS)],
-                     method="medians over questions x rounds; fp32 and int8 alternate per question; prefill = "
-                            "the same answer with max_tokens=1 (decision + 5 passages' prefill + 1 token), "
-                            "decode = the rest")
+                     method="medians over questions x rounds; fp32 and int8 alternate per question; prefix "
+                            "cache off (every answer prefills everything); prefill = the same answer with "
+                            "max_tokens=1 (decision + 5 passages' prefill + 1 token), decode = the rest")
     for p in write_json(args.out, payload, to_out=False):
         print(p)
     return 0
