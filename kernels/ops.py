@@ -3,8 +3,9 @@
 Every hot op the model calls goes through an :class:`Ops` object picked by
 backend. ``torch`` is the pure-PyTorch reference (``kernels.reference``),
 which runs everywhere; the Triton kernels plug in behind the same names and
-signatures. Matmuls of plain weights are not ops here: they stay in cuBLAS/BLAS via
-torch; those of int8 weights are (``w8a16_linear``).
+signatures. Matmuls of plain weights stay in cuBLAS/BLAS via torch, except the decode
+GEMV (``gemv``, M <= 16 rows) where the GPU check measured it faster; those of 8-bit
+weights are ops (``w8a16_linear``, and ``gemv`` at M <= 16).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ OP_NAMES = (
     "quantize_int8",       # (w [N,K] float, qweight [N,K] int8 out, scales [N] fp32 out) -> None
     "quantize_fp8",        # (w [N,K] float, qweight [N,K] float8_e4m3fn out, scales [N] fp32 out) -> None
     "w8a16_linear",        # (x [M,K], qweight [N,K] int8 or fp8, scales [N] fp32) -> [M,N] in x's dtype
+    "gemv",                # (x [M<=16,K], w [N,K] x's dtype or 8-bit, scales [N] fp32 | None) -> [M,N]
 )
 
 BACKENDS = ("auto", "torch", "triton")

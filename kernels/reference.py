@@ -267,6 +267,13 @@ def w8a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -
     return ((x.float() @ qweight.float().t()) * scales).to(x.dtype)
 
 
+def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ W.T -> [M, N] in x's dtype, summed in fp32: W = w (x's dtype), or
+    w * scales[:, None] for an 8-bit w (int8 / float8_e4m3fn) with fp32 scales [N]."""
+    out = x.float() @ w.float().t()
+    return (out if scales is None else out * scales).to(x.dtype)
+
+
 FP8_MAX = 448.0                 # the largest finite float8 e4m3fn
 
 
