@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import time
 from typing import Iterator
 
@@ -131,6 +132,9 @@ class LLM(RequestAPI):
                                              quantization=quantization)
         cfg = self.config
         self.startup["load_s"] = time.perf_counter() - t_start
+        self.startup["gemv"] = dict(self.model.gemv_rows)
+        if self.model.device.type == "cuda":            # which matmul each projection runs, and why
+            print(self.model.gemv_note, file=sys.stderr)
         self.tokenizer = None if skip_tokenizer_init else get_tokenizer(
             tokenizer if tokenizer is not None else model, explicit=tokenizer is not None)
 

@@ -9,6 +9,7 @@ weights are ops (``w8a16_linear``, and ``gemv`` at M <= 16).
 """
 from __future__ import annotations
 
+import os
 import types
 
 from kernels import reference
@@ -60,6 +61,34 @@ def get_ops(backend: str = "auto", device_type: str = "cpu") -> Ops:
             "(it must be set before triton is imported), or use kernel_backend='torch'")
     from kernels import triton_ops
     return _from_module("triton", triton_ops)
+
+
+GEMV_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gemv_table.json")
+GEMV_MAX_ROWS = 16          # kernels.triton.gemv.MAX_ROWS, without importing Triton
+
+
+def gemv_max_rows(device_name: str, weights: str, N: int, K: int, table: str | None = None) -> int:
+    """Up to how many rows the decode GEMV (op ``gemv``) runs an [N, K] matrix of ``weights``
+    ('fp16', 'bf16', 'int8', 'fp8') on GPU ``device_name``: the measured table's entry
+    (``kernels/gemv_table.json``), 0 where it has none (cuBLAS, or w8a16 for 8-bit weights).
+    A lookup, never a timing: the same table gives the same choice on every start."""
+    import json
+
+    path = GEMV_TABLE if table is None else table
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return 0
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if data.get("format") != 1 or not isinstance(data.get("devices"), dict):
+        raise ValueError(f"{path}: expected format 1 with a 'devices' object")
+    rows = data["devices"].get(device_name, {}).get(weights, {}).get(f"{N}x{K}", 0)
+    if not isinstance(rows, int) or not 0 <= rows <= GEMV_MAX_ROWS:
+        raise ValueError(f"{path}: devices[{device_name!r}][{weights!r}]['{N}x{K}'] must be an int in "
+                         f"[0, {GEMV_MAX_ROWS}], got {rows!r}")
+    return rows
 
 
 def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, block_size: int, device) -> int:

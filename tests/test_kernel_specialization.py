@@ -35,7 +35,7 @@ import triton.language as tl
 import kernels.triton as kernel_pkg
 from engine import SamplingParams
 from kernels.metadata import AttentionMetadata
-from kernels.triton import decode_attention, rope_kv, sampling, w8a16
+from kernels.triton import decode_attention, gemv, rope_kv, sampling, w8a16
 from kernels.triton.common import (
     compiled_variant_count,
     kernel_name,
@@ -56,7 +56,7 @@ LAUNCH_KERNEL_NAMES = {
     "_decode_split_kernel", "_decode_reduce_kernel", "_prefill_attention_kernel",
     "_argmax_kernel", "_logprobs_kernel", "_rms_norm_kernel", "_fused_add_rms_norm_kernel",
     "_silu_and_mul_kernel", "_rope_write_kv_kernel", "_quantize_rows_kernel", "_w8a16_matmul_kernel",
-    "_splitk_reduce_kernel", "_dequantize_kernel"}
+    "_splitk_reduce_kernel", "_dequantize_kernel", "_gemv_kernel"}
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
         torch.int32: "*i32", torch.int64: "*i64"}
 
@@ -247,6 +247,11 @@ def recorded(tmp_path_factory):
         layer = q8.model.layers[0]
         for rows in (300, 257):
             w8a16.w8a16_linear(torch.randn(rows, 64, device=DEVICE), layer.o.qweight, layer.o.scales)
+        # the decode GEMV at the row counts a step changes (M is not specialized), 8-bit
+        # and plain weights; the engine runs it only where the measured table says so
+        for rows in (1, 5, 16):
+            gemv.gemv(torch.randn(rows, 64, device=DEVICE), layer.o.qweight, layer.o.scales)
+            gemv.gemv(torch.randn(rows, 64, device=DEVICE), torch.randn(64, 64, device=DEVICE))
     return launches, prefills
 
 

@@ -16,7 +16,7 @@ import torch
 from engine.model.config import ModelConfig
 from engine.model.quantized_weights import QuantizedWeight, check_quantization
 from kernels.metadata import AttentionMetadata
-from kernels.ops import Ops, rope_cos_sin
+from kernels.ops import Ops, gemv_max_rows, rope_cos_sin
 
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)$")
 
@@ -60,6 +60,33 @@ class LlamaModel:
         # RoPE tables [max_positions, D] in the model dtype; computed once.
         self.cos, self.sin = rope_cos_sin(cfg.max_position_embeddings, D, cfg.rope_theta,
                                           cfg.rope_scaling_factor, dtype=dtype, device=device)
+        self.select_gemv()
+
+    def matrix_shapes(self) -> dict[str, tuple[int, int]]:
+        """The projections and the head: name -> (N, K) of the [N, K] weight."""
+        cfg = self.cfg
+        return {"qkv": (self.q_size + 2 * self.kv_size, cfg.hidden_size), "o": (cfg.hidden_size, self.q_size),
+                "gate_up": (2 * cfg.intermediate_size, cfg.hidden_size),
+                "down": (cfg.hidden_size, cfg.intermediate_size), "lm_head": (cfg.vocab_size, cfg.hidden_size)}
+
+    def select_gemv(self, table: str | None = None) -> None:
+        """Per matrix, up to how many rows a step runs it through the decode GEMV (op
+        ``gemv``) instead of cuBLAS / w8a16: the measured table's entry for this GPU and
+        shape (``kernels.ops.gemv_max_rows``; none: 0). The table's device is the GPU's
+        name, or 'cpu', which the shipped table never lists (tests give their own table).
+        ``gemv_note`` says what was picked, for the start-up line."""
+        self.gemv_rows = dict.fromkeys(self.matrix_shapes(), 0)
+        device = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type)
+        kind = self.quantization or {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, "fp32")
+        for name, (N, K) in self.matrix_shapes().items():
+            # the head stays in the model dtype when the projections are 8-bit
+            weights = kind if name != "lm_head" else {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(
+                self.dtype, "fp32")
+            self.gemv_rows[name] = gemv_max_rows(device, weights, N, K, table)
+        ours = [f"{n} (<= {r} rows)" for n, r in self.gemv_rows.items() if r]
+        self.gemv_note = (f"GEMV: ours for {', '.join(ours)}, cuBLAS/w8a16 elsewhere" if ours else
+                          f"GEMV: cuBLAS/w8a16 everywhere (kernels/gemv_table.json has no {kind} entry for "
+                          f"{device!r})")
 
     # ---- weights -------------------------------------------------------------
     def _target(self, name: str) -> torch.Tensor:
@@ -149,16 +176,16 @@ class LlamaModel:
                 x = ops.rms_norm(h, layer.input_norm, eps)
             else:
                 x, residual = ops.fused_add_rms_norm(h, residual, layer.input_norm, eps)
-            qkv = self._linear(x, layer.qkv)                        # [T, (Hq+2Hkv)D]
+            qkv = self._linear(x, layer.qkv, "qkv")                 # [T, (Hq+2Hkv)D]
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = q.reshape(-1, cfg.num_attention_heads, D)           # [T, Hq, D]
             k = k.reshape(-1, cfg.num_key_value_heads, D)           # [T, Hkv, D]
             v = v.reshape(-1, cfg.num_key_value_heads, D)
             ops.rope_and_write_kv(q, k, v, cos, sin, k_cache, v_cache, meta.slot_mapping)
             attn = attention(q, k_cache, v_cache, meta, self.scale)  # [T, Hq, D]
-            h = self._linear(attn.reshape(-1, self.q_size), layer.o)  # [T, H]
+            h = self._linear(attn.reshape(-1, self.q_size), layer.o, "o")  # [T, H]
             x, residual = ops.fused_add_rms_norm(h, residual, layer.post_norm, eps)
-            h = self._linear(ops.silu_and_mul(self._linear(x, layer.gate_up)), layer.down)   # [T, H]
+            h = self._linear(ops.silu_and_mul(self._linear(x, layer.gate_up, "gate_up")), layer.down, "down")
         out, _ = ops.fused_add_rms_norm(h, residual, self.final_norm, eps)
         return out
 
@@ -166,13 +193,17 @@ class LlamaModel:
         quantize = self.ops.quantize_fp8 if target.format == "fp8" else self.ops.quantize_int8
         quantize(w, target.qweight, target.scales)
 
-    def _linear(self, x: torch.Tensor, w) -> torch.Tensor:
-        """x [T, K] @ w.T: cuBLAS/BLAS for a plain matrix, ``ops.w8a16_linear`` for 8-bit ones."""
+    def _linear(self, x: torch.Tensor, w, name: str) -> torch.Tensor:
+        """x [T, K] @ w.T: the decode GEMV where the table picked it for T rows (``select_gemv``),
+        else cuBLAS/BLAS for a plain matrix and ``ops.w8a16_linear`` for 8-bit ones."""
+        if x.shape[0] <= self.gemv_rows[name]:
+            return (self.ops.gemv(x, w.qweight, w.scales) if isinstance(w, QuantizedWeight)
+                    else self.ops.gemv(x, w))
         if isinstance(w, QuantizedWeight):
             return self.ops.w8a16_linear(x, w.qweight, w.scales)
         return x @ w.t()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> logits [N, V] in fp32 (HF also upcasts logits)."""
-        return (hidden @ self.lm_head.t()).float()
+        return self._linear(hidden, self.lm_head, "lm_head").float()
 
