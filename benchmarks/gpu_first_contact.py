@@ -12,7 +12,9 @@ each wrapped so that a failure is recorded and the rest still run):
   kernels   every Triton kernel at the 7B shape vs kernels/reference.py, fp16 and bf16:
             error, seconds to first compile, host us per launch
   ceilings  copy bandwidth; cuBLAS M=1 GEMV bandwidth of the 5 weight shapes, as graph
-            replays over weight copies spanning > 4x the L2 (benchmarks/device_timing.py)
+            replays over weight copies spanning > 4x the L2 (benchmarks/device_timing.py);
+            our decode GEMV vs cuBLAS (fp16) and w8a16 (int8) at 1 and 16 rows, and the
+            kernels/gemv_table.json entry that follows from it
   engine    one 7B dummy engine (fp16), built once: start-up phases, KV sizing, memory,
             whether CUDA graphs were captured
   graphs    graph replay vs eager on that engine: identical greedy tokens and log-probs
@@ -50,7 +52,9 @@ sys.path.insert(0, REPO)
 # an H200). Expected: measured where a run measured it (the H200 check of 2026-11-30, fresh
 # machine, `first_contact_h200.json`), else estimated, with the arithmetic:
 #   kernels  18 s for 30 compiled variants (~0.6 s each); the 8-bit cases add ~24 variants
-#   ceilings 0.2 s eager; the graphs over ~1.2 GB of weight copies add ~2 s
+#   ceilings 0.2 s eager; the graphs over ~1.2 GB of weight copies add ~2 s; the GEMV
+#            sweep (issue 31) ~6 s more: 4 gemv + ~4 w8a16 compiles (~0.6 s each) and 36
+#            graphs (9 matrices x 2 row counts x ours/library) of ~0.05 s capture each
 #   engine   1.1 s measured with decode graphs; prefill graphs (6 buckets) ~2-3 s more
 #   verify   4 runs x 40 steps x ~5 ms at batch 1 and 16, plus the verify graphs' capture
 #            (9 buckets, ~0.5 s) and 7 generates of 64 tokens with a host-side processor
@@ -65,8 +69,8 @@ sys.path.insert(0, REPO)
 # Order: by value (issue 28): the engine, then verify steps, TTFT and decode with and
 # without async scheduling, then the rest; ceilings (3 s) first, as the TTFT target reads
 # the copy bandwidth it measures.
-# Sum: 294 s of the 330 s deadline (tests/test_gpu_first_contact.py keeps it under 300).
-STEPS = [("probe", 5, 5), ("ceilings", 15, 3), ("engine", 60, 5), ("verify", 25, 13), ("decode", 20, 10),
+# Sum: 300 s of the 330 s deadline (tests/test_gpu_first_contact.py keeps it under 300).
+STEPS = [("probe", 5, 5), ("ceilings", 20, 9), ("engine", 60, 5), ("verify", 25, 13), ("decode", 20, 10),
          ("graphs", 15, 2), ("kernels", 40, 32), ("profile", 10, 6), ("sweep", 25, 5), ("int8", 90, 30),
          ("micro", 20, 2), ("real", 30, 25), ("knobs", 15, 3),
          ("tests", 90, 150)]

@@ -100,9 +100,11 @@ def ceilings(ctx) -> dict:
         ctx.log(f"   gemv {name:8s} [{N}x{K}]: {rows[name]['gb_per_s']:7.0f} GB/s "
                 f"({100 * rows[name]['fraction_of_copy']:.0f}% of copy; {len(ws)} copies in one graph)")
         ws = x = fns = None                       # freed before the next shape
+    gemv_rows, gemv_table = gemv_sweep(ctx, shapes, dt, copy["bytes_per_s"])
     weight_bytes = sum(n * k * c for n, k, c in shapes.values()) * dt.itemsize
     ctx.shared["gemv_step_s"] = step_s
-    out = dict(copy=copy, gemv=rows, gemv_step_s=step_s, gemv_ceiling_tokens_per_s=1 / step_s,
+    out = dict(copy=copy, gemv=rows, ours_vs_library=gemv_rows, gemv_table=gemv_table,
+               gemv_step_s=step_s, gemv_ceiling_tokens_per_s=1 / step_s,
                step_weight_bytes=weight_bytes, l2_bytes=l2,
                copy_ceiling_tokens_per_s=copy["bytes_per_s"] / weight_bytes,
                note="a 7B decode step's weights (no embedding table: a step gathers one row); "
@@ -111,6 +113,73 @@ def ceilings(ctx) -> dict:
     ctx.log(f"   ceilings at batch 1: copy {out['copy_ceiling_tokens_per_s']:.0f} tok/s, "
             f"GEMV {out['gemv_ceiling_tokens_per_s']:.0f} tok/s")
     return out
+
+
+SWEEP_ROWS = (1, 16)         # the decode GEMV's smallest and largest row counts
+
+
+def gemv_sweep(ctx, shapes: dict, dt, copy_bytes_per_s: float) -> tuple[list, dict]:
+    """Our decode GEMV (kernels/triton/gemv.py) against the library path it would replace,
+    per 7B matrix at 1 and 16 rows: cuBLAS for the model-dtype weights, the split-K w8a16
+    kernel for int8 ones (not the head: it is never quantized). Each timing is a graph
+    replay over weight copies spanning > 4x the L2, as the cuBLAS ceilings above.
+
+    Returns (rows, table): a row per (weights, matrix, M) with both times and GB/s, and
+    the entry for ``kernels/gemv_table.json``: per weight kind and NxK, the largest swept
+    row count up to which ours was faster at every swept count (absent: never)."""
+    from benchmarks.device_timing import rotating_copies
+    from kernels.triton.gemv import gemv
+    from kernels.triton.w8a16 import w8a16_linear
+    kind = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dt, "fp32")
+    sweep_rows = SWEEP_ROWS
+    if ctx.dry:     # the interpreter runs each program in Python: one small matrix proves the path
+        shapes, sweep_rows = {"o": shapes["o"]}, (1, 2)
+    rows, table = [], {}
+    for weights in (kind, "int8"):
+        for name, (N, K, _) in shapes.items():
+            if weights == "int8" and name == "lm_head":
+                continue
+            if weights == "int8":
+                nbytes = N * K + 4 * N
+
+                def make(N=N, K=K):
+                    return (torch.randint(-127, 128, (N, K), dtype=torch.int8, device=ctx.device),
+                            torch.rand(N, device=ctx.device) / 127)
+                library = lambda x, w: w8a16_linear(x, *w)              # noqa: E731
+                ours = lambda x, w: gemv(x, *w)                         # noqa: E731
+            else:
+                nbytes = N * K * dt.itemsize
+
+                def make(N=N, K=K):
+                    return torch.randn(N, K, dtype=dt, device=ctx.device)
+                library = lambda x, w: torch.nn.functional.linear(x, w)  # noqa: E731
+                ours = lambda x, w: gemv(x, w)                          # noqa: E731
+            ws = [make()] if ctx.dry else rotating_copies(make, nbytes, ctx.device)
+            wins = []
+            for M in sweep_rows:
+                x = torch.randn(M, K, dtype=dt, device=ctx.device)
+                t = {}
+                for who, fn in (("library", library), ("ours", ours)):
+                    t[who] = summary(ctx.time_graphed([lambda w=w, fn=fn: fn(x, w) for w in ws],
+                                                      reps=20 if ctx.cuda else 1))["median"]
+                wins.append(t["ours"] < t["library"])
+                rows.append(dict(weights=weights, matrix=name, N=N, K=K, M=M, library_s=t["library"],
+                                 ours_s=t["ours"], ours_over_library=t["library"] / t["ours"],
+                                 ours_gb_per_s=nbytes / t["ours"] / 1e9,
+                                 ours_fraction_of_copy=nbytes / t["ours"] / copy_bytes_per_s))
+                ctx.log(f"   {weights} {name:8s} M={M:2d}: ours {nbytes / t['ours'] / 1e9:6.0f} GB/s, "
+                        f"{'cuBLAS' if weights == kind else 'w8a16'} {nbytes / t['library'] / 1e9:6.0f} GB/s "
+                        f"({t['library'] / t['ours']:.2f}x)")
+            up_to = 0
+            for M, won in zip(sweep_rows, wins):
+                if not won:
+                    break
+                up_to = M
+            if up_to:
+                table.setdefault(weights, {})[f"{N}x{K}"] = up_to
+            ws = None                                                  # freed before the next shape
+    device = torch.cuda.get_device_name(ctx.device) if ctx.cuda else "cpu"
+    return rows, {device: table}
 
 
 def micro(ctx) -> dict:
