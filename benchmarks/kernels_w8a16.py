@@ -1,6 +1,7 @@
 """bench_kernels.py's W8A16 part: the int8 split-K kernel (kernels/triton/w8a16.py) on the 7B's
 five weight shapes at M = 1, 4 and 16 rows, against cuBLAS's fp16 matmul of the same
-shape measured in the same run.
+shape measured in the same run, and the decode GEMV (kernels/triton/gemv.py) on the same
+weights, int8 and fp16, beside both.
 
 GB/s counts the bytes each must move at least: the weight (int8 + fp32 scales, or
 fp16), the activations read and the output written. ``aggregate_m1``: the five shapes'
@@ -46,9 +47,20 @@ def bench_w8a16(dev, shapes, rows, dtype, copy_bw) -> dict:
                                                  for _, q, s in copies], dev, reps))
             t16 = statistics.median(time_graphed([lambda w=w: x @ w.t() for w, _, _ in copies], dev, reps))
             b8, b16 = N * K + 4 * N + io, N * K * dtype.itemsize + io
+            # the decode GEMV (kernels/triton/gemv.py) on the same copies, int8 and fp16
+            g8 = statistics.median(time_graphed([lambda q=q, s=s: triton_ops.gemv(x, q, s)
+                                                 for _, q, s in copies], dev, reps))
+            g16 = statistics.median(time_graphed([lambda w=w: triton_ops.gemv(x, w) for w, _, _ in copies],
+                                                 dev, reps))
             out.append(dict(matrix=name, N=N, K=K, M=M, copies=len(copies), int8_us=t8 * 1e6, fp16_us=t16 * 1e6,
                             int8_gb_per_s=b8 / t8 / 1e9, fp16_gb_per_s=b16 / t16 / 1e9,
-                            int8_copy_fraction=b8 / t8 / copy_bw, speedup_vs_fp16=t16 / t8))
+                            int8_copy_fraction=b8 / t8 / copy_bw, speedup_vs_fp16=t16 / t8,
+                            gemv_int8_us=g8 * 1e6, gemv_fp16_us=g16 * 1e6, gemv_int8_gb_per_s=b8 / g8 / 1e9,
+                            gemv_fp16_gb_per_s=b16 / g16 / 1e9, gemv_fp16_vs_cublas=t16 / g16,
+                            gemv_int8_vs_w8a16=t8 / g8))
+            print(f"  gemv  {name:8s} M={M:2d}: int8 {g8 * 1e6:8.1f} us {b8 / g8 / 1e9:7.0f} GB/s | "
+                  f"fp16 {g16 * 1e6:8.1f} us {b16 / g16 / 1e9:7.0f} GB/s | vs w8a16 {t8 / g8:.2f}x, "
+                  f"vs cuBLAS {t16 / g16:.2f}x", flush=True)
             if M == 1:
                 agg["int8"][0] += b8
                 agg["int8"][1] += t8
