@@ -28,6 +28,7 @@ OP_NAMES = (
     "quantize_fp8",        # (w [N,K] float, qweight [N,K] float8_e4m3fn out, scales [N] fp32 out) -> None
     "w8a16_linear",        # (x [M,K], qweight [N,K] int8 or fp8, scales [N] fp32) -> [M,N] in x's dtype
     "gemv",                # (x [M<=16,K], w [N,K] x's dtype or 8-bit, scales [N] fp32 | None) -> [M,N]
+    "silu_mul_gemv",       # (gate_up [M<=16,2K], w [N,K], scales | None) -> gemv(silu_and_mul(gate_up), ...)
 )
 
 BACKENDS = ("auto", "torch", "triton")
@@ -67,10 +68,13 @@ GEMV_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gemv_tabl
 GEMV_MAX_ROWS = 16          # kernels.triton.gemv.MAX_ROWS, without importing Triton
 
 
-def gemv_max_rows(device_name: str, weights: str, N: int, K: int, table: str | None = None) -> int:
+def gemv_max_rows(device_name: str, weights: str, N: int, K: int, table: str | None = None,
+                  fusion: str | None = None) -> int:
     """Up to how many rows the decode GEMV (op ``gemv``) runs an [N, K] matrix of ``weights``
     ('fp16', 'bf16', 'int8', 'fp8') on GPU ``device_name``: the measured table's entry
     (``kernels/gemv_table.json``), 0 where it has none (cuBLAS, or w8a16 for 8-bit weights).
+    ``fusion='silu_mul'``: the entry "silu_mul:NxK" for ``silu_mul_gemv`` (the activation as
+    the down projection's prologue) against silu_and_mul then the unfused matmul.
     A lookup, never a timing: the same table gives the same choice on every start."""
     import json
 
@@ -84,9 +88,10 @@ def gemv_max_rows(device_name: str, weights: str, N: int, K: int, table: str | N
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if data.get("format") != 1 or not isinstance(data.get("devices"), dict):
         raise ValueError(f"{path}: expected format 1 with a 'devices' object")
-    rows = data["devices"].get(device_name, {}).get(weights, {}).get(f"{N}x{K}", 0)
+    key = f"{N}x{K}" if fusion is None else f"{fusion}:{N}x{K}"
+    rows = data["devices"].get(device_name, {}).get(weights, {}).get(key, 0)
     if not isinstance(rows, int) or not 0 <= rows <= GEMV_MAX_ROWS:
-        raise ValueError(f"{path}: devices[{device_name!r}][{weights!r}]['{N}x{K}'] must be an int in "
+        raise ValueError(f"{path}: devices[{device_name!r}][{weights!r}]['{key}'] must be an int in "
                          f"[0, {GEMV_MAX_ROWS}], got {rows!r}")
     return rows
 

@@ -274,6 +274,16 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None) -
     return (out if scales is None else out * scales).to(x.dtype)
 
 
+def silu_mul_gemv(gate_up: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """gemv(silu(gate) * up, w, scales): gate_up [M, 2K] -> [M, N] (the down projection with
+    the MLP's activation as its prologue). The activation is computed in fp32 and rounded
+    once to gate_up's dtype, as the Triton ``silu_and_mul`` writes it (torch's half
+    ``F.silu`` rounds twice: up to an ulp of the activation apart, which a K-long sum can
+    turn into far more than an ulp of a small output)."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return gemv((F.silu(gate) * up).to(gate_up.dtype), w, scales)
+
+
 FP8_MAX = 448.0                 # the largest finite float8 e4m3fn
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from kernels.reference import quantize_fp8  # elementwise torch ops, exact: no kernel needed
 from kernels.triton.activation import silu_and_mul
 from kernels.triton.decode_attention import decode_attention
-from kernels.triton.gemv import gemv
+from kernels.triton.gemv import gemv, silu_mul_gemv
 from kernels.triton.norm import fused_add_rms_norm, rms_norm
 from kernels.triton.prefill_attention import prefill_attention
 from kernels.triton.rope_kv import rope_and_write_kv
@@ -19,4 +19,4 @@ from kernels.triton.w8a16 import quantize_int8, w8a16_linear
 
 __all__ = ["rms_norm", "fused_add_rms_norm", "silu_and_mul", "rope_and_write_kv",
            "prefill_attention", "decode_attention", "greedy_argmax", "gather_logprobs",
-           "quantize_int8", "quantize_fp8", "w8a16_linear", "gemv"]
+           "quantize_int8", "quantize_fp8", "w8a16_linear", "gemv", "silu_mul_gemv"]

@@ -52,17 +52,23 @@ def test_a_table_entry_routes_decode_through_the_gemv_with_the_same_tokens(tmp_p
     entries = {"fp32": {f"{N}x{K}": 16 for N, K in shapes.values()}}
     if quantization:
         entries[quantization] = {f"{N}x{K}": 16 for name, (N, K) in shapes.items() if name != "lm_head"}
+    entries[quantization or "fp32"]["silu_mul:{}x{}".format(*shapes["down"])] = 16     # the fused down
     llm.model.select_gemv(_table(tmp_path, {"cpu": entries}))
     assert set(llm.model.gemv_rows.values()) == {16} and "ours for qkv" in llm.model.gemv_note
-    calls = []
-    real = llm.model.ops.gemv
-    llm.model.ops.gemv = lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k)
+    calls = {"gemv": [], "silu_mul_gemv": []}
+    real = {name: getattr(llm.model.ops, name) for name in calls}
+    for name in calls:
+        setattr(llm.model.ops, name, lambda *a, _n=name, **k: calls[_n].append(a[0].shape[0]) or real[_n](*a, **k))
     try:
         params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
         prompts = [{"prompt_token_ids": [5, 9, 2, 7]}]
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         want = [o.outputs[0].token_ids for o in ref.generate(prompts, params, use_tqdm=False)]
     finally:
-        llm.model.ops.gemv = real
+        for name in calls:
+            setattr(llm.model.ops, name, real[name])
     assert got == want
-    assert calls and max(calls) <= 16 and len(calls) >= 3 * 5        # every matrix, every step
+    layers, steps = llm.config.num_hidden_layers, 3
+    # every step: qkv, o, gate_up per layer and the head through gemv, down fused
+    assert len(calls["gemv"]) == steps * (3 * layers + 1) and len(calls["silu_mul_gemv"]) == steps * layers
+    assert max(calls["gemv"] + calls["silu_mul_gemv"]) <= 16

@@ -128,12 +128,13 @@ def gemv_sweep(ctx, shapes: dict, dt, copy_bytes_per_s: float) -> tuple[list, di
     the entry for ``kernels/gemv_table.json``: per weight kind and NxK, the largest swept
     row count up to which ours was faster at every swept count (absent: never)."""
     from benchmarks.device_timing import rotating_copies
-    from kernels.triton.gemv import gemv
+    from kernels.triton.activation import silu_and_mul
+    from kernels.triton.gemv import gemv, silu_mul_gemv
     from kernels.triton.w8a16 import w8a16_linear
     kind = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dt, "fp32")
     sweep_rows = SWEEP_ROWS
     if ctx.dry:     # the interpreter runs each program in Python: one small matrix proves the path
-        shapes, sweep_rows = {"o": shapes["o"]}, (1, 2)
+        shapes, sweep_rows = {"down": shapes["down"]}, (1, 2)     # down: plain and fused
     rows, table = [], {}
     for weights in (kind, "int8"):
         for name, (N, K, _) in shapes.items():
@@ -147,6 +148,7 @@ def gemv_sweep(ctx, shapes: dict, dt, copy_bytes_per_s: float) -> tuple[list, di
                             torch.rand(N, device=ctx.device) / 127)
                 library = lambda x, w: w8a16_linear(x, *w)              # noqa: E731
                 ours = lambda x, w: gemv(x, *w)                         # noqa: E731
+                fused = lambda gu, w: silu_mul_gemv(gu, *w)             # noqa: E731
             else:
                 nbytes = N * K * dt.itemsize
 
@@ -154,32 +156,46 @@ def gemv_sweep(ctx, shapes: dict, dt, copy_bytes_per_s: float) -> tuple[list, di
                     return torch.randn(N, K, dtype=dt, device=ctx.device)
                 library = lambda x, w: torch.nn.functional.linear(x, w)  # noqa: E731
                 ours = lambda x, w: gemv(x, w)                          # noqa: E731
+                fused = lambda gu, w: silu_mul_gemv(gu, w)              # noqa: E731
             ws = [make()] if ctx.dry else rotating_copies(make, nbytes, ctx.device)
-            wins = []
-            for M in sweep_rows:
-                x = torch.randn(M, K, dtype=dt, device=ctx.device)
-                t = {}
-                for who, fn in (("library", library), ("ours", ours)):
-                    t[who] = summary(ctx.time_graphed([lambda w=w, fn=fn: fn(x, w) for w in ws],
-                                                      reps=20 if ctx.cuda else 1))["median"]
-                wins.append(t["ours"] < t["library"])
-                rows.append(dict(weights=weights, matrix=name, N=N, K=K, M=M, library_s=t["library"],
-                                 ours_s=t["ours"], ours_over_library=t["library"] / t["ours"],
-                                 ours_gb_per_s=nbytes / t["ours"] / 1e9,
-                                 ours_fraction_of_copy=nbytes / t["ours"] / copy_bytes_per_s))
-                ctx.log(f"   {weights} {name:8s} M={M:2d}: ours {nbytes / t['ours'] / 1e9:6.0f} GB/s, "
-                        f"{'cuBLAS' if weights == kind else 'w8a16'} {nbytes / t['library'] / 1e9:6.0f} GB/s "
-                        f"({t['library'] / t['ours']:.2f}x)")
-            up_to = 0
-            for M, won in zip(sweep_rows, wins):
-                if not won:
-                    break
-                up_to = M
-            if up_to:
-                table.setdefault(weights, {})[f"{N}x{K}"] = up_to
+            # down also with its activation fused (silu_mul_gemv on gate_up [M, 2K]) against
+            # silu_and_mul, then the library matmul: the fusion is kept only where it wins
+            for fusion in ((None, "silu_mul") if name == "down" else (None,)):
+                _sweep_one(ctx, rows, table, weights, kind, name, N, K, nbytes, ws, sweep_rows, dt,
+                           library if fusion is None else (lambda gu, w: library(silu_and_mul(gu), w)),
+                           ours if fusion is None else fused, fusion, copy_bytes_per_s)
             ws = None                                                  # freed before the next shape
     device = torch.cuda.get_device_name(ctx.device) if ctx.cuda else "cpu"
     return rows, {device: table}
+
+
+def _sweep_one(ctx, rows, table, weights, kind, name, N, K, nbytes, ws, sweep_rows, dt, library, ours, fusion,
+               copy_bytes_per_s) -> None:
+    """One matrix (and fusion) at each swept row count: both paths timed, a row each, and
+    the table entry when ours won up to some row count."""
+    wins = []
+    for M in sweep_rows:
+        x = torch.randn(M, 2 * K if fusion else K, dtype=dt, device=ctx.device)
+        t = {}
+        for who, fn in (("library", library), ("ours", ours)):
+            t[who] = summary(ctx.time_graphed([lambda w=w, fn=fn: fn(x, w) for w in ws],
+                                              reps=20 if ctx.cuda else 1))["median"]
+        wins.append(t["ours"] < t["library"])
+        rows.append(dict(weights=weights, matrix=name, fusion=fusion, N=N, K=K, M=M,
+                         library_s=t["library"], ours_s=t["ours"], ours_over_library=t["library"] / t["ours"],
+                         ours_gb_per_s=nbytes / t["ours"] / 1e9,
+                         ours_fraction_of_copy=nbytes / t["ours"] / copy_bytes_per_s))
+        ctx.log(f"   {weights} {name + ('+' + fusion if fusion else ''):8s} M={M:2d}: ours "
+                f"{nbytes / t['ours'] / 1e9:6.0f} GB/s, "
+                f"{'cuBLAS' if weights == kind else 'w8a16'} {nbytes / t['library'] / 1e9:6.0f} GB/s "
+                f"({t['library'] / t['ours']:.2f}x)")
+    up_to = 0
+    for M, won in zip(sweep_rows, wins):
+        if not won:
+            break
+        up_to = M
+    if up_to:
+        table.setdefault(weights, {})[f"{fusion}:{N}x{K}" if fusion else f"{N}x{K}"] = up_to
 
 
 def micro(ctx) -> dict:

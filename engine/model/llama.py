@@ -83,6 +83,8 @@ class LlamaModel:
             weights = kind if name != "lm_head" else {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(
                 self.dtype, "fp32")
             self.gemv_rows[name] = gemv_max_rows(device, weights, N, K, table)
+        N, K = self.matrix_shapes()["down"]          # down with silu_and_mul as its prologue
+        self.gemv_rows["silu_mul+down"] = gemv_max_rows(device, kind, N, K, table, fusion="silu_mul")
         ours = [f"{n} (<= {r} rows)" for n, r in self.gemv_rows.items() if r]
         self.gemv_note = (f"GEMV: ours for {', '.join(ours)}, cuBLAS/w8a16 elsewhere" if ours else
                           f"GEMV: cuBLAS/w8a16 everywhere (kernels/gemv_table.json has no {kind} entry for "
@@ -185,7 +187,13 @@ class LlamaModel:
             attn = attention(q, k_cache, v_cache, meta, self.scale)  # [T, Hq, D]
             h = self._linear(attn.reshape(-1, self.q_size), layer.o, "o")  # [T, H]
             x, residual = ops.fused_add_rms_norm(h, residual, layer.post_norm, eps)
-            h = self._linear(ops.silu_and_mul(self._linear(x, layer.gate_up, "gate_up")), layer.down, "down")
+            gate_up = self._linear(x, layer.gate_up, "gate_up")     # [T, 2I]
+            if gate_up.shape[0] <= self.gemv_rows["silu_mul+down"]:    # the activation fused into down
+                d = layer.down
+                h = (ops.silu_mul_gemv(gate_up, d.qweight, d.scales) if isinstance(d, QuantizedWeight)
+                     else ops.silu_mul_gemv(gate_up, d))
+            else:
+                h = self._linear(ops.silu_and_mul(gate_up), layer.down, "down")   # [T, H]
         out, _ = ops.fused_add_rms_norm(h, residual, self.final_norm, eps)
         return out
 

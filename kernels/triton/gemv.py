@@ -37,7 +37,8 @@ MAX_ROWS = 16               # activation rows this kernel takes (decode batches,
 
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_x, stride_w, stride_out,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MAX_M: tl.constexpr, HAS_SCALES: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MAX_M: tl.constexpr, HAS_SCALES: tl.constexpr,
+                 SILU_MUL: tl.constexpr):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -49,7 +50,13 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_x, stride_w, stri
         k_ok = offs_k < K
         w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         for m in range(M):                                         # the same order for every row
-            x = tl.load(x_ptr + m * stride_x + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            x_row = x_ptr + m * stride_x + offs_k
+            if SILU_MUL:        # x is gate_up [M, 2K]: silu(gate) * up, rounded as silu_and_mul's output
+                g = tl.load(x_row, mask=k_ok, other=0.0).to(tl.float32)
+                u = tl.load(x_row + K, mask=k_ok, other=0.0).to(tl.float32)
+                x = (g / (1.0 + tl.exp(-g)) * u).to(x_ptr.dtype.element_ty).to(tl.float32)
+            else:
+                x = tl.load(x_row, mask=k_ok, other=0.0).to(tl.float32)
             part = tl.sum(w * x[None, :], axis=1)                  # [BLOCK_N]
             acc = tl.where(rows[:, None] == m, acc + part[None, :], acc)
     if HAS_SCALES:
@@ -81,12 +88,13 @@ def gemv_config(N: int, K: int) -> tuple[int, int, int]:
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None,
-         block_n: int | None = None) -> torch.Tensor:
+         block_n: int | None = None, silu_mul: bool = False) -> torch.Tensor:
     """x [M, K] (fp16 / bf16 / fp32, M <= 16) @ W.T -> [M, N] in x's dtype, summed in fp32.
 
     ``w`` [N, K] is either a float matrix of x's dtype (``scales`` None), or 8-bit
     (int8, float8_e4m3fn) with per-output-row ``scales`` [N] fp32: W = w * scales[:, None].
-    ``block_n`` overrides the slab width (tests: a real matrix's slab on fewer rows).
+    ``block_n`` overrides the slab width (tests: a real matrix's slab on fewer rows);
+    ``silu_mul``: x is gate_up [M, 2K] (``silu_mul_gemv``).
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in _FLOATS:
         raise ValueError(f"x must be a 2-D fp16/bf16/fp32 tensor [M, K], got "
@@ -98,7 +106,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None,
         raise ValueError(f"w must be a 2-D tensor [N, K], got {type(w).__name__} "
                          f"{tuple(getattr(w, 'shape', ()))}")
     N, K = w.shape
-    if x.shape[1] != K:
+    if x.shape[1] != (2 * K if silu_mul else K):
         raise ValueError(f"x has {x.shape[1]} columns but w has K = {K}")
     if w.dtype in _EIGHT_BIT:
         if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32 or tuple(scales.shape) != (N,):
@@ -132,8 +140,22 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None,
         block_n = gemv_config(N, K)[0]
     _gemv_kernel[(triton.cdiv(N, block_n),)](
         x, w, scales if scales is not None else w, out, M, N, K, x.stride(0), w.stride(0), out.stride(0),
-        BLOCK_N=block_n, BLOCK_K=block_k, MAX_M=MAX_ROWS, HAS_SCALES=scales is not None, num_warps=warps)
+        BLOCK_N=block_n, BLOCK_K=block_k, MAX_M=MAX_ROWS, HAS_SCALES=scales is not None, SILU_MUL=silu_mul,
+        num_warps=warps)
     return out
+
+
+def silu_mul_gemv(gate_up: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None,
+                  block_n: int | None = None) -> torch.Tensor:
+    """``gemv(silu_and_mul(gate_up), w, scales)`` in one kernel: gate_up [M, 2K] (gate, then
+    up) -> [M, N]. The MLP's down projection with its activation as the prologue: the
+    [M, K] activation is never written; each program recomputes its columns from gate_up
+    (rounded to gate_up's dtype, as silu_and_mul's output is)."""
+    if not isinstance(gate_up, torch.Tensor) or gate_up.dim() != 2 or gate_up.shape[1] % 2:
+        raise ValueError(f"gate_up must be a 2-D tensor [M, 2K], got {tuple(getattr(gate_up, 'shape', ()))}")
+    if isinstance(w, torch.Tensor) and w.dim() == 2 and gate_up.shape[1] != 2 * w.shape[1]:
+        raise ValueError(f"gate_up has {gate_up.shape[1]} columns but w has K = {w.shape[1]} (expected 2K)")
+    return gemv(gate_up, w, scales, block_n, silu_mul=True)
 
 
 def matrix_shapes(shape: ModelShape) -> dict[str, tuple[int, int]]:
@@ -151,16 +173,20 @@ def compile_specs(shape: ModelShape) -> list[CompileSpec]:
     for wdt, min_arch in ((act, None), (torch.int8, None), (torch.float8_e4m3fn, 89)):
         for name, (N, K) in matrix_shapes(shape).items():
             block_n, block_k, warps = gemv_config(N, K)
-            key = (wdt, block_n, block_k)
-            if key in seen:
-                continue
-            seen.add(key)
-            wname = "" if wdt == act else f"{str(wdt).split('.')[-1]},"
-            sig = {"x_ptr": _TL[act], "w_ptr": _TL[wdt], "s_ptr": "*fp32" if wdt in _EIGHT_BIT else _TL[wdt],
-                   "out_ptr": _TL[act], "M": "i32", "N": "i32", "K": "i32", "stride_x": "i32", "stride_w": "i32",
-                   "stride_out": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "MAX_M": "constexpr",
-                   "HAS_SCALES": "constexpr"}
-            specs.append(CompileSpec(_gemv_kernel, f"gemv[{wname}{name},N={block_n}]", sig,
-                                     {"BLOCK_N": block_n, "BLOCK_K": block_k, "MAX_M": MAX_ROWS,
-                                      "HAS_SCALES": wdt in _EIGHT_BIT}, warps, 2, min_arch=min_arch))
+            for silu_mul in ((False, True) if name == "down" else (False,)):   # down: with its activation
+                key = (wdt, block_n, block_k, silu_mul)
+                if key in seen:
+                    continue
+                seen.add(key)
+                wname = "" if wdt == act else f"{str(wdt).split('.')[-1]},"
+                sig = {"x_ptr": _TL[act], "w_ptr": _TL[wdt],
+                       "s_ptr": "*fp32" if wdt in _EIGHT_BIT else _TL[wdt], "out_ptr": _TL[act], "M": "i32",
+                       "N": "i32", "K": "i32", "stride_x": "i32", "stride_w": "i32", "stride_out": "i32",
+                       "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "MAX_M": "constexpr",
+                       "HAS_SCALES": "constexpr", "SILU_MUL": "constexpr"}
+                specs.append(CompileSpec(_gemv_kernel,
+                                         f"gemv[{wname}{name}{',silu_mul' if silu_mul else ''},N={block_n}]", sig,
+                                         {"BLOCK_N": block_n, "BLOCK_K": block_k, "MAX_M": MAX_ROWS,
+                                          "HAS_SCALES": wdt in _EIGHT_BIT, "SILU_MUL": silu_mul}, warps, 2,
+                                         min_arch=min_arch))
     return specs
