@@ -9,6 +9,7 @@ weights are ops (``w8a16_linear``, and ``gemv`` at M <= 16).
 """
 from __future__ import annotations
 
+import functools
 import os
 import types
 
@@ -76,24 +77,34 @@ def gemv_max_rows(device_name: str, weights: str, N: int, K: int, table: str | N
     ``fusion='silu_mul'``: the entry "silu_mul:NxK" for ``silu_mul_gemv`` (the activation as
     the down projection's prologue) against silu_and_mul then the unfused matmul.
     A lookup, never a timing: the same table gives the same choice on every start."""
-    import json
-
     path = GEMV_TABLE if table is None else table
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        st = os.stat(path)
     except FileNotFoundError:
         return 0
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if data.get("format") != 1 or not isinstance(data.get("devices"), dict):
-        raise ValueError(f"{path}: expected format 1 with a 'devices' object")
+    devices = _gemv_devices(path, st.st_mtime_ns, st.st_size)
     key = f"{N}x{K}" if fusion is None else f"{fusion}:{N}x{K}"
-    rows = data["devices"].get(device_name, {}).get(weights, {}).get(key, 0)
+    rows = devices.get(device_name, {}).get(weights, {}).get(key, 0)
     if not isinstance(rows, int) or not 0 <= rows <= GEMV_MAX_ROWS:
         raise ValueError(f"{path}: devices[{device_name!r}][{weights!r}]['{key}'] must be an int in "
                          f"[0, {GEMV_MAX_ROWS}], got {rows!r}")
     return rows
+
+
+@functools.lru_cache(maxsize=8)
+def _gemv_devices(path: str, mtime_ns: int, size: int) -> dict:
+    """The table's ``devices``, read once per version of the file (a model's start-up looks
+    up six matrices)."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if data.get("format") != 1 or not isinstance(data.get("devices"), dict):
+        raise ValueError(f"{path}: expected format 1 with a 'devices' object")
+    return data["devices"]
 
 
 def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, block_size: int, device) -> int:

@@ -21,6 +21,11 @@ from kernels.ops import Ops, gemv_max_rows, rope_cos_sin
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)$")
 
 
+def _gemv_weights(w) -> tuple:
+    """The GEMV ops' weight arguments: (qweight, scales) of an 8-bit matrix, (w,) of a plain one."""
+    return (w.qweight, w.scales) if isinstance(w, QuantizedWeight) else (w,)
+
+
 class LlamaLayer:
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
                  quantization: str | None = None):
@@ -75,16 +80,15 @@ class LlamaModel:
         shape (``kernels.ops.gemv_max_rows``; none: 0). The table's device is the GPU's
         name, or 'cpu', which the shipped table never lists (tests give their own table).
         ``gemv_note`` says what was picked, for the start-up line."""
-        self.gemv_rows = dict.fromkeys(self.matrix_shapes(), 0)
         device = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type)
-        kind = self.quantization or {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, "fp32")
-        for name, (N, K) in self.matrix_shapes().items():
-            # the head stays in the model dtype when the projections are 8-bit
-            weights = kind if name != "lm_head" else {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(
-                self.dtype, "fp32")
-            self.gemv_rows[name] = gemv_max_rows(device, weights, N, K, table)
-        N, K = self.matrix_shapes()["down"]          # down with silu_and_mul as its prologue
-        self.gemv_rows["silu_mul+down"] = gemv_max_rows(device, kind, N, K, table, fusion="silu_mul")
+        dense = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, "fp32")
+        kind = self.quantization or dense
+        shapes = self.matrix_shapes()
+        # the head stays in the model dtype when the projections are 8-bit
+        self.gemv_rows = {name: gemv_max_rows(device, dense if name == "lm_head" else kind, N, K, table)
+                          for name, (N, K) in shapes.items()}
+        self.gemv_rows["silu_mul+down"] = gemv_max_rows(device, kind, *shapes["down"], table,   # with its
+                                                        fusion="silu_mul")                    # activation
         ours = [f"{n} (<= {r} rows)" for n, r in self.gemv_rows.items() if r]
         self.gemv_note = (f"GEMV: ours for {', '.join(ours)}, cuBLAS/w8a16 elsewhere" if ours else
                           f"GEMV: cuBLAS/w8a16 everywhere (kernels/gemv_table.json has no {kind} entry for "
@@ -189,9 +193,7 @@ class LlamaModel:
             x, residual = ops.fused_add_rms_norm(h, residual, layer.post_norm, eps)
             gate_up = self._linear(x, layer.gate_up, "gate_up")     # [T, 2I]
             if gate_up.shape[0] <= self.gemv_rows["silu_mul+down"]:    # the activation fused into down
-                d = layer.down
-                h = (ops.silu_mul_gemv(gate_up, d.qweight, d.scales) if isinstance(d, QuantizedWeight)
-                     else ops.silu_mul_gemv(gate_up, d))
+                h = ops.silu_mul_gemv(gate_up, *_gemv_weights(layer.down))
             else:
                 h = self._linear(ops.silu_and_mul(gate_up), layer.down, "down")   # [T, H]
         out, _ = ops.fused_add_rms_norm(h, residual, self.final_norm, eps)
@@ -205,8 +207,7 @@ class LlamaModel:
         """x [T, K] @ w.T: the decode GEMV where the table picked it for T rows (``select_gemv``),
         else cuBLAS/BLAS for a plain matrix and ``ops.w8a16_linear`` for 8-bit ones."""
         if x.shape[0] <= self.gemv_rows[name]:
-            return (self.ops.gemv(x, w.qweight, w.scales) if isinstance(w, QuantizedWeight)
-                    else self.ops.gemv(x, w))
+            return self.ops.gemv(x, *_gemv_weights(w))
         if isinstance(w, QuantizedWeight):
             return self.ops.w8a16_linear(x, w.qweight, w.scales)
         return x @ w.t()

@@ -21,7 +21,7 @@ in flight per SM, not arithmetic. ``_gemv_kernel`` is written for that:
 
 Block sizes are chosen, not measured (no GPU was lent while this was written): the GPU
 check's sweep measures this kernel against cuBLAS per shape, and the engine uses it only
-where that table says it wins (``kernels.gemv_choice``). Registers and spills come from
+where that table says it wins (``kernels.ops.gemv_max_rows``). Registers and spills come from
 the offline compile (``compile_specs``, gated for sm_80 and sm_90).
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton.common import CompileSpec, ModelShape
+from kernels.triton.w8a16 import weight_shapes
 
 MAX_ROWS = 16               # activation rows this kernel takes (decode batches, small verifies)
 
@@ -132,12 +133,11 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None,
         return out.zero_()
     if x.stride(1) != 1:
         x = x.contiguous()
-    _, block_k, warps = gemv_config(N, K)
-    if block_n is not None:
-        if block_n not in _SLAB_ROWS:
-            raise ValueError(f"block_n must be one of {_SLAB_ROWS}, got {block_n}")
-    else:
-        block_n = gemv_config(N, K)[0]
+    widest, block_k, warps = gemv_config(N, K)
+    if block_n is None:
+        block_n = widest
+    elif block_n not in _SLAB_ROWS:
+        raise ValueError(f"block_n must be one of {_SLAB_ROWS}, got {block_n}")
     _gemv_kernel[(triton.cdiv(N, block_n),)](
         x, w, scales if scales is not None else w, out, M, N, K, x.stride(0), w.stride(0), out.stride(0),
         BLOCK_N=block_n, BLOCK_K=block_k, MAX_M=MAX_ROWS, HAS_SCALES=scales is not None, SILU_MUL=silu_mul,
@@ -159,10 +159,8 @@ def silu_mul_gemv(gate_up: torch.Tensor, w: torch.Tensor, scales: torch.Tensor |
 
 
 def matrix_shapes(shape: ModelShape) -> dict[str, tuple[int, int]]:
-    """A Llama layer's projections and the head: name -> (N, K)."""
-    H, I, D = shape.hidden_size, shape.intermediate_size, shape.head_dim
-    return {"qkv": ((shape.num_heads + 2 * shape.num_kv_heads) * D, H), "o": (H, shape.num_heads * D),
-            "gate_up": (2 * I, H), "down": (H, I), "lm_head": (shape.vocab_size, H)}
+    """A Llama layer's projections (``w8a16.weight_shapes``) and the head: name -> (N, K)."""
+    return {**weight_shapes(shape), "lm_head": (shape.vocab_size, shape.hidden_size)}
 
 
 def compile_specs(shape: ModelShape) -> list[CompileSpec]:

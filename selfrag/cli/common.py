@@ -65,6 +65,19 @@ NAMED_MODELS = {
 }
 
 
+def is_model_name(model: str | None) -> bool:
+    """Whether ``--model`` names a model (``selfrag-smollm2``, ``miniature``, ...) rather than a
+    directory (a directory of that name wins)."""
+    import os
+    return model in NAMED_MODELS and not os.path.exists(model)
+
+
+def final_score(candidate) -> float:
+    """A candidate's final score for ranking, NaN last."""
+    f = candidate.scores.final
+    return f if f == f else float("-inf")
+
+
 def default_corpus(path: str):
     """The embedded corpus BM25 retrieves from for the checkpoint at ``path``: the real-fact
     passages for the Self-RAG SmolLM2, else the miniature model's corpus (as for any other
@@ -97,7 +110,7 @@ def resolve_model(model: str | None, note_stream=None) -> str:
         print(f"{PROG}: no --model given: using {what}, at {path} (--model DIR or a name picks another)",
               file=note_stream or sys.stderr)
         return path
-    if model in NAMED_MODELS and not os.path.exists(model):
+    if is_model_name(model):
         from engine.model.pypi_models import ModelUnavailable
         what, resolver = NAMED_MODELS[model]
         try:
@@ -182,8 +195,7 @@ def format_result(result, long: bool = False, top: int | None = None) -> list[st
         lines.append(f"retrieved: {decided} (not decided adaptively)")
     cands = list(result.candidates)
     if not long:
-        cands.sort(key=lambda c: c.scores.final if c.scores.final == c.scores.final else float("-inf"),
-                   reverse=True)
+        cands.sort(key=final_score, reverse=True)
     shown = cands if top is None else cands[:top]
     what = "segments of the best path, in order" if long else "candidates, best first"
     lines.append(f"{what} ({len(shown)} of {len(cands)}):" if len(shown) < len(cands)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -34,10 +33,11 @@ from typing import TextIO
 
 from engine.sampling_params import SamplingParams
 from selfrag.cli.common import (
-    NAMED_MODELS,
     default_corpus,
+    final_score,
     format_result,
     is_miniature,
+    is_model_name,
     printable,
     resolve_model,
     run_guarded,
@@ -125,7 +125,7 @@ def run_demo(model: str | None = None, max_tokens: int = 100, dtype: str = "auto
     params = demo_sampling_params(max_tokens)      # invalid values fail before any loading
     if model is None:                              # the default: the Self-RAG SmolLM2 (or the miniature)
         path = selfrag_model_dir(note=out)
-    elif model in NAMED_MODELS and not os.path.exists(model):        # --model selfrag-smollm2, ...
+    elif is_model_name(model):                     # --model selfrag-smollm2, ...
         path = resolve_model(model, note_stream=out)
     else:
         path = model
@@ -250,8 +250,7 @@ def _ask_section(llm, max_tokens: int, say, corpus=None) -> None:
             say(f"  question: {question}")
         for line in format_result(result, top=ASK_TOP):
             say(_indent(line, "  "))
-        best = max(result.candidates, default=None,          # NaN finals rank last, as format_result
-                   key=lambda c: c.scores.final if c.scores.final == c.scores.final else float("-inf"))
+        best = max(result.candidates, default=None, key=final_score)
         if best is not None and len(best.token_ids) >= max_tokens:
             say(f"  (the answer stopped at max_tokens={max_tokens}: `selfrag ask --max-tokens N` for more)")
     if real:

@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from selfrag.cli.common import NAMED_MODELS, CLIError, default_corpus, is_miniature, positive_int, resolve_model
+from selfrag.cli.common import CLIError, default_corpus, is_miniature, is_model_name, positive_int, resolve_model
 from selfrag.server import make_server, selfrag_routes
 
 DEFAULT_HOST = "127.0.0.1"
@@ -128,7 +128,7 @@ def served_name(model: str | None, path: str) -> str:
     Self-RAG SmolLM2 as the default), as vLLM serves ``--model X`` as ``X``; else the
     checkpoint directory's name."""
     from selfrag.smollm2 import MODEL_NAME, is_selfrag_smollm2
-    if model in NAMED_MODELS and not os.path.exists(model):
+    if is_model_name(model):
         return model
     if model is None and is_selfrag_smollm2(path):
         return MODEL_NAME
